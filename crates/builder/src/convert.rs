@@ -1,0 +1,405 @@
+//! One conversion: source manifest in, hoist manifest out.
+
+use crate::apply::Applier;
+use crate::chunker::{ChunkStats, Chunker};
+use crate::layer::{Counting, TarStream};
+use crate::BuildError;
+use hoist_format::chunk::Compressor;
+use hoist_format::erofs::{self, Device};
+use hoist_format::meta::{self, BlobInfo};
+use hoist_format::tree::{ChunkRef, Metadata, NodeKind, Tree};
+use hoist_oci::{media, Digest, ImageSink, ImageSource, MAX_CONFIG_SIZE};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+
+/// Options of a conversion.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Chunk compressor.
+    pub compressor: Compressor,
+    /// Chunk size: a power of two from 4 KiB to 64 MiB.
+    pub chunk_size: u64,
+    /// Compression threads.
+    pub workers: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            compressor: Compressor::Zstd,
+            chunk_size: 1 << 20,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+impl ConvertOptions {
+    /// The options as recorded in the manifest annotation.
+    pub fn annotation(&self) -> String {
+        format!(
+            "compressor={},chunk-size={}",
+            self.compressor.name(),
+            self.chunk_size
+        )
+    }
+}
+
+/// What happened to one source layer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerReport {
+    /// Digest of the source layer.
+    pub source: String,
+    /// Its compressed size.
+    pub source_size: u64,
+    /// Tar entries.
+    pub entries: u64,
+    /// Bytes of regular file content.
+    pub file_bytes: u64,
+    /// Dedup counters.
+    pub chunks: ChunkStats,
+    /// The data blob written for it, if it stored any chunk.
+    pub blob: Option<(String, u64)>,
+}
+
+/// What a conversion produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConvertReport {
+    /// Digest of the source manifest.
+    pub source_manifest: String,
+    /// Digest of the new manifest.
+    pub manifest: String,
+    /// Per source layer.
+    pub layers: Vec<LayerReport>,
+    /// Digest and size of the metadata blob.
+    pub meta: (String, u64),
+    /// Dictionary blobs referenced (digest, size).
+    pub dict_blobs: Vec<(String, u64)>,
+    /// Total compressed bytes of the source layers.
+    pub bytes_in: u64,
+    /// Total bytes of the new data blobs and the metadata blob.
+    pub bytes_out: u64,
+}
+
+/// Progress events of a conversion.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Conversion starts; total compressed bytes of all layers.
+    Start {
+        /// Total.
+        total: u64,
+    },
+    /// Bytes of layer input consumed.
+    Read(u64),
+    /// A layer starts.
+    Layer {
+        /// 0-based index.
+        index: usize,
+        /// Source digest.
+        digest: String,
+    },
+}
+
+struct SourceLayer {
+    digest: Digest,
+    size: u64,
+}
+
+/// A source descriptor's fields.
+fn descriptor(v: &Value, what: &str) -> Result<(Digest, u64, String), BuildError> {
+    let digest = Digest::parse(v["digest"].as_str().unwrap_or_default())
+        .map_err(|e| BuildError::Invalid(format!("{what}: {e}")))?;
+    let size = v["size"]
+        .as_u64()
+        .ok_or_else(|| BuildError::Invalid(format!("{what}: descriptor without a size")))?;
+    Ok((
+        digest,
+        size,
+        v["mediaType"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+fn parse_manifest(bytes: &[u8], name: &str) -> Result<Value, BuildError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| BuildError::Invalid(format!("manifest of {name} is not valid JSON: {e}")))
+}
+
+/// Converts the image of `src` into a hoist image in `dst`, deduplicating against the
+/// hoist image `dict` if given. Nothing is tagged in `dst` unless everything succeeded.
+pub fn convert(
+    src: &dyn ImageSource,
+    dst: &dyn ImageSink,
+    dict: Option<&dyn ImageSource>,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<ConvertReport, BuildError> {
+    if !opts.chunk_size.is_power_of_two() || !(4096..=64 << 20).contains(&opts.chunk_size) {
+        return Err(BuildError::Invalid(format!(
+            "chunk size {} is not a power of two from 4096 to 67108864",
+            opts.chunk_size
+        )));
+    }
+    let chunk_bits = opts.chunk_size.trailing_zeros() as u8;
+    let name = src.describe();
+    let (manifest_bytes, manifest_digest) = src.manifest()?;
+    let manifest = parse_manifest(&manifest_bytes, &name)?;
+    let layers_json = manifest["layers"].as_array().ok_or_else(|| {
+        BuildError::Invalid(format!(
+            "manifest {manifest_digest} of {name} has no layers"
+        ))
+    })?;
+    let mut layers = Vec::new();
+    for (i, l) in layers_json.iter().enumerate() {
+        let (digest, size, media_type) = descriptor(l, &format!("layer {i} of {name}"))?;
+        if media_type == media::HOIST_META || media_type == media::HOIST_BLOB {
+            return Err(BuildError::Invalid(format!(
+                "{name} is already a hoist image"
+            )));
+        }
+        if !media_type.is_empty() && !media_type.contains("tar") {
+            return Err(BuildError::Invalid(format!(
+                "layer {digest} of {name} has media type {media_type}, not a tar layer"
+            )));
+        }
+        layers.push(SourceLayer { digest, size });
+    }
+    let (config_digest, config_size, _) =
+        descriptor(&manifest["config"], &format!("config of {name}"))?;
+    let config_bytes = src.read_blob(&config_digest, config_size, MAX_CONFIG_SIZE)?;
+    let mut config: Value = serde_json::from_slice(&config_bytes).map_err(|e| {
+        BuildError::Invalid(format!(
+            "config {config_digest} of {name} is not valid JSON: {e}"
+        ))
+    })?;
+
+    let mut chunker = Chunker::new(opts.compressor, opts.workers);
+    let mut provisional: Vec<Option<(BlobInfo, Digest)>> = Vec::new();
+    if let Some(dict) = dict {
+        let dict_meta = load_meta(dict)?;
+        if dict_meta.chunk_bits != chunk_bits {
+            return Err(BuildError::Invalid(format!(
+                "chunk dictionary {} uses {}-byte chunks, this conversion {}",
+                dict.describe(),
+                1u64 << dict_meta.chunk_bits,
+                opts.chunk_size
+            )));
+        }
+        for b in dict_meta.blobs {
+            chunker.add_dict_blob(&b)?;
+            let d = Digest::from_sha256(b.digest);
+            provisional.push(Some((b, d)));
+        }
+    }
+    let dict_count = provisional.len();
+
+    let mut tree = Tree::new(Metadata {
+        mode: 0o755,
+        ..Default::default()
+    });
+    let total: u64 = layers.iter().map(|l| l.size).sum();
+    progress(Progress::Start { total });
+    let report_read = |n: u64| progress(Progress::Read(n));
+    let mut reports = Vec::new();
+    for (i, layer) in layers.iter().enumerate() {
+        let ld = layer.digest.to_string();
+        progress(Progress::Layer {
+            index: i,
+            digest: ld.clone(),
+        });
+        let blob = u16::try_from(dict_count + i)
+            .map_err(|_| BuildError::Invalid("too many layers".into()))?;
+        chunker.start_blob(blob, dst.blob_writer()?);
+        let stream = Counting {
+            inner: src.open_blob(&layer.digest, layer.size)?,
+            report: &report_read,
+        };
+        let tar = TarStream::open(stream).map_err(|e| BuildError::layer(&ld, "opening", e))?;
+        let mut applier = Applier::new(&mut tree, opts.chunk_size);
+        let applied = applier.apply(tar, &ld, &mut chunker);
+        let (stats, rest) = match applied {
+            Ok(ok) => ok,
+            Err(e) => {
+                // Tear down the pipeline; its error, if any, is secondary to this one.
+                let _ = chunker.finish_blob();
+                return Err(e);
+            }
+        };
+        rest.drain()
+            .map_err(|e| BuildError::layer(&ld, "reading to the end", e))?;
+        let finished = chunker.finish_blob()?;
+        reports.push(LayerReport {
+            source: ld,
+            source_size: layer.size,
+            entries: stats.entries,
+            file_bytes: stats.file_bytes,
+            chunks: chunker.take_stats(),
+            blob: finished
+                .as_ref()
+                .map(|f| (f.digest.to_string(), f.info.compressed_size)),
+        });
+        provisional.push(finished.map(|f| (f.info, f.digest)));
+    }
+
+    // Final device list: used dictionary blobs, then non-empty layer blobs.
+    let reachable = reachable_devices(&tree);
+    let mut remap: HashMap<u16, u16> = HashMap::new();
+    let mut final_blobs: Vec<(BlobInfo, Digest, bool)> = Vec::new();
+    for (i, entry) in provisional.into_iter().enumerate() {
+        let Some((info, digest)) = entry else {
+            continue;
+        };
+        let provisional_id = (i + 1) as u16;
+        let is_dict = i < dict_count;
+        if is_dict && !reachable.contains(&provisional_id) {
+            continue;
+        }
+        final_blobs.push((info, digest, is_dict));
+        remap.insert(provisional_id, final_blobs.len() as u16);
+    }
+    for node in &mut tree.nodes {
+        if let NodeKind::File { chunks, .. } = &mut node.kind {
+            for c in chunks {
+                if let ChunkRef::Mapped { device, .. } = c {
+                    // Unreachable nodes may point at dropped blobs; they are never written.
+                    *device = remap.get(device).copied().unwrap_or(0);
+                }
+            }
+        }
+    }
+    let devices = final_blobs
+        .iter()
+        .map(|(info, digest, _)| {
+            let mut tag = [0u8; 64];
+            tag.copy_from_slice(digest.hex().as_bytes());
+            let blocks =
+                u32::try_from(info.uncompressed_size / hoist_format::erofs::ondisk::BLOCK_SIZE)
+                    .map_err(|_| BuildError::Invalid("a blob over 16 TiB".into()))?;
+            Ok(Device { tag, blocks })
+        })
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    let image = erofs::write_image(&tree, &devices, &erofs::WriteOptions { chunk_bits })?;
+    let infos: Vec<BlobInfo> = final_blobs.iter().map(|(i, _, _)| i.clone()).collect();
+    let meta_bytes = meta::assemble(image, chunk_bits, &infos)?;
+    let meta_desc = write_blob(dst, &meta_bytes)?;
+
+    let mut layer_descs = Vec::new();
+    let mut dict_blobs = Vec::new();
+    for (info, digest, is_dict) in &final_blobs {
+        if *is_dict {
+            if let Some(dict) = dict {
+                dst.copy_blob_from(dict, digest, info.compressed_size)?;
+            }
+            dict_blobs.push((digest.to_string(), info.compressed_size));
+        }
+        let source = reports
+            .iter()
+            .find(|r| r.blob.as_ref().is_some_and(|b| b.0 == digest.as_str()))
+            .map(|r| r.source.clone());
+        let mut annotations = BTreeMap::from([
+            (
+                media::ANNOTATION_UNCOMPRESSED_SIZE.to_string(),
+                info.uncompressed_size.to_string(),
+            ),
+            (
+                media::ANNOTATION_CHUNKS.to_string(),
+                info.chunks.entries.len().to_string(),
+            ),
+        ]);
+        if let Some(source) = source {
+            annotations.insert(media::ANNOTATION_SOURCE_LAYER.to_string(), source);
+        }
+        layer_descs.push(json!({
+            "mediaType": media::HOIST_BLOB,
+            "digest": digest.as_str(),
+            "size": info.compressed_size,
+            "annotations": annotations,
+        }));
+    }
+    layer_descs.push(json!({
+        "mediaType": media::HOIST_META,
+        "digest": meta_desc.0.as_str(),
+        "size": meta_desc.1,
+        "annotations": { media::ANNOTATION_META_VERSION: "1" },
+    }));
+    let diff_ids: Vec<Value> = layer_descs.iter().map(|d| d["digest"].clone()).collect();
+    if !config.is_object() {
+        return Err(BuildError::Invalid(format!(
+            "config {config_digest} of {name} is not a JSON object"
+        )));
+    }
+    config["rootfs"] = json!({ "type": "layers", "diff_ids": diff_ids });
+    let config_out = serde_json::to_vec(&config).map_err(|e| BuildError::Invalid(e.to_string()))?;
+    let config_desc = write_blob(dst, &config_out)?;
+    let new_manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": { "mediaType": media::OCI_CONFIG, "digest": config_desc.0.as_str(), "size": config_desc.1 },
+        "layers": layer_descs,
+        "annotations": {
+            media::ANNOTATION_SOURCE_MANIFEST: manifest_digest.as_str(),
+            media::ANNOTATION_OPTIONS: opts.annotation(),
+        },
+    });
+    let manifest_out =
+        serde_json::to_vec(&new_manifest).map_err(|e| BuildError::Invalid(e.to_string()))?;
+    let digest = dst.put_manifest(&manifest_out, media::OCI_MANIFEST)?;
+    let bytes_out = reports
+        .iter()
+        .filter_map(|r| r.blob.as_ref().map(|b| b.1))
+        .sum::<u64>()
+        + meta_desc.1;
+    Ok(ConvertReport {
+        source_manifest: manifest_digest.to_string(),
+        manifest: digest.to_string(),
+        layers: reports,
+        meta: (meta_desc.0.to_string(), meta_desc.1),
+        dict_blobs,
+        bytes_in: total,
+        bytes_out,
+    })
+}
+
+fn write_blob(dst: &dyn ImageSink, bytes: &[u8]) -> Result<(Digest, u64), BuildError> {
+    let mut w = dst.blob_writer()?;
+    w.write_all(bytes).map_err(BuildError::Write)?;
+    Ok(w.commit()?)
+}
+
+/// Devices referenced by files reachable from the root.
+fn reachable_devices(tree: &Tree) -> HashSet<u16> {
+    let mut out = HashSet::new();
+    let mut stack = vec![Tree::ROOT];
+    let mut seen = HashSet::new();
+    while let Some(id) = stack.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        match &tree.nodes[id].kind {
+            NodeKind::Dir(entries) => stack.extend(entries.values()),
+            NodeKind::File { chunks, .. } => out.extend(chunks.iter().filter_map(|c| match c {
+                ChunkRef::Mapped { device, .. } => Some(*device),
+                ChunkRef::Hole => None,
+            })),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Reads and parses the metadata blob of a hoist image.
+pub fn load_meta(src: &dyn ImageSource) -> Result<meta::Meta, BuildError> {
+    let (bytes, digest) = src.manifest()?;
+    let manifest = parse_manifest(&bytes, &src.describe())?;
+    let layer = manifest["layers"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["mediaType"] == media::HOIST_META))
+        .ok_or_else(|| {
+            BuildError::Invalid(format!(
+                "{} (manifest {digest}) is not a hoist image: no metadata layer",
+                src.describe()
+            ))
+        })?;
+    let (d, size, _) = descriptor(layer, "metadata layer")?;
+    let blob = src.read_blob(&d, size, 1 << 30)?;
+    Ok(meta::parse(&blob)?)
+}

@@ -1,0 +1,77 @@
+//! Converts OCI images into hoist images.
+//!
+//! Layers are streamed once: decompressed (gzip, zstd or plain tar, detected from the
+//! bytes), applied to one merged [`Tree`](hoist_format::tree::Tree) with OCI whiteout
+//! semantics ([`apply`]), and their file contents cut into fixed-size chunks that are
+//! deduplicated and compressed into one data blob per layer ([`chunker`]). The merged tree
+//! then becomes the EROFS metadata blob, and a new manifest ties it all together
+//! ([`convert`]).
+//!
+//! The main design choice: placement is decided in stream order on the reading thread
+//! (so output is byte-for-byte deterministic), while compression runs on all cores.
+
+pub mod apply;
+pub mod chunker;
+pub mod convert;
+mod layer;
+
+pub use convert::{convert, ConvertOptions, ConvertReport, LayerReport};
+
+use hoist_format::tree::ChunkRef;
+
+/// Errors of a conversion; each names the object it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Reading or decoding a layer failed.
+    #[error("layer {layer}: {what}: {source}")]
+    Layer {
+        /// Digest of the layer.
+        layer: String,
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tar entry is malformed or unsafe.
+    #[error("layer {layer}: entry {path:?}: {why}")]
+    Entry {
+        /// Digest of the layer.
+        layer: String,
+        /// Path of the entry as written in the tar.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Reading or writing an image failed.
+    #[error(transparent)]
+    Oci(#[from] hoist_oci::OciError),
+    /// The tree cannot be encoded, or a dictionary image is corrupt.
+    #[error(transparent)]
+    Format(#[from] hoist_format::FormatError),
+    /// Writing a blob failed.
+    #[error("writing a blob: {0}")]
+    Write(#[source] std::io::Error),
+    /// The source image or the options are not usable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl BuildError {
+    fn layer(layer: &str, what: &str, source: std::io::Error) -> Self {
+        BuildError::Layer {
+            layer: layer.to_string(),
+            what: what.to_string(),
+            source,
+        }
+    }
+    fn write(e: std::io::Error) -> Self {
+        BuildError::Write(e)
+    }
+}
+
+/// Receives file chunks in stream order and says where each one lives.
+pub trait ChunkSink {
+    /// Stores (or deduplicates) one chunk of file data.
+    fn put(&mut self, data: Vec<u8>) -> Result<ChunkRef, BuildError>;
+}

@@ -1,0 +1,186 @@
+//! Chunk codecs: compression, decompression and digests of hoist chunks.
+//!
+//! Every chunk is compressed on its own (one zstd frame, or one raw LZ4 block), so it can
+//! be fetched with a single ranged read and decoded without its neighbours. A chunk that
+//! does not shrink is stored as is ([`Compressor::None`]); decoding never allocates more
+//! than the size the chunk table promises, and every decoded chunk is checked against its
+//! BLAKE3 digest before anyone sees it.
+
+use hoist_format::chunk::{ChunkEntry, Compressor};
+
+/// Errors decoding a chunk.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The compressed bytes do not decode to the promised size.
+    #[error("{compressor} chunk does not decompress to {expected} bytes: {detail}")]
+    Decode {
+        /// Codec in use.
+        compressor: &'static str,
+        /// Size the chunk table promised.
+        expected: u32,
+        /// What the decoder said.
+        detail: String,
+    },
+    /// Decoded bytes do not match their digest.
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    Digest {
+        /// Digest in the chunk table (hex).
+        expected: String,
+        /// Digest of the decoded bytes (hex).
+        actual: String,
+    },
+    /// The compressor failed (never expected for in-memory buffers).
+    #[error("{0} compression failed: {1}")]
+    Encode(&'static str, String),
+}
+
+/// BLAKE3-256 digest of a chunk's uncompressed bytes.
+pub fn digest(data: &[u8]) -> [u8; 32] {
+    *blake3::hash(data).as_bytes()
+}
+
+/// A reusable chunk compressor (keeps its zstd context between chunks).
+pub struct Encoder {
+    compressor: Compressor,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+}
+
+/// zstd level used for chunks: fast enough to keep up with gzip decoding on one core.
+pub const ZSTD_LEVEL: i32 = 3;
+
+impl Encoder {
+    /// An encoder for `compressor`.
+    pub fn new(compressor: Compressor) -> Result<Self, CodecError> {
+        let zstd = match compressor {
+            Compressor::Zstd => Some(
+                zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                    .map_err(|e| CodecError::Encode("zstd", e.to_string()))?,
+            ),
+            _ => None,
+        };
+        Ok(Encoder { compressor, zstd })
+    }
+
+    /// Compresses `data`; returns the codec actually used (`None` when compression did
+    /// not shrink the chunk) and the bytes to store.
+    pub fn encode(&mut self, data: &[u8]) -> Result<(Compressor, Vec<u8>), CodecError> {
+        let packed = match (self.compressor, self.zstd.as_mut()) {
+            (Compressor::Zstd, Some(z)) => z
+                .compress(data)
+                .map_err(|e| CodecError::Encode("zstd", e.to_string()))?,
+            (Compressor::Lz4, _) => lz4_flex::block::compress(data),
+            _ => return Ok((Compressor::None, data.to_vec())),
+        };
+        if packed.len() >= data.len() {
+            Ok((Compressor::None, data.to_vec()))
+        } else {
+            Ok((self.compressor, packed))
+        }
+    }
+}
+
+/// Decodes the stored bytes of `entry` and verifies them against its digest.
+pub fn decode_verified(entry: &ChunkEntry, stored: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let data = decode(entry.compressor, stored, entry.uncompressed_size)?;
+    let actual = digest(&data);
+    if actual != entry.digest {
+        return Err(CodecError::Digest {
+            expected: hex(&entry.digest),
+            actual: hex(&actual),
+        });
+    }
+    Ok(data)
+}
+
+/// Decodes stored bytes to exactly `size` bytes, never allocating more than that.
+pub fn decode(compressor: Compressor, stored: &[u8], size: u32) -> Result<Vec<u8>, CodecError> {
+    let bad = |detail: String| CodecError::Decode {
+        compressor: compressor.name(),
+        expected: size,
+        detail,
+    };
+    let out = match compressor {
+        Compressor::None => stored.to_vec(),
+        Compressor::Zstd => {
+            zstd::bulk::decompress(stored, size as usize).map_err(|e| bad(e.to_string()))?
+        }
+        Compressor::Lz4 => {
+            let mut out = vec![0u8; size as usize];
+            let n = lz4_flex::block::decompress_into(stored, &mut out)
+                .map_err(|e| bad(e.to_string()))?;
+            out.truncate(n);
+            out
+        }
+    };
+    if out.len() != size as usize {
+        return Err(bad(format!("got {} bytes", out.len())));
+    }
+    Ok(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    hoist_format::meta::hex(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(compressor: Compressor, data: &[u8], stored: &[u8]) -> ChunkEntry {
+        ChunkEntry {
+            uncompressed_offset: 0,
+            compressed_offset: 0,
+            uncompressed_size: data.len() as u32,
+            compressed_size: stored.len() as u32,
+            compressor,
+            digest: digest(data),
+        }
+    }
+
+    #[test]
+    fn every_codec_round_trips_and_verifies() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        for c in [Compressor::None, Compressor::Zstd, Compressor::Lz4] {
+            let (used, stored) = Encoder::new(c).unwrap().encode(&data).unwrap();
+            assert_eq!(used, c, "compressible data keeps its codec");
+            let e = entry(used, &data, &stored);
+            assert_eq!(decode_verified(&e, &stored).unwrap(), data);
+        }
+    }
+
+    #[test]
+    fn incompressible_chunks_are_stored() {
+        let mut data = vec![0u8; 4096];
+        blake3::Hasher::new().finalize_xof().fill(&mut data);
+        let (used, stored) = Encoder::new(Compressor::Zstd)
+            .unwrap()
+            .encode(&data)
+            .unwrap();
+        assert_eq!(used, Compressor::None);
+        assert_eq!(stored, data);
+    }
+
+    #[test]
+    fn a_flipped_byte_is_caught() {
+        let data = vec![7u8; 10_000];
+        for c in [Compressor::None, Compressor::Zstd, Compressor::Lz4] {
+            let (used, mut stored) = Encoder::new(c).unwrap().encode(&data).unwrap();
+            let e = entry(used, &data, &stored);
+            let last = stored.len() - 1;
+            stored[last] ^= 0x40;
+            assert!(decode_verified(&e, &stored).is_err(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn decoding_is_bounded_by_the_promised_size() {
+        let data = vec![0u8; 1 << 20];
+        let (_, stored) = Encoder::new(Compressor::Zstd)
+            .unwrap()
+            .encode(&data)
+            .unwrap();
+        assert!(decode(Compressor::Zstd, &stored, 4096).is_err());
+        let lz = lz4_flex::block::compress(&data);
+        assert!(decode(Compressor::Lz4, &lz, 4096).is_err());
+    }
+}

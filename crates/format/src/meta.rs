@@ -1,0 +1,248 @@
+//! The metadata blob: a hoist header, an EROFS image, and the blob table with the chunk
+//! table of every data blob.
+//!
+//! ```text
+//! [0, 1024)          hoist header (EROFS leaves these bytes to the boot sector)
+//! [1024, erofs_size) the EROFS image (superblock at 1024)
+//! [blob_table_offset, +128 * blob_count)   blob records, in EROFS device order
+//! chunk tables       referenced by the blob records
+//! ```
+//!
+//! The kernel reads `[0, erofs_size)` as EROFS and ignores the rest; hoist reads the
+//! header to find the chunk tables. The whole blob is pinned by its OCI digest.
+
+use crate::chunk::{ChunkTable, DigestAlgo, CHUNK_ENTRY_SIZE, MAX_CHUNKS};
+use crate::erofs::ondisk::{BLOCK_SIZE, SUPER_OFFSET};
+use crate::FormatError;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
+
+/// Magic of the metadata header.
+pub const META_MAGIC: [u8; 8] = *b"HOISTMET";
+/// Size of one blob record.
+pub const BLOB_RECORD_SIZE: usize = 128;
+/// Most blobs one image may reference.
+pub const MAX_BLOBS: u32 = 4096;
+
+/// On-disk metadata header at offset 0 (128 bytes of the 1024 reserved).
+#[derive(Debug, Clone, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct RawMetaHeader {
+    /// [`META_MAGIC`].
+    pub magic: [u8; 8],
+    /// Format version (1).
+    pub version: U32,
+    /// [`DigestAlgo`] of chunk digests.
+    pub digest_algo: u8,
+    /// log2 of the chunk size.
+    pub chunk_bits: u8,
+    /// Reserved (0).
+    pub reserved: [u8; 2],
+    /// Bytes of the EROFS image (a multiple of 4096).
+    pub erofs_size: U64,
+    /// Offset of the blob records.
+    pub blob_table_offset: U64,
+    /// Number of blob records (= EROFS extra devices).
+    pub blob_count: U32,
+    /// Reserved (0).
+    pub reserved2: [u8; 92],
+}
+
+/// On-disk blob record (128 bytes).
+#[derive(Debug, Clone, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct RawBlobRecord {
+    /// sha256 of the data blob, i.e. its OCI digest.
+    pub digest: [u8; 32],
+    /// Size of the data blob.
+    pub compressed_size: U64,
+    /// Size of its uncompressed address space.
+    pub uncompressed_size: U64,
+    /// Offset of its chunk table in the metadata blob.
+    pub chunk_table_offset: U64,
+    /// Number of chunks.
+    pub chunk_count: U64,
+    /// Offset of the chunk table within the data blob (= its compressed chunk area size).
+    pub data_size: U64,
+    /// Reserved (0).
+    pub reserved: [u8; 56],
+}
+
+/// One data blob as the metadata blob knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// sha256 digest of the blob (raw bytes).
+    pub digest: [u8; 32],
+    /// Size of the blob.
+    pub compressed_size: u64,
+    /// Size of the compressed chunk area at the start of the blob.
+    pub data_size: u64,
+    /// Size of its uncompressed address space.
+    pub uncompressed_size: u64,
+    /// Its chunks.
+    pub chunks: ChunkTable,
+}
+
+impl BlobInfo {
+    /// `sha256:<hex>`.
+    pub fn digest_string(&self) -> String {
+        format!("sha256:{}", hex(&self.digest))
+    }
+}
+
+/// The parsed hoist parts of a metadata blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// log2 of the chunk size.
+    pub chunk_bits: u8,
+    /// Bytes of the EROFS image at the start of the blob.
+    pub erofs_size: u64,
+    /// Data blobs in device order (device id `n` is `blobs[n - 1]`).
+    pub blobs: Vec<BlobInfo>,
+}
+
+/// Assembles a metadata blob from an EROFS image (whose first 1024 bytes are free).
+pub fn assemble(
+    mut erofs: Vec<u8>,
+    chunk_bits: u8,
+    blobs: &[BlobInfo],
+) -> Result<Vec<u8>, FormatError> {
+    if erofs.len() < 2 * BLOCK_SIZE as usize
+        || erofs.len() % BLOCK_SIZE as usize != 0
+        || erofs[..SUPER_OFFSET as usize].iter().any(|&b| b != 0)
+    {
+        return Err(FormatError::invalid(
+            "EROFS image must be whole blocks with 1024 free leading bytes",
+        ));
+    }
+    let blob_count = u32::try_from(blobs.len())
+        .ok()
+        .filter(|n| *n <= MAX_BLOBS)
+        .ok_or_else(|| FormatError::invalid("too many blobs"))?;
+    let erofs_size = erofs.len() as u64;
+    let table_offset = erofs_size;
+    let mut records = Vec::new();
+    let mut tables = Vec::new();
+    let mut next_table = table_offset + (blobs.len() * BLOB_RECORD_SIZE) as u64;
+    for b in blobs {
+        let table = b.chunks.to_bytes();
+        let rec = RawBlobRecord {
+            digest: b.digest,
+            compressed_size: b.compressed_size.into(),
+            uncompressed_size: b.uncompressed_size.into(),
+            chunk_table_offset: next_table.into(),
+            chunk_count: (b.chunks.entries.len() as u64).into(),
+            data_size: b.data_size.into(),
+            reserved: [0; 56],
+        };
+        next_table += table.len() as u64;
+        records.extend_from_slice(rec.as_bytes());
+        tables.extend_from_slice(&table);
+    }
+    let header = RawMetaHeader {
+        magic: META_MAGIC,
+        version: 1.into(),
+        digest_algo: DigestAlgo::Blake3 as u8,
+        chunk_bits,
+        erofs_size: erofs_size.into(),
+        blob_table_offset: table_offset.into(),
+        blob_count: blob_count.into(),
+        ..FromZeros::new_zeroed()
+    };
+    erofs[..size_of::<RawMetaHeader>()].copy_from_slice(header.as_bytes());
+    erofs.extend_from_slice(&records);
+    erofs.extend_from_slice(&tables);
+    Ok(erofs)
+}
+
+/// Parses and validates the hoist parts of a metadata blob.
+pub fn parse(blob: &[u8]) -> Result<Meta, FormatError> {
+    let corrupt = |w: String| FormatError::Corrupt(w);
+    let (raw, _) = RawMetaHeader::read_from_prefix(blob)
+        .map_err(|_| corrupt("metadata blob shorter than its header".into()))?;
+    if raw.magic != META_MAGIC {
+        return Err(corrupt("not a hoist metadata blob (bad magic)".into()));
+    }
+    if raw.version.get() != 1 {
+        return Err(corrupt(format!(
+            "metadata format version {}",
+            raw.version.get()
+        )));
+    }
+    DigestAlgo::try_from(raw.digest_algo)?;
+    let chunk_bits = raw.chunk_bits;
+    if !(12..=26).contains(&chunk_bits) {
+        return Err(corrupt(format!(
+            "chunk size 2^{chunk_bits} outside 4 KiB..64 MiB"
+        )));
+    }
+    let erofs_size = raw.erofs_size.get();
+    let len = blob.len() as u64;
+    if erofs_size % BLOCK_SIZE != 0 || erofs_size > len {
+        return Err(corrupt(
+            "EROFS size in the header does not fit the blob".into(),
+        ));
+    }
+    let count = raw.blob_count.get();
+    if count > MAX_BLOBS {
+        return Err(corrupt(format!("{count} blobs")));
+    }
+    let start = raw.blob_table_offset.get();
+    let mut blobs = Vec::new();
+    for i in 0..u64::from(count) {
+        let at = start
+            .checked_add(i * BLOB_RECORD_SIZE as u64)
+            .filter(|a| a + BLOB_RECORD_SIZE as u64 <= len);
+        let at = at
+            .ok_or_else(|| corrupt(format!("blob record {i} runs past the metadata blob")))?
+            as usize;
+        let (rec, _) = RawBlobRecord::read_from_prefix(&blob[at..])
+            .map_err(|_| corrupt("blob record".into()))?;
+        let n = rec.chunk_count.get();
+        let t_at = rec.chunk_table_offset.get();
+        let t_end = n
+            .checked_mul(CHUNK_ENTRY_SIZE as u64)
+            .and_then(|b| b.checked_add(t_at))
+            .filter(|e| *e <= len && n <= MAX_CHUNKS);
+        let t_end = t_end.ok_or_else(|| {
+            corrupt(format!(
+                "chunk table of blob {i} runs past the metadata blob"
+            ))
+        })?;
+        let data_size = rec.data_size.get();
+        if data_size > rec.compressed_size.get() {
+            return Err(corrupt(format!(
+                "blob {i}: chunk area larger than the blob"
+            )));
+        }
+        let chunks = ChunkTable::parse(
+            &blob[t_at as usize..t_end as usize],
+            data_size,
+            rec.uncompressed_size.get(),
+        )
+        .map_err(|e| corrupt(format!("blob {i}: {e}")))?;
+        blobs.push(BlobInfo {
+            digest: rec.digest,
+            compressed_size: rec.compressed_size.get(),
+            data_size,
+            uncompressed_size: rec.uncompressed_size.get(),
+            chunks,
+        });
+    }
+    Ok(Meta {
+        chunk_bits,
+        erofs_size,
+        blobs,
+    })
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

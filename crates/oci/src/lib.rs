@@ -1,0 +1,160 @@
+//! OCI image access: where images come from and where converted images go.
+//!
+//! The builder and the reader never touch paths or sockets; they see an [`ImageSource`]
+//! (manifest and blobs, streamed or by range) and an [`ImageSink`] (blobs written through
+//! a [`BlobWriter`] that commits under its digest, then a manifest). An OCI image layout
+//! ([`layout::OciLayout`]) implements both today; a registry client implements the same
+//! traits later, so the builder needs no change.
+//!
+//! Every blob read in full is checked against its digest; streamed blobs are checked by
+//! [`VerifyingReader`] when they end. Manifests and configs are bounded in size.
+
+pub mod digest;
+pub mod layout;
+pub mod media;
+pub mod reference;
+
+pub use digest::{Digest, VerifyingReader};
+pub use reference::ImageRef;
+
+use std::io::{Read, Write};
+
+/// Largest manifest or index accepted (to prevent denial of service).
+pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+/// Largest image config accepted.
+pub const MAX_CONFIG_SIZE: u64 = 16 << 20;
+
+/// Errors of image access.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// Reading or writing a file of an image layout failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image reference could not be parsed.
+    #[error("invalid image reference {reference:?}: {why} (expected oci:DIR[:TAG])")]
+    BadReference {
+        /// The reference as given.
+        reference: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// No image of that tag.
+    #[error("{0}")]
+    NotFound(String),
+    /// A blob's bytes do not match its digest or size.
+    #[error("blob {digest} does not match its descriptor: {why}")]
+    DigestMismatch {
+        /// Expected digest.
+        digest: String,
+        /// Size or digest difference.
+        why: String,
+    },
+    /// A manifest, index or config is malformed, too large or unsupported.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl OciError {
+    /// An I/O error on `path`.
+    pub fn io(path: impl std::fmt::Display, source: std::io::Error) -> Self {
+        OciError::Io {
+            path: path.to_string(),
+            source,
+        }
+    }
+}
+
+/// Read access to one image.
+pub trait ImageSource: Send + Sync {
+    /// The reference, for messages.
+    fn describe(&self) -> String;
+    /// The image manifest (bytes as stored) and its digest.
+    fn manifest(&self) -> Result<(Vec<u8>, Digest), OciError>;
+    /// Streams a blob; the stream fails at its end if the bytes do not match `digest`
+    /// and `size`.
+    fn open_blob(&self, digest: &Digest, size: u64) -> Result<Box<dyn Read + Send>, OciError>;
+    /// Reads `len` bytes of a blob from `offset`, unverified (callers verify chunks).
+    fn read_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, OciError>;
+
+    /// Reads a whole blob of at most `limit` bytes and checks its digest and size.
+    fn read_blob(&self, digest: &Digest, size: u64, limit: u64) -> Result<Vec<u8>, OciError> {
+        if size > limit {
+            return Err(OciError::Invalid(format!(
+                "blob {digest} is {size} bytes, more than the {limit} allowed"
+            )));
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        self.open_blob(digest, size)?
+            .read_to_end(&mut out)
+            .map_err(|e| OciError::io(format!("blob {digest}"), e))?;
+        Ok(out)
+    }
+}
+
+/// Write access to one image destination.
+pub trait ImageSink: Send + Sync {
+    /// The reference, for messages.
+    fn describe(&self) -> String;
+    /// A writer for a new blob, committed under its digest.
+    fn blob_writer(&self) -> Result<Box<dyn BlobWriter>, OciError>;
+    /// Whether the destination already holds a blob.
+    fn has_blob(&self, digest: &Digest) -> bool;
+    /// Copies a blob the destination lacks from `source`.
+    fn copy_blob_from(
+        &self,
+        source: &dyn ImageSource,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), OciError> {
+        if self.has_blob(digest) {
+            return Ok(());
+        }
+        let mut w = self.blob_writer()?;
+        let mut r = source.open_blob(digest, size)?;
+        std::io::copy(&mut r, &mut w)
+            .map_err(|e| OciError::io(format!("copying blob {digest}"), e))?;
+        let (got, _) = w.commit()?;
+        if &got != digest {
+            return Err(OciError::DigestMismatch {
+                digest: digest.to_string(),
+                why: format!("copied bytes hash to {got}"),
+            });
+        }
+        Ok(())
+    }
+    /// Stores the manifest and points the destination's tag at it. This is the commit
+    /// point of a conversion: before it, the destination shows no new image.
+    fn put_manifest(&self, bytes: &[u8], media_type: &str) -> Result<Digest, OciError>;
+}
+
+/// A blob being written. Dropping it without [`BlobWriter::commit`] discards it.
+pub trait BlobWriter: Write + Send {
+    /// Finishes the blob and stores it under its digest; returns digest and size.
+    fn commit(self: Box<Self>) -> Result<(Digest, u64), OciError>;
+}
+
+/// Opens a reference for reading.
+pub fn open_source(r: &ImageRef) -> Result<Box<dyn ImageSource>, OciError> {
+    match r {
+        ImageRef::Layout { dir, tag } => Ok(Box::new(layout::LayoutImage::open(dir, tag.clone())?)),
+    }
+}
+
+/// Opens a reference for writing (an image layout is created if missing).
+pub fn open_sink(r: &ImageRef) -> Result<Box<dyn ImageSink>, OciError> {
+    match r {
+        ImageRef::Layout { dir, tag } => {
+            let tag = tag.clone().ok_or_else(|| OciError::BadReference {
+                reference: r.to_string(),
+                why: "a destination needs a tag".into(),
+            })?;
+            Ok(Box::new(layout::LayoutImage::create(dir, tag)?))
+        }
+    }
+}

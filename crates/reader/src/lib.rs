@@ -1,0 +1,277 @@
+//! Reads hoist images.
+//!
+//! [`HoistImage`] opens a converted image from any [`ImageSource`]: it fetches the
+//! manifest and the metadata blob (checked against its digest), and from then on reads
+//! any file by fetching, decoding and verifying just the chunks it needs, one ranged read
+//! each. [`unpack`], [`check`] and [`inspect`] are built on it; the lazy mount of a later
+//! issue uses the same chunk path behind a cache.
+
+mod check;
+mod inspect;
+mod unpack;
+
+pub use check::{check, CheckReport};
+pub use inspect::{inspect, InspectReport};
+pub use unpack::{unpack, UnpackStats};
+
+use hoist_format::chunk::ChunkEntry;
+use hoist_format::erofs::{Image, Inode};
+use hoist_format::meta::{self, Meta};
+use hoist_format::tree::ChunkRef;
+use hoist_oci::{media, Digest, ImageSource};
+use serde_json::Value;
+use std::sync::Arc;
+
+/// Largest metadata blob accepted (to prevent denial of service).
+pub const MAX_META_SIZE: u64 = 1 << 30;
+
+/// Errors reading a hoist image.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Access to the image failed.
+    #[error(transparent)]
+    Oci(#[from] hoist_oci::OciError),
+    /// The metadata is corrupt.
+    #[error("metadata blob {digest}: {source}")]
+    Meta {
+        /// Digest of the metadata blob.
+        digest: String,
+        /// What is wrong.
+        #[source]
+        source: hoist_format::FormatError,
+    },
+    /// A chunk fails to decode or verify.
+    #[error("chunk {index} of blob {blob} (compressed bytes {start}..{end}){used_by}: {source}")]
+    Chunk {
+        /// Blob digest.
+        blob: String,
+        /// Index in the blob's chunk table.
+        index: usize,
+        /// Compressed range start.
+        start: u64,
+        /// Compressed range end.
+        end: u64,
+        /// `, used by /path` when known.
+        used_by: String,
+        /// Decode or digest failure.
+        #[source]
+        source: hoist_codec::CodecError,
+    },
+    /// A file refers to data its image does not have.
+    #[error("{path}: {why}")]
+    File {
+        /// Path in the image.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A filesystem operation during unpack failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path written.
+        path: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image is not a hoist image or is unusable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A layer of the manifest.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Layer {
+    /// Media type.
+    pub media_type: String,
+    /// Digest.
+    pub digest: String,
+    /// Size.
+    pub size: u64,
+    /// Annotations.
+    pub annotations: serde_json::Map<String, Value>,
+}
+
+/// An opened hoist image.
+pub struct HoistImage {
+    src: Box<dyn ImageSource>,
+    /// Manifest digest.
+    pub manifest_digest: Digest,
+    /// The manifest.
+    pub manifest: Value,
+    /// Manifest layers.
+    pub layers: Vec<Layer>,
+    /// Digest of the metadata blob.
+    pub meta_digest: Digest,
+    /// The hoist tables of the metadata blob.
+    pub meta: Meta,
+    /// The EROFS tree.
+    pub fs: Image<Arc<Vec<u8>>>,
+    blob_digests: Vec<Digest>,
+}
+
+impl HoistImage {
+    /// Opens the hoist image of `src`: reads its manifest and metadata blob.
+    pub fn open(src: Box<dyn ImageSource>) -> Result<Self, ReadError> {
+        let (bytes, manifest_digest) = src.manifest()?;
+        let manifest: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ReadError::Invalid(format!("manifest {manifest_digest}: {e}")))?;
+        let layers: Vec<Layer> = manifest["layers"]
+            .as_array()
+            .map(|ls| {
+                ls.iter()
+                    .map(|l| Layer {
+                        media_type: l["mediaType"].as_str().unwrap_or_default().to_string(),
+                        digest: l["digest"].as_str().unwrap_or_default().to_string(),
+                        size: l["size"].as_u64().unwrap_or(0),
+                        annotations: l["annotations"].as_object().cloned().unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let meta_layer = layers
+            .iter()
+            .find(|l| l.media_type == media::HOIST_META)
+            .ok_or_else(|| {
+                ReadError::Invalid(format!(
+                    "{} is not a hoist image (no {} layer); convert it with `hoist convert`",
+                    src.describe(),
+                    media::HOIST_META
+                ))
+            })?;
+        let meta_digest = Digest::parse(&meta_layer.digest)?;
+        let blob = src.read_blob(&meta_digest, meta_layer.size, MAX_META_SIZE)?;
+        let meta_err = |source| ReadError::Meta {
+            digest: meta_digest.to_string(),
+            source,
+        };
+        let meta = meta::parse(&blob).map_err(meta_err)?;
+        let fs = Image::open(Arc::new(blob)).map_err(meta_err)?;
+        if fs.devices().len() != meta.blobs.len() {
+            return Err(meta_err(hoist_format::FormatError::Corrupt(format!(
+                "{} EROFS devices but {} blob records",
+                fs.devices().len(),
+                meta.blobs.len()
+            ))));
+        }
+        let mut blob_digests = Vec::new();
+        for (i, b) in meta.blobs.iter().enumerate() {
+            let d = Digest::from_sha256(b.digest);
+            if fs.devices()[i].tag != d.hex().as_bytes() {
+                return Err(meta_err(hoist_format::FormatError::Corrupt(format!(
+                    "device {} tag does not name blob {d}",
+                    i + 1
+                ))));
+            }
+            if !layers
+                .iter()
+                .any(|l| l.digest == d.as_str() && l.size == b.compressed_size)
+            {
+                return Err(ReadError::Invalid(format!(
+                    "blob {d} of the metadata is not a layer of manifest {manifest_digest}"
+                )));
+            }
+            blob_digests.push(d);
+        }
+        Ok(HoistImage {
+            src,
+            manifest_digest,
+            manifest,
+            layers,
+            meta_digest,
+            meta,
+            fs,
+            blob_digests,
+        })
+    }
+
+    /// The image source.
+    pub fn source(&self) -> &dyn ImageSource {
+        self.src.as_ref()
+    }
+
+    /// Digest of the blob behind device id `device` (1-based).
+    pub fn blob_digest(&self, device: u16) -> Option<&Digest> {
+        self.blob_digests.get(usize::from(device).checked_sub(1)?)
+    }
+
+    /// Resolves a chunk reference to its blob index (0-based) and table entry.
+    pub fn resolve(&self, c: ChunkRef) -> Option<(usize, usize, &ChunkEntry)> {
+        let ChunkRef::Mapped { device, blkaddr } = c else {
+            return None;
+        };
+        let blob = usize::from(device).checked_sub(1)?;
+        let table = &self.meta.blobs.get(blob)?.chunks;
+        let index = table.position(u64::from(blkaddr) * hoist_format::erofs::ondisk::BLOCK_SIZE)?;
+        Some((blob, index, &table.entries[index]))
+    }
+
+    /// Fetches, decodes and verifies one chunk.
+    pub fn read_chunk(&self, blob: usize, index: usize) -> Result<Vec<u8>, ReadError> {
+        let e = &self.meta.blobs[blob].chunks.entries[index];
+        let digest = &self.blob_digests[blob];
+        let stored =
+            self.src
+                .read_blob_range(digest, e.compressed_offset, u64::from(e.compressed_size))?;
+        hoist_codec::decode_verified(e, &stored).map_err(|source| ReadError::Chunk {
+            blob: digest.to_string(),
+            index,
+            start: e.compressed_offset,
+            end: e.compressed_offset + u64::from(e.compressed_size),
+            used_by: String::new(),
+            source,
+        })
+    }
+
+    /// Calls `f(offset, bytes)` for each data chunk of a regular file, in order, with
+    /// verified bytes; holes are skipped (the caller sees a gap).
+    pub fn read_file(
+        &self,
+        path: &str,
+        inode: &Inode,
+        mut f: impl FnMut(u64, &[u8]) -> Result<(), ReadError>,
+    ) -> Result<(), ReadError> {
+        let file_err = |why: String| ReadError::File {
+            path: path.to_string(),
+            why,
+        };
+        let chunks = self.fs.chunks(inode).map_err(|e| file_err(e.to_string()))?;
+        let chunk_size = 1u64 << self.meta.chunk_bits;
+        for (i, c) in chunks.into_iter().enumerate() {
+            if c == ChunkRef::Hole {
+                continue;
+            }
+            let (blob, index, entry) = self
+                .resolve(c)
+                .ok_or_else(|| file_err(format!("chunk {i} points at no stored chunk ({c:?})")))?;
+            let offset = i as u64 * chunk_size;
+            let want = (inode.size - offset).min(chunk_size);
+            if u64::from(entry.uncompressed_size) < want {
+                return Err(file_err(format!(
+                    "chunk {i} is {} bytes, the file needs {want}",
+                    entry.uncompressed_size
+                )));
+            }
+            let data = self.read_chunk(blob, index).map_err(|e| match e {
+                ReadError::Chunk {
+                    blob,
+                    index,
+                    start,
+                    end,
+                    source,
+                    ..
+                } => ReadError::Chunk {
+                    blob,
+                    index,
+                    start,
+                    end,
+                    used_by: format!(", used by {path}"),
+                    source,
+                },
+                other => other,
+            })?;
+            f(offset, &data[..want as usize])?;
+        }
+        Ok(())
+    }
+}
