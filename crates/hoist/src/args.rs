@@ -75,7 +75,8 @@ pub enum Command {
     },
     /// Write the files the kernel needs to mount a hoist image without hoist.
     ///
-    /// DIR receives `meta.erofs` (the metadata blob) and `<blob>.img` per data blob (its
+    /// DIR receives `meta.erofs` (the metadata blob) and `NNN-<digest>.img` per data blob, NNN
+    /// being its device number (1-based; pass them as device= in that order), holding its
     /// uncompressed address space, sparse). Prints a mount command using loop devices.
     Export {
         /// The hoist image.

@@ -29,7 +29,8 @@ pub fn run(image: &str, dir: &Path) -> anyhow::Result<()> {
         let digest = img
             .blob_digest((b + 1) as u16)
             .expect("one digest per blob");
-        let path = dir.join(format!("{}.img", digest.hex()));
+        // Numbered so that sorting by name gives the device table order.
+        let path = dir.join(format!("{:03}-{}.img", b + 1, digest.hex()));
         let f = File::create(&path)?;
         for index in 0..info.chunks.entries.len() {
             let data = img.read_chunk(b, index)?;
