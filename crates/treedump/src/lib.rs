@@ -23,7 +23,9 @@ pub fn dump(root: &Path) -> io::Result<Vec<String>> {
     let mut groups: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     for (path, meta) in &entries {
         if !meta.is_dir() && meta.nlink() > 1 {
-            groups.entry((meta.dev(), meta.ino())).or_insert_with(|| path.clone());
+            groups
+                .entry((meta.dev(), meta.ino()))
+                .or_insert_with(|| path.clone());
         }
     }
     let mut out = Vec::with_capacity(entries.len());
@@ -40,7 +42,11 @@ pub fn dump(root: &Path) -> io::Result<Vec<String>> {
         } else if ft.is_char_device() || ft.is_block_device() {
             let rdev = meta.rdev();
             let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
-            let c = if ft.is_char_device() { "chardev" } else { "blockdev" };
+            let c = if ft.is_char_device() {
+                "chardev"
+            } else {
+                "blockdev"
+            };
             format!("{c} rdev={major},{minor}")
         } else if ft.is_fifo() {
             "fifo".to_string()
@@ -77,7 +83,14 @@ pub fn diff(a: &[String], b: &[String]) -> (Vec<String>, Vec<String>) {
 fn collect(root: &Path, rel: &[u8], out: &mut BTreeMap<Vec<u8>, fs::Metadata>) -> io::Result<()> {
     let dir = root.join(OsStr::from_bytes(rel.strip_prefix(b"/").unwrap_or(rel)));
     let meta = fs::symlink_metadata(&dir)?;
-    out.insert(if rel.is_empty() { b"/".to_vec() } else { rel.to_vec() }, meta);
+    out.insert(
+        if rel.is_empty() {
+            b"/".to_vec()
+        } else {
+            rel.to_vec()
+        },
+        meta,
+    );
     for entry in fs::read_dir(&dir)? {
         let entry = entry?;
         let mut child = rel.to_vec();
@@ -117,18 +130,29 @@ fn xattrs(path: &Path) -> io::Result<String> {
             continue;
         }
         let mut value = vec![0u8; 65536];
-        let len = rustix::fs::lgetxattr(path, OsStr::from_bytes(name), &mut value).map_err(io::Error::from)?;
+        let len = rustix::fs::lgetxattr(path, OsStr::from_bytes(name), &mut value)
+            .map_err(io::Error::from)?;
         pairs.push(format!("{}={}", escape(name), escape(&value[..len])));
     }
     pairs.sort();
-    Ok(if pairs.is_empty() { "-".into() } else { pairs.join(",") })
+    Ok(if pairs.is_empty() {
+        "-".into()
+    } else {
+        pairs.join(",")
+    })
 }
 
 /// Printable form of arbitrary bytes: ASCII graphics as is, the rest as `\xNN`.
 fn escape(bytes: &[u8]) -> String {
     bytes
         .iter()
-        .map(|&b| if b.is_ascii_graphic() && b != b'\\' { (b as char).to_string() } else { format!("\\x{b:02x}") })
+        .map(|&b| {
+            if b.is_ascii_graphic() && b != b'\\' {
+                (b as char).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
         .collect()
 }
 
@@ -144,9 +168,21 @@ mod tests {
         fs::hard_link(d.path().join("sub/a"), d.path().join("b")).unwrap();
         symlink("sub/a", d.path().join("link")).unwrap();
         for p in ["sub/a", "sub", "link", ""] {
-            let t = rustix::fs::Timespec { tv_sec: 1_700_000_000, tv_nsec: 0 };
-            let ts = rustix::fs::Timestamps { last_access: t, last_modification: t };
-            rustix::fs::utimensat(rustix::fs::CWD, &d.path().join(p), &ts, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).unwrap();
+            let t = rustix::fs::Timespec {
+                tv_sec: 1_700_000_000,
+                tv_nsec: 0,
+            };
+            let ts = rustix::fs::Timestamps {
+                last_access: t,
+                last_modification: t,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                &d.path().join(p),
+                &ts,
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
         }
         d
     }
@@ -166,25 +202,73 @@ mod tests {
 
     #[test]
     fn each_known_difference_is_seen() {
-        assert!(differs_after(|p| fs::write(p.join("sub/a"), b"hellO").unwrap()) > 0, "content");
-        assert!(differs_after(|p| fs::set_permissions(p.join("sub/a"), fs::Permissions::from_mode(0o4755)).unwrap()) > 0, "mode");
-        assert!(differs_after(|p| std::os::unix::fs::lchown(p.join("link"), Some(7), None).unwrap()) > 0, "owner");
-        assert!(differs_after(|p| {
-            fs::remove_file(p.join("link")).unwrap();
-            symlink("sub/b", p.join("link")).unwrap();
-        }) > 0, "symlink target");
-        assert!(differs_after(|p| {
-            fs::remove_file(p.join("b")).unwrap();
-            fs::copy(p.join("sub/a"), p.join("b")).unwrap();
-        }) > 0, "hardlink broken");
-        assert!(differs_after(|p| {
-            rustix::fs::setxattr(&p.join("sub/a"), "user.x", b"1", rustix::fs::XattrFlags::empty()).unwrap()
-        }) > 0, "xattr");
-        assert!(differs_after(|p| {
-            let t = rustix::fs::Timespec { tv_sec: 5, tv_nsec: 0 };
-            let ts = rustix::fs::Timestamps { last_access: t, last_modification: t };
-            rustix::fs::utimensat(rustix::fs::CWD, &p.join("sub"), &ts, rustix::fs::AtFlags::empty()).unwrap()
-        }) > 0, "mtime");
-        assert!(differs_after(|p| fs::write(p.join("new"), b"").unwrap()) > 0, "extra file");
+        assert!(
+            differs_after(|p| fs::write(p.join("sub/a"), b"hellO").unwrap()) > 0,
+            "content"
+        );
+        assert!(
+            differs_after(|p| fs::set_permissions(
+                p.join("sub/a"),
+                fs::Permissions::from_mode(0o4755)
+            )
+            .unwrap())
+                > 0,
+            "mode"
+        );
+        assert!(
+            differs_after(|p| std::os::unix::fs::lchown(p.join("link"), Some(7), None).unwrap())
+                > 0,
+            "owner"
+        );
+        assert!(
+            differs_after(|p| {
+                fs::remove_file(p.join("link")).unwrap();
+                symlink("sub/b", p.join("link")).unwrap();
+            }) > 0,
+            "symlink target"
+        );
+        assert!(
+            differs_after(|p| {
+                fs::remove_file(p.join("b")).unwrap();
+                fs::copy(p.join("sub/a"), p.join("b")).unwrap();
+            }) > 0,
+            "hardlink broken"
+        );
+        assert!(
+            differs_after(|p| {
+                rustix::fs::setxattr(
+                    &p.join("sub/a"),
+                    "user.x",
+                    b"1",
+                    rustix::fs::XattrFlags::empty(),
+                )
+                .unwrap()
+            }) > 0,
+            "xattr"
+        );
+        assert!(
+            differs_after(|p| {
+                let t = rustix::fs::Timespec {
+                    tv_sec: 5,
+                    tv_nsec: 0,
+                };
+                let ts = rustix::fs::Timestamps {
+                    last_access: t,
+                    last_modification: t,
+                };
+                rustix::fs::utimensat(
+                    rustix::fs::CWD,
+                    &p.join("sub"),
+                    &ts,
+                    rustix::fs::AtFlags::empty(),
+                )
+                .unwrap()
+            }) > 0,
+            "mtime"
+        );
+        assert!(
+            differs_after(|p| fs::write(p.join("new"), b"").unwrap()) > 0,
+            "extra file"
+        );
     }
 }

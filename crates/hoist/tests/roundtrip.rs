@@ -1,0 +1,171 @@
+//! One expectation over every path: for every fixture image and every compressor, the
+//! converted image passes `hoist check`, and `hoist unpack` gives exactly the tree
+//! `umoci unpack` gives from the original; the kernel mounts the metadata blob and shows
+//! the same tree; `fsck.erofs` reads every inode and chunk.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+#[test]
+fn unpack_equals_umoci_for_every_image_and_compressor() {
+    let Some(layout) = fixtures() else { return };
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to keep owners and device files");
+        return;
+    }
+    for tag in tags(&layout) {
+        for compressor in ["zstd", "lz4", "none"] {
+            let image = convert(
+                &layout,
+                &tag,
+                &format!("rt-{tag}-{compressor}"),
+                &["--compressor", compressor],
+            );
+            let out = hoist_ok(&["check", &image]);
+            assert!(out.contains(": ok"), "{out}");
+            let dir = scratch().join(format!("unpack-{tag}-{compressor}"));
+            hoist_ok(&["unpack", &image, dir.to_str().unwrap()]);
+            assert_same_tree(&layout, &tag, &dir, &format!("hoist unpack ({compressor})"));
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
+
+#[test]
+fn kernel_mounts_the_metadata_blob_and_fsck_erofs_reads_it() {
+    let Some(layout) = fixtures() else { return };
+    if !is_root() {
+        eprintln!("SKIPPED: needs root for loop devices and mount");
+        return;
+    }
+    for tag in tags(&layout) {
+        let image = convert(&layout, &tag, &format!("kernel-{tag}"), &[]);
+        let exp = scratch().join(format!("export-{tag}"));
+        hoist_ok(&["export", &image, exp.to_str().unwrap()]);
+        let mut devices: Vec<_> = std::fs::read_dir(&exp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "img"))
+            .collect();
+        devices.sort();
+        let meta = exp.join("meta.erofs");
+
+        // fsck.erofs --extract reads every inode and every chunk through the device table.
+        let extract = scratch().join(format!("fsck-{tag}"));
+        let mut fsck = Command::new("fsck.erofs");
+        for d in &devices {
+            fsck.arg(format!("--device={}", d.display()));
+        }
+        let out = fsck
+            .arg(format!("--extract={}", extract.display()))
+            .arg(&meta)
+            .output()
+            .expect("fsck.erofs (erofs-utils)");
+        assert!(
+            out.status.success(),
+            "fsck.erofs {tag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_dir_all(&extract).unwrap();
+
+        let mount = Loops::attach(&devices, &meta);
+        let mnt = scratch().join(format!("mnt-{tag}"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let opts: Vec<String> = mount
+            .devices
+            .iter()
+            .map(|d| format!("device={d}"))
+            .collect();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "erofs",
+                "-o",
+                &format!("ro,{}", opts.join(",")),
+                &mount.meta,
+            ])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t erofs {tag}");
+        let result = std::panic::catch_unwind(|| {
+            assert_same_tree(&layout, &tag, &mnt, "kernel EROFS mount")
+        });
+        Command::new("umount").arg(&mnt).status().unwrap();
+        drop(mount);
+        std::fs::remove_dir_all(&exp).unwrap();
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
+/// Loop devices over the exported files, detached on drop.
+struct Loops {
+    devices: Vec<String>,
+    meta: String,
+}
+
+impl Loops {
+    fn attach(devices: &[std::path::PathBuf], meta: &std::path::Path) -> Self {
+        let attach = |p: &std::path::Path| {
+            let out = Command::new("losetup")
+                .args(["--find", "--show", "--read-only"])
+                .arg(p)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "losetup {}: {}",
+                p.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        Loops {
+            devices: devices.iter().map(|d| attach(d)).collect(),
+            meta: attach(meta),
+        }
+    }
+}
+
+impl Drop for Loops {
+    fn drop(&mut self) {
+        for d in self.devices.iter().chain([&self.meta]) {
+            let _ = Command::new("losetup").args(["-d", d]).status();
+        }
+    }
+}
+
+#[test]
+fn conversion_is_deterministic() {
+    let Some(layout) = fixtures() else { return };
+    let a = convert(&layout, "tiny-v1", "det-a", &[]);
+    let b = convert(&layout, "tiny-v1", "det-b", &[]);
+    let digest = |r: &str| {
+        let dir = r
+            .trim_start_matches("oci:")
+            .rsplit_once(':')
+            .unwrap()
+            .0
+            .to_string();
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(format!("{dir}/index.json")).unwrap()).unwrap();
+        index["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        digest(&a),
+        digest(&b),
+        "same input and options must give the same manifest"
+    );
+    let c = convert(&layout, "tiny-v1", "det-c", &["--chunk-size", "64K"]);
+    assert_ne!(
+        digest(&a),
+        digest(&c),
+        "different options give a different image"
+    );
+}
