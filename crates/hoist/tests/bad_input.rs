@@ -1,0 +1,244 @@
+//! Bad input gives a clear error naming the object, never a panic, never a write outside
+//! the destination, and never a tagged half-written image.
+
+mod common;
+use common::*;
+use std::io::Write;
+
+/// Converts the single image of a crafted layout; returns (success, stderr).
+fn convert_crafted(name: &str, layers: &[Vec<u8>]) -> (bool, String, std::path::PathBuf) {
+    let src = scratch().join(format!("bad-src-{name}"));
+    make_layout(&src, "t", layers);
+    let dst = scratch().join(format!("bad-dst-{name}"));
+    let out = hoist(&[
+        "convert",
+        &format!("oci:{}:t", src.display()),
+        &format!("oci:{}:t", dst.display()),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !stderr.contains("panicked"),
+        "{name}: hoist panicked: {stderr}"
+    );
+    (out.status.success(), stderr, dst)
+}
+
+fn assert_rejected(name: &str, layers: &[Vec<u8>], expect: &[&str]) {
+    let (ok, stderr, dst) = convert_crafted(name, layers);
+    assert!(!ok, "{name}: bad input was accepted");
+    for e in expect {
+        assert!(
+            stderr.contains(e),
+            "{name}: error {stderr:?} does not mention {e:?}"
+        );
+    }
+    // Nothing tagged: the destination index names no image.
+    if let Ok(index) = std::fs::read(dst.join("index.json")) {
+        let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+        assert_eq!(
+            index["manifests"].as_array().map(Vec::len),
+            Some(0),
+            "{name}: a failed conversion tagged an image"
+        );
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn a_good_crafted_layer_converts() {
+    // The control: the same helpers produce a layer that converts and unpacks.
+    let layer = tar_of(&[
+        raw_entry(b"etc/", b'5', b"", b""),
+        raw_entry(b"etc/hosts", b'0', b"", b"127.0.0.1 localhost\n"),
+    ]);
+    let (ok, stderr, dst) = convert_crafted("good", &[gzip(&layer)]);
+    assert!(ok, "{stderr}");
+    hoist_ok(&["check", &format!("oci:{}:t", dst.display())]);
+}
+
+#[test]
+fn dot_dot_and_absolute_paths_are_refused() {
+    assert_rejected(
+        "dotdot",
+        &[tar_of(&[raw_entry(b"../escape", b'0', b"", b"x")])],
+        &["../escape", "'..'"],
+    );
+    assert_rejected(
+        "absolute",
+        &[tar_of(&[raw_entry(b"/etc/passwd", b'0', b"", b"x")])],
+        &["/etc/passwd", "absolute"],
+    );
+    assert_rejected(
+        "hardlink-escape",
+        &[tar_of(&[raw_entry(
+            b"evil",
+            b'1',
+            b"../../etc/shadow",
+            b"",
+        )])],
+        &["evil", "hardlink target"],
+    );
+    assert_rejected(
+        "hardlink-missing",
+        &[tar_of(&[raw_entry(b"a", b'1', b"nothere", b"")])],
+        &["nothere"],
+    );
+    assert!(!std::path::Path::new("/escape").exists());
+}
+
+#[test]
+fn truncated_and_malformed_streams_name_the_layer() {
+    let good = tar_of(&[raw_entry(b"big", b'0', b"", &vec![7u8; 300_000])]);
+    let gz = gzip(&good);
+    let digests = make_layout(
+        &scratch().join("probe"),
+        "t",
+        &[gz[..gz.len() / 2].to_vec()],
+    );
+    assert_rejected(
+        "truncated-gzip",
+        &[gz[..gz.len() / 2].to_vec()],
+        &[&digests[0]],
+    );
+    assert_rejected("truncated-tar", &[good[..100_000].to_vec()], &["big"]);
+    let mut garbage = gz.clone();
+    garbage[20] ^= 0xff;
+    garbage[21] ^= 0xff;
+    assert_rejected("corrupt-gzip", &[garbage], &["layer sha256:"]);
+    // A header claiming an absurd size: the data runs out, the error says so.
+    let mut absurd = raw_entry(b"huge", b'0', b"", b"");
+    absurd[124..136].copy_from_slice(b"77777777777\0");
+    let sum: u32 = absurd[..512]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
+    absurd[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    assert_rejected("absurd-size", &[tar_of(&[absurd])], &["huge"]);
+}
+
+#[test]
+fn a_layer_whose_bytes_do_not_match_its_digest_is_refused() {
+    let layer = gzip(&tar_of(&[raw_entry(b"f", b'0', b"", b"hello")]));
+    let src = scratch().join("bad-src-digest");
+    let digests = make_layout(&src, "t", &[layer]);
+    // Replace the blob's bytes behind its digest.
+    let path = src
+        .join("blobs/sha256")
+        .join(digests[0].trim_start_matches("sha256:"));
+    std::fs::write(
+        &path,
+        gzip(&tar_of(&[raw_entry(b"f", b'0', b"", b"HELLO")])),
+    )
+    .unwrap();
+    let dst = scratch().join("bad-dst-digest");
+    let out = hoist(&[
+        "convert",
+        &format!("oci:{}:t", src.display()),
+        &format!("oci:{}:t", dst.display()),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&digests[0]) && stderr.contains("digest"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_corrupted_byte_in_any_data_blob_is_caught_by_check() {
+    let Some(layout) = fixtures() else { return };
+    let image = convert(&layout, "tiny-v1", "corrupt", &[]);
+    let dir = scratch().join("corrupt");
+    let manifest_of = |dir: &std::path::Path| -> serde_json::Value {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+        let d = index["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string();
+        serde_json::from_slice(&std::fs::read(dir.join("blobs/sha256").join(d)).unwrap()).unwrap()
+    };
+    let manifest = manifest_of(&dir);
+    let blobs: Vec<(String, u64)> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == "application/vnd.hoist.blob.v1")
+        .map(|l| {
+            (
+                l["digest"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("sha256:")
+                    .to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(!blobs.is_empty());
+    for (hex, size) in blobs {
+        // First byte, middle, and last byte (the trailer) of each blob.
+        for at in [0, size / 2, size - 1] {
+            let path = dir.join("blobs/sha256").join(&hex);
+            let original = std::fs::read(&path).unwrap();
+            let mut bad = original.clone();
+            bad[at as usize] ^= 0x01;
+            std::fs::write(&path, &bad).unwrap();
+            let out = hoist(&["check", &image]);
+            std::fs::write(&path, &original).unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "byte {at} of blob {hex} flipped, check passed"
+            );
+            assert!(stderr.contains(&hex), "error names the blob: {stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+    hoist_ok(&["check", &image]);
+    // A chunk error names the chunk and a file that uses it.
+    let path = dir.join("blobs/sha256");
+    let data_blob = std::fs::read_dir(&path)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| p.metadata().unwrap().len())
+        .unwrap();
+    let original = std::fs::read(&data_blob).unwrap();
+    let mut bad = original.clone();
+    bad[100] ^= 0x80;
+    std::fs::write(&data_blob, &bad).unwrap();
+    let out = hoist(&["check", &image]);
+    std::fs::write(&data_blob, &original).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("chunk ")
+            && stderr.contains(" of blob sha256:")
+            && stderr.contains("used by /"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn converting_a_hoist_image_again_is_refused() {
+    let Some(layout) = fixtures() else { return };
+    let image = convert(&layout, "tiny-v1", "reconvert", &[]);
+    let out = hoist(&[
+        "convert",
+        &image,
+        &format!("oci:{}:x", scratch().join("reconvert2").display()),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already a hoist image"));
+}
