@@ -15,7 +15,7 @@ use hoist_format::erofs::ondisk::BLOCK_SIZE;
 use hoist_format::meta::BlobInfo;
 use hoist_format::tree::ChunkRef;
 use hoist_oci::{BlobWriter, Digest};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::thread::JoinHandle;
 
@@ -86,7 +86,6 @@ pub struct Chunker {
     workers: usize,
     dedup: HashMap<[u8; 32], Loc>,
     dict_blobs: u16,
-    used_blobs: HashSet<u16>,
     current: Option<Pipeline>,
     /// Counters since the last [`Chunker::take_stats`].
     pub stats: ChunkStats,
@@ -100,7 +99,6 @@ impl Chunker {
             workers: workers.max(1),
             dedup: HashMap::new(),
             dict_blobs: 0,
-            used_blobs: HashSet::new(),
             current: None,
             stats: ChunkStats::default(),
         }
@@ -122,11 +120,6 @@ impl Chunker {
             });
         }
         Ok(index)
-    }
-
-    /// Whether a dictionary blob ended up referenced.
-    pub fn is_used(&self, blob: u16) -> bool {
-        self.used_blobs.contains(&blob)
     }
 
     /// Starts the blob with provisional index `blob`, written to `out`.
@@ -227,7 +220,6 @@ impl ChunkSink for Chunker {
             if loc.blob < self.dict_blobs {
                 self.stats.dict_bytes += len;
             }
-            self.used_blobs.insert(loc.blob);
             return Ok(ChunkRef::Mapped {
                 device: loc.blob + 1,
                 blkaddr: loc.blkaddr,
@@ -265,7 +257,6 @@ impl ChunkSink for Chunker {
                 .unwrap_or_else(|| BuildError::Invalid("blob pipeline stopped".into())));
         }
         self.dedup.insert(d, loc);
-        self.used_blobs.insert(loc.blob);
         self.stats.stored_chunks += 1;
         self.stats.stored_bytes += len;
         Ok(ChunkRef::Mapped {

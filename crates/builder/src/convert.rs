@@ -400,6 +400,6 @@ pub fn load_meta(src: &dyn ImageSource) -> Result<meta::Meta, BuildError> {
             ))
         })?;
     let (d, size, _) = descriptor(layer, "metadata layer")?;
-    let blob = src.read_blob(&d, size, 1 << 30)?;
+    let blob = src.read_blob(&d, size, meta::MAX_META_SIZE)?;
     Ok(meta::parse(&blob)?)
 }

@@ -18,8 +18,10 @@ pub const CHUNK_ENTRY_SIZE: usize = 64;
 pub const BLOB_TRAILER_SIZE: usize = 64;
 /// Magic of the data blob trailer.
 pub const BLOB_MAGIC: [u8; 8] = *b"HOISTBLB";
+/// log2 of the largest chunk size.
+pub const MAX_CHUNK_BITS: u8 = 26;
 /// Largest chunk hoist accepts (to prevent denial of service when decoding).
-pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+pub const MAX_CHUNK_SIZE: u64 = 1 << MAX_CHUNK_BITS;
 /// Most chunks one blob may hold (1 TiB of 4 KiB chunks; bounds table allocations).
 pub const MAX_CHUNKS: u64 = 1 << 28;
 

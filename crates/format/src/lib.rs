@@ -7,9 +7,11 @@
 //! of every blob ([`meta`]), so a mount needs nothing but this blob to map any file
 //! offset to a compressed byte range of a data blob ([`chunk`]).
 //!
-//! The main design choice: the tree is plain EROFS, so the Linux kernel can serve it
-//! directly (file-backed mount with `device=` per blob), while chunk compression and
-//! verification live in hoist's own tables beside it, where the kernel never looks.
+//! The main design choice: the tree is plain EROFS, so the Linux kernel can mount the
+//! metadata blob itself with one `device=` per data blob, each device presenting that
+//! blob's uncompressed address space (`hoist export` writes them; the lazy mount serves
+//! them on demand). Chunk compression and verification live in hoist's own tables beside
+//! the EROFS image, where the kernel never looks.
 //!
 //! This crate does no I/O beyond [`ReadAt`], no async, and no `unsafe`. Everything it
 //! decodes is treated as untrusted: bounded, checked, never a panic.

@@ -21,6 +21,8 @@ use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 pub const META_MAGIC: [u8; 8] = *b"HOISTMET";
 /// Size of one blob record.
 pub const BLOB_RECORD_SIZE: usize = 128;
+/// Largest metadata blob accepted (to prevent denial of service).
+pub const MAX_META_SIZE: u64 = 1 << 30;
 /// Most blobs one image may reference.
 pub const MAX_BLOBS: u32 = 4096;
 
@@ -171,14 +173,15 @@ pub fn parse(blob: &[u8]) -> Result<Meta, FormatError> {
     }
     DigestAlgo::try_from(raw.digest_algo)?;
     let chunk_bits = raw.chunk_bits;
-    if !(12..=26).contains(&chunk_bits) {
+    if !(crate::erofs::ondisk::BLOCK_BITS..=crate::chunk::MAX_CHUNK_BITS).contains(&chunk_bits) {
         return Err(corrupt(format!(
             "chunk size 2^{chunk_bits} outside 4 KiB..64 MiB"
         )));
     }
     let erofs_size = raw.erofs_size.get();
     let len = blob.len() as u64;
-    if erofs_size % BLOCK_SIZE != 0 || erofs_size > len {
+    if erofs_size % BLOCK_SIZE != 0 || erofs_size > len || raw.blob_table_offset.get() != erofs_size
+    {
         return Err(corrupt(
             "EROFS size in the header does not fit the blob".into(),
         ));

@@ -32,7 +32,8 @@ pub enum Command {
     ///
     /// Writes one data blob per layer (deduplicated, compressed chunks), a metadata blob
     /// (an EROFS image of the merged tree plus the chunk tables), the original config, and
-    /// a manifest tagged in DST. Prints a one-line summary; `--json` prints a report.
+    /// a manifest tagged in DST. The source config is kept (env, cmd, entrypoint, history);
+    /// only its `rootfs.diff_ids` name the new layers. Prints a one-line summary; `--json` prints a report.
     Convert {
         /// Source image, e.g. oci:./images:app-v1.
         src: String,

@@ -51,7 +51,7 @@ pub fn check(image: &HoistImage) -> Result<CheckReport, ReadError> {
         if !inode.is_file() {
             return Ok(());
         }
-        for (i, c) in image.fs.chunks(inode)?.into_iter().enumerate() {
+        for (i, c) in image.chunks(inode)?.into_iter().enumerate() {
             if c == ChunkRef::Hole {
                 continue;
             }

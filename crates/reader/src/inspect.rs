@@ -121,7 +121,7 @@ pub fn inspect(image: &HoistImage) -> Result<InspectReport, ReadError> {
                 return Ok(());
             }
             file_bytes += inode.size;
-            for (i, c) in image.fs.chunks(inode)?.into_iter().enumerate() {
+            for (i, c) in image.chunks(inode)?.into_iter().enumerate() {
                 let len = (inode.size - i as u64 * chunk_size).min(chunk_size);
                 refs += 1;
                 if c == ChunkRef::Hole {

@@ -22,8 +22,7 @@ use hoist_oci::{media, Digest, ImageSource};
 use serde_json::Value;
 use std::sync::Arc;
 
-/// Largest metadata blob accepted (to prevent denial of service).
-pub const MAX_META_SIZE: u64 = 1 << 30;
+pub use hoist_format::meta::MAX_META_SIZE;
 
 /// Errors reading a hoist image.
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +222,17 @@ impl HoistImage {
         })
     }
 
+    /// The chunk references of a regular file, checked to use the image's chunk size.
+    pub fn chunks(&self, inode: &Inode) -> Result<Vec<ChunkRef>, hoist_format::FormatError> {
+        if inode.size > 0 && self.fs.chunk_bits(inode)? != self.meta.chunk_bits {
+            return Err(hoist_format::FormatError::Corrupt(format!(
+                "inode {} uses a chunk size other than the image's 2^{}",
+                inode.nid, self.meta.chunk_bits
+            )));
+        }
+        self.fs.chunks(inode)
+    }
+
     /// Calls `f(offset, bytes)` for each data chunk of a regular file, in order, with
     /// verified bytes; holes are skipped (the caller sees a gap).
     pub fn read_file(
@@ -235,7 +245,7 @@ impl HoistImage {
             path: path.to_string(),
             why,
         };
-        let chunks = self.fs.chunks(inode).map_err(|e| file_err(e.to_string()))?;
+        let chunks = self.chunks(inode).map_err(|e| file_err(e.to_string()))?;
         let chunk_size = 1u64 << self.meta.chunk_bits;
         for (i, c) in chunks.into_iter().enumerate() {
             if c == ChunkRef::Hole {

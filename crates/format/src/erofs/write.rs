@@ -64,9 +64,9 @@ pub fn write_image(
     devices: &[Device],
     opts: &WriteOptions,
 ) -> Result<Vec<u8>, FormatError> {
-    if !(BLOCK_BITS..=BLOCK_BITS + 31).contains(&opts.chunk_bits) {
+    if !(BLOCK_BITS..=crate::chunk::MAX_CHUNK_BITS).contains(&opts.chunk_bits) {
         return Err(FormatError::invalid(format!(
-            "chunk size 2^{} is outside 4 KiB..8 TiB",
+            "chunk size 2^{} is outside 4 KiB..64 MiB",
             opts.chunk_bits
         )));
     }
@@ -232,6 +232,11 @@ pub fn write_image(
             Data::None => {
                 i_u = match node.kind {
                     NodeKind::CharDev { major, minor } | NodeKind::BlockDev { major, minor } => {
+                        if major > 0xfff || minor > 0xf_ffff {
+                            return Err(FormatError::invalid(format!(
+                                "device {major}:{minor} does not fit EROFS (12-bit major, 20-bit minor)"
+                            )));
+                        }
                         encode_dev(major, minor)
                     }
                     NodeKind::File { .. } => NULL_ADDR,
@@ -376,10 +381,7 @@ fn walk(
         }
         nlinks.insert(id, 2 + subdirs);
     }
-    // The stack visits children in name order; hardlinked files are placed once, at the
-    // first name that reaches them, and then popped again: drop the repeats.
-    let mut seen = std::collections::HashSet::new();
-    order.retain(|id| seen.insert(*id));
+    // A hardlinked file is pushed only when first seen, so every node appears once.
     Ok((order, parents, nlinks))
 }
 
@@ -419,7 +421,6 @@ fn encode_xattrs(
 
 /// Splits a full xattr name into its EROFS prefix index and the rest.
 pub fn split_xattr_name(name: &[u8]) -> Option<(u8, &[u8])> {
-    // ACL names are whole names, so they are tried before the shorter `system.` forms.
     XATTR_PREFIXES
         .iter()
         .find(|(_, p)| name.starts_with(p))

@@ -1,0 +1,283 @@
+//! Property test: any tree written as EROFS reads back identically (names of any bytes,
+//! modes, owners, times, xattrs, symlinks, devices, hardlinks, chunk references, holes).
+
+use hoist_format::erofs::{self, Device, Image};
+use hoist_format::tree::{ChunkRef, Metadata, Node, NodeId, NodeKind, Tree};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+const CHUNK_BITS: u8 = 16;
+
+fn name() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        any::<u8>().prop_filter("no / or NUL", |b| *b != b'/' && *b != 0),
+        1..40,
+    )
+    .prop_filter("not . or ..", |n| n != b"." && n != b"..")
+    .prop_map(|mut n| {
+        if n.len() > 30 {
+            // Some names at the 255-byte limit.
+            n.resize(255, b'x');
+        }
+        n
+    })
+}
+
+fn meta() -> impl Strategy<Value = Metadata> {
+    (
+        0u32..0o10000,
+        any::<u32>(),
+        any::<u32>(),
+        any::<u64>(),
+        0u32..1_000_000_000,
+        prop::collection::btree_map(
+            (
+                prop::sample::select(vec!["user.", "trusted.", "security."]),
+                "[a-z.]{1,20}",
+            )
+                .prop_map(|(p, s)| format!("{p}{s}").into_bytes()),
+            prop::collection::vec(any::<u8>(), 0..300),
+            0..4,
+        ),
+    )
+        .prop_map(|(mode, uid, gid, mtime, mtime_nsec, xattrs)| Metadata {
+            mode,
+            uid,
+            gid,
+            mtime,
+            mtime_nsec,
+            xattrs,
+        })
+}
+
+#[derive(Debug, Clone)]
+enum Leaf {
+    File(u64, Vec<ChunkRef>),
+    Symlink(Vec<u8>),
+    Dev(bool, u32, u32),
+    Fifo,
+    /// A hardlink to the n-th leaf created so far.
+    Link(usize),
+}
+
+fn leaf() -> impl Strategy<Value = Leaf> {
+    prop_oneof![
+        (0u64..(5 << CHUNK_BITS)).prop_flat_map(|size| {
+            let n = size.div_ceil(1 << CHUNK_BITS) as usize;
+            let chunk = prop_oneof![
+                Just(ChunkRef::Hole),
+                (1u16..=3, 0u32..1000)
+                    .prop_map(|(device, blkaddr)| ChunkRef::Mapped { device, blkaddr })
+            ];
+            prop::collection::vec(chunk, n..=n).prop_map(move |c| Leaf::File(size, c))
+        }),
+        prop::collection::vec(1u8..=255, 1..300).prop_map(Leaf::Symlink),
+        (any::<bool>(), 0u32..4096, 0u32..0x10_0000).prop_map(|(c, ma, mi)| Leaf::Dev(c, ma, mi)),
+        Just(Leaf::Fifo),
+        (0usize..8).prop_map(Leaf::Link),
+    ]
+}
+
+/// Builds a tree from a flat plan: (directory depth choice, name, metadata, leaf or dir).
+fn build(plan: Vec<(usize, Vec<u8>, Metadata, Option<Leaf>)>, root: Metadata) -> Tree {
+    let mut tree = Tree::new(root);
+    let mut dirs: Vec<NodeId> = vec![Tree::ROOT];
+    let mut leaves: Vec<NodeId> = Vec::new();
+    for (pick, name, meta, leaf) in plan {
+        let parent = dirs[pick % dirs.len()];
+        if tree.dir(parent).unwrap().contains_key(&name) {
+            continue;
+        }
+        let id = match leaf {
+            None => {
+                let id = tree.add(Node {
+                    meta,
+                    kind: NodeKind::Dir(BTreeMap::new()),
+                });
+                dirs.push(id);
+                id
+            }
+            Some(Leaf::Link(i)) if !leaves.is_empty() => leaves[i % leaves.len()],
+            Some(Leaf::Link(_)) => continue,
+            Some(l) => {
+                let kind = match l {
+                    Leaf::File(size, chunks) => NodeKind::File { size, chunks },
+                    Leaf::Symlink(t) => NodeKind::Symlink(t),
+                    Leaf::Dev(true, major, minor) => NodeKind::CharDev { major, minor },
+                    Leaf::Dev(false, major, minor) => NodeKind::BlockDev { major, minor },
+                    _ => NodeKind::Fifo,
+                };
+                let id = tree.add(Node { meta, kind });
+                leaves.push(id);
+                id
+            }
+        };
+        tree.dir_mut(parent).unwrap().insert(name, id);
+    }
+    tree
+}
+
+/// A canonical dump of a tree: one line per path.
+fn dump_tree(tree: &Tree) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut first_path: BTreeMap<NodeId, Vec<u8>> = BTreeMap::new();
+    fn go(
+        tree: &Tree,
+        id: NodeId,
+        path: Vec<u8>,
+        out: &mut Vec<String>,
+        first: &mut BTreeMap<NodeId, Vec<u8>>,
+    ) {
+        let n = &tree.nodes[id];
+        let kind = match &n.kind {
+            NodeKind::Dir(_) => "dir".to_string(),
+            NodeKind::File { size, chunks } => format!("file {size} {chunks:?}"),
+            NodeKind::Symlink(t) => format!("symlink {t:?}"),
+            NodeKind::CharDev { major, minor } => format!("chr {major}:{minor}"),
+            NodeKind::BlockDev { major, minor } => format!("blk {major}:{minor}"),
+            NodeKind::Fifo => "fifo".into(),
+            NodeKind::Socket => "sock".into(),
+        };
+        let link = if matches!(n.kind, NodeKind::Dir(_)) {
+            String::new()
+        } else {
+            format!("{:?}", first.entry(id).or_insert(path.clone()))
+        };
+        out.push(format!("{path:?} {kind} {:?} link={link}", n.meta));
+        if let NodeKind::Dir(entries) = &n.kind {
+            for (name, child) in entries {
+                let mut p = path.clone();
+                p.push(b'/');
+                p.extend_from_slice(name);
+                go(tree, *child, p, out, first);
+            }
+        }
+    }
+    go(tree, Tree::ROOT, Vec::new(), &mut out, &mut first_path);
+    out
+}
+
+/// Reads an image back into a tree.
+fn read_back(img: &Image<Vec<u8>>) -> Tree {
+    let root = img.inode(img.root_nid()).unwrap();
+    let meta_of = |i: &erofs::Inode| Metadata {
+        mode: i.mode & 0o7777,
+        uid: i.uid,
+        gid: i.gid,
+        mtime: i.mtime,
+        mtime_nsec: i.mtime_nsec,
+        xattrs: img.xattrs(i).unwrap().into_iter().collect(),
+    };
+    let mut tree = Tree::new(meta_of(&root));
+    let mut by_nid: BTreeMap<u64, NodeId> = BTreeMap::new();
+    let mut stack = vec![(root, Tree::ROOT)];
+    while let Some((dir, id)) = stack.pop() {
+        let entries = img.read_dir(&dir).unwrap();
+        let names: Vec<&Vec<u8>> = entries.iter().map(|e| &e.name).collect();
+        assert!(
+            names.windows(2).all(|w| w[0] < w[1]),
+            "directory entries are sorted"
+        );
+        for e in entries {
+            if e.name == b"." || e.name == b".." {
+                continue;
+            }
+            let child = img.inode(e.nid).unwrap();
+            let node_id = if let Some(&existing) = by_nid.get(&e.nid) {
+                existing
+            } else {
+                let kind = match child.file_type() {
+                    0o040000 => NodeKind::Dir(BTreeMap::new()),
+                    0o100000 => NodeKind::File {
+                        size: child.size,
+                        chunks: img.chunks(&child).unwrap(),
+                    },
+                    0o120000 => NodeKind::Symlink(img.read_link(&child).unwrap()),
+                    0o020000 => {
+                        let (major, minor) = child.rdev();
+                        NodeKind::CharDev { major, minor }
+                    }
+                    0o060000 => {
+                        let (major, minor) = child.rdev();
+                        NodeKind::BlockDev { major, minor }
+                    }
+                    0o010000 => NodeKind::Fifo,
+                    _ => NodeKind::Socket,
+                };
+                let nid = tree.add(Node {
+                    meta: meta_of(&child),
+                    kind,
+                });
+                if child.is_dir() {
+                    stack.push((child, nid));
+                } else {
+                    by_nid.insert(e.nid, nid);
+                }
+                nid
+            };
+            tree.dir_mut(id).unwrap().insert(e.name, node_id);
+        }
+    }
+    tree
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn trees_round_trip_through_erofs(
+        plan in prop::collection::vec((0usize..64, name(), meta(), prop::option::weighted(0.8, leaf())), 0..120),
+        root in meta(),
+    ) {
+        let tree = build(plan, root);
+        let devices: Vec<Device> = (0..3).map(|i| Device { tag: [b'a' + i; 64], blocks: 1000 }).collect();
+        let image = erofs::write_image(&tree, &devices, &erofs::WriteOptions { chunk_bits: CHUNK_BITS }).unwrap();
+        let img = Image::open(image).unwrap();
+        prop_assert_eq!(img.devices().len(), 3);
+        let back = read_back(&img);
+        prop_assert_eq!(dump_tree(&tree), dump_tree(&back));
+        // Link counts: every non-directory inode's nlink equals its number of names.
+        let mut names: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut nlinks: BTreeMap<u64, u32> = BTreeMap::new();
+        img.walk(|_, i| { if !i.is_dir() { *names.entry(i.nid).or_default() += 1; nlinks.insert(i.nid, i.nlink); } Ok(()) }).unwrap();
+        prop_assert_eq!(names, nlinks);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_reader(bytes in prop::collection::vec(any::<u8>(), 0..20000)) {
+        if let Ok(img) = Image::open(bytes) {
+            let _ = img.walk(|_, i| { let _ = img.xattrs(i); if i.is_file() { let _ = img.chunks(i); } Ok(()) });
+        }
+    }
+}
+
+#[test]
+fn a_directory_of_3000_entries_spans_blocks_and_reads_back() {
+    let mut tree = Tree::new(Metadata {
+        mode: 0o755,
+        ..Default::default()
+    });
+    let dir = tree.add(Node {
+        meta: Metadata::default(),
+        kind: NodeKind::Dir(BTreeMap::new()),
+    });
+    tree.dir_mut(Tree::ROOT)
+        .unwrap()
+        .insert(b"big".to_vec(), dir);
+    for i in 0..3000 {
+        let f = tree.add(Node {
+            meta: Metadata::default(),
+            kind: NodeKind::File {
+                size: 0,
+                chunks: vec![],
+            },
+        });
+        tree.dir_mut(dir)
+            .unwrap()
+            .insert(format!("f{i}").into_bytes(), f);
+    }
+    let img = Image::open(
+        erofs::write_image(&tree, &[], &erofs::WriteOptions { chunk_bits: 20 }).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dump_tree(&tree), dump_tree(&read_back(&img)));
+}
