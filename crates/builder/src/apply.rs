@@ -73,10 +73,10 @@ impl<'a> Applier<'a> {
                 if !kind.is_dir() {
                     return Err(err("the root must be a directory".into()));
                 }
-                self.tree.nodes[Tree::ROOT].meta = metadata(&mut entry).map_err(|w| err(w))?;
+                self.tree.nodes[Tree::ROOT].meta = metadata(&mut entry).map_err(&err)?;
                 continue;
             };
-            let parent = self.ensure_dirs(parents).map_err(|w| err(w))?;
+            let parent = self.ensure_dirs(parents).map_err(&err)?;
             if name.starts_with(WHITEOUT_PREFIX) {
                 stats.whiteouts += 1;
                 let entries = self
@@ -111,7 +111,7 @@ impl<'a> Applier<'a> {
                 }
                 id
             } else {
-                let meta = metadata(&mut entry).map_err(|w| err(w))?;
+                let meta = metadata(&mut entry).map_err(&err)?;
                 let existing = self.tree.dir(parent).and_then(|d| d.get(*name)).copied();
                 let node_kind = if kind.is_dir() {
                     if let Some(id) =

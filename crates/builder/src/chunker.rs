@@ -61,12 +61,15 @@ struct Encoded {
     stored: Vec<u8>,
 }
 
+/// What the writer thread hands back: the open blob, its table, its chunk area size.
+type Written = (Box<dyn BlobWriter>, ChunkTable, u64);
+
 /// A blob being filled.
 struct Pipeline {
     blob: u16,
     tx: Option<Sender<Job>>,
     workers: Vec<JoinHandle<Result<(), BuildError>>>,
-    writer: JoinHandle<Result<(Box<dyn BlobWriter>, ChunkTable, u64), BuildError>>,
+    writer: JoinHandle<Result<Written, BuildError>>,
     seq: u64,
     next_uoffset: u64,
 }
@@ -302,11 +305,10 @@ fn encode_worker(
     Ok(())
 }
 
-#[allow(clippy::type_complexity)]
 fn write_blob(
     mut out: Box<dyn BlobWriter>,
     rx: Receiver<Result<Encoded, BuildError>>,
-) -> Result<(Box<dyn BlobWriter>, ChunkTable, u64), BuildError> {
+) -> Result<Written, BuildError> {
     let mut pending: BTreeMap<u64, Encoded> = BTreeMap::new();
     let mut next = 0u64;
     let mut offset = 0u64;

@@ -5,7 +5,7 @@ use std::io::{self, BufRead, BufReader, Read};
 /// A decompressed layer stream.
 pub enum TarStream<R: Read> {
     /// gzip (possibly multi-member).
-    Gzip(flate2::bufread::MultiGzDecoder<BufReader<R>>),
+    Gzip(Box<flate2::bufread::MultiGzDecoder<BufReader<R>>>),
     /// zstd (possibly multi-frame).
     Zstd(zstd::Decoder<'static, BufReader<R>>),
     /// Uncompressed tar.
@@ -18,7 +18,7 @@ impl<R: Read> TarStream<R> {
         let mut br = BufReader::with_capacity(1 << 20, r);
         let head = br.fill_buf()?;
         Ok(if head.starts_with(&[0x1f, 0x8b]) {
-            TarStream::Gzip(flate2::bufread::MultiGzDecoder::new(br))
+            TarStream::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(br)))
         } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
             TarStream::Zstd(zstd::Decoder::with_buffer(br)?)
         } else {

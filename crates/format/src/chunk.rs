@@ -161,7 +161,7 @@ impl ChunkTable {
         data_size: u64,
         uncompressed_size: u64,
     ) -> Result<Self, FormatError> {
-        if bytes.len() % CHUNK_ENTRY_SIZE != 0 {
+        if !bytes.len().is_multiple_of(CHUNK_ENTRY_SIZE) {
             return Err(FormatError::Corrupt(format!(
                 "chunk table of {} bytes is not a whole number of entries",
                 bytes.len()
@@ -182,7 +182,7 @@ impl ChunkTable {
                     .map_err(|_| bad("unknown compressor"))?,
                 digest: raw.digest,
             };
-            if e.uncompressed_offset % BLOCK_SIZE != 0 {
+            if !e.uncompressed_offset.is_multiple_of(BLOCK_SIZE) {
                 return Err(bad("uncompressed offset is not 4 KiB aligned"));
             }
             if e.uncompressed_offset < next_free {
@@ -191,10 +191,12 @@ impl ChunkTable {
             if e.uncompressed_size == 0 || u64::from(e.uncompressed_size) > MAX_CHUNK_SIZE {
                 return Err(bad("uncompressed size is 0 or above 64 MiB"));
             }
-            let uend = e.uncompressed_offset + u64::from(e.uncompressed_size);
-            if uend > uncompressed_size {
+            let uend = e
+                .uncompressed_offset
+                .checked_add(u64::from(e.uncompressed_size));
+            let Some(uend) = uend.filter(|end| *end <= uncompressed_size) else {
                 return Err(bad("ends past the blob's uncompressed size"));
-            }
+            };
             if e.compressed_offset
                 .checked_add(u64::from(e.compressed_size))
                 .is_none_or(|end| end > data_size)

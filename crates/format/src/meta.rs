@@ -110,7 +110,7 @@ pub fn assemble(
     blobs: &[BlobInfo],
 ) -> Result<Vec<u8>, FormatError> {
     if erofs.len() < 2 * BLOCK_SIZE as usize
-        || erofs.len() % BLOCK_SIZE as usize != 0
+        || !erofs.len().is_multiple_of(BLOCK_SIZE as usize)
         || erofs[..SUPER_OFFSET as usize].iter().any(|&b| b != 0)
     {
         return Err(FormatError::invalid(

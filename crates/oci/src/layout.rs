@@ -239,7 +239,13 @@ impl ImageSource for LayoutImage {
                 .map_err(|_| OciError::Invalid("range too large".into()))?
         ];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, offset).map_err(|e| {
-            OciError::io(format!("blob {digest} bytes {offset}..{}", offset + len), e)
+            OciError::io(
+                format!(
+                    "blob {digest} bytes {offset}..{}",
+                    offset.saturating_add(len)
+                ),
+                e,
+            )
         })?;
         Ok(buf)
     }

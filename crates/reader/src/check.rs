@@ -1,7 +1,7 @@
 //! Verifies a hoist image end to end: metadata, every file's chunk references, every
 //! chunk's digest, every blob's table and digest.
 
-use crate::{HoistImage, ReadError};
+use crate::{ChunkError, HoistImage, ReadError};
 use hoist_format::chunk::{BlobTrailer, ChunkTable, BLOB_TRAILER_SIZE};
 use hoist_format::tree::ChunkRef;
 use std::collections::HashMap;
@@ -104,16 +104,18 @@ pub fn check(image: &HoistImage) -> Result<CheckReport, ReadError> {
             let mut stored = vec![0u8; e.compressed_size as usize];
             r.read_exact(&mut stored).map_err(io)?;
             pos = e.compressed_offset + u64::from(e.compressed_size);
-            hoist_codec::decode_verified(e, &stored).map_err(|source| ReadError::Chunk {
-                blob: digest.to_string(),
-                index,
-                start: e.compressed_offset,
-                end: pos,
-                used_by: users
-                    .get(&(b, index))
-                    .map(|p| format!(", used by {p}"))
-                    .unwrap_or_default(),
-                source,
+            hoist_codec::decode_verified(e, &stored).map_err(|source| {
+                ReadError::Chunk(Box::new(ChunkError {
+                    blob: digest.to_string(),
+                    index,
+                    start: e.compressed_offset,
+                    end: pos,
+                    used_by: users
+                        .get(&(b, index))
+                        .map(|p| format!(", used by {p}"))
+                        .unwrap_or_default(),
+                    source,
+                }))
             })?;
             report.chunks += 1;
         }

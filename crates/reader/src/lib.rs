@@ -40,22 +40,8 @@ pub enum ReadError {
         source: hoist_format::FormatError,
     },
     /// A chunk fails to decode or verify.
-    #[error("chunk {index} of blob {blob} (compressed bytes {start}..{end}){used_by}: {source}")]
-    Chunk {
-        /// Blob digest.
-        blob: String,
-        /// Index in the blob's chunk table.
-        index: usize,
-        /// Compressed range start.
-        start: u64,
-        /// Compressed range end.
-        end: u64,
-        /// `, used by /path` when known.
-        used_by: String,
-        /// Decode or digest failure.
-        #[source]
-        source: hoist_codec::CodecError,
-    },
+    #[error(transparent)]
+    Chunk(Box<ChunkError>),
     /// A file refers to data its image does not have.
     #[error("{path}: {why}")]
     File {
@@ -76,6 +62,25 @@ pub enum ReadError {
     /// The image is not a hoist image or is unusable.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A chunk that fails to decode or verify, with where it is and who uses it.
+#[derive(Debug, thiserror::Error)]
+#[error("chunk {index} of blob {blob} (compressed bytes {start}..{end}){used_by}: {source}")]
+pub struct ChunkError {
+    /// Blob digest.
+    pub blob: String,
+    /// Index in the blob's chunk table.
+    pub index: usize,
+    /// Compressed range start.
+    pub start: u64,
+    /// Compressed range end.
+    pub end: u64,
+    /// `, used by /path` when known.
+    pub used_by: String,
+    /// Decode or digest failure.
+    #[source]
+    pub source: hoist_codec::CodecError,
 }
 
 /// A layer of the manifest.
@@ -212,13 +217,15 @@ impl HoistImage {
         let stored =
             self.src
                 .read_blob_range(digest, e.compressed_offset, u64::from(e.compressed_size))?;
-        hoist_codec::decode_verified(e, &stored).map_err(|source| ReadError::Chunk {
-            blob: digest.to_string(),
-            index,
-            start: e.compressed_offset,
-            end: e.compressed_offset + u64::from(e.compressed_size),
-            used_by: String::new(),
-            source,
+        hoist_codec::decode_verified(e, &stored).map_err(|source| {
+            ReadError::Chunk(Box::new(ChunkError {
+                blob: digest.to_string(),
+                index,
+                start: e.compressed_offset,
+                end: e.compressed_offset + u64::from(e.compressed_size),
+                used_by: String::new(),
+                source,
+            }))
         })
     }
 
@@ -263,21 +270,10 @@ impl HoistImage {
                 )));
             }
             let data = self.read_chunk(blob, index).map_err(|e| match e {
-                ReadError::Chunk {
-                    blob,
-                    index,
-                    start,
-                    end,
-                    source,
-                    ..
-                } => ReadError::Chunk {
-                    blob,
-                    index,
-                    start,
-                    end,
-                    used_by: format!(", used by {path}"),
-                    source,
-                },
+                ReadError::Chunk(mut c) => {
+                    c.used_by = format!(", used by {path}");
+                    ReadError::Chunk(c)
+                }
                 other => other,
             })?;
             f(offset, &data[..want as usize])?;

@@ -178,7 +178,7 @@ mod tests {
             };
             rustix::fs::utimensat(
                 rustix::fs::CWD,
-                &d.path().join(p),
+                d.path().join(p),
                 &ts,
                 rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
             )
@@ -237,7 +237,7 @@ mod tests {
         assert!(
             differs_after(|p| {
                 rustix::fs::setxattr(
-                    &p.join("sub/a"),
+                    p.join("sub/a"),
                     "user.x",
                     b"1",
                     rustix::fs::XattrFlags::empty(),
@@ -258,7 +258,7 @@ mod tests {
                 };
                 rustix::fs::utimensat(
                     rustix::fs::CWD,
-                    &p.join("sub"),
+                    p.join("sub"),
                     &ts,
                     rustix::fs::AtFlags::empty(),
                 )

@@ -12,6 +12,9 @@ use crate::{FormatError, ReadAt};
 use std::collections::HashSet;
 use zerocopy::FromBytes;
 
+/// An extended attribute: full name and value.
+pub type Xattr = (Vec<u8>, Vec<u8>);
+
 /// Largest directory hoist will read (to prevent denial of service).
 pub const MAX_DIR_SIZE: u64 = 256 << 20;
 /// Deepest directory nesting a walk follows.
@@ -258,7 +261,7 @@ impl<R: ReadAt> Image<R> {
         let (full, tail) = match inode.layout {
             LAYOUT_FLAT_PLAIN => (size, 0),
             LAYOUT_FLAT_INLINE => {
-                let tail = if size % BLOCK_SIZE == 0 {
+                let tail = if size.is_multiple_of(BLOCK_SIZE) {
                     BLOCK_SIZE.min(size)
                 } else {
                     size % BLOCK_SIZE
@@ -370,7 +373,7 @@ impl<R: ReadAt> Image<R> {
     }
 
     /// The inline extended attributes of an inode, as full names and values.
-    pub fn xattrs(&self, inode: &Inode) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FormatError> {
+    pub fn xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>, FormatError> {
         let nid = inode.nid;
         if inode.xattr_size == 0 {
             return Ok(Vec::new());

@@ -20,6 +20,9 @@ use crate::FormatError;
 use std::collections::HashMap;
 use zerocopy::IntoBytes;
 
+/// The entries (name, node) of one directory block.
+type DirBlock = Vec<(Vec<u8>, NodeId)>;
+
 /// A data blob as the EROFS device table describes it.
 #[derive(Debug, Clone)]
 pub struct Device {
@@ -136,7 +139,7 @@ pub fn write_image(
         });
     }
     // Directory contents depend on names only until nids are known; lay them out now.
-    let dir_layouts: HashMap<NodeId, Vec<Vec<(Vec<u8>, NodeId)>>> = plans
+    let dir_layouts: HashMap<NodeId, Vec<DirBlock>> = plans
         .iter()
         .filter_map(|p| {
             tree.dir(p.id)
@@ -432,7 +435,7 @@ fn dir_blocks(
     id: NodeId,
     parent: NodeId,
     entries: &std::collections::BTreeMap<Vec<u8>, NodeId>,
-) -> Vec<Vec<(Vec<u8>, NodeId)>> {
+) -> Vec<DirBlock> {
     let mut all: Vec<(Vec<u8>, NodeId)> = entries.iter().map(|(n, &c)| (n.clone(), c)).collect();
     all.push((b".".to_vec(), id));
     all.push((b"..".to_vec(), parent));
