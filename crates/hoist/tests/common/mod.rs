@@ -154,6 +154,24 @@ pub fn convert(layout: &Path, tag: &str, name: &str, extra: &[&str]) -> String {
 /// Writes an OCI layout at `dir` holding one image `tag` whose layers are `layers` (raw
 /// blob bytes, stored as given); returns the layer digests.
 pub fn make_layout(dir: &Path, tag: &str, layers: &[Vec<u8>]) -> Vec<String> {
+    make_layout_as(dir, tag, layers, false)
+}
+
+/// Like [`make_layout`]; with `docker`, the manifest and media types are Docker v2's.
+pub fn make_layout_as(dir: &Path, tag: &str, layers: &[Vec<u8>], docker: bool) -> Vec<String> {
+    let (manifest_type, config_type, layer_type) = if docker {
+        (
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.docker.container.image.v1+json",
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        )
+    } else {
+        (
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.config.v1+json",
+            "application/vnd.oci.image.layer.v1.tar",
+        )
+    };
     use sha2::Digest as _;
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
@@ -171,15 +189,15 @@ pub fn make_layout(dir: &Path, tag: &str, layers: &[Vec<u8>]) -> Vec<String> {
     let (cd, cs) = put(&serde_json::to_vec(&config).unwrap());
     let manifest = serde_json::json!({
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs },
+        "mediaType": manifest_type,
+        "config": { "mediaType": config_type, "digest": cd, "size": cs },
         "layers": digests.iter().map(|(d, s)| serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": s })).collect::<Vec<_>>(),
+            "mediaType": layer_type, "digest": d, "size": s })).collect::<Vec<_>>(),
     });
     let (md, ms) = put(&serde_json::to_vec(&manifest).unwrap());
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let index = serde_json::json!({ "schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+        "mediaType": manifest_type, "digest": md, "size": ms,
         "annotations": { "org.opencontainers.image.ref.name": tag } }] });
     std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
     digests.into_iter().map(|d| d.0).collect()
