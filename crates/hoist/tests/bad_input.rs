@@ -63,8 +63,14 @@ fn a_good_crafted_layer_converts() {
 
 #[test]
 fn zstd_and_plain_tar_layers_and_docker_manifests_convert() {
-    let lower = tar_of(&[raw_entry(b"etc/", b'5', b"", b""), raw_entry(b"etc/a", b'0', b"", &vec![1u8; 200_000])]);
-    let upper = tar_of(&[raw_entry(b"etc/.wh.a", b'0', b"", b""), raw_entry(b"etc/b", b'0', b"", b"bee\n")]);
+    let lower = tar_of(&[
+        raw_entry(b"etc/", b'5', b"", b""),
+        raw_entry(b"etc/a", b'0', b"", &vec![1u8; 200_000]),
+    ]);
+    let upper = tar_of(&[
+        raw_entry(b"etc/.wh.a", b'0', b"", b""),
+        raw_entry(b"etc/b", b'0', b"", b"bee\n"),
+    ]);
     let zst = zstd::encode_all(&lower[..], 3).unwrap();
     for (name, docker) in [("mixed-oci", false), ("mixed-docker", true)] {
         let src = scratch().join(format!("src-{name}"));
@@ -74,12 +80,19 @@ fn zstd_and_plain_tar_layers_and_docker_manifests_convert() {
         hoist_ok(&["check", &image]);
         let dir = scratch().join(format!("unpacked-{name}"));
         hoist_ok(&["unpack", &image, dir.to_str().unwrap()]);
-        assert!(!dir.join("etc/a").exists(), "{name}: the whiteout removed etc/a");
+        assert!(
+            !dir.join("etc/a").exists(),
+            "{name}: the whiteout removed etc/a"
+        );
         assert_eq!(std::fs::read(dir.join("etc/b")).unwrap(), b"bee\n");
     }
     let plain = scratch().join("src-plain");
     make_layout(&plain, "t", &[lower]);
-    hoist_ok(&["convert", &format!("oci:{}:t", plain.display()), &format!("oci:{}:t", scratch().join("dst-plain").display())]);
+    hoist_ok(&[
+        "convert",
+        &format!("oci:{}:t", plain.display()),
+        &format!("oci:{}:t", scratch().join("dst-plain").display()),
+    ]);
 }
 
 #[test]
