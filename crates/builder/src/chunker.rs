@@ -197,6 +197,18 @@ impl Chunker {
         }))
     }
 
+    /// Stops the current blob without committing it: its temporary file is deleted.
+    pub fn abort_blob(&mut self) {
+        if let Some(mut p) = self.current.take() {
+            drop(p.tx.take());
+            for w in p.workers {
+                let _ = w.join();
+            }
+            // Dropping the uncommitted writer removes its temporary file.
+            let _ = p.writer.join();
+        }
+    }
+
     /// Returns and resets the counters.
     pub fn take_stats(&mut self) -> ChunkStats {
         std::mem::take(&mut self.stats)

@@ -215,17 +215,21 @@ pub fn convert(
         };
         let tar = TarStream::open(stream).map_err(|e| BuildError::layer(&ld, "opening", e))?;
         let mut applier = Applier::new(&mut tree, opts.chunk_size);
-        let applied = applier.apply(tar, &ld, &mut chunker);
-        let (stats, rest) = match applied {
-            Ok(ok) => ok,
+        let applied = applier
+            .apply(tar, &ld, &mut chunker)
+            .and_then(|(stats, rest)| {
+                rest.drain()
+                    .map_err(|e| BuildError::layer(&ld, "reading to the end", e))?;
+                Ok(stats)
+            });
+        let stats = match applied {
+            Ok(stats) => stats,
             Err(e) => {
-                // Tear down the pipeline; its error, if any, is secondary to this one.
-                let _ = chunker.finish_blob();
+                // The partial blob is dropped, never committed.
+                chunker.abort_blob();
                 return Err(e);
             }
         };
-        rest.drain()
-            .map_err(|e| BuildError::layer(&ld, "reading to the end", e))?;
         let finished = chunker.finish_blob()?;
         reports.push(LayerReport {
             source: ld,

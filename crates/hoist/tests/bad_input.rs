@@ -276,3 +276,28 @@ fn converting_a_hoist_image_again_is_refused() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already a hoist image"));
 }
+
+#[test]
+fn a_failed_conversion_leaves_no_blob_behind() {
+    let good = gzip(&tar_of(&[raw_entry(b"ok", b'0', b"", &vec![3u8; 100_000])]));
+    // The failing layer stores a chunk before its bad entry.
+    let bad = tar_of(&[
+        raw_entry(b"stored", b'0', b"", &vec![5u8; 100_000]),
+        raw_entry(b"../escape", b'0', b"", b"x"),
+    ]);
+    let (ok, _, dst) = convert_crafted("litter", &[good, bad]);
+    assert!(!ok);
+    let stored: Vec<_> = std::fs::read_dir(dst.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    // The first layer's finished blob may stay (content-addressed, untagged); the failed
+    // layer's partial blob and any temporary file must not.
+    assert!(stored.len() <= 1, "left behind: {stored:?}");
+    assert!(
+        stored
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with(".tmp")),
+        "{stored:?}"
+    );
+}

@@ -168,23 +168,27 @@ mod tests {
         fs::hard_link(d.path().join("sub/a"), d.path().join("b")).unwrap();
         symlink("sub/a", d.path().join("link")).unwrap();
         for p in ["sub/a", "sub", "link", ""] {
-            let t = rustix::fs::Timespec {
-                tv_sec: 1_700_000_000,
-                tv_nsec: 0,
-            };
-            let ts = rustix::fs::Timestamps {
-                last_access: t,
-                last_modification: t,
-            };
-            rustix::fs::utimensat(
-                rustix::fs::CWD,
-                d.path().join(p),
-                &ts,
-                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .unwrap();
+            set_mtime(&d.path().join(p), 1_700_000_000);
         }
         d
+    }
+
+    fn set_mtime(path: &Path, secs: i64) {
+        let t = rustix::fs::Timespec {
+            tv_sec: secs,
+            tv_nsec: 0,
+        };
+        let ts = rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            path,
+            &ts,
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
     }
 
     fn differs_after(change: impl Fn(&Path)) -> usize {
@@ -246,26 +250,7 @@ mod tests {
             }) > 0,
             "xattr"
         );
-        assert!(
-            differs_after(|p| {
-                let t = rustix::fs::Timespec {
-                    tv_sec: 5,
-                    tv_nsec: 0,
-                };
-                let ts = rustix::fs::Timestamps {
-                    last_access: t,
-                    last_modification: t,
-                };
-                rustix::fs::utimensat(
-                    rustix::fs::CWD,
-                    p.join("sub"),
-                    &ts,
-                    rustix::fs::AtFlags::empty(),
-                )
-                .unwrap()
-            }) > 0,
-            "mtime"
-        );
+        assert!(differs_after(|p| set_mtime(&p.join("sub"), 5)) > 0, "mtime");
         assert!(
             differs_after(|p| fs::write(p.join("new"), b"").unwrap()) > 0,
             "extra file"
