@@ -8,7 +8,7 @@ use hoist_format::chunk::Compressor;
 use hoist_format::erofs::{self, Device};
 use hoist_format::meta::{self, BlobInfo};
 use hoist_format::tree::{ChunkRef, Metadata, NodeKind, Tree};
-use hoist_oci::{media, Digest, ImageSink, ImageSource, MAX_CONFIG_SIZE};
+use hoist_oci::{descriptor, media, Digest, ImageSink, ImageSource, MAX_CONFIG_SIZE};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -103,20 +103,6 @@ pub enum Progress {
 struct SourceLayer {
     digest: Digest,
     size: u64,
-}
-
-/// A source descriptor's fields.
-fn descriptor(v: &Value, what: &str) -> Result<(Digest, u64, String), BuildError> {
-    let digest = Digest::parse(v["digest"].as_str().unwrap_or_default())
-        .map_err(|e| BuildError::Invalid(format!("{what}: {e}")))?;
-    let size = v["size"]
-        .as_u64()
-        .ok_or_else(|| BuildError::Invalid(format!("{what}: descriptor without a size")))?;
-    Ok((
-        digest,
-        size,
-        v["mediaType"].as_str().unwrap_or_default().to_string(),
-    ))
 }
 
 fn parse_manifest(bytes: &[u8], name: &str) -> Result<Value, BuildError> {

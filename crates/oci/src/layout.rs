@@ -120,17 +120,6 @@ fn tags(manifests: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// The descriptor fields hoist needs.
-fn descriptor(v: &Value, what: &str) -> Result<(Digest, u64, String), OciError> {
-    let digest = Digest::parse(v["digest"].as_str().unwrap_or_default())
-        .map_err(|e| OciError::Invalid(format!("{what}: {e}")))?;
-    let size = v["size"]
-        .as_u64()
-        .ok_or_else(|| OciError::Invalid(format!("{what}: descriptor without a size")))?;
-    let media_type = v["mediaType"].as_str().unwrap_or_default().to_string();
-    Ok((digest, size, media_type))
-}
-
 /// The platform of this host in OCI terms.
 pub fn host_platform() -> (&'static str, &'static str) {
     let arch = match std::env::consts::ARCH {
@@ -181,7 +170,7 @@ impl ImageSource for LayoutImage {
         let mut entry = self.index_entry()?;
         // Follow image indexes to the manifest of this host's platform.
         for _ in 0..4 {
-            let (digest, size, media_type) = descriptor(&entry, &self.name())?;
+            let (digest, size, media_type) = crate::descriptor(&entry, &self.name())?;
             let bytes = self.read_blob(&digest, size, MAX_MANIFEST_SIZE)?;
             let doc: Value = serde_json::from_slice(&bytes).map_err(|e| {
                 OciError::Invalid(format!("manifest {digest}: not valid JSON: {e}"))

@@ -17,6 +17,7 @@ pub mod reference;
 pub use digest::{Digest, VerifyingReader};
 pub use reference::ImageRef;
 
+use serde_json::Value;
 use std::io::{Read, Write};
 
 /// Largest manifest or index accepted (to prevent denial of service).
@@ -137,6 +138,18 @@ pub trait ImageSink: Send + Sync {
 pub trait BlobWriter: Write + Send {
     /// Finishes the blob and stores it under its digest; returns digest and size.
     fn commit(self: Box<Self>) -> Result<(Digest, u64), OciError>;
+}
+
+/// The digest, size and media type of an OCI descriptor (a manifest's `config` or layer
+/// entry, or an index entry); `what` names it in errors.
+pub fn descriptor(v: &Value, what: &str) -> Result<(Digest, u64, String), OciError> {
+    let digest = Digest::parse(v["digest"].as_str().unwrap_or_default())
+        .map_err(|e| OciError::Invalid(format!("{what}: {e}")))?;
+    let size = v["size"]
+        .as_u64()
+        .ok_or_else(|| OciError::Invalid(format!("{what}: descriptor without a size")))?;
+    let media_type = v["mediaType"].as_str().unwrap_or_default().to_string();
+    Ok((digest, size, media_type))
 }
 
 /// Opens a reference for reading.
