@@ -27,7 +27,7 @@ struct Loc {
 }
 
 /// Dedup counters.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ChunkStats {
     /// Chunks referenced by files.
     pub chunks: u64,
@@ -123,6 +123,20 @@ impl Chunker {
             });
         }
         Ok(index)
+    }
+
+    /// Registers the chunks of a layer blob written by an earlier conversion (restored
+    /// from the conversion cache) under provisional index `index`.
+    pub fn add_stored_blob(&mut self, index: u16, blob: &BlobInfo) -> Result<(), BuildError> {
+        for e in &blob.chunks.entries {
+            let blkaddr = u32::try_from(e.blkaddr())
+                .map_err(|_| BuildError::Invalid("cached blob over 16 TiB".into()))?;
+            self.dedup.entry(e.digest).or_insert(Loc {
+                blob: index,
+                blkaddr,
+            });
+        }
+        Ok(())
     }
 
     /// Starts the blob with provisional index `blob`, written to `out`.

@@ -1,8 +1,10 @@
 //! One conversion: source manifest in, hoist manifest out.
 
 use crate::apply::Applier;
+use crate::cache::{chain_key, CachedBlob, CachedLayer, ConvertCache, SnapshotRef};
 use crate::chunker::{ChunkStats, Chunker};
 use crate::layer::{Counting, TarStream};
+use crate::spool::Prefetcher;
 use crate::BuildError;
 use hoist_format::chunk::Compressor;
 use hoist_format::erofs::{self, Device};
@@ -11,7 +13,8 @@ use hoist_format::tree::{ChunkRef, Metadata, NodeKind, Tree};
 use hoist_oci::{descriptor, media, Digest, ImageSink, ImageSource, MAX_CONFIG_SIZE};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::path::PathBuf;
 
 /// Options of a conversion.
 #[derive(Debug, Clone)]
@@ -22,6 +25,13 @@ pub struct ConvertOptions {
     pub chunk_size: u64,
     /// Compression threads.
     pub workers: usize,
+    /// Layers downloaded at once (the one being converted included).
+    pub fetch_jobs: usize,
+    /// Where layers fetched ahead of the converter are spooled (as unlinked files);
+    /// the system's temporary directory when `None`.
+    pub spool_dir: Option<PathBuf>,
+    /// The conversion cache that makes conversions incremental; `None` disables it.
+    pub cache: Option<ConvertCache>,
 }
 
 impl Default for ConvertOptions {
@@ -30,6 +40,9 @@ impl Default for ConvertOptions {
             compressor: Compressor::Zstd,
             chunk_size: 1 << 20,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            fetch_jobs: 3,
+            spool_dir: None,
+            cache: None,
         }
     }
 }
@@ -46,7 +59,7 @@ impl ConvertOptions {
 }
 
 /// What happened to one source layer.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LayerReport {
     /// Digest of the source layer.
     pub source: String,
@@ -60,6 +73,9 @@ pub struct LayerReport {
     pub chunks: ChunkStats,
     /// The data blob written for it, if it stored any chunk.
     pub blob: Option<(String, u64)>,
+    /// Whether this conversion took it from the conversion cache instead of converting it.
+    #[serde(default)]
+    pub reused: bool,
 }
 
 /// What a conversion produced.
@@ -75,7 +91,9 @@ pub struct ConvertReport {
     pub meta: (String, u64),
     /// Dictionary blobs referenced (digest, size).
     pub dict_blobs: Vec<(String, u64)>,
-    /// Total compressed bytes of the source layers.
+    /// Layers taken from the conversion cache.
+    pub reused_layers: usize,
+    /// Compressed bytes of the source layers that were read (reused layers are not).
     pub bytes_in: u64,
     /// Total bytes of the new data blobs and the metadata blob.
     pub bytes_out: u64,
@@ -84,13 +102,18 @@ pub struct ConvertReport {
 /// Progress events of a conversion.
 #[derive(Debug, Clone)]
 pub enum Progress {
-    /// Conversion starts; total compressed bytes of all layers.
+    /// Conversion starts; total compressed bytes of the layers to read.
     Start {
         /// Total.
         total: u64,
     },
     /// Bytes of layer input consumed.
     Read(u64),
+    /// Layers `0..count` are taken from the conversion cache.
+    Reused {
+        /// How many.
+        count: usize,
+    },
     /// A layer starts.
     Layer {
         /// 0-based index.
@@ -160,7 +183,9 @@ pub fn convert(
 
     let mut chunker = Chunker::new(opts.compressor, opts.workers);
     let mut provisional: Vec<Option<(BlobInfo, Digest)>> = Vec::new();
+    let mut dict_key = "-".to_string();
     if let Some(dict) = dict {
+        dict_key = dict.manifest()?.1.to_string();
         let dict_meta = load_meta(dict)?;
         if dict_meta.chunk_bits != chunk_bits {
             return Err(BuildError::Invalid(format!(
@@ -177,58 +202,138 @@ pub fn convert(
         }
     }
     let dict_count = provisional.len();
+    let options_key = format!("{};dict={dict_key}", opts.annotation());
+    let digests: Vec<&Digest> = layers.iter().map(|l| &l.digest).collect();
 
     let mut tree = Tree::new(Metadata {
         mode: 0o755,
         ..Default::default()
     });
-    let total: u64 = layers.iter().map(|l| l.size).sum();
+    let mut reports = Vec::new();
+    // What the conversion cache will hold for the layers converted so far.
+    let mut cached: Vec<CachedLayer> = Vec::new();
+    if let Some(cache) = &opts.cache {
+        if let Some((snap, k)) = restore(cache, &options_key, &digests, dst) {
+            for (i, layer) in snap.layers.iter().enumerate() {
+                let entry = match &layer.blob {
+                    Some(b) => {
+                        let info = b.info()?;
+                        chunker.add_stored_blob(blob_index(dict_count, i)?, &info)?;
+                        Some((info, b.oci_digest()))
+                    }
+                    None => None,
+                };
+                provisional.push(entry);
+                let mut report = layer.report.clone();
+                report.reused = true;
+                reports.push(report);
+            }
+            tree = snap.tree;
+            cached = snap.layers;
+            for c in &mut cached {
+                if let Some(b) = &mut c.blob {
+                    if !b.locations.contains(&dst.describe()) {
+                        b.locations.push(dst.describe());
+                    }
+                }
+            }
+            progress(Progress::Reused { count: k });
+        }
+    }
+    let start = reports.len();
+
+    let total: u64 = layers[start..].iter().map(|l| l.size).sum();
     progress(Progress::Start { total });
     let report_read = |n: u64| progress(Progress::Read(n));
-    let mut reports = Vec::new();
-    for (i, layer) in layers.iter().enumerate() {
-        let ld = layer.digest.to_string();
-        progress(Progress::Layer {
-            index: i,
-            digest: ld.clone(),
-        });
-        let blob = u16::try_from(dict_count + i)
-            .map_err(|_| BuildError::Invalid("too many layers".into()))?;
-        chunker.start_blob(blob, dst.blob_writer()?);
-        let stream = Counting {
-            inner: src.open_blob(&layer.digest, layer.size)?,
-            report: &report_read,
-        };
-        let tar = TarStream::open(stream).map_err(|e| BuildError::layer(&ld, "opening", e))?;
-        let mut applier = Applier::new(&mut tree, opts.chunk_size);
-        let applied = applier
-            .apply(tar, &ld, &mut chunker)
-            .and_then(|(stats, rest)| {
-                rest.drain()
-                    .map_err(|e| BuildError::layer(&ld, "reading to the end", e))?;
-                Ok(stats)
+    std::thread::scope(|scope| -> Result<(), BuildError> {
+        // The first layer to convert is streamed; the later ones download meanwhile.
+        let ahead: Vec<(Digest, u64)> = layers
+            .iter()
+            .skip(start + 1)
+            .map(|l| (l.digest.clone(), l.size))
+            .collect();
+        let mut prefetch = None;
+        if opts.fetch_jobs > 1 && !ahead.is_empty() {
+            let dir = opts.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+            let p =
+                Prefetcher::start(scope, src, ahead, &dir, opts.fetch_jobs - 1).map_err(|e| {
+                    BuildError::Invalid(format!("spooling layers in {}: {e}", dir.display()))
+                })?;
+            prefetch = Some(p);
+        }
+        let mut spooled = prefetch
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.layers))
+            .unwrap_or_default()
+            .into_iter();
+        for (i, layer) in layers.iter().enumerate().skip(start) {
+            let ld = layer.digest.to_string();
+            progress(Progress::Layer {
+                index: i,
+                digest: ld.clone(),
             });
-        let stats = match applied {
-            Ok(stats) => stats,
-            Err(e) => {
-                // The partial blob is dropped, never committed.
-                chunker.abort_blob();
-                return Err(e);
+            let blob = blob_index(dict_count, i)?;
+            chunker.start_blob(blob, dst.blob_writer()?);
+            // Layer `start` is streamed; each later one was spooled, in order.
+            let spooled_layer = if i > start { spooled.next() } else { None };
+            let input: Box<dyn Read + Send> = match spooled_layer {
+                Some(s) => Box::new(s.reader()),
+                None => src.open_blob(&layer.digest, layer.size)?,
+            };
+            let stream = Counting {
+                inner: input,
+                report: &report_read,
+            };
+            let applied = TarStream::open(stream)
+                .map_err(|e| BuildError::layer(&ld, "opening", e))
+                .and_then(|tar| {
+                    let mut applier = Applier::new(&mut tree, opts.chunk_size);
+                    applier.apply(tar, &ld, &mut chunker)
+                })
+                .and_then(|(stats, rest)| {
+                    rest.drain()
+                        .map_err(|e| BuildError::layer(&ld, "reading to the end", e))?;
+                    Ok(stats)
+                });
+            let stats = match applied {
+                Ok(stats) => stats,
+                Err(e) => {
+                    // The partial blob is dropped, never committed.
+                    chunker.abort_blob();
+                    return Err(e);
+                }
+            };
+            let finished = chunker.finish_blob()?;
+            let report = LayerReport {
+                source: ld,
+                source_size: layer.size,
+                entries: stats.entries,
+                file_bytes: stats.file_bytes,
+                chunks: chunker.take_stats(),
+                blob: finished
+                    .as_ref()
+                    .map(|f| (f.digest.to_string(), f.info.compressed_size)),
+                reused: false,
+            };
+            if let Some(cache) = &opts.cache {
+                cached.push(CachedLayer {
+                    report: report.clone(),
+                    blob: finished
+                        .as_ref()
+                        .map(|f| CachedBlob::new(&f.info, dst.describe())),
+                });
+                cache.store(&SnapshotRef {
+                    version: crate::cache::VERSION,
+                    key: chain_key(&options_key, &digests[..=i]),
+                    layers: &cached,
+                    tree: &tree,
+                });
             }
-        };
-        let finished = chunker.finish_blob()?;
-        reports.push(LayerReport {
-            source: ld,
-            source_size: layer.size,
-            entries: stats.entries,
-            file_bytes: stats.file_bytes,
-            chunks: chunker.take_stats(),
-            blob: finished
-                .as_ref()
-                .map(|f| (f.digest.to_string(), f.info.compressed_size)),
-        });
-        provisional.push(finished.map(|f| (f.info, f.digest)));
-    }
+            reports.push(report);
+            provisional.push(finished.map(|f| (f.info, f.digest)));
+        }
+        Ok(())
+    })?;
 
     // Final device list: used dictionary blobs, then non-empty layer blobs.
     let reachable = reachable_devices(&tree);
@@ -335,6 +440,7 @@ pub fn convert(
     let digest = dst.put_manifest(&manifest_out, media::OCI_MANIFEST)?;
     let bytes_out = reports
         .iter()
+        .filter(|r| !r.reused)
         .filter_map(|r| r.blob.as_ref().map(|b| b.1))
         .sum::<u64>()
         + meta_desc.1;
@@ -344,9 +450,42 @@ pub fn convert(
         layers: reports,
         meta: (meta_desc.0.to_string(), meta_desc.1),
         dict_blobs,
+        reused_layers: start,
         bytes_in: total,
         bytes_out,
     })
+}
+
+/// Provisional blob index of layer `i`: dictionary blobs come first.
+fn blob_index(dict_count: usize, i: usize) -> Result<u16, BuildError> {
+    u16::try_from(dict_count + i).map_err(|_| BuildError::Invalid("too many layers".into()))
+}
+
+/// The longest cached prefix of `layers` whose blobs the destination has or can get.
+fn restore(
+    cache: &ConvertCache,
+    options_key: &str,
+    layers: &[&Digest],
+    dst: &dyn ImageSink,
+) -> Option<(crate::cache::Snapshot, usize)> {
+    for k in (1..=layers.len()).rev() {
+        let Some(snap) = cache.load(&chain_key(options_key, &layers[..k])) else {
+            continue;
+        };
+        if snap.layers.len() != k {
+            continue;
+        }
+        let usable = snap
+            .layers
+            .iter()
+            .filter_map(|l| l.blob.as_ref())
+            .all(|b| cache.obtain(b, dst));
+        if usable {
+            return Some((snap, k));
+        }
+        tracing::info!("cached conversion of {k} layers is not usable: a blob is out of reach");
+    }
+    None
 }
 
 fn write_blob(dst: &dyn ImageSink, bytes: &[u8]) -> Result<(Digest, u64), BuildError> {

@@ -11,10 +11,13 @@
 //! (so output is byte-for-byte deterministic), while compression runs on all cores.
 
 pub mod apply;
+pub mod cache;
 pub mod chunker;
 pub mod convert;
 mod layer;
+mod spool;
 
+pub use cache::ConvertCache;
 pub use convert::{convert, ConvertOptions, ConvertReport, LayerReport};
 
 use hoist_format::tree::ChunkRef;

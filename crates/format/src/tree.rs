@@ -12,6 +12,7 @@ pub type NodeId = usize;
 
 /// Where one chunk of a regular file lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum ChunkRef {
     /// An all-zero chunk that is not stored (a hole).
     Hole,
@@ -26,6 +27,7 @@ pub enum ChunkRef {
 
 /// Attributes every node carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Metadata {
     /// Permission bits including setuid, setgid and sticky (`0o7777`); no type bits.
     pub mode: u32,
@@ -43,6 +45,7 @@ pub struct Metadata {
 
 /// What a node is, with its type-specific payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum NodeKind {
     /// A directory: entry names (no `.` or `..`) to nodes.
     Dir(BTreeMap<Vec<u8>, NodeId>),
@@ -77,6 +80,7 @@ pub enum NodeKind {
 
 /// One node of the tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Node {
     /// Attributes.
     pub meta: Metadata,
@@ -86,6 +90,7 @@ pub struct Node {
 
 /// A filesystem tree: an arena of nodes whose entry 0 is the root directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Tree {
     /// All nodes, reachable or not.
     pub nodes: Vec<Node>,

@@ -5,13 +5,39 @@ use std::path::PathBuf;
 
 /// hoist: container images that start lazily.
 ///
-/// Images are named as `oci:DIR[:TAG]` (an OCI image layout, as skopeo and umoci use).
+/// Images are named as `oci:DIR[:TAG]` (an OCI image layout, as skopeo and umoci use) or
+/// `docker://HOST[:PORT]/REPO[:TAG][@sha256:DIGEST]` (an image in a registry).
+///
+/// State (the conversion cache, spooled layers) lives under $HOIST_HOME, or /var/lib/hoist
+/// when it is not set.
 #[derive(Debug, Parser)]
 #[command(name = "hoist", version, about, long_about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// How to reach registries.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// Options for `docker://` images, accepted by every command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistryArgs {
+    /// Talk plain HTTP to registries (for a registry on loopback or a trusted network).
+    #[arg(long, global = true)]
+    pub plain_http: bool,
+    /// Registry credentials. Without them, credentials come from $REGISTRY_AUTH_FILE,
+    /// $XDG_RUNTIME_DIR/containers/auth.json or ~/.docker/config.json (docker/skopeo login).
+    #[arg(long, value_name = "USER:PASSWORD", global = true)]
+    pub creds: Option<String>,
+    /// Resends of a registry request after a connection error, a timeout, 429 or 5xx.
+    #[arg(long, default_value_t = 5, global = true)]
+    pub retries: u32,
+    /// Seconds a registry may keep a request without sending anything before it is
+    /// abandoned (and retried).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, global = true)]
+    pub timeout: u64,
 }
 
 /// Chunk compressor.
@@ -29,6 +55,11 @@ pub enum CompressorArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Convert an OCI image (gzip, zstd or plain tar layers) into a hoist image.
+    ///
+    /// SRC and DST may be image layouts or registries (docker://...). Conversion is
+    /// incremental: the state after each layer is cached under $HOIST_HOME/convert, keyed by
+    /// the options and the layers so far, so converting a new version of an image only
+    /// converts the layers above the ones it shares with an earlier conversion.
     ///
     /// Writes one data blob per layer (deduplicated, compressed chunks), a metadata blob
     /// (an EROFS image of the merged tree plus the chunk tables), the original config, and
@@ -48,6 +79,19 @@ pub enum Command {
         /// A hoist image whose chunks are reused instead of stored again.
         #[arg(long, value_name = "IMAGE")]
         chunk_dict: Option<String>,
+        /// Credentials for the source registry only (overrides --creds).
+        #[arg(long, value_name = "USER:PASSWORD")]
+        src_creds: Option<String>,
+        /// Credentials for the destination registry only (overrides --creds).
+        #[arg(long, value_name = "USER:PASSWORD")]
+        dest_creds: Option<String>,
+        /// Layers downloaded at once.
+        #[arg(long, default_value_t = 3)]
+        jobs: usize,
+        /// Convert every layer even if the conversion cache ($HOIST_HOME/convert) holds a
+        /// conversion of the same lower layers with the same options.
+        #[arg(long)]
+        no_cache: bool,
         /// Print the conversion report as JSON.
         #[arg(long)]
         json: bool,

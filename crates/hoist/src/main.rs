@@ -8,7 +8,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
-    match cmd::run(cli.command) {
+    match cmd::run(cli.command, &cli.registry) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hoist: error: {e:#}");

@@ -120,16 +120,6 @@ fn tags(manifests: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// The platform of this host in OCI terms.
-pub fn host_platform() -> (&'static str, &'static str) {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    ("linux", arch)
-}
-
 fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, OciError> {
     let f = File::open(path).map_err(|e| OciError::io(path.display(), e))?;
     let mut out = Vec::new();
@@ -175,28 +165,10 @@ impl ImageSource for LayoutImage {
             let doc: Value = serde_json::from_slice(&bytes).map_err(|e| {
                 OciError::Invalid(format!("manifest {digest}: not valid JSON: {e}"))
             })?;
-            let media_type = doc["mediaType"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or(media_type);
-            let is_index = media_type == media::OCI_INDEX
-                || media_type == media::DOCKER_MANIFEST_LIST
-                || (doc.get("manifests").is_some() && doc.get("layers").is_none());
-            if !is_index {
+            if !crate::is_index(&doc, &media_type) {
                 return Ok((bytes, digest));
             }
-            let (os, arch) = host_platform();
-            entry = doc["manifests"]
-                .as_array()
-                .and_then(|ms| {
-                    ms.iter().find(|m| {
-                        m["platform"]["os"] == os && m["platform"]["architecture"] == arch
-                    })
-                })
-                .cloned()
-                .ok_or_else(|| {
-                    OciError::NotFound(format!("index {digest} has no manifest for {os}/{arch}"))
-                })?;
+            entry = crate::select_platform(&doc, &digest)?;
         }
         Err(OciError::Invalid(format!(
             "{}: image indexes nested too deep",

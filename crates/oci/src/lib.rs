@@ -3,8 +3,8 @@
 //! The builder and the reader never touch paths or sockets; they see an [`ImageSource`]
 //! (manifest and blobs, streamed or by range) and an [`ImageSink`] (blobs written through
 //! a [`BlobWriter`] that commits under its digest, then a manifest). An OCI image layout
-//! ([`layout::OciLayout`]) implements both today; a registry client implements the same
-//! traits later, so the builder needs no change.
+//! ([`layout::LayoutImage`]) implements both here; the `hoist-registry` crate implements
+//! them for registries and opens any [`ImageRef`].
 //!
 //! Every blob read in full is checked against its digest; streamed blobs are checked by
 //! [`VerifyingReader`] when they end. Manifests and configs are bounded in size.
@@ -38,7 +38,7 @@ pub enum OciError {
         source: std::io::Error,
     },
     /// The image reference could not be parsed.
-    #[error("invalid image reference {reference:?}: {why} (expected oci:DIR[:TAG])")]
+    #[error("invalid image reference {reference:?}: {why} (expected oci:DIR[:TAG] or docker://HOST[:PORT]/REPO[:TAG][@DIGEST])")]
     BadReference {
         /// The reference as given.
         reference: String,
@@ -59,6 +59,9 @@ pub enum OciError {
     /// A manifest, index or config is malformed, too large or unsupported.
     #[error("{0}")]
     Invalid(String),
+    /// A remote store (a registry) failed; the error names the object and the cause.
+    #[error(transparent)]
+    Remote(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl OciError {
@@ -75,6 +78,11 @@ impl OciError {
 pub trait ImageSource: Send + Sync {
     /// The reference, for messages.
     fn describe(&self) -> String;
+    /// `(registry, repository)` when the image lives in a registry; a sink on the same
+    /// registry can then mount its blobs instead of copying them.
+    fn registry_repository(&self) -> Option<(String, String)> {
+        None
+    }
     /// The image manifest (bytes as stored) and its digest.
     fn manifest(&self) -> Result<(Vec<u8>, Digest), OciError>;
     /// Streams a blob; the stream fails at its end if the bytes do not match `digest`
@@ -152,22 +160,56 @@ pub fn descriptor(v: &Value, what: &str) -> Result<(Digest, u64, String), OciErr
     Ok((digest, size, media_type))
 }
 
-/// Opens a reference for reading.
-pub fn open_source(r: &ImageRef) -> Result<Box<dyn ImageSource>, OciError> {
-    match r {
-        ImageRef::Layout { dir, tag } => Ok(Box::new(layout::LayoutImage::open(dir, tag.clone())?)),
+/// Whether a manifest document (with the media type of its descriptor) is an image
+/// index or Docker manifest list rather than an image manifest.
+pub fn is_index(doc: &Value, descriptor_media_type: &str) -> bool {
+    let media_type = doc["mediaType"].as_str().unwrap_or(descriptor_media_type);
+    media_type == media::OCI_INDEX
+        || media_type == media::DOCKER_MANIFEST_LIST
+        || (doc.get("manifests").is_some() && doc.get("layers").is_none())
+}
+
+/// The platform of this host in OCI terms: `(os, architecture, variant)`.
+pub fn host_platform() -> (&'static str, &'static str, Option<&'static str>) {
+    match std::env::consts::ARCH {
+        "x86_64" => ("linux", "amd64", None),
+        "aarch64" => ("linux", "arm64", Some("v8")),
+        "arm" => ("linux", "arm", Some("v7")),
+        other => ("linux", other, None),
     }
 }
 
-/// Opens a reference for writing (an image layout is created if missing).
-pub fn open_sink(r: &ImageRef) -> Result<Box<dyn ImageSink>, OciError> {
-    match r {
-        ImageRef::Layout { dir, tag } => {
-            let tag = tag.clone().ok_or_else(|| OciError::BadReference {
-                reference: r.to_string(),
-                why: "a destination needs a tag".into(),
-            })?;
-            Ok(Box::new(layout::LayoutImage::create(dir, tag)?))
-        }
-    }
+/// The descriptor of this host's manifest in an image index (`index_digest` names the
+/// index in errors). A variant in the index must match the host's when both are known.
+pub fn select_platform(index: &Value, index_digest: &Digest) -> Result<Value, OciError> {
+    let (os, arch, variant) = host_platform();
+    let manifests = index["manifests"]
+        .as_array()
+        .ok_or_else(|| OciError::Invalid(format!("index {index_digest} has no manifests")))?;
+    let matches = |m: &&Value| {
+        let p = &m["platform"];
+        p["os"] == os
+            && p["architecture"] == arch
+            && match (p["variant"].as_str(), variant) {
+                (Some(v), Some(h)) => v == h,
+                _ => true,
+            }
+    };
+    manifests.iter().find(matches).cloned().ok_or_else(|| {
+        let offered: Vec<String> = manifests
+            .iter()
+            .map(|m| {
+                let p = &m["platform"];
+                format!(
+                    "{}/{}",
+                    p["os"].as_str().unwrap_or("?"),
+                    p["architecture"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        OciError::NotFound(format!(
+            "index {index_digest} has no manifest for {os}/{arch} (it offers {})",
+            offered.join(", ")
+        ))
+    })
 }

@@ -189,6 +189,51 @@ impl HoistImage {
         })
     }
 
+    /// Downloads every data blob whole (in parallel, verified against its digest) into
+    /// unlinked temporary files in `dir`, from which chunks are read from then on. For
+    /// reading most of an image from a remote source (unpack), where one ranged request
+    /// per chunk would cost a round trip each.
+    pub fn fetch_blobs(&mut self, dir: &std::path::Path) -> Result<(), ReadError> {
+        let io_err = |source| ReadError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        let wanted: Vec<(Digest, u64)> = self
+            .blob_digests
+            .iter()
+            .zip(&self.meta.blobs)
+            .map(|(d, b)| (d.clone(), b.compressed_size))
+            .collect();
+        let src = self.src.as_ref();
+        let files = std::thread::scope(|scope| {
+            let handles: Vec<_> = wanted
+                .iter()
+                .map(|(digest, size)| {
+                    scope.spawn(move || -> Result<(Digest, std::fs::File), ReadError> {
+                        let mut file = tempfile::tempfile_in(dir).map_err(io_err)?;
+                        let mut r = src.open_blob(digest, *size)?;
+                        std::io::copy(&mut r, &mut file).map_err(|e| ReadError::Io {
+                            path: format!("blob {digest} of {}", src.describe()),
+                            source: e,
+                        })?;
+                        Ok((digest.clone(), file))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| ReadError::Invalid("a download thread panicked".into()))?
+                })
+                .collect::<Result<std::collections::HashMap<_, _>, ReadError>>()
+        })?;
+        let inner = std::mem::replace(&mut self.src, Box::new(Detached));
+        self.src = Box::new(LocalBlobs { inner, files });
+        Ok(())
+    }
+
     /// The image source.
     pub fn source(&self) -> &dyn ImageSource {
         self.src.as_ref()
@@ -279,5 +324,69 @@ impl HoistImage {
             f(offset, &data[..want as usize])?;
         }
         Ok(())
+    }
+}
+
+/// An image source whose data blobs were downloaded to local files.
+struct LocalBlobs {
+    inner: Box<dyn ImageSource>,
+    files: std::collections::HashMap<Digest, std::fs::File>,
+}
+
+impl ImageSource for LocalBlobs {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn manifest(&self) -> Result<(Vec<u8>, Digest), hoist_oci::OciError> {
+        self.inner.manifest()
+    }
+    fn open_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<Box<dyn std::io::Read + Send>, hoist_oci::OciError> {
+        self.inner.open_blob(digest, size)
+    }
+    fn read_blob_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, hoist_oci::OciError> {
+        let Some(file) = self.files.get(digest) else {
+            return self.inner.read_blob_range(digest, offset, len);
+        };
+        let mut buf = vec![
+            0u8;
+            usize::try_from(len).map_err(|_| {
+                hoist_oci::OciError::Invalid(format!("range of blob {digest} too large"))
+            })?
+        ];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, offset).map_err(|e| {
+            hoist_oci::OciError::io(format!("downloaded blob {digest} at {offset}"), e)
+        })?;
+        Ok(buf)
+    }
+}
+
+/// Placeholder while the source is being swapped; never read.
+struct Detached;
+
+impl ImageSource for Detached {
+    fn describe(&self) -> String {
+        "(detached)".into()
+    }
+    fn manifest(&self) -> Result<(Vec<u8>, Digest), hoist_oci::OciError> {
+        Err(hoist_oci::OciError::Invalid("detached source".into()))
+    }
+    fn open_blob(
+        &self,
+        _: &Digest,
+        _: u64,
+    ) -> Result<Box<dyn std::io::Read + Send>, hoist_oci::OciError> {
+        Err(hoist_oci::OciError::Invalid("detached source".into()))
+    }
+    fn read_blob_range(&self, _: &Digest, _: u64, _: u64) -> Result<Vec<u8>, hoist_oci::OciError> {
+        Err(hoist_oci::OciError::Invalid("detached source".into()))
     }
 }

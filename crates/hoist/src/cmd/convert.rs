@@ -1,33 +1,77 @@
 //! `hoist convert`.
 
-use super::{human, open_source};
+use super::{human, Context};
 use crate::args::CompressorArg;
+use hoist_builder::cache::Opener;
 use hoist_builder::convert::Progress;
-use hoist_builder::{ConvertOptions, ConvertReport};
+use hoist_builder::{ConvertCache, ConvertOptions, ConvertReport};
 use hoist_format::chunk::Compressor;
 use hoist_oci::ImageRef;
+use hoist_registry::{Credentials, RegistryConfig};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::Arc;
 use std::time::Instant;
 
-pub fn run(
-    src: &str,
-    dst: &str,
-    compressor: CompressorArg,
-    chunk_size: u64,
-    chunk_dict: Option<&str>,
-    json: bool,
-) -> anyhow::Result<()> {
+/// The arguments of `hoist convert`.
+pub struct Args {
+    pub src: String,
+    pub dst: String,
+    pub compressor: CompressorArg,
+    pub chunk_size: u64,
+    pub chunk_dict: Option<String>,
+    pub src_creds: Option<String>,
+    pub dest_creds: Option<String>,
+    pub jobs: usize,
+    pub no_cache: bool,
+    pub json: bool,
+}
+
+fn with_creds(
+    cfg: &RegistryConfig,
+    creds: Option<&str>,
+    flag: &str,
+) -> anyhow::Result<RegistryConfig> {
+    let mut cfg = cfg.clone();
+    if let Some(c) = creds {
+        cfg.creds = Some(Credentials::parse(c).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?);
+    }
+    Ok(cfg)
+}
+
+pub fn run(cx: &Context, a: &Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let source = open_source(src)?;
-    let sink = hoist_oci::open_sink(&ImageRef::parse(dst)?)?;
-    let dict = chunk_dict.map(open_source).transpose()?;
+    let (src, dst) = (a.src.as_str(), a.dst.as_str());
+    let src_cfg = with_creds(&cx.registry, a.src_creds.as_deref(), "--src-creds")?;
+    let dst_cfg = with_creds(&cx.registry, a.dest_creds.as_deref(), "--dest-creds")?;
+    let source = hoist_registry::open_source(&ImageRef::parse(src)?, &src_cfg)?;
+    let sink = hoist_registry::open_sink(&ImageRef::parse(dst)?, &dst_cfg)?;
+    let dict = a
+        .chunk_dict
+        .as_deref()
+        .map(|d| cx.open_source(d))
+        .transpose()?;
+    let spool = cx.home.join("tmp");
+    let cache = (!a.no_cache).then(|| {
+        let cfg = dst_cfg.clone();
+        let open: Opener =
+            Arc::new(move |r: &str| hoist_registry::open_source(&ImageRef::parse(r)?, &cfg));
+        ConvertCache {
+            dir: cx.home.join("convert"),
+            max_bytes: 4 << 30,
+            open: Some(open),
+        }
+    });
     let opts = ConvertOptions {
-        compressor: match compressor {
+        compressor: match a.compressor {
             CompressorArg::Zstd => Compressor::Zstd,
             CompressorArg::Lz4 => Compressor::Lz4,
             CompressorArg::None => Compressor::None,
         },
-        chunk_size,
+        chunk_size: a.chunk_size,
+        fetch_jobs: a.jobs.max(1),
+        // Spool under HOIST_HOME when it can be created, else in the temporary directory.
+        spool_dir: std::fs::create_dir_all(&spool).is_ok().then_some(spool),
+        cache,
         ..ConvertOptions::default()
     };
     // Draws only on a terminal (indicatif hides itself otherwise).
@@ -42,6 +86,9 @@ pub fn run(
         Progress::Start { total } => bar.set_length(total),
         Progress::Read(n) => bar.inc(n),
         Progress::Layer { index, .. } => bar.set_message(format!("layer {}", index + 1)),
+        Progress::Reused { count } => bar.println(format!(
+            "reusing the conversion of {count} layer(s) from the cache"
+        )),
     };
     let report = hoist_builder::convert(
         source.as_ref(),
@@ -50,10 +97,10 @@ pub fn run(
         &opts,
         &on_progress,
     )
-    .map_err(|e| anyhow::anyhow!("converting {src}: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("converting {src} to {dst}: {e}"))?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
-    if json {
+    if a.json {
         let mut v = serde_json::to_value(&report)?;
         v["seconds"] = serde_json::json!(secs);
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -72,8 +119,13 @@ fn summary(src: &str, dst: &str, r: &ConvertReport, secs: f64) -> String {
     } else {
         String::new()
     };
+    let reused = if r.reused_layers > 0 {
+        format!(" ({} reused from the conversion cache)", r.reused_layers)
+    } else {
+        String::new()
+    };
     format!(
-        "{src} -> {dst}: {} layers, {} in, {} out (meta {}), dedup saved {}{dict_note}, holes {}, {secs:.2} s, manifest {}",
+        "{src} -> {dst}: {} layers{reused}, {} in, {} out (meta {}), dedup saved {}{dict_note}, holes {}, {secs:.2} s, manifest {}",
         r.layers.len(),
         human(r.bytes_in),
         human(r.bytes_out),

@@ -1,12 +1,12 @@
 //! `hoist export`: the files a kernel EROFS mount needs.
 
-use super::open_hoist;
+use super::Context;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-pub fn run(image: &str, dir: &Path) -> anyhow::Result<()> {
-    let img = open_hoist(image)?;
+pub fn run(cx: &Context, image: &str, dir: &Path) -> anyhow::Result<()> {
+    let img = cx.open_hoist(image)?;
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         anyhow::bail!(
             "{} is not empty; export into a new directory",

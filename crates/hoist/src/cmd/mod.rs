@@ -4,11 +4,61 @@ mod convert;
 mod export;
 mod read;
 
-use crate::args::Command;
+use crate::args::{Command, RegistryArgs};
 use hoist_oci::ImageRef;
+use hoist_registry::{Credentials, RegistryConfig};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What every command needs besides its own arguments.
+pub struct Context {
+    /// How to reach registries.
+    pub registry: RegistryConfig,
+    /// The root of hoist's state: `$HOIST_HOME`, else `/var/lib/hoist`.
+    pub home: PathBuf,
+}
+
+impl Context {
+    fn new(args: &RegistryArgs) -> anyhow::Result<Context> {
+        let creds = args
+            .creds
+            .as_deref()
+            .map(Credentials::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--creds: {e}"))?;
+        let home = std::env::var_os("HOIST_HOME")
+            .filter(|h| !h.is_empty())
+            .map_or_else(|| PathBuf::from("/var/lib/hoist"), PathBuf::from);
+        Ok(Context {
+            registry: RegistryConfig {
+                plain_http: args.plain_http,
+                creds,
+                stall_timeout: Duration::from_secs(args.timeout.max(1)),
+                retries: args.retries,
+                ..RegistryConfig::default()
+            },
+            home,
+        })
+    }
+
+    /// Opens an image for reading.
+    pub fn open_source(&self, reference: &str) -> anyhow::Result<Box<dyn hoist_oci::ImageSource>> {
+        Ok(hoist_registry::open_source(
+            &ImageRef::parse(reference)?,
+            &self.registry,
+        )?)
+    }
+
+    fn open_hoist(&self, reference: &str) -> anyhow::Result<hoist_reader::HoistImage> {
+        Ok(hoist_reader::HoistImage::open(
+            self.open_source(reference)?,
+        )?)
+    }
+}
 
 /// Runs a subcommand.
-pub fn run(command: Command) -> anyhow::Result<()> {
+pub fn run(command: Command, registry: &RegistryArgs) -> anyhow::Result<()> {
+    let cx = Context::new(registry)?;
     match command {
         Command::Convert {
             src,
@@ -16,28 +66,31 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             compressor,
             chunk_size,
             chunk_dict,
+            src_creds,
+            dest_creds,
+            jobs,
+            no_cache,
             json,
         } => convert::run(
-            &src,
-            &dst,
-            compressor,
-            chunk_size,
-            chunk_dict.as_deref(),
-            json,
+            &cx,
+            &convert::Args {
+                src,
+                dst,
+                compressor,
+                chunk_size,
+                chunk_dict,
+                src_creds,
+                dest_creds,
+                jobs,
+                no_cache,
+                json,
+            },
         ),
-        Command::Unpack { image, dir } => read::unpack(&image, &dir),
-        Command::Check { image } => read::check(&image),
-        Command::Inspect { image, json } => read::inspect(&image, json),
-        Command::Export { image, dir } => export::run(&image, &dir),
+        Command::Unpack { image, dir } => read::unpack(&cx, &image, &dir),
+        Command::Check { image } => read::check(&cx, &image),
+        Command::Inspect { image, json } => read::inspect(&cx, &image, json),
+        Command::Export { image, dir } => export::run(&cx, &image, &dir),
     }
-}
-
-fn open_source(reference: &str) -> anyhow::Result<Box<dyn hoist_oci::ImageSource>> {
-    Ok(hoist_oci::open_source(&ImageRef::parse(reference)?)?)
-}
-
-fn open_hoist(reference: &str) -> anyhow::Result<hoist_reader::HoistImage> {
-    Ok(hoist_reader::HoistImage::open(open_source(reference)?)?)
 }
 
 /// `12.3 MB`.

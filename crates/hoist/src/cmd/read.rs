@@ -1,12 +1,17 @@
 //! `hoist unpack`, `hoist check`, `hoist inspect`.
 
-use super::{human, open_hoist};
+use super::{human, Context};
 use std::path::Path;
 use std::time::Instant;
 
-pub fn unpack(image: &str, dir: &Path) -> anyhow::Result<()> {
+pub fn unpack(cx: &Context, image: &str, dir: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
-    let img = open_hoist(image)?;
+    let mut img = cx.open_hoist(image)?;
+    if image.starts_with("docker://") {
+        // Unpack reads every chunk: fetch whole blobs instead of a request per chunk.
+        img.fetch_blobs(&cx.home.join("tmp"))
+            .map_err(|e| anyhow::anyhow!("downloading the blobs of {image}: {e}"))?;
+    }
     let stats =
         hoist_reader::unpack(&img, dir).map_err(|e| anyhow::anyhow!("unpacking {image}: {e}"))?;
     println!(
@@ -19,8 +24,8 @@ pub fn unpack(image: &str, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn check(image: &str) -> anyhow::Result<()> {
-    let img = open_hoist(image)?;
+pub fn check(cx: &Context, image: &str) -> anyhow::Result<()> {
+    let img = cx.open_hoist(image)?;
     let r = hoist_reader::check(&img).map_err(|e| anyhow::anyhow!("{image} is corrupt: {e}"))?;
     println!(
         "{image}: ok ({} inodes, {} blobs, {} chunks, {} verified)",
@@ -32,8 +37,8 @@ pub fn check(image: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn inspect(image: &str, json: bool) -> anyhow::Result<()> {
-    let img = open_hoist(image)?;
+pub fn inspect(cx: &Context, image: &str, json: bool) -> anyhow::Result<()> {
+    let img = cx.open_hoist(image)?;
     let r = hoist_reader::inspect(&img)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
