@@ -9,6 +9,10 @@
 //!
 //! The main design choice: placement is decided in stream order on the reading thread
 //! (so output is byte-for-byte deterministic), while compression runs on all cores.
+//!
+//! Layers are downloaded ahead of the converter (`spool`), and the state after each layer
+//! is cached ([`cache`]) so that converting an image whose lower layers were converted
+//! before starts above them, with byte-identical output.
 
 pub mod apply;
 pub mod cache;

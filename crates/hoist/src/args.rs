@@ -66,9 +66,10 @@ pub enum Command {
     /// a manifest tagged in DST. The source config is kept (env, cmd, entrypoint, history);
     /// only its `rootfs.diff_ids` name the new layers. Prints a one-line summary; `--json` prints a report.
     Convert {
-        /// Source image, e.g. oci:./images:app-v1.
+        /// Source image, e.g. oci:./images:app-v1 or docker://registry:5000/app:v1.
         src: String,
-        /// Destination, e.g. oci:./out:app-v1 (the layout is created if missing).
+        /// Destination, e.g. oci:./out:app-v1 (the layout is created if missing) or
+        /// docker://registry:5000/app:v1-hoist. Prints the pushed manifest digest.
         dst: String,
         /// Chunk compressor.
         #[arg(long, value_enum, default_value = "zstd")]
@@ -98,7 +99,7 @@ pub enum Command {
     },
     /// Materialise the root filesystem of a hoist image in a new or empty directory.
     Unpack {
-        /// The hoist image.
+        /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
         image: String,
         /// Target directory.
         dir: PathBuf,
@@ -107,12 +108,12 @@ pub enum Command {
     ///
     /// Exits non-zero and names the first bad chunk, blob and file on corruption.
     Check {
-        /// The hoist image.
+        /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
         image: String,
     },
     /// Show layers, blobs, files, chunks, dedup ratio and sizes of a hoist image.
     Inspect {
-        /// The hoist image.
+        /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
         image: String,
         /// Print JSON.
         #[arg(long)]
@@ -124,7 +125,7 @@ pub enum Command {
     /// being its device number (1-based; pass them as device= in that order), holding its
     /// uncompressed address space, sparse). Prints a mount command using loop devices.
     Export {
-        /// The hoist image.
+        /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
         image: String,
         /// Output directory (new or empty).
         dir: PathBuf,

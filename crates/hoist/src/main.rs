@@ -8,6 +8,16 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
+    // Diagnostics (retries, cache decisions) go to stderr at the level HOIST_LOG names,
+    // e.g. HOIST_LOG=debug; warnings by default.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOIST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     match cmd::run(cli.command, &cli.registry) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -143,10 +143,7 @@ impl Client {
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
         if !scopes.contains(&scope) {
             scopes.push(scope);
-            let mut auth = self.auth.lock().unwrap_or_else(|e| e.into_inner());
-            if let Auth::Bearer { token, .. } = &mut *auth {
-                *token = None;
-            }
+            self.invalidate_token();
         }
     }
 
@@ -173,6 +170,7 @@ impl Client {
                     if renewed {
                         return Err(self.unauthorized(what, resp));
                     }
+                    tracing::debug!("{what}: 401 from {}, authenticating", self.name());
                     renewed = true;
                     self.authenticate(what, resp.headers())?;
                     continue;
@@ -187,6 +185,10 @@ impl Client {
                 }
                 Ok(resp) => return Ok(resp),
                 Err(e) => {
+                    // A registry may answer 401 to an expired token before reading a large
+                    // body and close the connection, which the client sees as a send error
+                    // rather than a 401: renew a Bearer token before resending.
+                    self.invalidate_token();
                     let transient = !e.is_builder() && !e.is_redirect();
                     if !transient || idempotent == Idempotent::No || !self.may_retry(attempt, start)
                     {
@@ -203,6 +205,13 @@ impl Client {
             std::thread::sleep(retry_in.unwrap_or_else(|| self.backoff(attempt)));
             attempt += 1;
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn invalidate_token(&self) {
+        let mut auth = self.auth.lock().unwrap_or_else(|e| e.into_inner());
+        if let Auth::Bearer { token, .. } = &mut *auth {
+            *token = None;
         }
     }
 
@@ -351,6 +360,10 @@ impl Client {
         let lifetime = Duration::from_secs(doc["expires_in"].as_u64().unwrap_or(60).max(1));
         let expiry = start + lifetime.mul_f64(0.9);
         self.counters.tokens.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            "new token for {} from {realm}, valid {lifetime:?}",
+            self.name()
+        );
         let mut auth = self.auth.lock().unwrap_or_else(|e| e.into_inner());
         if let Auth::Bearer { token: slot, .. } = &mut *auth {
             *slot = Some((token.clone(), expiry));

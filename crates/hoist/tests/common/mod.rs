@@ -54,16 +54,25 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Runs hoist with `HOIST_HOME` in this test process's scratch directory.
 pub fn hoist(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hoist"))
-        .args(args)
-        .output()
-        .expect("running hoist")
+    hoist_env(args, &[])
 }
 
-/// Runs hoist and panics with its output unless it succeeds.
-pub fn hoist_ok(args: &[&str]) -> String {
-    let out = hoist(args);
+/// Runs hoist with extra environment variables (`HOIST_HOME` defaults to the scratch
+/// directory's `home`).
+pub fn hoist_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hoist"));
+    cmd.args(args).env("HOIST_HOME", scratch().join("home"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running hoist")
+}
+
+/// Runs hoist with extra environment variables; panics with its output unless it succeeds.
+pub fn hoist_env_ok(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = hoist_env(args, env);
     assert!(
         out.status.success(),
         "hoist {args:?} failed:\n{}{}",
@@ -71,6 +80,22 @@ pub fn hoist_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs hoist expecting failure; returns its stderr.
+pub fn hoist_err(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = hoist_env(args, env);
+    assert!(
+        !out.status.success(),
+        "hoist {args:?} should have failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs hoist and panics with its output unless it succeeds.
+pub fn hoist_ok(args: &[&str]) -> String {
+    hoist_env_ok(args, &[])
 }
 
 /// A scratch directory for the whole test process.
