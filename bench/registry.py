@@ -4,14 +4,17 @@
     bench/registry.py [--fixtures DIR] [--runs N] [--json OUT]
 
 Starts Debian's docker-registry on a free loopback port, pushes debian-python-v1 and -v2
-(the original OCI images) to it with skopeo, and puts a byte-counting TCP relay in front of
-it. Then, each run from a fresh HOIST_HOME and into fresh repositories, through the relay:
+(the original OCI images) to it with skopeo, and puts two byte-counting TCP relays in front
+of it: S, through which images are read, and D, through which they are written. Being
+different addresses, S and D look like two registries, so no tool can short-cut the copy
+with a cross-repository mount: every byte moves, as between a public registry and a
+private one. Each run starts from a fresh HOIST_HOME and writes to fresh repositories:
 
-  hoist v1             hoist convert docker://R/src:v1 docker://R/hoist:v1
+  hoist v1             hoist convert docker://S/src:v1 docker://D/hoist:v1
   hoist v2 after v1    hoist convert of v2 right after (incremental: unchanged lower layers
                        are taken from the conversion cache)
   hoist v2 full        hoist convert --no-cache of v2 (what v2 costs without the cache)
-  skopeo v1            skopeo copy docker://R/src:v1 docker://R/copy:v1
+  skopeo v1            skopeo copy docker://S/src:v1 docker://D/copy:v1
   skopeo v2 after v1   skopeo copy of v2 into the same repository (shared layers skipped)
 
 and prints wall time (median of N runs) and bytes moved in each direction (from the
@@ -131,15 +134,17 @@ def main():
         for tag in ("debian-python-v1", "debian-python-v2"):
             timed(["skopeo", "copy", "-q", "--dest-tls-verify=false",
                    f"oci:{fixtures}:{tag}", f"docker://{addr}/src/app:{tag}"])
-        relay = CountingRelay(addr)
-        r = relay.addr
+        src_relay, dst_relay = CountingRelay(addr), CountingRelay(addr)
+        S, D = src_relay.addr, dst_relay.addr
         results = {}
 
         def measure(name, cmd, env=None):
-            relay.reset()
+            src_relay.reset()
+            dst_relay.reset()
             wall, out = timed(cmd, env)
-            with relay.lock:
-                row = {"seconds": wall, "down": relay.down, "up": relay.up}
+            row = {"seconds": wall,
+                   "down": src_relay.down + dst_relay.down,
+                   "up": src_relay.up + dst_relay.up}
             results.setdefault(name, []).append(row)
             return out
 
@@ -147,18 +152,18 @@ def main():
             home = tmp / f"home-{run}"
             env = dict(os.environ, HOIST_HOME=str(home))
             h = [str(HOIST), "--plain-http", "convert", "--json"]
-            measure("hoist v1", h + [f"docker://{r}/src/app:debian-python-v1",
-                                    f"docker://{r}/hoist{run}/app:debian-python-v1"], env)
-            out = measure("hoist v2 after v1", h + [f"docker://{r}/src/app:debian-python-v2",
-                                                   f"docker://{r}/hoist{run}/app:debian-python-v2"], env)
+            measure("hoist v1", h + [f"docker://{S}/src/app:debian-python-v1",
+                                    f"docker://{D}/hoist{run}/app:debian-python-v1"], env)
+            out = measure("hoist v2 after v1", h + [f"docker://{S}/src/app:debian-python-v2",
+                                                   f"docker://{D}/hoist{run}/app:debian-python-v2"], env)
             results.setdefault("reused layers", []).append(json.loads(out)["reused_layers"])
-            measure("hoist v2 full", h + ["--no-cache", f"docker://{r}/src/app:debian-python-v2",
-                                          f"docker://{r}/full{run}/app:debian-python-v2"], env)
+            measure("hoist v2 full", h + ["--no-cache", f"docker://{S}/src/app:debian-python-v2",
+                                          f"docker://{D}/full{run}/app:debian-python-v2"], env)
             s = ["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false"]
-            measure("skopeo v1", s + [f"docker://{r}/src/app:debian-python-v1",
-                                      f"docker://{r}/copy{run}/app:debian-python-v1"])
-            measure("skopeo v2 after v1", s + [f"docker://{r}/src/app:debian-python-v2",
-                                               f"docker://{r}/copy{run}/app:debian-python-v2"])
+            measure("skopeo v1", s + [f"docker://{S}/src/app:debian-python-v1",
+                                      f"docker://{D}/copy{run}/app:debian-python-v1"])
+            measure("skopeo v2 after v1", s + [f"docker://{S}/src/app:debian-python-v2",
+                                               f"docker://{D}/copy{run}/app:debian-python-v2"])
     finally:
         reg.terminate()
         reg.wait()

@@ -113,7 +113,11 @@ impl Prefetcher {
                 let Some((digest, size, shared)) = next else {
                     return;
                 };
-                let result = download(&*src, &digest, size, &shared, &cancel);
+                // A panicking download must still end the reader's wait.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    download(src, &digest, size, &shared, &cancel)
+                }))
+                .unwrap_or_else(|_| Err(io::Error::other("a layer download thread panicked")));
                 let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.done = Some(result.map_err(|e| (e.kind(), e.to_string())));
                 shared.cond.notify_all();

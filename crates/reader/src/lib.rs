@@ -206,29 +206,44 @@ impl HoistImage {
             .map(|(d, b)| (d.clone(), b.compressed_size))
             .collect();
         let src = self.src.as_ref();
-        let files = std::thread::scope(|scope| {
-            let handles: Vec<_> = wanted
-                .iter()
-                .map(|(digest, size)| {
-                    scope.spawn(move || -> Result<(Digest, std::fs::File), ReadError> {
+        // At most 4 downloads at once; after a failure the others stop taking work.
+        let queue = std::sync::Mutex::new(wanted.iter());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let results = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for _ in 0..wanted.len().clamp(1, 4) {
+                scope.spawn(|| loop {
+                    if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                    let Some((digest, size)) = next else { return };
+                    let one = (|| -> Result<std::fs::File, ReadError> {
                         let mut file = tempfile::tempfile_in(dir).map_err(io_err)?;
                         let mut r = src.open_blob(digest, *size)?;
                         std::io::copy(&mut r, &mut file).map_err(|e| ReadError::Io {
                             path: format!("blob {digest} of {}", src.describe()),
                             source: e,
                         })?;
-                        Ok((digest.clone(), file))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .map_err(|_| ReadError::Invalid("a download thread panicked".into()))?
-                })
-                .collect::<Result<std::collections::HashMap<_, _>, ReadError>>()
-        })?;
+                        Ok(file)
+                    })();
+                    if one.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    results
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((digest.clone(), one));
+                });
+            }
+        });
+        let mut files = std::collections::HashMap::new();
+        for (digest, r) in results.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            files.insert(digest, r?);
+        }
+        if files.len() != wanted.len() {
+            return Err(ReadError::Invalid("a blob download thread stopped".into()));
+        }
         let inner = std::mem::replace(&mut self.src, Box::new(Detached));
         self.src = Box::new(LocalBlobs { inner, files });
         Ok(())

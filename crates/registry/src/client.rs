@@ -160,12 +160,25 @@ impl Client {
         let mut attempt = 0u32;
         let mut renewed = false;
         loop {
-            let mut req = build(&self.http);
-            if let Some(value) = self.authorization(what)? {
-                req = req.header(AUTHORIZATION, value);
+            let mut req = build(&self.http)
+                .build()
+                .map_err(|e| RegistryError::Transport {
+                    what: format!("{what} ({})", self.name()),
+                    attempts: 0,
+                    source: e,
+                })?;
+            // Credentials go only to the registry itself, never to another origin an
+            // upload Location may name.
+            if self.same_origin(req.url()) {
+                if let Some(value) = self.authorization(what)? {
+                    let value = reqwest::header::HeaderValue::from_str(&value).map_err(|_| {
+                        RegistryError::Config("credentials are not a valid header".into())
+                    })?;
+                    req.headers_mut().insert(AUTHORIZATION, value);
+                }
             }
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let retry_in = match req.send() {
+            let retry_in = match self.http.execute(req) {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
                     if renewed {
                         return Err(self.unauthorized(what, resp));
@@ -205,6 +218,40 @@ impl Client {
             std::thread::sleep(retry_in.unwrap_or_else(|| self.backoff(attempt)));
             attempt += 1;
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Bound on sending a body of `len` bytes and getting the answer: the stall timeout
+    /// plus the body at 256 KiB/s (the blocking client's timeout covers the whole send).
+    pub(crate) fn upload_timeout(&self, len: usize) -> Duration {
+        self.cfg.stall_timeout + Duration::from_secs(len as u64 / (256 << 10))
+    }
+
+    fn same_origin(&self, url: &reqwest::Url) -> bool {
+        reqwest::Url::parse(&self.base).is_ok_and(|b| {
+            b.scheme() == url.scheme()
+                && b.host_str() == url.host_str()
+                && b.port_or_known_default() == url.port_or_known_default()
+        })
+    }
+
+    /// Sends one request with a short timeout and no retries, for best-effort cleanup
+    /// (cancelling an upload) that must not hold up an error path.
+    pub fn send_once(&self, build: impl Fn(&Http) -> RequestBuilder) {
+        let mut req = build(&self.http).timeout(Duration::from_secs(5));
+        let auth = self.auth.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match auth {
+            Auth::Basic(v) => req = req.header(AUTHORIZATION, v),
+            Auth::Bearer {
+                token: Some((t, _)),
+                ..
+            } => req = req.header(AUTHORIZATION, format!("Bearer {t}")),
+            _ => {}
+        }
+        if let Ok(r) = req.build() {
+            if self.same_origin(r.url()) {
+                let _ = self.http.execute(r);
+            }
         }
     }
 

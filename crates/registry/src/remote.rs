@@ -130,15 +130,10 @@ impl RemoteImage {
         }
     }
 
+    /// Best effort: one `DELETE` with a short timeout (the registry expires abandoned
+    /// uploads by itself).
     fn cancel_upload(&self, location: &reqwest::Url) {
-        let r = self
-            .client
-            .send("cancelling an upload", Idempotent::Yes, |h| {
-                h.delete(location.clone())
-            });
-        if let Err(e) = r {
-            tracing::debug!("cancelling upload {location}: {e}");
-        }
+        self.client.send_once(|h| h.delete(location.clone()));
     }
 }
 
@@ -172,8 +167,8 @@ fn check_content_range(resp: &Response, start: u64, end: u64) -> Result<(), Stri
         .and_then(|(range, _)| range.split_once('-'))
         .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)));
     match parsed {
-        Some((a, b)) if a == start && b + 1 == end => Ok(()),
-        Some((a, b)) if a == start && b + 1 < end => Err(format!(
+        Some((a, b)) if a == start && b.checked_add(1) == Some(end) => Ok(()),
+        Some((a, b)) if a == start && b < end => Err(format!(
             "the registry returned bytes {a}-{b}: the blob is shorter than its chunk table says"
         )),
         _ => Err(format!(
@@ -295,6 +290,7 @@ impl ImageSource for RemoteImage {
         let stream = BlobStream {
             image: self.clone(),
             digest: digest.clone(),
+            size,
             resp: Some(resp),
             pos: 0,
             resumes: 0,
@@ -352,6 +348,8 @@ impl ImageSource for RemoteImage {
 struct BlobStream {
     image: RemoteImage,
     digest: Digest,
+    /// Size the descriptor gives (the verifier checks it too).
+    size: u64,
     resp: Option<Response>,
     pos: u64,
     resumes: u32,
@@ -371,6 +369,8 @@ impl Read for BlobStream {
                             .fetch_add(n as u64, Ordering::Relaxed);
                         return Ok(n);
                     }
+                    // All bytes arrived and only the end of the response broke: done.
+                    Err(_) if self.pos >= self.size => return Ok(0),
                     Err(e) => e,
                 },
                 None => io::Error::other("no response"),
@@ -404,7 +404,14 @@ impl Read for BlobStream {
                     h.get(&url).header(RANGE, format!("bytes={pos}-"))
                 })
                 .map_err(io::Error::other)?;
-            if resp.status() != StatusCode::PARTIAL_CONTENT {
+            let starts_at_pos = resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split_once('-'))
+                .is_some_and(|(a, _)| a.trim().parse::<u64>().ok() == Some(pos));
+            if resp.status() != StatusCode::PARTIAL_CONTENT || !starts_at_pos {
                 return Err(io::Error::other(format!(
                     "blob {} of {}: resuming at byte {pos} got {} instead of 206",
                     self.digest,
@@ -462,10 +469,12 @@ impl ImageSink for RemoteImage {
         if let Some((registry, repo)) = source.registry_repository() {
             if registry == self.client.registry && repo != self.client.repository {
                 self.client.add_scope(format!("repository:{repo}:pull"));
-                match self.start_upload(Some((digest, &repo)))? {
-                    Upload::Mounted => return Ok(()),
+                match self.start_upload(Some((digest, &repo))) {
+                    Ok(Upload::Mounted) => return Ok(()),
                     // The registry declined the mount and opened an upload instead.
-                    Upload::Session(url) => self.cancel_upload(&url),
+                    Ok(Upload::Session(url)) => self.cancel_upload(&url),
+                    // Not allowed to read `repo`, say: copy the bytes instead.
+                    Err(e) => tracing::info!("mounting {digest} from {repo} failed: {e}"),
                 }
             }
         }
@@ -533,11 +542,15 @@ impl UploadWriter {
                 Upload::Mounted => unreachable!("no mount was asked"),
             },
         };
+        // Recorded first, so that Drop cancels the session if this chunk fails.
+        self.session = Some(url.clone());
         let (start, end) = (self.offset, self.offset + self.buf.len() as u64 - 1);
         let what = format!("uploading bytes {start}-{end}");
         let body = std::mem::take(&mut self.buf);
+        let timeout = self.client().upload_timeout(body.len());
         let resp = self.client().send(&what, Idempotent::Yes, |h| {
             h.patch(url.clone())
+                .timeout(timeout)
                 .header(CONTENT_TYPE, "application/octet-stream")
                 .header(CONTENT_RANGE, format!("{start}-{end}"))
                 .body(body.clone())
@@ -546,10 +559,7 @@ impl UploadWriter {
             StatusCode::ACCEPTED | StatusCode::NO_CONTENT => location(self.client(), &resp)?,
             // A resent PATCH whose first copy arrived: ask where the upload stands.
             StatusCode::RANGE_NOT_SATISFIABLE => self.reconcile(&url, end)?,
-            _ => {
-                self.session = Some(url);
-                return Err(status_error(self.client(), &what, resp));
-            }
+            _ => return Err(status_error(self.client(), &what, resp)),
         };
         self.client()
             .counters
@@ -602,9 +612,11 @@ impl UploadWriter {
         let what = format!("finishing upload of blob {digest}");
         let body = std::mem::take(&mut self.buf);
         let start = self.offset;
+        let timeout = self.client().upload_timeout(body.len());
         let resp = self.client().send(&what, Idempotent::Yes, |h| {
             let req = h
                 .put(put.clone())
+                .timeout(timeout)
                 .header(CONTENT_TYPE, "application/octet-stream");
             if body.is_empty() {
                 req.header(CONTENT_LENGTH, "0")

@@ -51,10 +51,24 @@ pub fn run(cx: &Context, a: &Args) -> anyhow::Result<()> {
         .map(|d| cx.open_source(d))
         .transpose()?;
     let spool = cx.home.join("tmp");
+    let dst_registry = match ImageRef::parse(dst)? {
+        ImageRef::Registry { registry, .. } => Some(registry),
+        ImageRef::Layout { .. } => None,
+    };
     let cache = (!a.no_cache).then(|| {
         let cfg = dst_cfg.clone();
-        let open: Opener =
-            Arc::new(move |r: &str| hoist_registry::open_source(&ImageRef::parse(r)?, &cfg));
+        let open: Opener = Arc::new(move |r: &str| {
+            let reference = ImageRef::parse(r)?;
+            // Explicit destination credentials go to the destination's registry only;
+            // other registries get theirs from the auth files.
+            let mut cfg = cfg.clone();
+            if let ImageRef::Registry { registry, .. } = &reference {
+                if Some(registry) != dst_registry.as_ref() {
+                    cfg.creds = None;
+                }
+            }
+            hoist_registry::open_source(&reference, &cfg)
+        });
         ConvertCache {
             dir: cx.home.join("convert"),
             max_bytes: 4 << 30,
