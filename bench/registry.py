@@ -3,12 +3,12 @@
 
     bench/registry.py [--fixtures DIR] [--runs N] [--json OUT]
 
-Starts Debian's docker-registry on a free loopback port, pushes debian-python-v1 and -v2
-(the original OCI images) to it with skopeo, and puts two byte-counting TCP relays in front
-of it: S, through which images are read, and D, through which they are written. Being
-different addresses, S and D look like two registries, so no tool can short-cut the copy
-with a cross-repository mount: every byte moves, as between a public registry and a
-private one. Each run starts from a fresh HOIST_HOME and writes to fresh repositories:
+Starts two instances of Debian's docker-registry on free loopback ports, a source and a
+destination (as in copying from a public registry to a private one: no cross-repository
+mount can short-cut the copy), pushes debian-python-v1 and -v2 (the original OCI images)
+to the source with skopeo, and puts a byte-counting TCP relay in front of each: S for the
+source, D for the destination. Each run starts from a fresh HOIST_HOME and writes to
+fresh repositories:
 
   hoist v1             hoist convert docker://S/src:v1 docker://D/hoist:v1
   hoist v2 after v1    hoist convert of v2 right after (incremental: unchanged lower layers
@@ -85,6 +85,7 @@ def free_port():
 
 
 def start_registry(tmp):
+    tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = tmp / "config.yml"
     config.write_text(
@@ -129,16 +130,19 @@ def main():
         subprocess.run(["cargo", "build", "--release", "-p", "hoist"], cwd=ROOT, check=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="hoist-bench-registry-", dir="/var/tmp"))
-    reg, addr = start_registry(tmp)
+    reg, addr = start_registry(tmp / "source")
+    dst_reg = None
     try:
         for tag in ("debian-python-v1", "debian-python-v2"):
             timed(["skopeo", "copy", "-q", "--dest-tls-verify=false",
                    f"oci:{fixtures}:{tag}", f"docker://{addr}/src/app:{tag}"])
-        src_relay, dst_relay = CountingRelay(addr), CountingRelay(addr)
-        S, D = src_relay.addr, dst_relay.addr
+        src_relay = CountingRelay(addr)
+        S = src_relay.addr
+        relays = {}
         results = {}
 
         def measure(name, cmd, env=None):
+            dst_relay = relays["dst"]
             src_relay.reset()
             dst_relay.reset()
             wall, out = timed(cmd, env)
@@ -149,6 +153,13 @@ def main():
             return out
 
         for run in range(args.runs):
+            # A fresh destination per run: nothing there to skip or mount from.
+            if dst_reg:
+                dst_reg.terminate()
+                dst_reg.wait()
+            dst_reg, dst_addr = start_registry(tmp / f"destination-{run}")
+            relays["dst"] = CountingRelay(dst_addr)
+            D = relays["dst"].addr
             home = tmp / f"home-{run}"
             env = dict(os.environ, HOIST_HOME=str(home))
             h = [str(HOIST), "--plain-http", "convert", "--json"]
@@ -159,14 +170,16 @@ def main():
             results.setdefault("reused layers", []).append(json.loads(out)["reused_layers"])
             measure("hoist v2 full", h + ["--no-cache", f"docker://{S}/src/app:debian-python-v2",
                                           f"docker://{D}/full{run}/app:debian-python-v2"], env)
-            s = ["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false"]
+            s = ["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false"]
             measure("skopeo v1", s + [f"docker://{S}/src/app:debian-python-v1",
                                       f"docker://{D}/copy{run}/app:debian-python-v1"])
             measure("skopeo v2 after v1", s + [f"docker://{S}/src/app:debian-python-v2",
                                                f"docker://{D}/copy{run}/app:debian-python-v2"])
     finally:
-        reg.terminate()
-        reg.wait()
+        for p in (reg, dst_reg):
+            if p:
+                p.terminate()
+                p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
     summary = {}
