@@ -114,23 +114,16 @@ impl Chunker {
             .dict_blobs
             .checked_add(1)
             .ok_or_else(|| BuildError::Invalid("too many dictionary blobs".into()))?;
-        for e in &blob.chunks.entries {
-            let blkaddr = u32::try_from(e.blkaddr())
-                .map_err(|_| BuildError::Invalid("dictionary blob over 16 TiB".into()))?;
-            self.dedup.entry(e.digest).or_insert(Loc {
-                blob: index,
-                blkaddr,
-            });
-        }
+        self.add_stored_blob(index, blob)?;
         Ok(index)
     }
 
-    /// Registers the chunks of a layer blob written by an earlier conversion (restored
-    /// from the conversion cache) under provisional index `index`.
+    /// Registers the chunks of a blob stored before (a layer blob restored from the
+    /// conversion cache, or a dictionary blob) under provisional index `index`.
     pub fn add_stored_blob(&mut self, index: u16, blob: &BlobInfo) -> Result<(), BuildError> {
         for e in &blob.chunks.entries {
             let blkaddr = u32::try_from(e.blkaddr())
-                .map_err(|_| BuildError::Invalid("cached blob over 16 TiB".into()))?;
+                .map_err(|_| BuildError::Invalid("a blob over 16 TiB".into()))?;
             self.dedup.entry(e.digest).or_insert(Loc {
                 blob: index,
                 blkaddr,

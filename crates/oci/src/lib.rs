@@ -124,18 +124,7 @@ pub trait ImageSink: Send + Sync {
         if self.has_blob(digest) {
             return Ok(());
         }
-        let mut w = self.blob_writer()?;
-        let mut r = source.open_blob(digest, size)?;
-        std::io::copy(&mut r, &mut w)
-            .map_err(|e| OciError::io(format!("copying blob {digest}"), e))?;
-        let (got, _) = w.commit()?;
-        if &got != digest {
-            return Err(OciError::DigestMismatch {
-                digest: digest.to_string(),
-                why: format!("copied bytes hash to {got}"),
-            });
-        }
-        Ok(())
+        copy_blob(self, source, digest, size)
     }
     /// Stores the manifest and points the destination's tag at it. This is the commit
     /// point of a conversion: before it, the destination shows no new image.
@@ -212,4 +201,24 @@ pub fn select_platform(index: &Value, index_digest: &Digest) -> Result<Value, Oc
             offered.join(", ")
         ))
     })
+}
+
+/// Copies the bytes of a blob from `source` into `dst` and checks what was stored.
+pub fn copy_blob<S: ImageSink + ?Sized>(
+    dst: &S,
+    source: &dyn ImageSource,
+    digest: &Digest,
+    size: u64,
+) -> Result<(), OciError> {
+    let mut w = dst.blob_writer()?;
+    let mut r = source.open_blob(digest, size)?;
+    std::io::copy(&mut r, &mut w).map_err(|e| OciError::io(format!("copying blob {digest}"), e))?;
+    let (got, _) = w.commit()?;
+    if &got != digest {
+        return Err(OciError::DigestMismatch {
+            digest: digest.to_string(),
+            why: format!("copied bytes hash to {got}"),
+        });
+    }
+    Ok(())
 }

@@ -478,17 +478,7 @@ impl ImageSink for RemoteImage {
                 }
             }
         }
-        let mut w = self.blob_writer()?;
-        let mut r = source.open_blob(digest, size)?;
-        io::copy(&mut r, &mut w).map_err(|e| OciError::io(format!("copying blob {digest}"), e))?;
-        let (got, _) = w.commit()?;
-        if &got != digest {
-            return Err(OciError::DigestMismatch {
-                digest: digest.to_string(),
-                why: format!("copied bytes hash to {got}"),
-            });
-        }
-        Ok(())
+        hoist_oci::copy_blob(self, source, digest, size)
     }
 
     fn put_manifest(&self, bytes: &[u8], media_type: &str) -> Result<Digest, OciError> {
