@@ -65,38 +65,7 @@ pub enum Command {
     /// (an EROFS image of the merged tree plus the chunk tables), the original config, and
     /// a manifest tagged in DST. The source config is kept (env, cmd, entrypoint, history);
     /// only its `rootfs.diff_ids` name the new layers. Prints a one-line summary; `--json` prints a report.
-    Convert {
-        /// Source image, e.g. oci:./images:app-v1 or docker://registry:5000/app:v1.
-        src: String,
-        /// Destination, e.g. oci:./out:app-v1 (the layout is created if missing) or
-        /// docker://registry:5000/app:v1-hoist. Prints the pushed manifest digest.
-        dst: String,
-        /// Chunk compressor.
-        #[arg(long, value_enum, default_value = "zstd")]
-        compressor: CompressorArg,
-        /// Chunk size in bytes: a power of two from 4096 to 67108864 (suffixes K and M allowed).
-        #[arg(long, default_value = "1M", value_parser = parse_size)]
-        chunk_size: u64,
-        /// A hoist image whose chunks are reused instead of stored again.
-        #[arg(long, value_name = "IMAGE")]
-        chunk_dict: Option<String>,
-        /// Credentials for the source registry only (overrides --creds).
-        #[arg(long, value_name = "USER:PASSWORD")]
-        src_creds: Option<String>,
-        /// Credentials for the destination registry only (overrides --creds).
-        #[arg(long, value_name = "USER:PASSWORD")]
-        dest_creds: Option<String>,
-        /// Layers downloaded at once.
-        #[arg(long, default_value_t = 3)]
-        jobs: usize,
-        /// Convert every layer even if the conversion cache ($HOIST_HOME/convert) holds a
-        /// conversion of the same lower layers with the same options.
-        #[arg(long)]
-        no_cache: bool,
-        /// Print the conversion report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Convert(ConvertArgs),
     /// Materialise the root filesystem of a hoist image in a new or empty directory.
     Unpack {
         /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
@@ -130,6 +99,41 @@ pub enum Command {
         /// Output directory (new or empty).
         dir: PathBuf,
     },
+}
+
+/// The arguments of `hoist convert`.
+#[derive(Debug, clap::Args)]
+pub struct ConvertArgs {
+    /// Source image, e.g. oci:./images:app-v1 or docker://registry:5000/app:v1.
+    pub src: String,
+    /// Destination, e.g. oci:./out:app-v1 (the layout is created if missing) or
+    /// docker://registry:5000/app:v1-hoist. Prints the pushed manifest digest.
+    pub dst: String,
+    /// Chunk compressor.
+    #[arg(long, value_enum, default_value = "zstd")]
+    pub compressor: CompressorArg,
+    /// Chunk size in bytes: a power of two from 4096 to 67108864 (suffixes K and M allowed).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// A hoist image whose chunks are reused instead of stored again.
+    #[arg(long, value_name = "IMAGE")]
+    pub chunk_dict: Option<String>,
+    /// Credentials for the source registry only (overrides --creds).
+    #[arg(long, value_name = "USER:PASSWORD")]
+    pub src_creds: Option<String>,
+    /// Credentials for the destination registry only (overrides --creds).
+    #[arg(long, value_name = "USER:PASSWORD")]
+    pub dest_creds: Option<String>,
+    /// Layers downloaded at once.
+    #[arg(long, default_value_t = 3)]
+    pub jobs: usize,
+    /// Convert every layer even if the conversion cache ($HOIST_HOME/convert) holds a
+    /// conversion of the same lower layers with the same options.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Print the conversion report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Parses `4096`, `64K`, `1M`.

@@ -1,7 +1,7 @@
 //! `hoist convert`.
 
 use super::{human, Context};
-use crate::args::CompressorArg;
+use crate::args::{CompressorArg, ConvertArgs};
 use hoist_builder::cache::Opener;
 use hoist_builder::convert::Progress;
 use hoist_builder::{ConvertCache, ConvertOptions, ConvertReport};
@@ -11,20 +11,6 @@ use hoist_registry::{Credentials, RegistryConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The arguments of `hoist convert`.
-pub struct Args {
-    pub src: String,
-    pub dst: String,
-    pub compressor: CompressorArg,
-    pub chunk_size: u64,
-    pub chunk_dict: Option<String>,
-    pub src_creds: Option<String>,
-    pub dest_creds: Option<String>,
-    pub jobs: usize,
-    pub no_cache: bool,
-    pub json: bool,
-}
 
 fn with_creds(
     cfg: &RegistryConfig,
@@ -38,7 +24,7 @@ fn with_creds(
     Ok(cfg)
 }
 
-pub fn run(cx: &Context, a: &Args) -> anyhow::Result<()> {
+pub fn run(cx: &Context, a: &ConvertArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let (src, dst) = (a.src.as_str(), a.dst.as_str());
     let src_cfg = with_creds(&cx.registry, a.src_creds.as_deref(), "--src-creds")?;

@@ -60,32 +60,7 @@ impl Context {
 pub fn run(command: Command, registry: &RegistryArgs) -> anyhow::Result<()> {
     let cx = Context::new(registry)?;
     match command {
-        Command::Convert {
-            src,
-            dst,
-            compressor,
-            chunk_size,
-            chunk_dict,
-            src_creds,
-            dest_creds,
-            jobs,
-            no_cache,
-            json,
-        } => convert::run(
-            &cx,
-            &convert::Args {
-                src,
-                dst,
-                compressor,
-                chunk_size,
-                chunk_dict,
-                src_creds,
-                dest_creds,
-                jobs,
-                no_cache,
-                json,
-            },
-        ),
+        Command::Convert(args) => convert::run(&cx, &args),
         Command::Unpack { image, dir } => read::unpack(&cx, &image, &dir),
         Command::Check { image } => read::check(&cx, &image),
         Command::Inspect { image, json } => read::inspect(&cx, &image, json),
