@@ -99,6 +99,128 @@ pub enum Command {
         /// Output directory (new or empty).
         dir: PathBuf,
     },
+    /// Mount a hoist image lazily: usable as soon as its metadata is read; file data is
+    /// fetched by ranged reads when first read, verified, and cached in the chunk cache.
+    ///
+    /// Without --foreground the mount is served by the hoist daemon (started on demand,
+    /// one per $HOIST_HOME; log in $HOIST_HOME/daemon.log), and the command returns once
+    /// the mount is usable. A read whose data cannot be fetched within --read-timeout fails
+    /// with EIO; cached data keeps being served when the registry is unreachable.
+    Mount(MountArgs),
+    /// Unmount a hoist mount. Succeeds on a busy mount (it is detached and goes away with
+    /// its last user) and on a mount whose daemon died.
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+    /// Show what a mount fetched and cached: bytes and requests, cache hits, chunks cached
+    /// of the total, prefetch progress.
+    Stat {
+        /// The mount point.
+        mountpoint: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect or shrink the chunk cache.
+    Cache {
+        /// What to do.
+        #[command(subcommand)]
+        op: CacheOp,
+    },
+    /// Control the hoist daemon.
+    Daemon {
+        /// What to do.
+        #[command(subcommand)]
+        op: DaemonOp,
+    },
+}
+
+/// The arguments of `hoist mount`.
+#[derive(Debug, clap::Args)]
+pub struct MountArgs {
+    /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
+    pub image: String,
+    /// An existing directory to mount it on.
+    pub mountpoint: PathBuf,
+    /// `fuse`: hoist's FUSE filesystem serves the tree (FUSE passthrough for cached
+    /// files). `erofs`: the kernel's EROFS serves the tree from the metadata blob, and
+    /// hoist serves only the data, as blob device files.
+    #[arg(long, value_enum, default_value = "fuse")]
+    pub mode: ModeArg,
+    /// The chunk cache, shared by all mounts that name it [default: $HOIST_HOME/cache].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Size limit of the chunk cache; chunks no mount uses are evicted beyond it
+    /// (suffixes K, M, G).
+    #[arg(long, default_value = "20G", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// `all`: after mounting, fetch every chunk in the background, behind the reads.
+    #[arg(long, value_enum, default_value = "none")]
+    pub prefetch: PrefetchArg,
+    /// Seconds a read of data that is not cached waits for the registry before it fails
+    /// with EIO.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub read_timeout: u64,
+    /// Serve the mount from this process until it is unmounted or gets SIGINT/SIGTERM,
+    /// instead of handing it to the background daemon.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Never hand cached files to the kernel by FUSE passthrough (fuse mode).
+    #[arg(long)]
+    pub no_passthrough: bool,
+}
+
+/// How a mount is served.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// hoist's FUSE filesystem.
+    Fuse,
+    /// The kernel's EROFS over hoist's blob devices.
+    Erofs,
+}
+
+/// Background prefetch.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PrefetchArg {
+    /// Fetch data only when read.
+    None,
+    /// Fetch everything in the background.
+    All,
+}
+
+/// `hoist cache` operations.
+#[derive(Debug, Subcommand)]
+pub enum CacheOp {
+    /// Chunks and bytes in the cache.
+    Stat {
+        /// The cache [default: $HOIST_HOME/cache].
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evict chunks that no mount uses, oldest first, down to a size.
+    Prune {
+        /// The cache [default: $HOIST_HOME/cache].
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Bytes to keep at most (suffixes K, M, G); 0 removes every unused chunk.
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        max_size: u64,
+    },
+}
+
+/// `hoist daemon` operations.
+#[derive(Debug, Subcommand)]
+pub enum DaemonOp {
+    /// Run the daemon in this process (what `hoist mount` starts in the background).
+    Run,
+    /// Unmount everything the daemon serves and stop it.
+    Stop,
+    /// Whether a daemon runs, and its mounts.
+    Status,
 }
 
 /// The arguments of `hoist convert`.
@@ -141,6 +263,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.char_indices().last() {
         Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
         Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
         _ => (s, 1),
     };
     num.parse::<u64>()

@@ -9,11 +9,17 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
     // Diagnostics (retries, cache decisions) go to stderr at the level HOIST_LOG names,
-    // e.g. HOIST_LOG=debug; warnings by default.
+    // e.g. HOIST_LOG=debug; warnings by default, and mounts too in the daemon's log.
+    let default = match cli.command {
+        args::Command::Daemon {
+            op: args::DaemonOp::Run,
+        } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HOIST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .with_target(false)

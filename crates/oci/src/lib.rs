@@ -106,6 +106,29 @@ pub trait ImageSource: Send + Sync {
     }
 }
 
+/// A shared source is a source: one registry client can serve an image's reader and its
+/// chunk fetcher.
+impl<T: ImageSource + ?Sized> ImageSource for std::sync::Arc<T> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn registry_repository(&self) -> Option<(String, String)> {
+        (**self).registry_repository()
+    }
+    fn manifest(&self) -> Result<(Vec<u8>, Digest), OciError> {
+        (**self).manifest()
+    }
+    fn open_blob(&self, digest: &Digest, size: u64) -> Result<Box<dyn Read + Send>, OciError> {
+        (**self).open_blob(digest, size)
+    }
+    fn read_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
+        (**self).read_blob_range(digest, offset, len)
+    }
+    fn read_blob(&self, digest: &Digest, size: u64, limit: u64) -> Result<Vec<u8>, OciError> {
+        (**self).read_blob(digest, size, limit)
+    }
+}
+
 /// Write access to one image destination.
 pub trait ImageSink: Send + Sync {
     /// The reference, for messages.

@@ -2,6 +2,7 @@
 
 mod convert;
 mod export;
+mod mount;
 mod read;
 
 use crate::args::{Command, RegistryArgs};
@@ -65,6 +66,11 @@ pub fn run(command: Command, registry: &RegistryArgs) -> anyhow::Result<()> {
         Command::Check { image } => read::check(&cx, &image),
         Command::Inspect { image, json } => read::inspect(&cx, &image, json),
         Command::Export { image, dir } => export::run(&cx, &image, &dir),
+        Command::Mount(args) => mount::mount(&cx, registry, &args),
+        Command::Umount { mountpoint } => mount::umount(&cx, &mountpoint),
+        Command::Stat { mountpoint, json } => mount::stat(&cx, &mountpoint, json),
+        Command::Cache { op } => mount::cache(&cx, op),
+        Command::Daemon { op } => mount::daemon(&cx, op),
     }
 }
 

@@ -1,0 +1,496 @@
+//! Fetching chunks on demand and in the background.
+//!
+//! A [`Fetcher`] serves one image. A read of a chunk that is not cached becomes a *job*:
+//! one ranged read of the data blob covering the chunk and the chunks that follow it in
+//! the blob, as long as they are adjacent, missing and not already being fetched, until
+//! the job holds at least [`FetchConfig::min_fetch`] compressed bytes. Chunks follow
+//! file order in a blob, so this both coalesces the misses of a sequential reader and
+//! amplifies small reads into requests worth a round trip.
+//!
+//! Jobs run on a fixed pool of worker threads, which bounds concurrency. Jobs of readers
+//! go before prefetch jobs, and at most [`FetchConfig::prefetch_workers`] workers take
+//! prefetch jobs at once; a prefetch job that a reader starts waiting for is promoted.
+//! A reader waits at most [`FetchConfig::read_timeout`] and then gets an error (EIO at
+//! the filesystem), whatever the registry does; the job itself goes on and fills the
+//! cache if it succeeds. Nothing is remembered of failures: the next read tries again,
+//! so fetching resumes by itself when the registry is back.
+
+use crate::store::{ChunkStore, Claim, Inflight, Slot};
+use hoist_format::chunk::ChunkEntry;
+use hoist_oci::{Digest, ImageSource};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Tuning of a [`Fetcher`].
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Compressed bytes a miss fetches at least, by taking the chunks after it.
+    pub min_fetch: u64,
+    /// Compressed bytes a prefetch job fetches at least.
+    pub prefetch_fetch: u64,
+    /// Worker threads: the most ranged reads in flight at once.
+    pub workers: usize,
+    /// How many of the workers may run prefetch jobs at once.
+    pub prefetch_workers: usize,
+    /// How long a read waits for a chunk before it fails.
+    pub read_timeout: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            min_fetch: 1 << 20,
+            prefetch_fetch: 4 << 20,
+            workers: 8,
+            prefetch_workers: 2,
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The chunk table of one data blob.
+#[derive(Debug, Clone)]
+pub struct BlobChunks {
+    /// The blob's OCI digest.
+    pub digest: Digest,
+    /// Its chunks, by uncompressed offset.
+    pub entries: Vec<ChunkEntry>,
+}
+
+/// Why a chunk could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The registry did not deliver in time.
+    #[error("chunk {index} of blob {blob}: not fetched within {secs} s")]
+    Timeout {
+        /// Blob digest.
+        blob: String,
+        /// Chunk index.
+        index: usize,
+        /// The bound.
+        secs: u64,
+    },
+    /// Fetching, decoding or verifying failed.
+    #[error("chunk {index} of blob {blob}: {why}")]
+    Failed {
+        /// Blob digest.
+        blob: String,
+        /// Chunk index.
+        index: usize,
+        /// What went wrong.
+        why: Arc<str>,
+    },
+    /// The chunk store failed.
+    #[error("chunk cache: {0}")]
+    Io(#[from] std::io::Error),
+    /// The caller named a chunk the image does not have.
+    #[error("no chunk {index} in blob {blob} of this image")]
+    NoSuchChunk {
+        /// Blob index.
+        blob: usize,
+        /// Chunk index.
+        index: usize,
+    },
+}
+
+/// Who wants a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// A reader is waiting.
+    Demand,
+    /// Background prefetch.
+    Prefetch,
+}
+
+/// Counters of a fetcher.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Chunk opens served from the cache.
+    pub hits: AtomicU64,
+    /// Chunk opens that had to wait for a fetch.
+    pub misses: AtomicU64,
+    /// Ranged reads sent.
+    pub requests: AtomicU64,
+    /// Compressed bytes received.
+    pub bytes_fetched: AtomicU64,
+    /// Chunks fetched, verified and cached.
+    pub chunks_fetched: AtomicU64,
+    /// Ranged reads or chunks that failed.
+    pub errors: AtomicU64,
+    /// Reads that gave up waiting.
+    pub timeouts: AtomicU64,
+}
+
+struct Job {
+    blob: usize,
+    first: usize,
+    slots: Vec<Arc<Slot>>,
+    priority: Priority,
+}
+
+#[derive(Default)]
+struct Queue {
+    demand: VecDeque<Job>,
+    prefetch: VecDeque<Job>,
+    busy_prefetch: usize,
+}
+
+impl Queue {
+    fn pop(&mut self, prefetch_limit: usize) -> Option<Job> {
+        if let Some(j) = self.demand.pop_front() {
+            return Some(j);
+        }
+        // A prefetch job a reader waits for goes first, and past the prefetch limit.
+        if let Some(i) = self
+            .prefetch
+            .iter()
+            .position(|j| j.slots.iter().any(|s| s.is_urgent()))
+        {
+            let mut j = self.prefetch.remove(i)?;
+            // It runs as a reader's job: outside the prefetch limit.
+            j.priority = Priority::Demand;
+            return Some(j);
+        }
+        if self.busy_prefetch < prefetch_limit {
+            let j = self.prefetch.pop_front()?;
+            self.busy_prefetch += 1;
+            return Some(j);
+        }
+        None
+    }
+}
+
+struct Inner {
+    source: Arc<dyn ImageSource>,
+    blobs: Vec<BlobChunks>,
+    store: Arc<ChunkStore>,
+    inflight: Arc<Inflight>,
+    cfg: FetchConfig,
+    queue: Mutex<Queue>,
+    cv: Condvar,
+    counters: Counters,
+    stop: AtomicBool,
+}
+
+/// Fetches and caches the chunks of one image.
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+impl Fetcher {
+    /// A fetcher reading `blobs` from `source` into `store`; `inflight` is shared by all
+    /// fetchers of the store. Starts the worker threads.
+    pub fn new(
+        source: Arc<dyn ImageSource>,
+        blobs: Vec<BlobChunks>,
+        store: Arc<ChunkStore>,
+        inflight: Arc<Inflight>,
+        cfg: FetchConfig,
+    ) -> std::io::Result<Fetcher> {
+        let inner = Arc::new(Inner {
+            source,
+            blobs,
+            store,
+            inflight,
+            cfg,
+            queue: Mutex::new(Queue::default()),
+            cv: Condvar::new(),
+            counters: Counters::default(),
+            stop: AtomicBool::new(false),
+        });
+        for i in 0..inner.cfg.workers.max(1) {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name(format!("hoist-fetch-{i}"))
+                .spawn(move || inner.work())?;
+        }
+        Ok(Fetcher { inner })
+    }
+
+    /// The blobs and their chunks.
+    pub fn blobs(&self) -> &[BlobChunks] {
+        &self.inner.blobs
+    }
+
+    /// The chunk store.
+    pub fn store(&self) -> &Arc<ChunkStore> {
+        &self.inner.store
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FetchConfig {
+        &self.inner.cfg
+    }
+
+    /// The chunk table entry of chunk `index` of blob `blob`.
+    pub fn entry(&self, blob: usize, index: usize) -> Result<&ChunkEntry, FetchError> {
+        self.inner
+            .blobs
+            .get(blob)
+            .and_then(|b| b.entries.get(index))
+            .ok_or(FetchError::NoSuchChunk { blob, index })
+    }
+
+    /// Opens a chunk's verified bytes in the cache, fetching it first if needed. Waits at
+    /// most the configured read timeout.
+    pub fn open_chunk(&self, blob: usize, index: usize) -> Result<File, FetchError> {
+        let e = *self.entry(blob, index)?;
+        let deadline = Instant::now() + self.inner.cfg.read_timeout;
+        let c = &self.inner.counters;
+        // A chunk can vanish between its fetch and the open (evicted, or found damaged):
+        // then it is fetched again, a bounded number of times.
+        for attempt in 0..3 {
+            if let Some(f) = self
+                .inner
+                .store
+                .open_chunk(&e.digest, e.uncompressed_size)?
+            {
+                if attempt == 0 {
+                    c.hits.fetch_add(1, Relaxed);
+                }
+                return Ok(f);
+            }
+            if attempt == 0 {
+                c.misses.fetch_add(1, Relaxed);
+            }
+            let slot = self.inner.request(blob, index, Priority::Demand);
+            match slot.wait(deadline) {
+                Some(Ok(())) => {}
+                Some(Err(why)) => return Err(self.inner.failed(blob, index, why)),
+                None => {
+                    c.timeouts.fetch_add(1, Relaxed);
+                    return Err(FetchError::Timeout {
+                        blob: self.inner.blobs[blob].digest.to_string(),
+                        index,
+                        secs: self.inner.cfg.read_timeout.as_secs(),
+                    });
+                }
+            }
+        }
+        Err(self.inner.failed(
+            blob,
+            index,
+            "the chunk left the cache right after each fetch (is the cache too small?)".into(),
+        ))
+    }
+
+    /// Reads `buf.len()` bytes of chunk `index` of blob `blob` from `offset` within the
+    /// chunk (fetching it first if needed).
+    pub fn read_at(
+        &self,
+        blob: usize,
+        index: usize,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), FetchError> {
+        use std::os::unix::fs::FileExt;
+        let f = self.open_chunk(blob, index)?;
+        f.read_exact_at(buf, offset)?;
+        Ok(())
+    }
+
+    /// Starts a prefetch job for chunk `index` of blob `blob` and the chunks after it.
+    /// Returns the slots to wait on (empty when it is cached) and the index after the
+    /// last chunk the job covers.
+    pub fn prefetch(&self, blob: usize, index: usize) -> (Vec<Arc<Slot>>, usize) {
+        self.inner.submit(blob, index, Priority::Prefetch)
+    }
+
+    /// Whether the fetcher is shutting down.
+    pub fn stopping(&self) -> bool {
+        self.inner.stop.load(Relaxed)
+    }
+}
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Relaxed);
+        let jobs: Vec<Job> = {
+            let mut guard = self.inner.lock();
+            let q = &mut *guard;
+            q.demand.drain(..).chain(q.prefetch.drain(..)).collect()
+        };
+        self.inner.cv.notify_all();
+        for job in jobs {
+            self.inner
+                .fail_job(&job, "the mount is shutting down".into());
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failed(&self, blob: usize, index: usize, why: Arc<str>) -> FetchError {
+        FetchError::Failed {
+            blob: self.blobs[blob].digest.to_string(),
+            index,
+            why,
+        }
+    }
+
+    /// The slot of a demanded chunk: a new job, or the one fetching it already.
+    fn request(&self, blob: usize, index: usize, priority: Priority) -> Arc<Slot> {
+        let d = self.blobs[blob].entries[index].digest;
+        match self.inflight.claim(&d) {
+            Claim::Theirs(slot) => {
+                if priority == Priority::Demand && !slot.is_urgent() {
+                    slot.make_urgent();
+                    self.cv.notify_all();
+                }
+                slot
+            }
+            Claim::Mine(slot) => {
+                self.enqueue(blob, index, slot.clone(), priority);
+                slot
+            }
+        }
+    }
+
+    /// Builds and queues a job starting with `index`, whose slot the caller claimed.
+    /// Returns the job's slots and the index after its last chunk.
+    fn enqueue(
+        &self,
+        blob: usize,
+        index: usize,
+        first: Arc<Slot>,
+        priority: Priority,
+    ) -> (Vec<Arc<Slot>>, usize) {
+        let entries = &self.blobs[blob].entries;
+        let want = match priority {
+            Priority::Demand => self.cfg.min_fetch,
+            Priority::Prefetch => self.cfg.prefetch_fetch,
+        };
+        let mut slots = vec![first];
+        let mut end = entries[index].compressed_offset + u64::from(entries[index].compressed_size);
+        let mut next = index + 1;
+        while let Some(e) = entries.get(next) {
+            let bytes = end - entries[index].compressed_offset;
+            if bytes >= want || e.compressed_offset != end || self.store.contains(&e.digest) {
+                break;
+            }
+            let Some(slot) = self.inflight.try_claim(&e.digest) else {
+                break;
+            };
+            slots.push(slot);
+            end = e.compressed_offset + u64::from(e.compressed_size);
+            next += 1;
+        }
+        let job = Job {
+            blob,
+            first: index,
+            slots: slots.clone(),
+            priority,
+        };
+        let mut q = self.lock();
+        match priority {
+            Priority::Demand => q.demand.push_back(job),
+            Priority::Prefetch => q.prefetch.push_back(job),
+        }
+        drop(q);
+        self.cv.notify_one();
+        (slots, next)
+    }
+
+    fn submit(&self, blob: usize, index: usize, priority: Priority) -> (Vec<Arc<Slot>>, usize) {
+        let Some(e) = self.blobs.get(blob).and_then(|b| b.entries.get(index)) else {
+            return (Vec::new(), index + 1);
+        };
+        if self.store.contains(&e.digest) {
+            return (Vec::new(), index + 1);
+        }
+        match self.inflight.claim(&e.digest) {
+            Claim::Theirs(slot) => (vec![slot], index + 1),
+            Claim::Mine(slot) => self.enqueue(blob, index, slot, priority),
+        }
+    }
+
+    fn work(&self) {
+        loop {
+            let job = {
+                let mut q = self.lock();
+                loop {
+                    if self.stop.load(Relaxed) {
+                        return;
+                    }
+                    if let Some(j) = q.pop(self.cfg.prefetch_workers) {
+                        break j;
+                    }
+                    q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            self.run(&job);
+            if job.priority == Priority::Prefetch {
+                let mut q = self.lock();
+                q.busy_prefetch = q.busy_prefetch.saturating_sub(1);
+                drop(q);
+                self.cv.notify_all();
+            }
+        }
+    }
+
+    fn fail_job(&self, job: &Job, why: Arc<str>) {
+        let entries = &self.blobs[job.blob].entries;
+        for (k, slot) in job.slots.iter().enumerate() {
+            self.inflight
+                .finish(&entries[job.first + k].digest, slot, Err(why.clone()));
+        }
+    }
+
+    fn run(&self, job: &Job) {
+        let blob = &self.blobs[job.blob];
+        let chunks = &blob.entries[job.first..job.first + job.slots.len()];
+        let start = chunks[0].compressed_offset;
+        let last = &chunks[chunks.len() - 1];
+        let len = last.compressed_offset + u64::from(last.compressed_size) - start;
+        let c = &self.counters;
+        c.requests.fetch_add(1, Relaxed);
+        let bytes = match self.source.read_blob_range(&blob.digest, start, len) {
+            Ok(b) => b,
+            Err(e) => {
+                c.errors.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    "fetching {len} bytes at {start} of blob {}: {e}",
+                    blob.digest
+                );
+                return self.fail_job(job, e.to_string().into());
+            }
+        };
+        c.bytes_fetched.fetch_add(bytes.len() as u64, Relaxed);
+        for (k, (e, slot)) in chunks.iter().zip(&job.slots).enumerate() {
+            let at = (e.compressed_offset - start) as usize;
+            let stored = &bytes[at..at + e.compressed_size as usize];
+            let r = hoist_codec::decode_verified(e, stored)
+                .map_err(|err| -> Arc<str> {
+                    c.errors.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        "chunk {} of blob {} (bytes {}..{}): {err}",
+                        job.first + k,
+                        blob.digest,
+                        e.compressed_offset,
+                        e.compressed_offset + u64::from(e.compressed_size)
+                    );
+                    format!("{err} (the registry served damaged data)").into()
+                })
+                .and_then(|data| {
+                    self.store
+                        .put_chunk(&e.digest, &data)
+                        .map_err(|err| format!("writing the chunk cache: {err}").into())
+                });
+            if r.is_ok() {
+                c.chunks_fetched.fetch_add(1, Relaxed);
+            }
+            self.inflight.finish(&e.digest, slot, r);
+        }
+    }
+}

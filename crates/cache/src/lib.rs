@@ -1,0 +1,24 @@
+//! The chunk cache of hoist: where lazily read image data lives on the local disk, and
+//! how it gets there.
+//!
+//! - [`ChunkStore`]: verified, uncompressed chunks, one file per BLAKE3 digest, shared by
+//!   every mount of every image, bounded in size with eviction of unused chunks;
+//!   metadata blobs beside them.
+//! - [`Fetcher`]: turns misses into ranged reads of data blobs through any
+//!   [`hoist_oci::ImageSource`] (a registry today, peers later), coalescing adjacent
+//!   misses, amplifying small reads, never fetching a chunk twice at once, bounding
+//!   concurrency and the time a reader waits, and putting readers before prefetch.
+//! - [`prefetch`]: background fetching of a chunk list.
+//!
+//! The main design choice is the one-file-per-chunk store: it makes sharing across
+//! images exact (one copy per digest), eviction an unlink, and crash safety a rename
+//! plus a hash on first use, at the cost of one open per chunk read.
+
+mod fetch;
+mod meta;
+pub mod prefetch;
+mod store;
+
+pub use fetch::{BlobChunks, Counters, FetchConfig, FetchError, Fetcher, Priority};
+pub use meta::MetaCachingSource;
+pub use store::{ChunkDigest, ChunkStore, Claim, Inflight, PruneReport, Slot, StoreStats};

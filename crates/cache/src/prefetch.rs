@@ -1,0 +1,174 @@
+//! Background prefetch: fetches a list of chunks in order, behind the readers.
+//!
+//! The list is every chunk of the image in blob order (`--prefetch all`), or, later, the
+//! chunks of a start-up trace. Jobs go to the fetcher at prefetch priority with a small
+//! window outstanding, so readers always find a free worker. Chunks that fail are tried
+//! again after a pause that doubles up to 30 s, until they are all cached or the mount
+//! goes away: prefetch resumes by itself when the registry comes back.
+
+use crate::fetch::Fetcher;
+use crate::store::Slot;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where a prefetch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefetchState {
+    /// No prefetch asked for.
+    Idle,
+    /// Fetching.
+    Running,
+    /// Some chunks failed; waiting to try them again.
+    Retrying,
+    /// Every chunk of the list is cached.
+    Done,
+    /// The mount went away first.
+    Stopped,
+}
+
+impl PrefetchState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Running,
+            2 => Self::Retrying,
+            3 => Self::Done,
+            4 => Self::Stopped,
+            _ => Self::Idle,
+        }
+    }
+}
+
+/// Progress of a prefetch, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    state: AtomicU8,
+    /// Chunks of the list that are cached.
+    pub done: AtomicU64,
+    /// Chunks in the list.
+    pub total: AtomicU64,
+    /// Chunks that failed at least once.
+    pub failures: AtomicU64,
+}
+
+impl Progress {
+    /// The current state.
+    pub fn state(&self) -> PrefetchState {
+        PrefetchState::from_u8(self.state.load(Relaxed))
+    }
+    fn set(&self, s: PrefetchState) {
+        self.state.store(s as u8, Relaxed);
+    }
+}
+
+/// Every chunk of the fetcher's image, in blob order.
+pub fn all_chunks(fetcher: &Fetcher) -> Vec<(usize, usize)> {
+    fetcher
+        .blobs()
+        .iter()
+        .enumerate()
+        .flat_map(|(b, blob)| (0..blob.entries.len()).map(move |i| (b, i)))
+        .collect()
+}
+
+/// Starts prefetching `list` (pairs of blob and chunk index) on a thread of its own.
+pub fn spawn(
+    fetcher: Arc<Fetcher>,
+    list: Vec<(usize, usize)>,
+    progress: Arc<Progress>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    progress.total.store(list.len() as u64, Relaxed);
+    progress.set(PrefetchState::Running);
+    std::thread::Builder::new()
+        .name("hoist-prefetch".into())
+        .spawn(move || run(&fetcher, list, &progress))
+}
+
+struct Pending {
+    blob: usize,
+    first: usize,
+    slots: Vec<Arc<Slot>>,
+}
+
+fn run(fetcher: &Fetcher, mut todo: Vec<(usize, usize)>, progress: &Progress) {
+    let window = fetcher.config().prefetch_workers.max(1) * 2;
+    let mut pause = Duration::from_secs(1);
+    loop {
+        let mut failed = Vec::new();
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut i = 0;
+        while i < todo.len() {
+            let (blob, first) = todo[i];
+            let (slots, next) = fetcher.prefetch(blob, first);
+            i += 1;
+            if slots.is_empty() {
+                progress.done.fetch_add(1, Relaxed);
+                continue;
+            }
+            // The job covers the chunks up to `next` of this blob; skip those.
+            while i < todo.len() && todo[i].0 == blob && (first..next).contains(&todo[i].1) {
+                i += 1;
+            }
+            pending.push_back(Pending { blob, first, slots });
+            while pending.len() >= window {
+                let Some(p) = pending.pop_front() else { break };
+                if !settle(fetcher, p, progress, &mut failed) {
+                    return progress.set(PrefetchState::Stopped);
+                }
+            }
+        }
+        while let Some(p) = pending.pop_front() {
+            if !settle(fetcher, p, progress, &mut failed) {
+                return progress.set(PrefetchState::Stopped);
+            }
+        }
+        if failed.is_empty() {
+            return progress.set(PrefetchState::Done);
+        }
+        progress.failures.fetch_add(failed.len() as u64, Relaxed);
+        progress.set(PrefetchState::Retrying);
+        tracing::info!(
+            "prefetch: {} chunks failed; trying again in {} s",
+            failed.len(),
+            pause.as_secs()
+        );
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
+            if fetcher.stopping() {
+                return progress.set(PrefetchState::Stopped);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+        progress.set(PrefetchState::Running);
+        todo = failed;
+    }
+}
+
+/// Waits for a job's chunks; false when the fetcher stops.
+fn settle(
+    fetcher: &Fetcher,
+    p: Pending,
+    progress: &Progress,
+    failed: &mut Vec<(usize, usize)>,
+) -> bool {
+    for (k, slot) in p.slots.iter().enumerate() {
+        let outcome = loop {
+            if fetcher.stopping() {
+                return false;
+            }
+            if let Some(r) = slot.wait(Instant::now() + Duration::from_millis(500)) {
+                break r;
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                progress.done.fetch_add(1, Relaxed);
+            }
+            Err(_) => failed.push((p.blob, p.first + k)),
+        }
+    }
+    true
+}

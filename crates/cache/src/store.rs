@@ -1,0 +1,427 @@
+//! Verified chunks on local disk, one file per chunk digest.
+//!
+//! Layout under the cache directory:
+//!
+//! ```text
+//! chunks/ab/abcdef…   uncompressed chunk bytes, named by their BLAKE3 digest (hex)
+//! meta/<sha256 hex>   metadata blobs, named by their OCI digest
+//! tmp/                files being written; emptied when a store opens
+//! ```
+//!
+//! A chunk is written to `tmp/` and renamed into place only after its bytes matched its
+//! digest, so a crash mid-write leaves nothing under `chunks/`. Because a rename is not a
+//! flush, a crash can still leave a named file with lost contents; every chunk file is
+//! therefore hashed again the first time this process opens it, and a file that does not
+//! match is deleted and fetched again. Nothing unverified is ever served.
+//!
+//! One file per digest makes the cache shared by every mount of every image (the same
+//! chunk is stored once) and eviction a plain unlink. Chunks that a live mount pins are
+//! never evicted.
+
+use sha2::Digest as _;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+/// A chunk digest (BLAKE3 of the uncompressed bytes).
+pub type ChunkDigest = [u8; 32];
+
+/// Usage figures of a store.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StoreStats {
+    /// Chunk files.
+    pub chunks: u64,
+    /// Bytes in chunk files.
+    pub chunk_bytes: u64,
+    /// Metadata blobs.
+    pub metas: u64,
+    /// Bytes in metadata blobs.
+    pub meta_bytes: u64,
+    /// The size limit for chunks.
+    pub max_bytes: u64,
+    /// Chunks pinned by live mounts.
+    pub pinned: u64,
+}
+
+/// What a prune removed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PruneReport {
+    /// Chunk files removed.
+    pub removed: u64,
+    /// Bytes freed.
+    pub freed: u64,
+    /// Chunk bytes left.
+    pub left: u64,
+}
+
+/// The chunk store: shared by every mount in a process.
+#[derive(Debug)]
+pub struct ChunkStore {
+    root: PathBuf,
+    max_bytes: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Chunks hashed by this process since it opened the store.
+    verified: HashSet<ChunkDigest>,
+    /// Pin counts of chunks that live mounts use.
+    pinned: HashMap<ChunkDigest, usize>,
+    /// Bytes of chunk files (counted at open, then kept up to date).
+    used: u64,
+}
+
+fn hex_name(d: &ChunkDigest) -> String {
+    hex::encode(d)
+}
+
+impl ChunkStore {
+    /// Opens (creating) a store at `root`; chunks beyond `max_bytes` that no mount pins
+    /// are evicted, oldest first.
+    pub fn open(root: &Path, max_bytes: u64) -> io::Result<ChunkStore> {
+        for sub in ["chunks", "meta", "tmp"] {
+            fs::create_dir_all(root.join(sub))?;
+        }
+        // Leftovers of writes a crash interrupted.
+        for e in fs::read_dir(root.join("tmp"))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        let used = scan(&root.join("chunks"))?.iter().map(|c| c.size).sum();
+        Ok(ChunkStore {
+            root: root.to_path_buf(),
+            max_bytes,
+            state: Mutex::new(State {
+                used,
+                ..State::default()
+            }),
+        })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Path of a chunk's file.
+    pub fn chunk_path(&self, d: &ChunkDigest) -> PathBuf {
+        let h = hex_name(d);
+        self.root.join("chunks").join(&h[..2]).join(h)
+    }
+
+    /// Whether a chunk file exists (not verified: for statistics and prefetch planning).
+    pub fn contains(&self, d: &ChunkDigest) -> bool {
+        self.chunk_path(d).exists()
+    }
+
+    /// Opens a cached chunk of `size` bytes, verifying it the first time this process
+    /// sees it. `None` when it is absent, or was present but damaged (it is then deleted).
+    pub fn open_chunk(&self, d: &ChunkDigest, size: u32) -> io::Result<Option<File>> {
+        let path = self.chunk_path(d);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if self.lock().verified.contains(d) {
+            return Ok(Some(file));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        (&mut file)
+            .take(u64::from(size) + 1)
+            .read_to_end(&mut data)?;
+        if data.len() != size as usize || hoist_codec::digest(&data) != *d {
+            tracing::warn!(
+                "cached chunk {} is damaged ({} bytes, {size} expected); fetching it again",
+                path.display(),
+                data.len()
+            );
+            if fs::remove_file(&path).is_ok() {
+                let mut st = self.lock();
+                st.used = st.used.saturating_sub(data.len() as u64);
+            }
+            return Ok(None);
+        }
+        self.lock().verified.insert(*d);
+        Ok(Some(file))
+    }
+
+    /// Stores a chunk whose bytes the caller has verified against `d`.
+    pub fn put_chunk(&self, d: &ChunkDigest, data: &[u8]) -> io::Result<()> {
+        let path = self.chunk_path(d);
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        self.write_atomic(&path, data)?;
+        let over = {
+            let mut st = self.lock();
+            st.verified.insert(*d);
+            st.used += data.len() as u64;
+            st.used > self.max_bytes
+        };
+        if over {
+            // Down to 90% so that eviction does not run on every write.
+            self.evict_to(self.max_bytes / 10 * 9)?;
+        }
+        Ok(())
+    }
+
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
+        tmp.write_all(data)?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+
+    /// Pins chunks against eviction (a mount uses them).
+    pub fn pin(&self, digests: &HashSet<ChunkDigest>) {
+        let mut st = self.lock();
+        for d in digests {
+            *st.pinned.entry(*d).or_default() += 1;
+        }
+    }
+
+    /// Releases pins taken with [`ChunkStore::pin`].
+    pub fn unpin(&self, digests: &HashSet<ChunkDigest>) {
+        let mut st = self.lock();
+        for d in digests {
+            if let Some(n) = st.pinned.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    st.pinned.remove(d);
+                }
+            }
+        }
+    }
+
+    /// Removes unpinned chunks, least recently written first, until at most `target`
+    /// bytes of chunks are left (or only pinned ones are).
+    pub fn evict_to(&self, target: u64) -> io::Result<PruneReport> {
+        let mut files = scan(&self.root.join("chunks"))?;
+        files.sort_by_key(|c| c.mtime);
+        let mut used: u64 = files.iter().map(|c| c.size).sum();
+        let mut report = PruneReport::default();
+        for c in files {
+            if used <= target {
+                break;
+            }
+            {
+                let st = self.lock();
+                if st.pinned.contains_key(&c.digest) {
+                    continue;
+                }
+            }
+            if fs::remove_file(&c.path).is_ok() {
+                used -= c.size;
+                report.removed += 1;
+                report.freed += c.size;
+                self.lock().verified.remove(&c.digest);
+            }
+        }
+        if used > target {
+            tracing::warn!(
+                "chunk cache holds {used} bytes, more than {target}: the rest is in use by mounts"
+            );
+        }
+        self.lock().used = used;
+        report.left = used;
+        Ok(report)
+    }
+
+    /// Usage figures.
+    pub fn stats(&self) -> io::Result<StoreStats> {
+        let chunks = scan(&self.root.join("chunks"))?;
+        let metas = scan_flat(&self.root.join("meta"))?;
+        Ok(StoreStats {
+            chunks: chunks.len() as u64,
+            chunk_bytes: chunks.iter().map(|c| c.size).sum(),
+            metas: metas.len() as u64,
+            meta_bytes: metas.iter().map(|(_, s)| s).sum(),
+            max_bytes: self.max_bytes,
+            pinned: self.lock().pinned.len() as u64,
+        })
+    }
+
+    /// Path of a metadata blob's file.
+    pub fn meta_path(&self, digest_hex: &str) -> PathBuf {
+        self.root.join("meta").join(digest_hex)
+    }
+
+    /// A cached metadata blob, checked against its sha256; a damaged one is deleted.
+    pub fn get_meta(&self, digest_hex: &str) -> io::Result<Option<Vec<u8>>> {
+        let path = self.meta_path(digest_hex);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if hex::encode(sha2::Sha256::digest(&data)) != digest_hex {
+            tracing::warn!(
+                "cached metadata {} is damaged; fetching it again",
+                path.display()
+            );
+            let _ = fs::remove_file(&path);
+            return Ok(None);
+        }
+        Ok(Some(data))
+    }
+
+    /// Stores a metadata blob the caller has verified.
+    pub fn put_meta(&self, digest_hex: &str, data: &[u8]) -> io::Result<PathBuf> {
+        let path = self.meta_path(digest_hex);
+        if !path.exists() {
+            self.write_atomic(&path, data)?;
+        }
+        Ok(path)
+    }
+}
+
+struct Cached {
+    path: PathBuf,
+    digest: ChunkDigest,
+    size: u64,
+    mtime: SystemTime,
+}
+
+/// Every chunk file under `chunks/`; files with names that are not digests are ignored.
+fn scan(dir: &Path) -> io::Result<Vec<Cached>> {
+    let mut out = Vec::new();
+    for sub in fs::read_dir(dir)?.flatten() {
+        if !sub.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        for e in fs::read_dir(sub.path())?.flatten() {
+            let name = e.file_name();
+            let mut digest = [0u8; 32];
+            if hex::decode_to_slice(name.as_encoded_bytes(), &mut digest).is_err() {
+                continue;
+            }
+            let Ok(md) = e.metadata() else { continue };
+            out.push(Cached {
+                path: e.path(),
+                digest,
+                size: md.len(),
+                mtime: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn scan_flat(dir: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
+    Ok(fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.len())))
+        .collect())
+}
+
+/// A chunk being fetched: whoever needs it waits here for the outcome.
+#[derive(Debug, Default)]
+pub struct Slot {
+    state: Mutex<SlotState>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    result: Option<Result<(), Arc<str>>>,
+    urgent: bool,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the chunk as wanted by a reader (a prefetch job holding it goes first).
+    pub fn make_urgent(&self) {
+        self.lock().urgent = true;
+    }
+
+    /// Whether a reader waits for it.
+    pub fn is_urgent(&self) -> bool {
+        self.lock().urgent
+    }
+
+    /// Waits for the outcome until `deadline`; `None` on timeout.
+    pub fn wait(&self, deadline: std::time::Instant) -> Option<Result<(), Arc<str>>> {
+        let mut st = self.lock();
+        loop {
+            if let Some(r) = &st.result {
+                return Some(r.clone());
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn complete(&self, r: Result<(), Arc<str>>) {
+        self.lock().result = Some(r);
+        self.cv.notify_all();
+    }
+}
+
+/// Outcome of [`Inflight::claim`].
+pub enum Claim {
+    /// The caller fetches the chunk and must call [`Inflight::finish`].
+    Mine(Arc<Slot>),
+    /// Someone else is fetching it; wait on the slot.
+    Theirs(Arc<Slot>),
+}
+
+/// Chunks being fetched, by digest, so that no chunk is fetched twice at once, whichever
+/// mount or image wants it.
+#[derive(Debug, Default)]
+pub struct Inflight {
+    map: Mutex<HashMap<ChunkDigest, Arc<Slot>>>,
+}
+
+impl Inflight {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ChunkDigest, Arc<Slot>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims a chunk for fetching, or joins the fetch under way.
+    pub fn claim(&self, d: &ChunkDigest) -> Claim {
+        let mut map = self.lock();
+        match map.get(d) {
+            Some(s) => Claim::Theirs(s.clone()),
+            None => {
+                let s = Arc::new(Slot::default());
+                map.insert(*d, s.clone());
+                Claim::Mine(s)
+            }
+        }
+    }
+
+    /// Claims a chunk only if nobody is fetching it.
+    pub fn try_claim(&self, d: &ChunkDigest) -> Option<Arc<Slot>> {
+        match self.claim(d) {
+            Claim::Mine(s) => Some(s),
+            Claim::Theirs(_) => None,
+        }
+    }
+
+    /// Ends a fetch: wakes the waiters with `r`.
+    pub fn finish(&self, d: &ChunkDigest, slot: &Slot, r: Result<(), Arc<str>>) {
+        self.lock().remove(d);
+        slot.complete(r);
+    }
+}

@@ -1,0 +1,341 @@
+//! The daemon process: the API server and the table of mounts.
+
+use crate::api::{Client, Request, Response};
+use crate::served::{mount_id, Home, Served};
+use hoist_cache::{ChunkStore, Inflight};
+use hoist_fs::kernel;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What the daemon writes of each mount, to clean up after itself if it dies.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    mountpoint: PathBuf,
+    image: String,
+    devdir: Option<PathBuf>,
+    pid: u32,
+}
+
+type Stores = HashMap<PathBuf, (Arc<ChunkStore>, Arc<Inflight>)>;
+
+/// The daemon's state.
+pub struct Daemon {
+    home: Home,
+    stores: Mutex<Stores>,
+    mounts: Mutex<HashMap<PathBuf, Served>>,
+    pending: Mutex<HashSet<PathBuf>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Daemon {
+    /// A daemon over `home`, with no mounts.
+    pub fn new(home: Home) -> Daemon {
+        Daemon {
+            home,
+            stores: Mutex::new(HashMap::new()),
+            mounts: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn store(
+        &self,
+        dir: &Path,
+        max_bytes: u64,
+    ) -> Result<(Arc<ChunkStore>, Arc<Inflight>), String> {
+        let mut stores = lock(&self.stores);
+        if let Some(s) = stores.get(dir) {
+            return Ok(s.clone());
+        }
+        let store = ChunkStore::open(dir, max_bytes)
+            .map_err(|e| format!("opening the chunk cache {}: {e}", dir.display()))?;
+        let entry = (Arc::new(store), Arc::new(Inflight::default()));
+        stores.insert(dir.to_path_buf(), entry.clone());
+        Ok(entry)
+    }
+
+    fn record_path(&self, mountpoint: &Path) -> PathBuf {
+        self.home
+            .mounts()
+            .join(format!("{}.json", mount_id(mountpoint)))
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+        match req {
+            Request::Ping => Ok(serde_json::json!({"pid": std::process::id()})),
+            Request::Mount(spec) => {
+                let mp = spec.mountpoint.clone();
+                if lock(&self.mounts).contains_key(&mp) || !lock(&self.pending).insert(mp.clone()) {
+                    return Err(format!("{} is already mounted by hoist", mp.display()));
+                }
+                let result = (|| {
+                    let (store, inflight) = self.store(&spec.cache_dir, spec.cache_max_bytes)?;
+                    let served = Served::start(spec, store, inflight, &self.home)?;
+                    let record = Record {
+                        mountpoint: mp.clone(),
+                        image: served.spec().image.clone(),
+                        devdir: (served.spec().mode == crate::api::Mode::Erofs)
+                            .then(|| self.home.run().join(mount_id(&mp)).join("dev")),
+                        pid: std::process::id(),
+                    };
+                    std::fs::create_dir_all(self.home.mounts())
+                        .and_then(|()| {
+                            std::fs::write(
+                                self.record_path(&mp),
+                                serde_json::to_vec(&record).unwrap_or_default(),
+                            )
+                        })
+                        .map_err(|e| format!("writing the mount record: {e}"))?;
+                    let stats = served.stats();
+                    lock(&self.mounts).insert(mp.clone(), served);
+                    serde_json::to_value(stats).map_err(|e| e.to_string())
+                })();
+                lock(&self.pending).remove(&mp);
+                result
+            }
+            Request::Umount { mountpoint } => {
+                let served = lock(&self.mounts).remove(&mountpoint);
+                let _ = std::fs::remove_file(self.record_path(&mountpoint));
+                match served {
+                    Some(s) => s.stop().map(|()| serde_json::Value::Null),
+                    None => Err(format!(
+                        "{} is not mounted by this daemon",
+                        mountpoint.display()
+                    )),
+                }
+            }
+            Request::Stat { mountpoint } => lock(&self.mounts)
+                .get(&mountpoint)
+                .map(|s| serde_json::to_value(s.stats()).unwrap_or_default())
+                .ok_or_else(|| format!("{} is not mounted by hoist", mountpoint.display())),
+            Request::List => {
+                let list: Vec<_> = lock(&self.mounts).values().map(|s| s.stats()).collect();
+                serde_json::to_value(list).map_err(|e| e.to_string())
+            }
+            Request::CacheStat { cache_dir } => {
+                let (store, _) = self.store(&cache_dir, u64::MAX)?;
+                let stats = store.stats().map_err(|e| e.to_string())?;
+                serde_json::to_value(stats).map_err(|e| e.to_string())
+            }
+            Request::CachePrune {
+                cache_dir,
+                max_bytes,
+            } => {
+                let (store, _) = self.store(&cache_dir, u64::MAX)?;
+                let report = store.evict_to(max_bytes).map_err(|e| e.to_string())?;
+                serde_json::to_value(report).map_err(|e| e.to_string())
+            }
+            Request::Shutdown => {
+                self.shutdown();
+                Ok(serde_json::Value::Null)
+            }
+        }
+    }
+
+    /// Unmounts everything.
+    pub fn shutdown(&self) {
+        let mounts: Vec<(PathBuf, Served)> = lock(&self.mounts).drain().collect();
+        for (mp, served) in mounts {
+            if let Err(e) = served.stop() {
+                tracing::warn!("{e}");
+            }
+            let _ = std::fs::remove_file(self.record_path(&mp));
+        }
+    }
+
+    /// Detaches the mounts a daemon that died left behind (their FUSE servers are gone,
+    /// so they answer ENOTCONN), and forgets them.
+    fn clean_up_after_predecessor(&self) {
+        let Ok(dir) = std::fs::read_dir(self.home.mounts()) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let path = e.path();
+            let record: Option<Record> = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(r) = record {
+                for mp in std::iter::once(&r.mountpoint).chain(r.devdir.as_ref()) {
+                    if kernel::is_mountpoint(mp) {
+                        match kernel::unmount_lazy(mp) {
+                            Ok(()) => tracing::info!(
+                                "detached {} left by daemon {} ({})",
+                                mp.display(),
+                                r.pid,
+                                r.image
+                            ),
+                            Err(e) => tracing::warn!("detaching {}: {e}", mp.display()),
+                        }
+                    }
+                }
+                if let Some(run_dir) = r.devdir.as_ref().and_then(|d| d.parent()) {
+                    let _ = std::fs::remove_dir_all(run_dir);
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Runs a daemon over `home` until a signal or a `shutdown` request. Prints `ready` on
+/// stdout once the socket accepts requests (what [`spawn_and_wait`] waits for).
+pub fn run(home: Home) -> Result<(), String> {
+    std::fs::create_dir_all(&home.root)
+        .map_err(|e| format!("creating {}: {e}", home.root.display()))?;
+    let lock_path = home.root.join("daemon.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("opening {}: {e}", lock_path.display()))?;
+    rustix::fs::flock(
+        &lock_file,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .map_err(|_| {
+        format!(
+            "another hoist daemon serves {} (HOIST_HOME); stop it with `hoist daemon stop`",
+            home.root.display()
+        )
+    })?;
+    let socket = home.socket();
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        UnixListener::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let daemon = Arc::new(Daemon::new(home.clone()));
+    daemon.clean_up_after_predecessor();
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| format!("installing signal handlers: {e}"))?;
+    {
+        let daemon = daemon.clone();
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!("signal {sig}: unmounting everything");
+                daemon.shutdown();
+                let _ = std::fs::remove_file(&socket);
+                std::process::exit(0);
+            }
+        });
+    }
+    tracing::info!(
+        "hoist daemon {} serving {}",
+        std::process::id(),
+        socket.display()
+    );
+    println!("ready");
+    let _ = std::io::stdout().flush();
+
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let daemon = daemon.clone();
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            if serve_connection(&daemon, conn) {
+                let _ = std::fs::remove_file(&socket);
+                std::process::exit(0);
+            }
+        });
+    }
+    drop(lock_file);
+    Ok(())
+}
+
+/// Serves one connection; true when it asked the daemon to exit.
+fn serve_connection(daemon: &Daemon, conn: UnixStream) -> bool {
+    let Ok(mut writer) = conn.try_clone() else {
+        return false;
+    };
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { return false };
+        let req: Result<Request, _> = serde_json::from_str(&line);
+        let exit = matches!(req, Ok(Request::Shutdown));
+        let resp = match req {
+            Ok(req) => match daemon.handle(req) {
+                Ok(result) => Response {
+                    ok: true,
+                    result: Some(result),
+                    error: None,
+                },
+                Err(error) => Response {
+                    ok: false,
+                    result: None,
+                    error: Some(error),
+                },
+            },
+            Err(e) => Response {
+                ok: false,
+                result: None,
+                error: Some(format!("bad request: {e}")),
+            },
+        };
+        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+        out.push(b'\n');
+        if writer.write_all(&out).is_err() {
+            return exit;
+        }
+        if exit {
+            return true;
+        }
+    }
+    false
+}
+
+/// Makes sure a daemon serves `home`: connects, or starts `exe daemon run` in the
+/// background (its own process group, so the terminal's signals do not reach it; its
+/// output in `daemon.log`) and waits until it is ready.
+pub fn spawn_and_wait(home: &Home, exe: &Path) -> Result<Client, String> {
+    if let Ok(c) = Client::connect(&home.socket()) {
+        return Ok(c);
+    }
+    std::fs::create_dir_all(&home.root)
+        .map_err(|e| format!("creating {}: {e}", home.root.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.log())
+        .map_err(|e| format!("opening {}: {e}", home.log().display()))?;
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(exe)
+        .args(["daemon", "run"])
+        .env("HOIST_HOME", &home.root)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting {} daemon run: {e}", exe.display()))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take();
+    if let Some(out) = stdout {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim() != "ready" {
+        let _ = child.wait();
+        let tail = std::fs::read_to_string(home.log()).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(format!(
+            "the hoist daemon did not start (log {}):\n{}",
+            home.log().display(),
+            tail.join("\n")
+        ));
+    }
+    Client::connect(&home.socket()).map_err(|e| e.to_string())
+}

@@ -1,0 +1,181 @@
+//! Blob device files for the kernel's EROFS (`--mode erofs`).
+//!
+//! A flat FUSE directory holding one file per data blob, named by its device number
+//! (`1`, `2`, …). File `n` is the uncompressed address space of blob `n`: each chunk at
+//! its `uncompressed_offset`, zeros between chunks. EROFS mounts the metadata blob with
+//! these files as `device=`s, and reads through them fetch chunks on demand.
+
+use crate::session::{negotiate, FsCounters, TTL};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
+};
+use hoist_cache::Fetcher;
+use std::ffi::OsStr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+/// The FUSE filesystem of an image's blob devices.
+pub struct BlobDevFs {
+    fetcher: Arc<Fetcher>,
+    sizes: Vec<u64>,
+    counters: Arc<FsCounters>,
+}
+
+impl BlobDevFs {
+    /// Device files for the blobs of `fetcher`, of the given uncompressed sizes.
+    pub fn new(fetcher: Arc<Fetcher>, sizes: Vec<u64>, counters: Arc<FsCounters>) -> BlobDevFs {
+        BlobDevFs {
+            fetcher,
+            sizes,
+            counters,
+        }
+    }
+
+    fn blob_of(&self, ino: INodeNo) -> Option<usize> {
+        let b = usize::try_from(ino.0.checked_sub(2)?).ok()?;
+        (b < self.sizes.len()).then_some(b)
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        let (kind, size, perm, nlink) = if ino.0 == 1 {
+            (FileType::Directory, 0, 0o500, 2)
+        } else {
+            (
+                FileType::RegularFile,
+                self.sizes[self.blob_of(ino)?],
+                0o400,
+                1,
+            )
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// Reads `[offset, offset+size)` of blob `blob`'s address space.
+    fn read_blob(&self, blob: usize, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let total = self.sizes[blob];
+        if offset >= total {
+            return Ok(Vec::new());
+        }
+        let end = total.min(offset.saturating_add(u64::from(size)));
+        let mut buf = vec![0u8; (end - offset) as usize];
+        let entries = &self.fetcher.blobs()[blob].entries;
+        // The first chunk that ends after `offset`.
+        let first = entries
+            .partition_point(|e| e.uncompressed_offset + u64::from(e.uncompressed_size) <= offset);
+        for (k, e) in entries[first..].iter().enumerate() {
+            if e.uncompressed_offset >= end {
+                break;
+            }
+            let from = offset.max(e.uncompressed_offset);
+            let to = end.min(e.uncompressed_offset + u64::from(e.uncompressed_size));
+            let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            self.fetcher
+                .read_at(blob, first + k, from - e.uncompressed_offset, out)
+                .map_err(|err| {
+                    tracing::warn!("device {} at {from}: {err}", blob + 1);
+                    Errno::EIO
+                })?;
+        }
+        Ok(buf)
+    }
+}
+
+impl fuser::Filesystem for BlobDevFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        negotiate(config, false);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let found = (parent.0 == 1)
+            .then(|| name.to_str()?.parse::<u64>().ok())
+            .flatten()
+            .and_then(|n| self.attr(INodeNo(n + 1)).filter(|_| n >= 1));
+        match found {
+            Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.blob_of(ino) {
+            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            None => reply.error(Errno::EISDIR),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(blob) = self.blob_of(ino) else {
+            return reply.error(Errno::EISDIR);
+        };
+        match self.read_blob(blob, offset, size) {
+            Ok(data) => {
+                self.counters.read(data.len());
+                reply.data(&data)
+            }
+            Err(e) => {
+                self.counters.read_errors.fetch_add(1, Relaxed);
+                reply.error(e)
+            }
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino.0 != 1 {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let mut names = vec![(INodeNo(1), FileType::Directory, ".".to_string())];
+        names.push((INodeNo(1), FileType::Directory, "..".to_string()));
+        for n in 1..=self.sizes.len() as u64 {
+            names.push((INodeNo(n + 1), FileType::RegularFile, n.to_string()));
+        }
+        for (i, (ino, kind, name)) in names.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(ino, i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}

@@ -1,0 +1,25 @@
+//! Serving hoist images to the kernel, two ways.
+//!
+//! - **fuse** ([`TreeFs`]): a read-only FUSE filesystem of the image's EROFS tree. Every
+//!   metadata operation is answered from the metadata blob in memory; file data comes
+//!   through the [`hoist_cache::Fetcher`]. The image is immutable, so the kernel may cache
+//!   entries, attributes, directories, symlinks and pages for as long as it likes, and a
+//!   file whose single chunk is cached is handed to the kernel by FUSE passthrough (its
+//!   reads never reach hoist again).
+//! - **erofs** ([`BlobDevFs`] + [`kernel`]): the kernel's own EROFS mounts the metadata
+//!   blob (a local file) with one `device=` per data blob. The devices are files of a
+//!   small private FUSE filesystem, each the uncompressed address space of one blob,
+//!   filled on demand by the fetcher. Metadata operations never leave the kernel, and
+//!   file-backed EROFS needs no loop devices.
+//!
+//! In both, a read that cannot be served in time fails with EIO; no request waits longer
+//! than the fetcher's read timeout.
+
+mod blobdev;
+pub mod kernel;
+mod session;
+mod tree;
+
+pub use blobdev::BlobDevFs;
+pub use session::{mount_fuse, FsCounters};
+pub use tree::TreeFs;

@@ -1,0 +1,90 @@
+//! Mounting a FUSE filesystem of hoist's: options shared by both filesystems.
+
+use fuser::{Config, KernelConfig, MountOption, SessionACL};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// How long the kernel may cache entries and attributes: the image never changes.
+pub(crate) const TTL: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// Counters of a mounted filesystem.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct FsCounters {
+    /// Read requests that reached hoist.
+    pub reads: AtomicU64,
+    /// Bytes they returned.
+    pub read_bytes: AtomicU64,
+    /// Reads answered with EIO.
+    pub read_errors: AtomicU64,
+    /// Opens handed to the kernel by FUSE passthrough.
+    pub passthrough_opens: AtomicU64,
+    /// Whether the kernel offered passthrough (1) or not (0).
+    pub passthrough_available: AtomicU64,
+}
+
+impl FsCounters {
+    pub(crate) fn read(&self, bytes: usize) {
+        self.reads.fetch_add(1, Relaxed);
+        self.read_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+}
+
+/// Negotiates the connection: large requests, cached symlinks and directories,
+/// `readdirplus`, and passthrough when `passthrough` and the kernel offers it. Returns
+/// whether passthrough is on.
+pub(crate) fn negotiate(config: &mut KernelConfig, passthrough: bool) -> bool {
+    use fuser::InitFlags as F;
+    let caps = config.capabilities();
+    let wanted = F::FUSE_CACHE_SYMLINKS
+        | F::FUSE_DO_READDIRPLUS
+        | F::FUSE_READDIRPLUS_AUTO
+        | F::FUSE_PARALLEL_DIROPS
+        | F::FUSE_MAX_PAGES
+        | F::FUSE_ASYNC_READ;
+    let _ = config.add_capabilities(wanted & caps);
+    // The largest read requests the kernel allows (1 MiB on current kernels).
+    if let Err(max) = config.set_max_readahead(1 << 20) {
+        let _ = config.set_max_readahead(max);
+    }
+    if let Err(max) = config.set_max_write(1 << 20) {
+        let _ = config.set_max_write(max);
+    }
+    let _ = config.set_max_background(64);
+    if passthrough && caps.contains(F::FUSE_PASSTHROUGH) {
+        // Depth 1: backing files are on a plain filesystem (the cache), and overlayfs can
+        // still stack on this mount (a container's writable layer).
+        if config.add_capabilities(F::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Mounts `fs` read-only at `mountpoint`, served by `threads` threads; dropping the
+/// session unmounts it (lazily).
+pub fn mount_fuse<FS: fuser::Filesystem>(
+    fs: FS,
+    mountpoint: &Path,
+    name: &str,
+    threads: usize,
+) -> std::io::Result<fuser::BackgroundSession> {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(name.to_string()),
+        MountOption::Subtype("hoist".into()),
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::Exec,
+        MountOption::NoAtime,
+    ];
+    // Every user may read the image (a container's processes run as their own users);
+    // the kernel checks permissions from the image's modes (default_permissions).
+    config.acl = SessionACL::All;
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = true;
+    fuser::Session::new(fs, mountpoint, &config)?.spawn()
+}

@@ -1,0 +1,572 @@
+//! The FUSE filesystem of an image's tree (`--mode fuse`).
+
+use crate::session::{negotiate, FsCounters, TTL};
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use hoist_cache::Fetcher;
+use hoist_format::erofs::ondisk::mode;
+use hoist_format::erofs::{DirEntry, Inode};
+use hoist_format::tree::ChunkRef;
+use hoist_reader::HoistImage;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, UNIX_EPOCH};
+
+const SEEK_DATA: i32 = 3;
+const SEEK_HOLE: i32 = 4;
+
+/// A read-only FUSE filesystem serving a hoist image's tree.
+///
+/// Inode numbers are EROFS nids plus 2, except the root, which FUSE wants as 1; so a
+/// hardlinked file has one inode number, as on any filesystem.
+pub struct TreeFs {
+    image: Arc<HoistImage>,
+    fetcher: Arc<Fetcher>,
+    counters: Arc<FsCounters>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    /// Backing files handed to the kernel, by inode, with their open count.
+    backing: Mutex<HashMap<u64, (BackingId, usize)>>,
+    want_passthrough: bool,
+    passthrough: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl TreeFs {
+    /// Serves `image`, reading file data through `fetcher`. With `passthrough`, files
+    /// whose data is one cached chunk are opened by FUSE passthrough when the kernel
+    /// offers it.
+    pub fn new(
+        image: Arc<HoistImage>,
+        fetcher: Arc<Fetcher>,
+        counters: Arc<FsCounters>,
+        passthrough: bool,
+    ) -> TreeFs {
+        TreeFs {
+            image,
+            fetcher,
+            counters,
+            dirs: Mutex::new(HashMap::new()),
+            backing: Mutex::new(HashMap::new()),
+            want_passthrough: passthrough,
+            passthrough: false,
+        }
+    }
+
+    fn ino(&self, nid: u64) -> INodeNo {
+        if nid == self.image.fs.root_nid() {
+            INodeNo(1)
+        } else {
+            INodeNo(nid + 2)
+        }
+    }
+
+    fn nid(&self, ino: INodeNo) -> u64 {
+        if ino.0 == 1 {
+            self.image.fs.root_nid()
+        } else {
+            ino.0.wrapping_sub(2)
+        }
+    }
+
+    fn inode(&self, ino: INodeNo) -> Result<Inode, Errno> {
+        self.image.fs.inode(self.nid(ino)).map_err(|e| {
+            tracing::warn!("inode {}: {e}", ino.0);
+            Errno::EIO
+        })
+    }
+
+    fn dir(&self, inode: &Inode) -> Result<Arc<Vec<DirEntry>>, Errno> {
+        if !inode.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        if let Some(d) = lock(&self.dirs).get(&inode.nid) {
+            return Ok(d.clone());
+        }
+        let entries = Arc::new(self.image.fs.read_dir(inode).map_err(|e| {
+            tracing::warn!("directory {}: {e}", inode.nid);
+            Errno::EIO
+        })?);
+        lock(&self.dirs).insert(inode.nid, entries.clone());
+        Ok(entries)
+    }
+
+    fn attr(&self, inode: &Inode) -> FileAttr {
+        let kind = match inode.file_type() {
+            mode::S_IFDIR => FileType::Directory,
+            mode::S_IFLNK => FileType::Symlink,
+            mode::S_IFCHR => FileType::CharDevice,
+            mode::S_IFBLK => FileType::BlockDevice,
+            mode::S_IFIFO => FileType::NamedPipe,
+            mode::S_IFSOCK => FileType::Socket,
+            _ => FileType::RegularFile,
+        };
+        let mtime = UNIX_EPOCH
+            .checked_add(Duration::new(
+                inode.mtime,
+                inode.mtime_nsec.min(999_999_999),
+            ))
+            .unwrap_or(UNIX_EPOCH);
+        let rdev = if matches!(kind, FileType::CharDevice | FileType::BlockDevice) {
+            let (major, minor) = inode.rdev();
+            // The kernel's new_encode_dev, as FUSE expects.
+            (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
+        } else {
+            0
+        };
+        FileAttr {
+            ino: self.ino(inode.nid),
+            size: inode.size,
+            blocks: inode.size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm: (inode.mode & 0o7777) as u16,
+            nlink: inode.nlink.max(1),
+            uid: inode.uid,
+            gid: inode.gid,
+            rdev,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn lookup_child(&self, parent: INodeNo, name: &OsStr) -> Result<Inode, Errno> {
+        let dir = self.dir(&self.inode(parent)?)?;
+        let name = name.as_bytes();
+        // EROFS keeps directory entries sorted by name (the kernel bisects them too).
+        let i = dir
+            .binary_search_by(|e| e.name.as_slice().cmp(name))
+            .map_err(|_| Errno::ENOENT)?;
+        self.image.fs.inode(dir[i].nid).map_err(|e| {
+            tracing::warn!("inode {}: {e}", dir[i].nid);
+            Errno::EIO
+        })
+    }
+
+    fn chunk_refs(&self, inode: &Inode) -> Result<Vec<ChunkRef>, Errno> {
+        self.image.chunks(inode).map_err(|e| {
+            tracing::warn!("chunks of inode {}: {e}", inode.nid);
+            Errno::EIO
+        })
+    }
+
+    fn read_range(&self, inode: &Inode, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        if !inode.is_file() {
+            return Err(Errno::EISDIR);
+        }
+        if offset >= inode.size {
+            return Ok(Vec::new());
+        }
+        let end = inode.size.min(offset.saturating_add(u64::from(size)));
+        let chunks = self.chunk_refs(inode)?;
+        let bits = self.image.meta.chunk_bits;
+        let mut buf = vec![0u8; (end - offset) as usize];
+        let mut pos = offset;
+        while pos < end {
+            let i = (pos >> bits) as usize;
+            let chunk_start = (i as u64) << bits;
+            let within = pos - chunk_start;
+            let n = (end - pos).min((1u64 << bits) - within);
+            let out = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
+            match chunks.get(i).copied() {
+                Some(ChunkRef::Hole) => {}
+                Some(c) => {
+                    let (blob, index, entry) = self.image.resolve(c).ok_or_else(|| {
+                        tracing::warn!("inode {}: chunk {i} points nowhere", inode.nid);
+                        Errno::EIO
+                    })?;
+                    if u64::from(entry.uncompressed_size) < within + n {
+                        tracing::warn!("inode {}: chunk {i} is too short", inode.nid);
+                        return Err(Errno::EIO);
+                    }
+                    self.fetcher
+                        .read_at(blob, index, within, out)
+                        .map_err(|e| {
+                            tracing::warn!("reading inode {} at {pos}: {e}", inode.nid);
+                            Errno::EIO
+                        })?;
+                }
+                None => return Err(Errno::EIO),
+            }
+            pos += n;
+        }
+        Ok(buf)
+    }
+
+    /// The cached chunk file holding all of a file's data, if there is exactly one.
+    fn single_cached_chunk(&self, inode: &Inode) -> Option<std::fs::File> {
+        let chunks = self.chunk_refs(inode).ok()?;
+        let [c] = chunks.as_slice() else { return None };
+        let (_, _, entry) = self.image.resolve(*c)?;
+        if u64::from(entry.uncompressed_size) != inode.size {
+            return None;
+        }
+        self.fetcher
+            .store()
+            .open_chunk(&entry.digest, entry.uncompressed_size)
+            .ok()
+            .flatten()
+    }
+
+    fn open_passthrough(&self, ino: INodeNo, inode: &Inode, reply: ReplyOpen) {
+        let mut backing = lock(&self.backing);
+        if let Some((id, count)) = backing.get_mut(&ino.0) {
+            *count += 1;
+            self.counters.passthrough_opens.fetch_add(1, Relaxed);
+            return reply.opened_passthrough(FileHandle(1), FopenFlags::empty(), id);
+        }
+        if let Some(file) = self.single_cached_chunk(inode) {
+            match reply.open_backing(&file) {
+                Ok(id) => {
+                    self.counters.passthrough_opens.fetch_add(1, Relaxed);
+                    reply.opened_passthrough(FileHandle(1), FopenFlags::empty(), &id);
+                    backing.insert(ino.0, (id, 1));
+                    return;
+                }
+                Err(e) => tracing::debug!("passthrough for inode {}: {e}", ino.0),
+            }
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn xattrs(&self, ino: INodeNo) -> Result<Vec<hoist_format::erofs::read::Xattr>, Errno> {
+        let inode = self.inode(ino)?;
+        self.image.fs.xattrs(&inode).map_err(|e| {
+            tracing::warn!("xattrs of inode {}: {e}", ino.0);
+            Errno::EIO
+        })
+    }
+}
+
+/// Answers a getxattr/listxattr request: the size when asked for it, else the bytes.
+fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+fn file_type_of(ft: u8) -> FileType {
+    // EROFS FT_* values.
+    match ft {
+        2 => FileType::Directory,
+        3 => FileType::CharDevice,
+        4 => FileType::BlockDevice,
+        5 => FileType::NamedPipe,
+        6 => FileType::Socket,
+        7 => FileType::Symlink,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// Where SEEK_DATA or SEEK_HOLE from `offset` lands, at chunk granularity: a hole chunk
+/// is a hole, any other chunk is data, and there is a hole at the end of the file.
+pub(crate) fn seek(
+    chunks: &[ChunkRef],
+    bits: u8,
+    size: u64,
+    offset: u64,
+    whence: i32,
+) -> Option<u64> {
+    if offset >= size {
+        return None;
+    }
+    let first = (offset >> bits) as usize;
+    let want_data = whence == SEEK_DATA;
+    for (i, c) in chunks.iter().enumerate().skip(first) {
+        let is_data = *c != ChunkRef::Hole;
+        if is_data == want_data {
+            return Some(offset.max((i as u64) << bits).min(size));
+        }
+    }
+    if want_data {
+        None
+    } else {
+        Some(size)
+    }
+}
+
+impl fuser::Filesystem for TreeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.passthrough = negotiate(config, self.want_passthrough);
+        self.counters
+            .passthrough_available
+            .store(u64::from(self.passthrough), Relaxed);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.lookup_child(parent, name) {
+            Ok(inode) => reply.entry(&TTL, &self.attr(&inode), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inode(ino) {
+            Ok(inode) => reply.attr(&TTL, &self.attr(&inode)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = self.inode(ino).and_then(|inode| {
+            self.image.fs.read_link(&inode).map_err(|e| {
+                tracing::warn!("symlink {}: {e}", ino.0);
+                Errno::EINVAL
+            })
+        });
+        match r {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & (rustix::fs::OFlags::ACCMODE.bits() as i32) != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        let inode = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        if self.passthrough && inode.is_file() {
+            return self.open_passthrough(ino, &inode, reply);
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self
+            .inode(ino)
+            .and_then(|i| self.read_range(&i, offset, size))
+        {
+            Ok(data) => {
+                self.counters.read(data.len());
+                reply.data(&data)
+            }
+            Err(e) => {
+                self.counters.read_errors.fetch_add(1, Relaxed);
+                reply.error(e)
+            }
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh.0 == 1 {
+            let mut backing = lock(&self.backing);
+            if let Some((_, count)) = backing.get_mut(&ino.0) {
+                *count -= 1;
+                if *count == 0 {
+                    backing.remove(&ino.0);
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inode(ino) {
+            Ok(i) if i.is_dir() => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dir = match self.inode(ino).and_then(|i| self.dir(&i)) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        for (i, e) in dir.iter().enumerate().skip(offset as usize) {
+            let ino = self.ino(e.nid);
+            let name = OsStr::from_bytes(&e.name);
+            if reply.add(ino, i as u64 + 1, file_type_of(e.file_type), name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let dir = match self.inode(ino).and_then(|i| self.dir(&i)) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        for (i, e) in dir.iter().enumerate().skip(offset as usize) {
+            let inode = match self.image.fs.inode(e.nid) {
+                Ok(inode) => inode,
+                Err(err) => {
+                    tracing::warn!("inode {}: {err}", e.nid);
+                    return reply.error(Errno::EIO);
+                }
+            };
+            let name = OsStr::from_bytes(&e.name);
+            if reply.add(
+                self.ino(e.nid),
+                i as u64 + 1,
+                name,
+                &TTL,
+                &self.attr(&inode),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let bytes: u64 = self
+            .image
+            .meta
+            .blobs
+            .iter()
+            .map(|b| b.uncompressed_size)
+            .sum();
+        reply.statfs(
+            bytes / 4096,
+            0,
+            0,
+            self.image.fs.inode_count(),
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.xattrs(ino) {
+            Ok(xs) => match xs.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
+                Some((_, v)) => reply_sized(reply, size, v),
+                None => reply.error(Errno::NO_XATTR),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.xattrs(ino) {
+            Ok(xs) => {
+                let mut names = Vec::new();
+                for (n, _) in xs {
+                    names.extend_from_slice(&n);
+                    names.push(0);
+                }
+                reply_sized(reply, size, &names)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let inode = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        if whence != SEEK_DATA && whence != SEEK_HOLE {
+            return reply.error(Errno::EINVAL);
+        }
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
+        };
+        let chunks = match self.chunk_refs(&inode) {
+            Ok(c) => c,
+            Err(e) => return reply.error(e),
+        };
+        match seek(
+            &chunks,
+            self.image.meta.chunk_bits,
+            inode.size,
+            offset,
+            whence,
+        ) {
+            Some(at) => reply.offset(at as i64),
+            None => reply.error(Errno::ENXIO),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seek_data_and_hole_follow_chunks() {
+        let d = ChunkRef::Mapped {
+            device: 1,
+            blkaddr: 0,
+        };
+        let h = ChunkRef::Hole;
+        // 4 KiB chunks: data, hole, hole, data; 14000 bytes.
+        let chunks = [d, h, h, d];
+        let size = 14000;
+        assert_eq!(seek(&chunks, 12, size, 0, SEEK_DATA), Some(0));
+        assert_eq!(seek(&chunks, 12, size, 100, SEEK_HOLE), Some(4096));
+        assert_eq!(seek(&chunks, 12, size, 5000, SEEK_DATA), Some(12288));
+        assert_eq!(seek(&chunks, 12, size, 12300, SEEK_HOLE), Some(size));
+        assert_eq!(seek(&chunks, 12, size, 14000, SEEK_DATA), None);
+        assert_eq!(seek(&[h, h], 12, 8192, 0, SEEK_DATA), None);
+        assert_eq!(seek(&[h, h], 12, 8192, 10, SEEK_HOLE), Some(10));
+        assert_eq!(seek(&[], 12, 0, 0, SEEK_HOLE), None);
+    }
+}
