@@ -42,7 +42,7 @@ pub struct FetchConfig {
 impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
-            min_fetch: 1 << 20,
+            min_fetch: 64 << 10,
             prefetch_fetch: 4 << 20,
             workers: 8,
             prefetch_workers: 2,

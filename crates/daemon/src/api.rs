@@ -60,6 +60,8 @@ pub struct MountSpec {
     pub read_timeout_secs: u64,
     /// Use FUSE passthrough for cached files when the kernel offers it.
     pub passthrough: bool,
+    /// Compressed bytes a miss fetches at least (following chunks of the same blob).
+    pub fetch_min_bytes: u64,
     /// How to reach the registry.
     pub registry: RegistryOptions,
 }

@@ -194,6 +194,7 @@ impl Served {
             .collect();
         let fetch_cfg = FetchConfig {
             read_timeout: Duration::from_secs(spec.read_timeout_secs.max(1)),
+            min_fetch: spec.fetch_min_bytes,
             ..FetchConfig::default()
         };
         let fetcher = Arc::new(

@@ -81,14 +81,7 @@ impl Registry {
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).expect("registry config");
-        let log = std::fs::File::create(dir.path().join("log")).expect("registry log");
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting docker-registry");
+        let child = Self::spawn(dir.path());
         let reg = Registry {
             child,
             addr,
@@ -96,6 +89,28 @@ impl Registry {
         };
         reg.wait_ready();
         reg
+    }
+
+    fn spawn(dir: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log"))
+            .expect("registry log");
+        Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting docker-registry")
+    }
+
+    /// Starts a stopped registry again, on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self._dir.path());
+        self.wait_ready();
     }
 
     /// Polls `GET /v2/` until the registry answers (any status), for at most 30 s.

@@ -52,6 +52,7 @@ pub fn mount(cx: &Context, registry: &RegistryArgs, args: &MountArgs) -> anyhow:
         cache_max_bytes: args.cache_size,
         read_timeout_secs: args.read_timeout.max(1),
         passthrough: !args.no_passthrough,
+        fetch_min_bytes: args.fetch_min,
         registry: RegistryOptions {
             plain_http: registry.plain_http,
             creds: registry.creds.clone(),

@@ -1,0 +1,456 @@
+//! Lazy mounts, both modes, against the referees: the tree under a mount equals `umoci
+//! unpack` of the original image, cold and warm; python runs in it under runc; faults
+//! (registry stopped, corrupted data, daemon killed) give EIO or ENOTCONN within the
+//! bound, never wrong data or a hang.
+
+mod common;
+
+use common::*;
+use hoist_testkit::{Auth, Fault, FaultProxy, Registry};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MODES: [&str; 2] = ["fuse", "erofs"];
+
+/// Fixtures, root, and the kernel pieces; `None` (skipped) otherwise.
+fn setup() -> Option<PathBuf> {
+    let layout = fixtures()?;
+    let ok = is_root() && Path::new("/dev/fuse").exists() && Registry::available();
+    if !ok {
+        assert!(
+            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
+            "mount tests need root, /dev/fuse and docker-registry"
+        );
+        eprintln!("SKIPPED: mount tests need root, /dev/fuse and docker-registry");
+        return None;
+    }
+    Some(layout)
+}
+
+/// A hoist state root of its own, and the mount points under it; the daemon is stopped
+/// and every mount detached when it is dropped.
+struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    fn new(name: &str) -> Home {
+        let root = scratch().join(name);
+        std::fs::create_dir_all(&root).unwrap();
+        Home { root }
+    }
+    fn env(&self) -> [(&'static str, String); 1] {
+        [("HOIST_HOME", self.root.display().to_string())]
+    }
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let env = self.env();
+        hoist_env(args, &[(env[0].0, env[0].1.as_str())])
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "hoist {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn mountpoint(&self, name: &str) -> PathBuf {
+        let p = self.root.join("mnt").join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+    fn stat(&self, mp: &Path) -> Value {
+        let out = self.ok(&["stat", "--json", &mp.display().to_string()]);
+        serde_json::from_str(&out).unwrap()
+    }
+    fn daemon_pid(&self) -> i32 {
+        let out = self.ok(&["daemon", "status"]);
+        out.split_whitespace()
+            .nth(2)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {out}"))
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let _ = self.run(&["daemon", "stop"]);
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for line in info.lines() {
+            if let Some(mp) = line.split(' ').nth(4) {
+                if mp.starts_with(&*self.root.to_string_lossy()) {
+                    let _ = Command::new("umount").args(["-l", mp]).status();
+                }
+            }
+        }
+    }
+}
+
+/// Runs `cmd` with a deadline; returns its exit status and output, or panics when it
+/// hangs (a process stuck on a dead mount).
+fn run_bounded(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{cmd:?} still runs after {limit:?}: it hangs"))
+        .unwrap()
+}
+
+fn registry_with(layout: &Path, tags: &[&str]) -> (Registry, FaultProxy, String) {
+    let reg = Registry::start(&Auth::None);
+    let proxy = FaultProxy::start(&reg.addr);
+    let home = scratch().join("convert-home").display().to_string();
+    for tag in tags {
+        let src = format!("oci:{}:{tag}", layout.display());
+        let dst = format!("docker://{}/hoist/{tag}:latest", reg.addr);
+        hoist_env_ok(
+            &["--plain-http", "convert", &src, &dst],
+            &[("HOIST_HOME", &home)],
+        );
+    }
+    let base = format!("docker://{}/hoist", proxy.addr);
+    (reg, proxy, base)
+}
+
+#[test]
+fn mounts_equal_umoci_in_both_modes_cold_and_warm() {
+    let Some(layout) = setup() else { return };
+    for tag in ["tiny-v1", "debian-python-v1", "debian-python-v2"] {
+        let image = convert(&layout, tag, &format!("conv-{tag}"), &[]);
+        for mode in MODES {
+            let home = Home::new(&format!("equal-{tag}-{mode}"));
+            let mp = home.mountpoint("root");
+            let mps = mp.display().to_string();
+            for round in ["cold", "warm"] {
+                home.ok(&["mount", "--mode", mode, &image, &mps]);
+                assert_same_tree(&layout, tag, &mp, &format!("{mode} mount ({round} cache)"));
+                let s = home.stat(&mp);
+                assert_eq!(s["state"], "ready");
+                if round == "cold" {
+                    assert!(s["bytes_fetched"].as_u64().unwrap() > 0, "{s}");
+                } else {
+                    // Everything the tree reaches came from the cache.
+                    assert_eq!(s["bytes_fetched"], 0, "warm mount fetched: {s}");
+                    assert_eq!(s["requests"], 0, "{s}");
+                    assert_eq!(s["cache_misses"], 0, "{s}");
+                }
+                if mode == "fuse" && tag == "tiny-v1" {
+                    check_seek(&mp);
+                }
+                home.ok(&["umount", &mps]);
+                assert!(!hoist_fs::kernel::is_mountpoint(&mp));
+            }
+            // With no mount left, the cache can be emptied.
+            let pruned = home.ok(&["cache", "prune"]);
+            assert!(pruned.contains("removed"), "{pruned}");
+            let stat = home.ok(&["cache", "stat", "--json"]);
+            let stat: Value = serde_json::from_str(&stat).unwrap();
+            assert_eq!(stat["chunks"], 0, "{stat}");
+        }
+    }
+}
+
+/// SEEK_DATA and SEEK_HOLE on a file of zeros (stored as holes) and one of data.
+fn check_seek(mp: &Path) {
+    use rustix::fs::{seek, SeekFrom};
+    let zeros = std::fs::File::open(mp.join("app/zeros.bin")).unwrap();
+    assert_eq!(seek(&zeros, SeekFrom::Hole(0)).unwrap(), 0);
+    assert_eq!(
+        seek(&zeros, SeekFrom::Data(0)),
+        Err(rustix::io::Errno::NXIO),
+        "a file of holes has no data"
+    );
+    let data = std::fs::File::open(mp.join("app/data.bin")).unwrap();
+    assert_eq!(seek(&data, SeekFrom::Data(4096)).unwrap(), 4096);
+    assert_eq!(seek(&data, SeekFrom::Hole(0)).unwrap(), 8 << 20);
+}
+
+/// Generates a runc bundle running `args` in `rootfs`: umoci's config of the image
+/// (env, cwd, user), with the given arguments and no terminal.
+fn runc(bundle: &Path, rootfs: &Path, config_from: &Path, args: &[&str]) -> (i32, String) {
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(config_from.join("config.json")).unwrap()).unwrap();
+    config["root"] = serde_json::json!({"path": rootfs, "readonly": false});
+    config["process"]["args"] = serde_json::json!(args);
+    config["process"]["terminal"] = Value::Bool(false);
+    std::fs::create_dir_all(bundle).unwrap();
+    std::fs::write(bundle.join("config.json"), config.to_string()).unwrap();
+    let id = format!("hoist-test-{}", std::process::id());
+    let out = run_bounded(
+        Command::new("runc")
+            .args(["run", "--bundle"])
+            .arg(bundle)
+            .arg(&id),
+        Duration::from_secs(120),
+    );
+    let _ = Command::new("runc").args(["delete", "-f", &id]).output();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn python_runs_lazily_under_runc_in_both_modes() {
+    let Some(layout) = setup() else { return };
+    if Command::new("runc").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
+            "runc is not installed"
+        );
+        return;
+    }
+    let tag = "debian-python-v1";
+    // The reference: umoci's bundle of the original image.
+    let reference = scratch().join("runc-ref");
+    let st = Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let cmd = ["python3", "/app/main.py"];
+    let (code, want) = runc(
+        &scratch().join("bundle-ref"),
+        &reference.join("rootfs"),
+        &reference,
+        &cmd,
+    );
+    assert_eq!(code, 0, "reference run: {want}");
+
+    let (_reg, proxy, base) = registry_with(&layout, &[tag]);
+    let image = format!("{base}/{tag}:latest");
+    let image_bytes: u64 = {
+        let home = Home::new("inspect");
+        let out = home.ok(&["--plain-http", "inspect", "--json", &image]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum()
+    };
+    for mode in MODES {
+        let home = Home::new(&format!("runc-{mode}"));
+        let mp = home.mountpoint("lower");
+        let mps = mp.display().to_string();
+        let before = proxy.bytes_down();
+        home.ok(&["--plain-http", "mount", "--mode", mode, &image, &mps]);
+        let mounted = proxy.bytes_down() - before;
+        assert!(
+            mounted * 20 < image_bytes,
+            "{mode}: mounting read {mounted} of {image_bytes} bytes (5% or more)"
+        );
+        // A writable layer on top, as a container runtime does.
+        let upper = home.mountpoint("upper");
+        let work = home.mountpoint("work");
+        let merged = home.mountpoint("merged");
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            mp.display(),
+            upper.display(),
+            work.display()
+        );
+        let st = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&merged)
+            .status()
+            .unwrap();
+        assert!(st.success(), "overlay mount");
+        let (code, got) = runc(&home.root.join("bundle"), &merged, &reference, &cmd);
+        let ran = proxy.bytes_down() - before;
+        let s = home.stat(&mp);
+        eprintln!(
+            "{mode}: mount read {mounted} B, mount + python3 /app/main.py read {ran} B of {image_bytes} B ({:.1}%); hoist stat: fetched {} B in {} requests, {} of {} chunks cached",
+            ran as f64 * 100.0 / image_bytes as f64,
+            s["bytes_fetched"],
+            s["requests"],
+            s["chunks_cached"],
+            s["chunks_total"]
+        );
+        assert_eq!(
+            (code, &got),
+            (0, &want),
+            "{mode}: output differs from the reference run"
+        );
+        assert!(
+            ran * 2 < image_bytes,
+            "{mode}: running main.py read {ran} of {image_bytes} bytes"
+        );
+        assert!(s["bytes_fetched"].as_u64().unwrap() > 0);
+        Command::new("umount").arg(&merged).status().unwrap();
+        home.ok(&["umount", &mps]);
+    }
+}
+
+fn read(path: &Path) -> std::io::Result<Vec<u8>> {
+    std::fs::read(path)
+}
+
+#[test]
+fn registry_outage_gives_eio_within_the_bound_and_recovers() {
+    let Some(layout) = setup() else { return };
+    let tag = "tiny-v1";
+    let reference = scratch().join("outage-ref");
+    assert!(Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
+        .arg(&reference)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let want_busybox = read(&reference.join("rootfs/bin/busybox")).unwrap();
+    let want_data = read(&reference.join("rootfs/app/data.bin")).unwrap();
+    let (mut reg, _proxy, base) = registry_with(&layout, &[tag]);
+    let image = format!("{base}/{tag}:latest");
+    for mode in MODES {
+        let home = Home::new(&format!("outage-{mode}"));
+        let mp = home.mountpoint("root");
+        let mps = mp.display().to_string();
+        home.ok(&[
+            "--plain-http",
+            "--retries",
+            "1",
+            "mount",
+            "--mode",
+            mode,
+            "--read-timeout",
+            "5",
+            &image,
+            &mps,
+        ]);
+        assert_eq!(read(&mp.join("bin/busybox")).unwrap(), want_busybox);
+        reg.stop();
+        // Uncached data: EIO, within the bound (5 s, plus the kernel's own retries of
+        // readahead in erofs mode).
+        let t = Instant::now();
+        let err = read(&mp.join("app/data.bin"))
+            .expect_err("read of uncached data with the registry down");
+        let took = t.elapsed();
+        assert_eq!(err.raw_os_error(), Some(5), "{mode}: {err}");
+        assert!(took < Duration::from_secs(25), "{mode}: EIO after {took:?}");
+        // Cached data is still served.
+        assert_eq!(read(&mp.join("bin/busybox")).unwrap(), want_busybox);
+        reg.restart();
+        // Recovery without intervention.
+        assert_eq!(
+            read(&mp.join("app/data.bin")).unwrap(),
+            want_data,
+            "{mode}: after the registry came back"
+        );
+        let s = home.stat(&mp);
+        assert!(s["fetch_errors"].as_u64().unwrap() > 0, "{s}");
+        home.ok(&["umount", &mps]);
+    }
+}
+
+#[test]
+fn corrupted_data_is_never_served() {
+    let Some(layout) = setup() else { return };
+    let tag = "tiny-v1";
+    let reference = scratch().join("corrupt-ref");
+    assert!(Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
+        .arg(&reference)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let want = read(&reference.join("rootfs/app/data.bin")).unwrap();
+    let (_reg, proxy, base) = registry_with(&layout, &[tag]);
+    let image = format!("{base}/{tag}:latest");
+    for mode in MODES {
+        let home = Home::new(&format!("corrupt-{mode}"));
+        let mp = home.mountpoint("root");
+        let mps = mp.display().to_string();
+        home.ok(&["--plain-http", "mount", "--mode", mode, &image, &mps]);
+        // Every blob range read now has one byte flipped.
+        proxy.on("GET", "/blobs/", 1000, Fault::Corrupt { at: 10 });
+        let err = read(&mp.join("app/data.bin")).expect_err("corrupted chunks must not be served");
+        assert_eq!(err.raw_os_error(), Some(5), "{mode}: {err}");
+        proxy.clear();
+        assert_eq!(
+            read(&mp.join("app/data.bin")).unwrap(),
+            want,
+            "{mode}: after the proxy healed"
+        );
+        home.ok(&["umount", &mps]);
+    }
+}
+
+#[test]
+fn killed_daemon_leaves_no_hanging_mount_and_a_verified_cache() {
+    let Some(layout) = setup() else { return };
+    let tag = "tiny-v1";
+    let image = convert(&layout, tag, "conv-kill", &[]);
+    for mode in MODES {
+        let home = Home::new(&format!("kill-{mode}"));
+        let mp = home.mountpoint("root");
+        let mps = mp.display().to_string();
+        home.ok(&["mount", "--mode", mode, &image, &mps]);
+        // Cache part of the image, and keep a file open across the kill.
+        std::fs::read(mp.join("bin/busybox")).unwrap();
+        let held = std::fs::File::open(mp.join("app/hello.txt")).unwrap();
+        let pid = home.daemon_pid();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::Kill,
+        )
+        .unwrap();
+        // Wait for the process to be gone (its FUSE connections close with it).
+        let t = Instant::now();
+        while Path::new(&format!("/proc/{pid}/status")).exists()
+            && std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .is_ok_and(|s| !s.contains("State:\tZ"))
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "daemon {pid} survived SIGKILL"
+            );
+            std::thread::yield_now();
+        }
+        // Processes on the mount get errors at once, not D state.
+        let out = run_bounded(
+            Command::new("cat").arg(mp.join("app/data.bin")),
+            Duration::from_secs(10),
+        );
+        assert!(
+            !out.status.success(),
+            "{mode}: reading uncached data from a dead mount succeeded"
+        );
+        drop(held);
+        // Damage a cached chunk: the next daemon must verify before serving it.
+        let chunk = std::fs::read_dir(home.root.join("cache/chunks"))
+            .unwrap()
+            .flatten()
+            .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+            .max_by_key(|e| e.metadata().unwrap().len())
+            .unwrap()
+            .path();
+        let mut bytes = std::fs::read(&chunk).unwrap();
+        bytes[0] ^= 0xff;
+        std::fs::write(&chunk, bytes).unwrap();
+        // A new mount on the same mount point works (the new daemon detaches the dead
+        // one), and the tree is exact although the cache held a damaged chunk.
+        home.ok(&["mount", "--mode", mode, &image, &mps]);
+        assert_same_tree(
+            &layout,
+            tag,
+            &mp,
+            &format!("{mode} mount after a killed daemon"),
+        );
+        home.ok(&["umount", &mps]);
+    }
+}
