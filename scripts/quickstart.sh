@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Builds a small sample image, converts it with hoist, verifies it, and mounts it with the
-# kernel's EROFS: the main job of this stage of the project, runnable on a fresh Debian.
-# Needs root (apt-get, loop devices, mount). Leaves its files in ${WORK:-/var/tmp/hoist-quickstart}.
+# Builds a small sample image, converts it with hoist, verifies it, and mounts it lazily,
+# with the kernel's EROFS and with FUSE: the main job of this stage of the project,
+# runnable on a fresh Debian. Needs root (apt-get, mount). Leaves its files in ${WORK:-/var/tmp/hoist-quickstart}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/var/tmp/hoist-quickstart}
 export HOIST_HOME=${HOIST_HOME:-$WORK/home}
 
-need=(umoci busybox-static erofs-utils)
+need=(umoci busybox-static erofs-utils fuse3)
 missing=(); for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
@@ -36,13 +36,13 @@ echo "== hoist check"
 "$HOIST" check "oci:$WORK/hoist:sample"
 echo "== hoist inspect"
 "$HOIST" inspect "oci:$WORK/hoist:sample"
-echo "== kernel EROFS mount of the metadata blob"
-"$HOIST" export "oci:$WORK/hoist:sample" "$WORK/export" >/dev/null
-loops=(); opts=()
-for f in "$WORK"/export/*.img; do l=$(losetup --find --show --read-only "$f"); loops+=("$l"); opts+=("device=$l"); done
-meta=$(losetup --find --show --read-only "$WORK/export/meta.erofs" 2>/dev/null); loops+=("$meta")
 mkdir -p "$WORK/mnt"
-cleanup() { umount "$WORK/mnt" 2>/dev/null || true; for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done; }
+cleanup() { "$HOIST" umount "$WORK/mnt" >/dev/null 2>&1 || true; "$HOIST" daemon stop >/dev/null 2>&1 || true; }
 trap cleanup EXIT
-mount -t erofs -o "ro,$(IFS=,; echo "${opts[*]}")" "$meta" "$WORK/mnt" 2>/dev/null
-chroot "$WORK/mnt" /bin/sh -c 'cat /app/hello.txt; ls -l /app'
+for mode in erofs fuse; do
+  echo "== hoist mount --mode $mode (lazy: only the metadata is read to mount)"
+  "$HOIST" mount --mode "$mode" "oci:$WORK/hoist:sample" "$WORK/mnt"
+  chroot "$WORK/mnt" /bin/sh -c 'cat /app/hello.txt; ls -l /app'
+  "$HOIST" stat "$WORK/mnt"
+  "$HOIST" umount "$WORK/mnt"
+done

@@ -297,6 +297,18 @@ impl Fetcher {
         Ok(())
     }
 
+    /// Hints the kernel to read cached chunk `index` of blob `blob` into the page cache
+    /// (a sequential reader will want it next). Does nothing for an absent chunk; the
+    /// read that follows verifies as always.
+    pub fn will_need(&self, blob: usize, index: usize) {
+        let Ok(e) = self.entry(blob, index) else {
+            return;
+        };
+        if let Ok(f) = File::open(self.inner.store.chunk_path(&e.digest)) {
+            let _ = rustix::fs::fadvise(&f, 0, 0, rustix::fs::Advice::WillNeed);
+        }
+    }
+
     /// Starts a prefetch job for chunk `index` of blob `blob` and the chunks after it.
     /// Returns the slots to wait on (empty when it is cached) and the index after the
     /// last chunk the job covers.

@@ -6,6 +6,7 @@
 //! these files as `device=`s, and reads through them fetch chunks on demand.
 
 use crate::session::{negotiate, FsCounters, TTL};
+use crate::tree::READAHEAD_CHUNKS;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
     LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
@@ -93,6 +94,12 @@ impl BlobDevFs {
                     tracing::warn!("device {} at {from}: {err}", blob + 1);
                     Errno::EIO
                 })?;
+            if from == e.uncompressed_offset {
+                // A reader entering a chunk: start reading the next ones from disk.
+                for next in first + k + 1..(first + k + 1 + READAHEAD_CHUNKS).min(entries.len()) {
+                    self.fetcher.will_need(blob, next);
+                }
+            }
         }
         Ok(buf)
     }

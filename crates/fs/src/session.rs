@@ -86,5 +86,7 @@ pub fn mount_fuse<FS: fuser::Filesystem>(
     config.acl = SessionACL::All;
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
-    fuser::Session::new(fs, mountpoint, &config)?.spawn()
+    let session = fuser::Session::new(fs, mountpoint, &config)?.spawn()?;
+    crate::kernel::raise_readahead(mountpoint);
+    Ok(session)
 }

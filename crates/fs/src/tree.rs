@@ -18,6 +18,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
+/// Cached chunks after the one being entered that a read asks the kernel to load ahead.
+pub(crate) const READAHEAD_CHUNKS: usize = 4;
+
 const SEEK_DATA: i32 = 3;
 const SEEK_HOLE: i32 = 4;
 
