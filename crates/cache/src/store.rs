@@ -425,3 +425,48 @@ impl Inflight {
         slot.complete(r);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(byte: u8, len: usize) -> (ChunkDigest, Vec<u8>) {
+        let data = vec![byte; len];
+        (hoist_codec::digest(&data), data)
+    }
+
+    #[test]
+    fn eviction_spares_pinned_chunks_and_damage_is_refetched() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for two 4 KiB chunks; eviction goes down to 90% of that.
+        let store = ChunkStore::open(dir.path(), 8192).unwrap();
+        let (a, da) = chunk(1, 4096);
+        let (b, db) = chunk(2, 4096);
+        let (c, dc) = chunk(3, 4096);
+        store.put_chunk(&a, &da).unwrap();
+        store.pin(&HashSet::from([a]));
+        store.put_chunk(&b, &db).unwrap();
+        store.put_chunk(&c, &dc).unwrap();
+        // Over the limit: the unpinned oldest go, the pinned one stays.
+        assert!(store.contains(&a), "a pinned chunk was evicted");
+        assert!(store.stats().unwrap().chunk_bytes <= 8192);
+        store.unpin(&HashSet::from([a]));
+        let report = store.evict_to(0).unwrap();
+        assert_eq!(report.left, 0);
+        assert!(!store.contains(&a));
+
+        // A chunk damaged on disk is not served by a fresh process's store.
+        store.put_chunk(&a, &da).unwrap();
+        std::fs::write(store.chunk_path(&a), vec![9u8; 4096]).unwrap();
+        let reopened = ChunkStore::open(dir.path(), 8192).unwrap();
+        assert!(reopened.open_chunk(&a, 4096).unwrap().is_none());
+        assert!(!reopened.contains(&a), "the damaged chunk was not removed");
+        // A write interrupted before its rename leaves nothing behind.
+        std::fs::write(dir.path().join("tmp/partial"), b"xx").unwrap();
+        ChunkStore::open(dir.path(), 8192).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+}

@@ -13,7 +13,6 @@ use fuser::{
 };
 use hoist_cache::Fetcher;
 use std::ffi::OsStr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -150,16 +149,8 @@ impl fuser::Filesystem for BlobDevFs {
         let Some(blob) = self.blob_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        match self.read_blob(blob, offset, size) {
-            Ok(data) => {
-                self.counters.read(data.len());
-                reply.data(&data)
-            }
-            Err(e) => {
-                self.counters.read_errors.fetch_add(1, Relaxed);
-                reply.error(e)
-            }
-        }
+        self.counters
+            .reply_read(self.read_blob(blob, offset, size), reply);
     }
 
     fn readdir(

@@ -23,9 +23,23 @@ pub struct FsCounters {
 }
 
 impl FsCounters {
-    pub(crate) fn read(&self, bytes: usize) {
-        self.reads.fetch_add(1, Relaxed);
-        self.read_bytes.fetch_add(bytes as u64, Relaxed);
+    /// Answers a read request with its outcome, and counts it.
+    pub(crate) fn reply_read(
+        &self,
+        result: Result<Vec<u8>, fuser::Errno>,
+        reply: fuser::ReplyData,
+    ) {
+        match result {
+            Ok(data) => {
+                self.reads.fetch_add(1, Relaxed);
+                self.read_bytes.fetch_add(data.len() as u64, Relaxed);
+                reply.data(&data)
+            }
+            Err(e) => {
+                self.read_errors.fetch_add(1, Relaxed);
+                reply.error(e)
+            }
+        }
     }
 }
 

@@ -364,19 +364,10 @@ impl fuser::Filesystem for TreeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self
+        let result = self
             .inode(ino)
-            .and_then(|i| self.read_range(&i, offset, size))
-        {
-            Ok(data) => {
-                self.counters.read(data.len());
-                reply.data(&data)
-            }
-            Err(e) => {
-                self.counters.read_errors.fetch_add(1, Relaxed);
-                reply.error(e)
-            }
-        }
+            .and_then(|i| self.read_range(&i, offset, size));
+        self.counters.reply_read(result, reply);
     }
 
     fn release(

@@ -49,14 +49,8 @@ impl Home {
         hoist_env(args, &[(env[0].0, env[0].1.as_str())])
     }
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "hoist {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let env = self.env();
+        hoist_env_ok(args, &[(env[0].0, env[0].1.as_str())])
     }
     fn mountpoint(&self, name: &str) -> PathBuf {
         let p = self.root.join("mnt").join(name);
@@ -213,13 +207,7 @@ fn python_runs_lazily_under_runc_in_both_modes() {
     }
     let tag = "debian-python-v1";
     // The reference: umoci's bundle of the original image.
-    let reference = scratch().join("runc-ref");
-    let st = Command::new("umoci")
-        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
-        .arg(&reference)
-        .output()
-        .unwrap();
-    assert!(st.status.success());
+    let reference = umoci_bundle(&layout, tag, "runc-ref");
     let cmd = ["python3", "/app/main.py"];
     let (code, want) = runc(
         &scratch().join("bundle-ref"),
@@ -295,6 +283,22 @@ fn python_runs_lazily_under_runc_in_both_modes() {
     }
 }
 
+/// `umoci unpack` of a fixture into a new bundle under the scratch directory.
+fn umoci_bundle(layout: &Path, tag: &str, name: &str) -> PathBuf {
+    let bundle = scratch().join(name);
+    let out = Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
+        .arg(&bundle)
+        .output()
+        .expect("umoci is installed");
+    assert!(
+        out.status.success(),
+        "umoci unpack {tag}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bundle
+}
+
 fn read(path: &Path) -> std::io::Result<Vec<u8>> {
     std::fs::read(path)
 }
@@ -303,14 +307,7 @@ fn read(path: &Path) -> std::io::Result<Vec<u8>> {
 fn registry_outage_gives_eio_within_the_bound_and_recovers() {
     let Some(layout) = setup() else { return };
     let tag = "tiny-v1";
-    let reference = scratch().join("outage-ref");
-    assert!(Command::new("umoci")
-        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
-        .arg(&reference)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    let reference = umoci_bundle(&layout, tag, "outage-ref");
     let want_busybox = read(&reference.join("rootfs/bin/busybox")).unwrap();
     let want_data = read(&reference.join("rootfs/app/data.bin")).unwrap();
     let (mut reg, _proxy, base) = registry_with(&layout, &[tag]);
@@ -360,14 +357,7 @@ fn registry_outage_gives_eio_within_the_bound_and_recovers() {
 fn corrupted_data_is_never_served() {
     let Some(layout) = setup() else { return };
     let tag = "tiny-v1";
-    let reference = scratch().join("corrupt-ref");
-    assert!(Command::new("umoci")
-        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
-        .arg(&reference)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    let reference = umoci_bundle(&layout, tag, "corrupt-ref");
     let want = read(&reference.join("rootfs/app/data.bin")).unwrap();
     let (_reg, proxy, base) = registry_with(&layout, &[tag]);
     let image = format!("{base}/{tag}:latest");
