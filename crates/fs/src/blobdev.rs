@@ -68,24 +68,27 @@ impl BlobDevFs {
         })
     }
 
-    /// Reads `[offset, offset+size)` of blob `blob`'s address space.
-    fn read_blob(&self, blob: usize, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    /// Reads blob `blob`'s address space from `offset` into `buf`; returns how many
+    /// bytes (short at the end).
+    fn read_blob(&self, blob: usize, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         let total = self.sizes[blob];
         if offset >= total {
-            return Ok(Vec::new());
+            return Ok(0);
         }
-        let end = total.min(offset.saturating_add(u64::from(size)));
-        let mut buf = vec![0u8; (end - offset) as usize];
+        let end = total.min(offset.saturating_add(buf.len() as u64));
         let entries = &self.fetcher.blobs()[blob].entries;
         // The first chunk that ends after `offset`.
         let first = entries
             .partition_point(|e| e.uncompressed_offset + u64::from(e.uncompressed_size) <= offset);
+        // Bytes before `cursor` are written; gaps between chunks are zeros.
+        let mut cursor = offset;
         for (k, e) in entries[first..].iter().enumerate() {
             if e.uncompressed_offset >= end {
                 break;
             }
             let from = offset.max(e.uncompressed_offset);
             let to = end.min(e.uncompressed_offset + u64::from(e.uncompressed_size));
+            buf[(cursor - offset) as usize..(from - offset) as usize].fill(0);
             let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
             self.fetcher
                 .read_at(blob, first + k, from - e.uncompressed_offset, out)
@@ -93,14 +96,16 @@ impl BlobDevFs {
                     tracing::warn!("device {} at {from}: {err}", blob + 1);
                     Errno::EIO
                 })?;
+            cursor = to;
             if from == e.uncompressed_offset {
-                // A reader entering a chunk: start reading the next ones from disk.
+                // A reader entering a chunk: start loading the next ones from disk.
                 for next in first + k + 1..(first + k + 1 + READAHEAD_CHUNKS).min(entries.len()) {
                     self.fetcher.will_need(blob, next);
                 }
             }
         }
-        Ok(buf)
+        buf[(cursor - offset) as usize..(end - offset) as usize].fill(0);
+        Ok((end - offset) as usize)
     }
 }
 
@@ -150,7 +155,7 @@ impl fuser::Filesystem for BlobDevFs {
             return reply.error(Errno::EISDIR);
         };
         self.counters
-            .reply_read(self.read_blob(blob, offset, size), reply);
+            .reply_read(size, reply, |buf| self.read_blob(blob, offset, buf));
     }
 
     fn readdir(

@@ -23,25 +23,42 @@ pub struct FsCounters {
 }
 
 impl FsCounters {
-    /// Answers a read request with its outcome, and counts it.
+    /// Answers a read request of `size` bytes: `fill` writes the data into a buffer
+    /// and returns its length. The buffer is the thread's own and reused, so a large
+    /// read costs no allocation and no page faults.
     pub(crate) fn reply_read(
         &self,
-        result: Result<Vec<u8>, fuser::Errno>,
+        size: u32,
         reply: fuser::ReplyData,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, fuser::Errno>,
     ) {
-        match result {
-            Ok(data) => {
-                self.reads.fetch_add(1, Relaxed);
-                self.read_bytes.fetch_add(data.len() as u64, Relaxed);
-                reply.data(&data)
-            }
-            Err(e) => {
-                self.read_errors.fetch_add(1, Relaxed);
-                reply.error(e)
-            }
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        // The kernel asks for at most max_read (1 MiB); bound it all the same.
+        let size = (size as usize).min(MAX_READ);
+        BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.len() < size {
+                b.resize(size, 0);
+            }
+            match fill(&mut b[..size]) {
+                Ok(n) => {
+                    self.reads.fetch_add(1, Relaxed);
+                    self.read_bytes.fetch_add(n as u64, Relaxed);
+                    reply.data(&b[..n])
+                }
+                Err(e) => {
+                    self.read_errors.fetch_add(1, Relaxed);
+                    reply.error(e)
+                }
+            }
+        })
     }
 }
+
+/// The largest read hoist answers in one reply.
+const MAX_READ: usize = 16 << 20;
 
 /// Negotiates the connection: large requests, cached symlinks and directories,
 /// `readdirplus`, and passthrough when `passthrough` and the kernel offers it. Returns

@@ -164,17 +164,17 @@ impl TreeFs {
         })
     }
 
-    fn read_range(&self, inode: &Inode, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    /// Reads file bytes from `offset` into `buf`; returns how many (short at the end).
+    fn read_range(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         if !inode.is_file() {
             return Err(Errno::EISDIR);
         }
         if offset >= inode.size {
-            return Ok(Vec::new());
+            return Ok(0);
         }
-        let end = inode.size.min(offset.saturating_add(u64::from(size)));
+        let end = inode.size.min(offset.saturating_add(buf.len() as u64));
         let chunks = self.chunk_refs(inode)?;
         let bits = self.image.meta.chunk_bits;
-        let mut buf = vec![0u8; (end - offset) as usize];
         let mut pos = offset;
         while pos < end {
             let i = (pos >> bits) as usize;
@@ -183,7 +183,7 @@ impl TreeFs {
             let n = (end - pos).min((1u64 << bits) - within);
             let out = &mut buf[(pos - offset) as usize..(pos - offset + n) as usize];
             match chunks.get(i).copied() {
-                Some(ChunkRef::Hole) => {}
+                Some(ChunkRef::Hole) => out.fill(0),
                 Some(c) => {
                     let (blob, index, entry) = self.image.resolve(c).ok_or_else(|| {
                         tracing::warn!("inode {}: chunk {i} points nowhere", inode.nid);
@@ -199,12 +199,20 @@ impl TreeFs {
                             tracing::warn!("reading inode {} at {pos}: {e}", inode.nid);
                             Errno::EIO
                         })?;
+                    if within == 0 {
+                        // A reader entering a chunk: start loading the next ones from disk.
+                        for c in chunks.iter().skip(i + 1).take(READAHEAD_CHUNKS) {
+                            if let Some((b, k, _)) = self.image.resolve(*c) {
+                                self.fetcher.will_need(b, k);
+                            }
+                        }
+                    }
                 }
                 None => return Err(Errno::EIO),
             }
             pos += n;
         }
-        Ok(buf)
+        Ok((end - offset) as usize)
     }
 
     /// The cached chunk file holding all of a file's data, if there is exactly one.
@@ -364,10 +372,12 @@ impl fuser::Filesystem for TreeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let result = self
-            .inode(ino)
-            .and_then(|i| self.read_range(&i, offset, size));
-        self.counters.reply_read(result, reply);
+        let inode = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        self.counters
+            .reply_read(size, reply, |buf| self.read_range(&inode, offset, buf));
     }
 
     fn release(
