@@ -58,6 +58,15 @@ pub struct BlobChunks {
     pub digest: Digest,
     /// Its chunks, by uncompressed offset.
     pub entries: Vec<ChunkEntry>,
+    /// Whether a file of the image uses each chunk; unused ones are never fetched.
+    pub used: Vec<bool>,
+}
+
+impl BlobChunks {
+    /// Whether chunk `index` is used by a file.
+    pub fn is_used(&self, index: usize) -> bool {
+        self.used.get(index).copied().unwrap_or(false)
+    }
 }
 
 /// Why a chunk could not be read.
@@ -388,7 +397,11 @@ impl Inner {
         let mut next = index + 1;
         while let Some(e) = entries.get(next) {
             let bytes = end - entries[index].compressed_offset;
-            if bytes >= want || e.compressed_offset != end || self.store.contains(&e.digest) {
+            if bytes >= want
+                || e.compressed_offset != end
+                || !self.blobs[blob].is_used(next)
+                || self.store.contains(&e.digest)
+            {
                 break;
             }
             let Some(slot) = self.inflight.try_claim(&e.digest) else {
@@ -479,6 +492,12 @@ impl Inner {
             }
         };
         c.bytes_fetched.fetch_add(bytes.len() as u64, Relaxed);
+        if bytes.len() as u64 != len {
+            c.errors.fetch_add(1, Relaxed);
+            let why = format!("asked for {len} bytes at {start}, got {}", bytes.len());
+            tracing::warn!("blob {}: {why}", blob.digest);
+            return self.fail_job(job, why.into());
+        }
         for (k, (e, slot)) in chunks.iter().zip(&job.slots).enumerate() {
             let at = (e.compressed_offset - start) as usize;
             let stored = &bytes[at..at + e.compressed_size as usize];

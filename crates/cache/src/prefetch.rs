@@ -63,13 +63,17 @@ impl Progress {
     }
 }
 
-/// Every chunk of the fetcher's image, in blob order.
+/// Every chunk a file of the fetcher's image uses, in blob order.
 pub fn all_chunks(fetcher: &Fetcher) -> Vec<(usize, usize)> {
     fetcher
         .blobs()
         .iter()
         .enumerate()
-        .flat_map(|(b, blob)| (0..blob.entries.len()).map(move |i| (b, i)))
+        .flat_map(|(b, blob)| {
+            (0..blob.entries.len())
+                .filter(|i| blob.is_used(*i))
+                .map(move |i| (b, i))
+        })
         .collect()
 }
 

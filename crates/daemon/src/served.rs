@@ -70,7 +70,7 @@ pub struct Stats {
     pub meta_bytes: u64,
     /// Compressed bytes of all data blobs.
     pub blob_bytes: u64,
-    /// Chunks of the image.
+    /// Chunks the image's files use.
     pub chunks_total: u64,
     /// Chunks in the local cache.
     pub chunks_cached: u64,
@@ -175,22 +175,31 @@ impl Served {
         let src = hoist_registry::open_source(&reference, &cfg).map_err(|e| e.to_string())?;
         let source: Arc<dyn ImageSource> = Arc::new(MetaCachingSource::new(src, store.clone()));
         let image = HoistImage::open(Box::new(source.clone())).map_err(|e| e.to_string())?;
+        let used = image.referenced_chunks().map_err(|e| e.to_string())?;
         let blobs: Vec<BlobChunks> = image
             .meta
             .blobs
             .iter()
+            .zip(used)
             .enumerate()
-            .map(|(i, b)| BlobChunks {
+            .map(|(i, (b, used))| BlobChunks {
                 digest: image
                     .blob_digest(i as u16 + 1)
                     .cloned()
                     .expect("HoistImage::open checked one digest per blob"),
                 entries: b.chunks.entries.clone(),
+                used,
             })
             .collect();
         let pins: HashSet<[u8; 32]> = blobs
             .iter()
-            .flat_map(|b| b.entries.iter().map(|e| e.digest))
+            .flat_map(|b| {
+                b.entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| b.is_used(*i))
+                    .map(|(_, e)| e.digest)
+            })
             .collect();
         let fetch_cfg = FetchConfig {
             read_timeout: Duration::from_secs(spec.read_timeout_secs.max(1)),
@@ -343,7 +352,7 @@ impl Served {
             },
         };
         for b in self.fetcher.blobs() {
-            for e in &b.entries {
+            for (_, e) in b.entries.iter().enumerate().filter(|(i, _)| b.is_used(*i)) {
                 stats.chunks_total += 1;
                 stats.bytes_total += u64::from(e.uncompressed_size);
                 if store.contains(&e.digest) {

@@ -88,15 +88,28 @@ impl BlobDevFs {
             }
             let from = offset.max(e.uncompressed_offset);
             let to = end.min(e.uncompressed_offset + u64::from(e.uncompressed_size));
+            if from < cursor || to <= from {
+                tracing::warn!(
+                    "device {}: chunk {} overlaps its neighbour",
+                    blob + 1,
+                    first + k
+                );
+                return Err(Errno::EIO);
+            }
             buf[(cursor - offset) as usize..(from - offset) as usize].fill(0);
             let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            cursor = to;
+            if !self.fetcher.blobs()[blob].is_used(first + k) {
+                // No file uses it (the kernel reads ahead into it): zeros, not a fetch.
+                out.fill(0);
+                continue;
+            }
             self.fetcher
                 .read_at(blob, first + k, from - e.uncompressed_offset, out)
                 .map_err(|err| {
                     tracing::warn!("device {} at {from}: {err}", blob + 1);
                     Errno::EIO
                 })?;
-            cursor = to;
             if from == e.uncompressed_offset {
                 // A reader entering a chunk: start loading the next ones from disk.
                 for next in first + k + 1..(first + k + 1 + READAHEAD_CHUNKS).min(entries.len()) {

@@ -289,6 +289,34 @@ impl HoistImage {
         })
     }
 
+    /// Which chunks of each blob a file of the tree uses (`[blob][index]`). A blob can
+    /// hold chunks no file reaches (files an upper layer removed); nothing needs them.
+    pub fn referenced_chunks(&self) -> Result<Vec<Vec<bool>>, ReadError> {
+        let mut used: Vec<Vec<bool>> = self
+            .meta
+            .blobs
+            .iter()
+            .map(|b| vec![false; b.chunks.entries.len()])
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        self.fs
+            .walk(|_, inode| {
+                if inode.is_file() && seen.insert(inode.nid) {
+                    for c in self.chunks(inode)? {
+                        if let Some((blob, index, _)) = self.resolve(c) {
+                            used[blob][index] = true;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|source| ReadError::Meta {
+                digest: self.meta_digest.to_string(),
+                source,
+            })?;
+        Ok(used)
+    }
+
     /// The chunk references of a regular file, checked to use the image's chunk size.
     pub fn chunks(&self, inode: &Inode) -> Result<Vec<ChunkRef>, hoist_format::FormatError> {
         if inode.size > 0 && self.fs.chunk_bits(inode)? != self.meta.chunk_bits {
