@@ -270,6 +270,11 @@ impl Fetcher {
             if attempt == 0 {
                 c.misses.fetch_add(1, Relaxed);
             }
+            if self.stopping() {
+                return Err(self
+                    .inner
+                    .failed(blob, index, "the mount is shutting down".into()));
+            }
             let slot = self.inner.request(blob, index, Priority::Demand);
             match slot.wait(deadline) {
                 Some(Ok(())) => {}
@@ -331,8 +336,10 @@ impl Fetcher {
     }
 }
 
-impl Drop for Fetcher {
-    fn drop(&mut self) {
+impl Fetcher {
+    /// Stops the workers and the prefetch, and fails the jobs still queued (their
+    /// readers get an error at once). Later reads fail; the mount is going away.
+    pub fn shutdown(&self) {
         self.inner.stop.store(true, Relaxed);
         let jobs: Vec<Job> = {
             let mut guard = self.inner.lock();
@@ -344,6 +351,12 @@ impl Drop for Fetcher {
             self.inner
                 .fail_job(&job, "the mount is shutting down".into());
         }
+    }
+}
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -454,7 +467,11 @@ impl Inner {
                     q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            self.run(&job);
+            // A panic must not strand the job's readers: they get an error instead.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(&job)));
+            if ran.is_err() {
+                self.fail_job(&job, "internal error while fetching (see the log)".into());
+            }
             if job.priority == Priority::Prefetch {
                 let mut q = self.lock();
                 q.busy_prefetch = q.busy_prefetch.saturating_sub(1);

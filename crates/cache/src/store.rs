@@ -373,7 +373,11 @@ impl Slot {
     }
 
     fn complete(&self, r: Result<(), Arc<str>>) {
-        self.lock().result = Some(r);
+        let mut st = self.lock();
+        if st.result.is_none() {
+            st.result = Some(r);
+        }
+        drop(st);
         self.cv.notify_all();
     }
 }
@@ -419,9 +423,14 @@ impl Inflight {
         }
     }
 
-    /// Ends a fetch: wakes the waiters with `r`.
-    pub fn finish(&self, d: &ChunkDigest, slot: &Slot, r: Result<(), Arc<str>>) {
-        self.lock().remove(d);
+    /// Ends a fetch: wakes the waiters with `r`. A slot that was already finished (and
+    /// whose digest someone may have claimed again since) is left alone.
+    pub fn finish(&self, d: &ChunkDigest, slot: &Arc<Slot>, r: Result<(), Arc<str>>) {
+        let mut map = self.lock();
+        if map.get(d).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            map.remove(d);
+        }
+        drop(map);
         slot.complete(r);
     }
 }

@@ -371,7 +371,10 @@ impl Served {
 
     fn teardown(&mut self) -> Result<(), String> {
         let mut err = None;
-        if self.spec.mode == Mode::Erofs && kernel::is_mountpoint(&self.spec.mountpoint) {
+        // Stop prefetch and the fetch workers; reads of a busy, detached mount then fail.
+        self.fetcher.shutdown();
+        // Detached at once in both modes: a busy mount goes away with its last user.
+        if kernel::is_mountpoint(&self.spec.mountpoint) {
             if let Err(e) = kernel::unmount_lazy(&self.spec.mountpoint) {
                 err = Some(format!(
                     "unmounting {}: {e}",
@@ -379,7 +382,7 @@ impl Served {
                 ));
             }
         }
-        // Dropping the session detaches its FUSE mount.
+        // Dropping the session unmounts what is left of its FUSE mount.
         drop(self.session.take());
         if let Some(devdir) = self.devdir.take() {
             if kernel::is_mountpoint(&devdir) {

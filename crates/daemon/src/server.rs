@@ -62,6 +62,17 @@ impl Daemon {
         Ok(entry)
     }
 
+    /// The store mounts use, or one opened for this request only (so that its size
+    /// limit stays the one the first mount gives).
+    fn store_for_maintenance(&self, dir: &Path) -> Result<Arc<ChunkStore>, String> {
+        if let Some((s, _)) = lock(&self.stores).get(dir) {
+            return Ok(s.clone());
+        }
+        ChunkStore::open(dir, u64::MAX)
+            .map(Arc::new)
+            .map_err(|e| format!("opening the chunk cache {}: {e}", dir.display()))
+    }
+
     fn record_path(&self, mountpoint: &Path) -> PathBuf {
         self.home
             .mounts()
@@ -122,7 +133,7 @@ impl Daemon {
                 serde_json::to_value(list).map_err(|e| e.to_string())
             }
             Request::CacheStat { cache_dir } => {
-                let (store, _) = self.store(&cache_dir, u64::MAX)?;
+                let store = self.store_for_maintenance(&cache_dir)?;
                 let stats = store.stats().map_err(|e| e.to_string())?;
                 serde_json::to_value(stats).map_err(|e| e.to_string())
             }
@@ -130,7 +141,7 @@ impl Daemon {
                 cache_dir,
                 max_bytes,
             } => {
-                let (store, _) = self.store(&cache_dir, u64::MAX)?;
+                let store = self.store_for_maintenance(&cache_dir)?;
                 let report = store.evict_to(max_bytes).map_err(|e| e.to_string())?;
                 serde_json::to_value(report).map_err(|e| e.to_string())
             }

@@ -132,7 +132,8 @@ impl fuser::Filesystem for BlobDevFs {
         let found = (parent.0 == 1)
             .then(|| name.to_str()?.parse::<u64>().ok())
             .flatten()
-            .and_then(|n| self.attr(INodeNo(n + 1)).filter(|_| n >= 1));
+            .filter(|n| *n >= 1)
+            .and_then(|n| self.attr(INodeNo(n.checked_add(1)?)));
         match found {
             Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
             None => reply.error(Errno::ENOENT),

@@ -68,7 +68,8 @@ impl TreeFs {
         if nid == self.image.fs.root_nid() {
             INodeNo(1)
         } else {
-            INodeNo(nid + 2)
+            // Saturates for absurd nids: such an inode then fails to decode (EIO).
+            INodeNo(nid.saturating_add(2))
         }
     }
 
