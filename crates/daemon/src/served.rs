@@ -297,6 +297,11 @@ impl Served {
         &self.spec
     }
 
+    /// The private mount point of the blob devices (erofs mode).
+    pub fn devdir(&self) -> Option<&Path> {
+        self.devdir.as_deref()
+    }
+
     /// Whether the kernel still has the mount.
     pub fn alive(&self) -> bool {
         kernel::is_mountpoint(&self.spec.mountpoint)

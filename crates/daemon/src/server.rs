@@ -94,8 +94,7 @@ impl Daemon {
                     let record = Record {
                         mountpoint: mp.clone(),
                         image: served.spec().image.clone(),
-                        devdir: (served.spec().mode == crate::api::Mode::Erofs)
-                            .then(|| self.home.run().join(mount_id(&mp)).join("dev")),
+                        devdir: served.devdir().map(Path::to_path_buf),
                         pid: std::process::id(),
                     };
                     std::fs::create_dir_all(self.home.mounts())

@@ -165,8 +165,8 @@ pub struct MountArgs {
     /// Compressed bytes a read of uncached data fetches at least, by taking the chunks
     /// that follow in the same blob (which hold the files that follow in the layer).
     /// Larger means fewer round trips for a reader that goes on, more bytes for one
-    /// that does not (suffixes K, M). 64K measured best for python start-up (see
-    /// docs/architecture.md).
+    /// that does not (suffixes K, M). 64K measured best for python start-up
+    /// (bench/fetch_min.py).
     #[arg(long, value_name = "BYTES", default_value = "64K", value_parser = parse_size)]
     pub fetch_min: u64,
     /// Serve the mount from this process until it is unmounted or gets SIGINT/SIGTERM,

@@ -216,7 +216,7 @@ fn python_runs_lazily_under_runc_in_both_modes() {
     }
     let tag = "debian-python-v1";
     // The reference: umoci's bundle of the original image.
-    let reference = umoci_bundle(&layout, tag, "runc-ref");
+    let reference = umoci_unpack(&layout, tag, "runc-ref");
     let cmd = ["python3", "/app/main.py"];
     let (code, want) = runc(
         &scratch().join("bundle-ref"),
@@ -292,22 +292,6 @@ fn python_runs_lazily_under_runc_in_both_modes() {
     }
 }
 
-/// `umoci unpack` of a fixture into a new bundle under the scratch directory.
-fn umoci_bundle(layout: &Path, tag: &str, name: &str) -> PathBuf {
-    let bundle = scratch().join(name);
-    let out = Command::new("umoci")
-        .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
-        .arg(&bundle)
-        .output()
-        .expect("umoci is installed");
-    assert!(
-        out.status.success(),
-        "umoci unpack {tag}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bundle
-}
-
 fn read(path: &Path) -> std::io::Result<Vec<u8>> {
     std::fs::read(path)
 }
@@ -316,7 +300,7 @@ fn read(path: &Path) -> std::io::Result<Vec<u8>> {
 fn registry_outage_gives_eio_within_the_bound_and_recovers() {
     let Some(layout) = setup() else { return };
     let tag = "tiny-v1";
-    let reference = umoci_bundle(&layout, tag, "outage-ref");
+    let reference = umoci_unpack(&layout, tag, "outage-ref");
     let want_busybox = read(&reference.join("rootfs/bin/busybox")).unwrap();
     let want_data = read(&reference.join("rootfs/app/data.bin")).unwrap();
     let (mut reg, _proxy, base) = registry_with(&layout, &[tag]);
@@ -366,7 +350,7 @@ fn registry_outage_gives_eio_within_the_bound_and_recovers() {
 fn corrupted_data_is_never_served() {
     let Some(layout) = setup() else { return };
     let tag = "tiny-v1";
-    let reference = umoci_bundle(&layout, tag, "corrupt-ref");
+    let reference = umoci_unpack(&layout, tag, "corrupt-ref");
     let want = read(&reference.join("rootfs/app/data.bin")).unwrap();
     let (_reg, proxy, base) = registry_with(&layout, &[tag]);
     let image = format!("{base}/{tag}:latest");

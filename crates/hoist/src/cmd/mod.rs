@@ -27,9 +27,7 @@ impl Context {
             .map(Credentials::parse)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--creds: {e}"))?;
-        let home = std::env::var_os("HOIST_HOME")
-            .filter(|h| !h.is_empty())
-            .map_or_else(|| PathBuf::from("/var/lib/hoist"), PathBuf::from);
+        let home = hoist_daemon::Home::from_env().root;
         Ok(Context {
             registry: RegistryConfig {
                 plain_http: args.plain_http,

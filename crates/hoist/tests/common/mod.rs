@@ -121,7 +121,17 @@ pub fn reference_dump(layout: &Path, tag: &str) -> Vec<String> {
     if let Some(d) = cache.get(tag) {
         return d.clone();
     }
-    let bundle = scratch().join(format!("umoci-{tag}"));
+    let bundle = umoci_unpack(layout, tag, &format!("umoci-{tag}"));
+    let dump = hoist_treedump::dump(&bundle.join("rootfs")).unwrap();
+    std::fs::remove_dir_all(&bundle).unwrap();
+    cache.insert(tag.to_string(), dump.clone());
+    dump
+}
+
+/// `umoci unpack` of a fixture tag into a new bundle `name` under the scratch directory
+/// (rootfs and umoci's runtime config of the image).
+pub fn umoci_unpack(layout: &Path, tag: &str, name: &str) -> PathBuf {
+    let bundle = scratch().join(name);
     let out = Command::new("umoci")
         .args(["unpack", "--image", &format!("{}:{tag}", layout.display())])
         .arg(&bundle)
@@ -132,10 +142,7 @@ pub fn reference_dump(layout: &Path, tag: &str) -> Vec<String> {
         "umoci unpack {tag}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let dump = hoist_treedump::dump(&bundle.join("rootfs")).unwrap();
-    std::fs::remove_dir_all(&bundle).unwrap();
-    cache.insert(tag.to_string(), dump.clone());
-    dump
+    bundle
 }
 
 /// Asserts that the tree at `dir` equals the reference rootfs of `tag`.
