@@ -12,8 +12,9 @@
 //!   filled on demand by the fetcher. Metadata operations never leave the kernel, and
 //!   file-backed EROFS needs no loop devices.
 //!
-//! In both, a read that cannot be served in time fails with EIO; no request waits longer
-//! than the fetcher's read timeout.
+//! In both, a read that cannot be served in time fails with EIO: each chunk it needs waits
+//! at most the fetcher's read timeout (so a read spanning several uncached chunks can wait
+//! that long for each).
 
 mod blobdev;
 pub mod kernel;
