@@ -32,6 +32,9 @@ pub struct ConvertOptions {
     pub spool_dir: Option<PathBuf>,
     /// The conversion cache that makes conversions incremental; `None` disables it.
     pub cache: Option<ConvertCache>,
+    /// A start-up trace (JSON, checked by the caller) to store in the image as a layer of
+    /// media type `application/vnd.hoist.trace.v1+json`, after the metadata blob.
+    pub trace: Option<Vec<u8>>,
 }
 
 impl Default for ConvertOptions {
@@ -43,6 +46,7 @@ impl Default for ConvertOptions {
             fetch_jobs: 3,
             spool_dir: None,
             cache: None,
+            trace: None,
         }
     }
 }
@@ -416,6 +420,16 @@ pub fn convert(
         "size": meta_desc.1,
         "annotations": { media::ANNOTATION_META_VERSION: "1" },
     }));
+    let mut trace_bytes = 0;
+    if let Some(trace) = &opts.trace {
+        let (digest, size) = write_blob(dst, trace)?;
+        trace_bytes = size;
+        layer_descs.push(json!({
+            "mediaType": media::HOIST_TRACE,
+            "digest": digest.as_str(),
+            "size": size,
+        }));
+    }
     let diff_ids: Vec<Value> = layer_descs.iter().map(|d| d["digest"].clone()).collect();
     if !config.is_object() {
         return Err(BuildError::Invalid(format!(
@@ -443,7 +457,8 @@ pub fn convert(
         .filter(|r| !r.reused)
         .filter_map(|r| r.blob.as_ref().map(|b| b.1))
         .sum::<u64>()
-        + meta_desc.1;
+        + meta_desc.1
+        + trace_bytes;
     Ok(ConvertReport {
         source_manifest: manifest_digest.to_string(),
         manifest: digest.to_string(),

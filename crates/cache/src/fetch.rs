@@ -7,9 +7,11 @@
 //! file order in a blob, so this both coalesces the misses of a sequential reader and
 //! amplifies small reads into requests worth a round trip.
 //!
-//! Jobs run on a fixed pool of worker threads, which bounds concurrency. Jobs of readers
-//! go before prefetch jobs, and at most [`FetchConfig::prefetch_workers`] workers take
-//! prefetch jobs at once; a prefetch job that a reader starts waiting for is promoted.
+//! Jobs run on a fixed pool of worker threads, which bounds concurrency. There are three
+//! priorities: jobs of readers go first; then jobs of a start-up trace (at most
+//! [`FetchConfig::trace_workers`] at once, so a reader always finds a free worker); then
+//! other prefetch jobs (at most [`FetchConfig::prefetch_workers`]). A queued prefetch or
+//! trace job that a reader starts waiting for is promoted to a reader's job.
 //! A reader waits at most [`FetchConfig::read_timeout`] and then gets an error (EIO at
 //! the filesystem), whatever the registry does; the job itself goes on and fills the
 //! cache if it succeeds. Nothing is remembered of failures: the next read tries again,
@@ -31,9 +33,14 @@ pub struct FetchConfig {
     pub min_fetch: u64,
     /// Compressed bytes a prefetch job fetches at least.
     pub prefetch_fetch: u64,
+    /// Compressed bytes a trace job fetches at most (smaller than prefetch jobs: many
+    /// requests in flight keep a long link full and the trace's order close).
+    pub trace_fetch: u64,
     /// Worker threads: the most ranged reads in flight at once.
     pub workers: usize,
-    /// How many of the workers may run prefetch jobs at once.
+    /// How many of the workers may run trace jobs at once.
+    pub trace_workers: usize,
+    /// How many of the workers may run other prefetch jobs at once.
     pub prefetch_workers: usize,
     /// How long a read waits for a chunk before it fails.
     pub read_timeout: Duration,
@@ -44,7 +51,9 @@ impl Default for FetchConfig {
         FetchConfig {
             min_fetch: 64 << 10,
             prefetch_fetch: 4 << 20,
-            workers: 8,
+            trace_fetch: 1 << 20,
+            workers: 10,
+            trace_workers: 8,
             prefetch_workers: 2,
             read_timeout: Duration::from_secs(30),
         }
@@ -110,6 +119,8 @@ pub enum FetchError {
 pub enum Priority {
     /// A reader is waiting.
     Demand,
+    /// Prefetch of a start-up trace.
+    Trace,
     /// Background prefetch.
     Prefetch,
 }
@@ -143,33 +154,55 @@ struct Job {
 #[derive(Default)]
 struct Queue {
     demand: VecDeque<Job>,
+    trace: VecDeque<Job>,
     prefetch: VecDeque<Job>,
+    busy_trace: usize,
     busy_prefetch: usize,
 }
 
 impl Queue {
-    fn pop(&mut self, prefetch_limit: usize) -> Option<Job> {
+    fn pop(&mut self, cfg: &FetchConfig) -> Option<Job> {
         if let Some(j) = self.demand.pop_front() {
             return Some(j);
         }
-        // A prefetch job a reader waits for goes first, and past the prefetch limit.
-        if let Some(i) = self
-            .prefetch
-            .iter()
-            .position(|j| j.slots.iter().any(|s| s.is_urgent()))
-        {
-            let mut j = self.prefetch.remove(i)?;
-            // It runs as a reader's job: outside the prefetch limit.
-            j.priority = Priority::Demand;
-            return Some(j);
+        // A queued job a reader waits for goes first, and past the limits.
+        for q in [&mut self.trace, &mut self.prefetch] {
+            if let Some(i) = q.iter().position(|j| j.slots.iter().any(|s| s.is_urgent())) {
+                let mut j = q.remove(i)?;
+                // It runs as a reader's job: outside the limits.
+                j.priority = Priority::Demand;
+                return Some(j);
+            }
         }
-        if self.busy_prefetch < prefetch_limit {
+        if self.busy_trace < cfg.trace_workers {
+            if let Some(j) = self.trace.pop_front() {
+                self.busy_trace += 1;
+                return Some(j);
+            }
+        }
+        if self.busy_prefetch < cfg.prefetch_workers {
             let j = self.prefetch.pop_front()?;
             self.busy_prefetch += 1;
             return Some(j);
         }
         None
     }
+
+    /// A job of `priority` finished.
+    fn done(&mut self, priority: Priority) {
+        match priority {
+            Priority::Demand => {}
+            Priority::Trace => self.busy_trace = self.busy_trace.saturating_sub(1),
+            Priority::Prefetch => self.busy_prefetch = self.busy_prefetch.saturating_sub(1),
+        }
+    }
+}
+
+/// The chunks a workload opened, in order, while recording.
+#[derive(Default)]
+struct Recording {
+    order: Vec<(usize, usize)>,
+    seen: std::collections::HashSet<(usize, usize)>,
 }
 
 struct Inner {
@@ -182,6 +215,8 @@ struct Inner {
     cv: Condvar,
     counters: Counters,
     stop: AtomicBool,
+    recording: AtomicBool,
+    record: Mutex<Recording>,
 }
 
 /// Fetches and caches the chunks of one image.
@@ -209,6 +244,8 @@ impl Fetcher {
             cv: Condvar::new(),
             counters: Counters::default(),
             stop: AtomicBool::new(false),
+            recording: AtomicBool::new(false),
+            record: Mutex::new(Recording::default()),
         });
         for i in 0..inner.cfg.workers.max(1) {
             let inner = inner.clone();
@@ -252,6 +289,12 @@ impl Fetcher {
     /// most the configured read timeout.
     pub fn open_chunk(&self, blob: usize, index: usize) -> Result<File, FetchError> {
         let e = *self.entry(blob, index)?;
+        if self.inner.recording.load(Relaxed) {
+            let mut r = self.inner.record.lock().unwrap_or_else(|e| e.into_inner());
+            if r.seen.insert((blob, index)) {
+                r.order.push((blob, index));
+            }
+        }
         let deadline = Instant::now() + self.inner.cfg.read_timeout;
         let c = &self.inner.counters;
         // A chunk can vanish between its fetch and the open (evicted, or found damaged):
@@ -323,11 +366,29 @@ impl Fetcher {
         }
     }
 
-    /// Starts a prefetch job for chunk `index` of blob `blob` and the chunks after it.
-    /// Returns the slots to wait on (empty when it is cached) and the index after the
-    /// last chunk the job covers.
-    pub fn prefetch(&self, blob: usize, index: usize) -> (Vec<Arc<Slot>>, usize) {
-        self.inner.submit(blob, index, Priority::Prefetch)
+    /// Starts a job of `priority` (trace or prefetch) for chunk `index` of blob `blob`
+    /// and the chunks after it for which `take` is true (adjacent, used, missing and not
+    /// in flight, up to the priority's job size). Returns the slots to wait on (empty
+    /// when it is cached) and the index after the last chunk the job covers.
+    pub fn prefetch(
+        &self,
+        blob: usize,
+        index: usize,
+        priority: Priority,
+        take: &dyn Fn(usize) -> bool,
+    ) -> (Vec<Arc<Slot>>, usize) {
+        self.inner.submit(blob, index, priority, take)
+    }
+
+    /// Starts recording which chunks are opened, in order (for `hoist record`).
+    pub fn start_recording(&self) {
+        self.inner.recording.store(true, Relaxed);
+    }
+
+    /// The chunks opened since recording started, as (blob, index) in first-open order.
+    pub fn recorded(&self) -> Vec<(usize, usize)> {
+        let r = self.inner.record.lock().unwrap_or_else(|e| e.into_inner());
+        r.order.clone()
     }
 
     /// Whether the fetcher is shutting down.
@@ -344,7 +405,11 @@ impl Fetcher {
         let jobs: Vec<Job> = {
             let mut guard = self.inner.lock();
             let q = &mut *guard;
-            q.demand.drain(..).chain(q.prefetch.drain(..)).collect()
+            q.demand
+                .drain(..)
+                .chain(q.trace.drain(..))
+                .chain(q.prefetch.drain(..))
+                .collect()
         };
         self.inner.cv.notify_all();
         for job in jobs {
@@ -385,7 +450,7 @@ impl Inner {
                 slot
             }
             Claim::Mine(slot) => {
-                self.enqueue(blob, index, slot.clone(), priority);
+                self.enqueue(blob, index, slot.clone(), priority, &|_| true);
                 slot
             }
         }
@@ -399,10 +464,12 @@ impl Inner {
         index: usize,
         first: Arc<Slot>,
         priority: Priority,
+        take: &dyn Fn(usize) -> bool,
     ) -> (Vec<Arc<Slot>>, usize) {
         let entries = &self.blobs[blob].entries;
         let want = match priority {
             Priority::Demand => self.cfg.min_fetch,
+            Priority::Trace => self.cfg.trace_fetch,
             Priority::Prefetch => self.cfg.prefetch_fetch,
         };
         let mut slots = vec![first];
@@ -413,6 +480,7 @@ impl Inner {
             if bytes >= want
                 || e.compressed_offset != end
                 || !self.blobs[blob].is_used(next)
+                || !take(next)
                 || self.store.contains(&e.digest)
             {
                 break;
@@ -433,6 +501,7 @@ impl Inner {
         let mut q = self.lock();
         match priority {
             Priority::Demand => q.demand.push_back(job),
+            Priority::Trace => q.trace.push_back(job),
             Priority::Prefetch => q.prefetch.push_back(job),
         }
         drop(q);
@@ -440,7 +509,13 @@ impl Inner {
         (slots, next)
     }
 
-    fn submit(&self, blob: usize, index: usize, priority: Priority) -> (Vec<Arc<Slot>>, usize) {
+    fn submit(
+        &self,
+        blob: usize,
+        index: usize,
+        priority: Priority,
+        take: &dyn Fn(usize) -> bool,
+    ) -> (Vec<Arc<Slot>>, usize) {
         let Some(e) = self.blobs.get(blob).and_then(|b| b.entries.get(index)) else {
             return (Vec::new(), index + 1);
         };
@@ -449,7 +524,7 @@ impl Inner {
         }
         match self.inflight.claim(&e.digest) {
             Claim::Theirs(slot) => (vec![slot], index + 1),
-            Claim::Mine(slot) => self.enqueue(blob, index, slot, priority),
+            Claim::Mine(slot) => self.enqueue(blob, index, slot, priority, take),
         }
     }
 
@@ -461,7 +536,7 @@ impl Inner {
                     if self.stop.load(Relaxed) {
                         return;
                     }
-                    if let Some(j) = q.pop(self.cfg.prefetch_workers) {
+                    if let Some(j) = q.pop(&self.cfg) {
                         break j;
                     }
                     q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
@@ -472,10 +547,8 @@ impl Inner {
             if ran.is_err() {
                 self.fail_job(&job, "internal error while fetching (see the log)".into());
             }
-            if job.priority == Priority::Prefetch {
-                let mut q = self.lock();
-                q.busy_prefetch = q.busy_prefetch.saturating_sub(1);
-                drop(q);
+            if job.priority != Priority::Demand {
+                self.lock().done(job.priority);
                 self.cv.notify_all();
             }
         }

@@ -6,15 +6,22 @@ use std::sync::Arc;
 
 /// An image source whose whole-blob reads (the metadata blob, the only blob a reader
 /// reads whole) are served from and kept in the chunk store's `meta/` directory.
+/// The manifest is kept in memory after the first read: a mount reads it more than once
+/// (the image, then its config and trace), and each read would cost a round trip.
 pub struct MetaCachingSource {
     inner: Box<dyn ImageSource>,
     store: Arc<ChunkStore>,
+    manifest: std::sync::OnceLock<(Vec<u8>, Digest)>,
 }
 
 impl MetaCachingSource {
     /// Wraps `inner`.
     pub fn new(inner: Box<dyn ImageSource>, store: Arc<ChunkStore>) -> Self {
-        MetaCachingSource { inner, store }
+        MetaCachingSource {
+            inner,
+            store,
+            manifest: std::sync::OnceLock::new(),
+        }
     }
 }
 
@@ -26,7 +33,11 @@ impl ImageSource for MetaCachingSource {
         self.inner.registry_repository()
     }
     fn manifest(&self) -> Result<(Vec<u8>, Digest), OciError> {
-        self.inner.manifest()
+        if let Some(m) = self.manifest.get() {
+            return Ok(m.clone());
+        }
+        let m = self.inner.manifest()?;
+        Ok(self.manifest.get_or_init(|| m).clone())
     }
     fn open_blob(
         &self,

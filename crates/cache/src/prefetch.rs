@@ -1,14 +1,17 @@
-//! Background prefetch: fetches a list of chunks in order, behind the readers.
+//! Background prefetch: fetches lists of chunks in order, behind the readers.
 //!
-//! The list is every chunk of the image in blob order (`--prefetch all`), or, later, the
-//! chunks of a start-up trace. Jobs go to the fetcher at prefetch priority with a small
-//! window outstanding, so readers always find a free worker. Chunks that fail are tried
-//! again after a pause that doubles up to 30 s, until they are all cached or the mount
-//! goes away: prefetch resumes by itself when the registry comes back.
+//! A prefetch is a sequence of [`Stage`]s, each a list of chunks at one priority: first the
+//! chunks of a start-up trace, in the trace's order ([`Priority::Trace`]: many requests in
+//! flight, each merging the chunks of the trace that lie next to each other in a blob),
+//! then, with `--prefetch all`, every chunk of the image in blob order
+//! ([`Priority::Prefetch`]: a few large requests). The fetcher serves readers first, so
+//! a stage never delays a read. Chunks that fail are tried again after a pause that
+//! doubles up to 30 s, until they are all cached or the mount goes away: prefetch resumes
+//! by itself when the registry comes back.
 
-use crate::fetch::Fetcher;
+use crate::fetch::{Fetcher, Priority};
 use crate::store::Slot;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,17 +80,42 @@ pub fn all_chunks(fetcher: &Fetcher) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Starts prefetching `list` (pairs of blob and chunk index) on a thread of its own.
+/// A list of chunks (pairs of blob and chunk index) to fetch at one priority.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// [`Priority::Trace`] or [`Priority::Prefetch`].
+    pub priority: Priority,
+    /// The chunks, in the order wanted.
+    pub chunks: Vec<(usize, usize)>,
+}
+
+/// Starts prefetching the stages, one after the other, on a thread of its own. Chunks
+/// of a later stage that an earlier one holds are left out of it.
 pub fn spawn(
     fetcher: Arc<Fetcher>,
-    list: Vec<(usize, usize)>,
+    stages: Vec<Stage>,
     progress: Arc<Progress>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    progress.total.store(list.len() as u64, Relaxed);
+    let mut seen = HashSet::new();
+    let stages: Vec<Stage> = stages
+        .into_iter()
+        .map(|s| Stage {
+            priority: s.priority,
+            chunks: s.chunks.into_iter().filter(|c| seen.insert(*c)).collect(),
+        })
+        .collect();
+    progress.total.store(seen.len() as u64, Relaxed);
     progress.set(PrefetchState::Running);
     std::thread::Builder::new()
         .name("hoist-prefetch".into())
-        .spawn(move || run(&fetcher, list, &progress))
+        .spawn(move || {
+            for stage in stages {
+                if !run(&fetcher, stage, &progress) {
+                    return progress.set(PrefetchState::Stopped);
+                }
+            }
+            progress.set(PrefetchState::Done);
+        })
 }
 
 struct Pending {
@@ -96,8 +124,19 @@ struct Pending {
     slots: Vec<Arc<Slot>>,
 }
 
-fn run(fetcher: &Fetcher, mut todo: Vec<(usize, usize)>, progress: &Progress) {
-    let window = fetcher.config().prefetch_workers.max(1) * 2;
+/// Fetches a stage until every chunk is cached; false when the fetcher stops first.
+fn run(fetcher: &Fetcher, stage: Stage, progress: &Progress) -> bool {
+    let workers = match stage.priority {
+        Priority::Trace => fetcher.config().trace_workers,
+        _ => fetcher.config().prefetch_workers,
+    };
+    let window = workers.max(1) * 2;
+    // A trace job takes the chunks after its first only when the trace holds them too.
+    let wanted: HashSet<(usize, usize)> = match stage.priority {
+        Priority::Trace => stage.chunks.iter().copied().collect(),
+        _ => HashSet::new(),
+    };
+    let mut todo = stage.chunks;
     let mut pause = Duration::from_secs(1);
     loop {
         let mut failed = Vec::new();
@@ -105,7 +144,9 @@ fn run(fetcher: &Fetcher, mut todo: Vec<(usize, usize)>, progress: &Progress) {
         let mut i = 0;
         while i < todo.len() {
             let (blob, first) = todo[i];
-            let (slots, next) = fetcher.prefetch(blob, first);
+            let take =
+                |next: usize| stage.priority != Priority::Trace || wanted.contains(&(blob, next));
+            let (slots, next) = fetcher.prefetch(blob, first, stage.priority, &take);
             i += 1;
             if slots.is_empty() {
                 progress.done.fetch_add(1, Relaxed);
@@ -119,17 +160,17 @@ fn run(fetcher: &Fetcher, mut todo: Vec<(usize, usize)>, progress: &Progress) {
             while pending.len() >= window {
                 let Some(p) = pending.pop_front() else { break };
                 if !settle(fetcher, p, progress, &mut failed) {
-                    return progress.set(PrefetchState::Stopped);
+                    return false;
                 }
             }
         }
         while let Some(p) = pending.pop_front() {
             if !settle(fetcher, p, progress, &mut failed) {
-                return progress.set(PrefetchState::Stopped);
+                return false;
             }
         }
         if failed.is_empty() {
-            return progress.set(PrefetchState::Done);
+            return true;
         }
         progress.failures.fetch_add(failed.len() as u64, Relaxed);
         progress.set(PrefetchState::Retrying);
@@ -141,7 +182,7 @@ fn run(fetcher: &Fetcher, mut todo: Vec<(usize, usize)>, progress: &Progress) {
         let until = Instant::now() + pause;
         while Instant::now() < until {
             if fetcher.stopping() {
-                return progress.set(PrefetchState::Stopped);
+                return false;
             }
             std::thread::sleep(Duration::from_millis(200));
         }

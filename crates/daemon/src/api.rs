@@ -23,7 +23,9 @@ pub enum Mode {
 pub enum Prefetch {
     /// Nothing: data comes when read.
     None,
-    /// Every chunk of the image, behind the readers.
+    /// The chunks of the start-up trace (the mount's, else the image's), if any.
+    Trace,
+    /// The trace's chunks first, then every chunk of the image, behind the readers.
     All,
 }
 
@@ -64,6 +66,13 @@ pub struct MountSpec {
     pub fetch_min_bytes: u64,
     /// How to reach the registry.
     pub registry: RegistryOptions,
+    /// A start-up trace (or file list) to prefetch instead of the one the image carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<hoist_reader::trace::Trace>,
+    /// Record the chunks the workload reads (see [`Request::Trace`]); the mount keeps the
+    /// kernel's default readahead window so the record holds what was read.
+    #[serde(default)]
+    pub record: bool,
 }
 
 /// A request to the daemon.
@@ -73,9 +82,15 @@ pub enum Request {
     /// Is it alive?
     Ping,
     /// Mount an image.
-    Mount(MountSpec),
+    Mount(Box<MountSpec>),
     /// Unmount (lazily: succeeds on a busy mount).
     Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+    /// The chunks and files read so far on a mount started with `record`, in order,
+    /// as a start-up trace.
+    Trace {
         /// The mount point.
         mountpoint: PathBuf,
     },

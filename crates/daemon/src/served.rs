@@ -1,16 +1,19 @@
 //! A live mount: the image, its fetcher, the FUSE sessions and the kernel mount.
 
 use crate::api::{Mode, MountSpec, Prefetch};
-use hoist_cache::prefetch::{self, PrefetchState, Progress};
-use hoist_cache::{BlobChunks, ChunkStore, FetchConfig, Fetcher, Inflight, MetaCachingSource};
+use hoist_cache::prefetch::{self, PrefetchState, Progress, Stage};
+use hoist_cache::{
+    BlobChunks, ChunkStore, FetchConfig, Fetcher, Inflight, MetaCachingSource, Priority,
+};
 use hoist_fs::{kernel, BlobDevFs, FsCounters, TreeFs};
-use hoist_oci::{ImageRef, ImageSource};
+use hoist_oci::{media, Digest, ImageRef, ImageSource, MAX_CONFIG_SIZE};
+use hoist_reader::trace::{FileIndex, Trace, TraceChunk, MAX_TRACE_SIZE, TRACE_VERSION};
 use hoist_reader::HoistImage;
 use hoist_registry::{Credentials, RegistryConfig};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -113,6 +116,10 @@ pub struct PrefetchStats {
     pub done: u64,
     /// Chunks in the list.
     pub total: u64,
+    /// Chunks of the start-up trace, fetched first.
+    pub trace_chunks: u64,
+    /// Where the trace came from: `image`, `mount` (given with the request) or `none`.
+    pub trace: &'static str,
 }
 
 /// A mounted image.
@@ -126,6 +133,9 @@ pub struct Served {
     session: Option<fuser::BackgroundSession>,
     devdir: Option<PathBuf>,
     mount_secs: f64,
+    config: serde_json::Value,
+    trace_source: &'static str,
+    trace_chunks: Arc<AtomicU64>,
 }
 
 /// Builds the registry configuration of a mount: a stall, and the whole retry budget,
@@ -174,7 +184,20 @@ impl Served {
         let reference = ImageRef::parse(&spec.image).map_err(|e| e.to_string())?;
         let src = hoist_registry::open_source(&reference, &cfg).map_err(|e| e.to_string())?;
         let source: Arc<dyn ImageSource> = Arc::new(MetaCachingSource::new(src, store.clone()));
-        let image = HoistImage::open(Box::new(source.clone())).map_err(|e| e.to_string())?;
+        // The config and the trace are fetched while the metadata blob is.
+        let (manifest, _) = source.manifest().map_err(|e| e.to_string())?;
+        let manifest: serde_json::Value = serde_json::from_slice(&manifest)
+            .map_err(|e| format!("manifest of {}: {e}", spec.image))?;
+        let (image, config, image_trace) = std::thread::scope(|scope| {
+            let config = scope.spawn(|| read_config(source.as_ref(), &manifest));
+            let trace = scope.spawn(|| match spec.trace {
+                Some(_) => Ok(None),
+                None => read_trace(source.as_ref(), &manifest),
+            });
+            let image = HoistImage::open(Box::new(source.clone())).map_err(|e| e.to_string());
+            (image, joined(config.join()), joined(trace.join()))
+        });
+        let (image, config, image_trace) = (image?, config?, image_trace?);
         let used = image.referenced_chunks().map_err(|e| e.to_string())?;
         let blobs: Vec<BlobChunks> = image
             .meta
@@ -224,7 +247,24 @@ impl Served {
             session: None,
             devdir: None,
             mount_secs: 0.0,
+            config,
+            trace_source: "none",
+            trace_chunks: Arc::new(AtomicU64::new(0)),
         };
+        let trace = match (&served.spec.trace, image_trace) {
+            (Some(t), _) => {
+                served.trace_source = "mount";
+                Some(t.clone())
+            }
+            (None, Some(t)) => {
+                served.trace_source = "image";
+                Some(t)
+            }
+            (None, None) => None,
+        };
+        if served.spec.record {
+            served.fetcher.start_recording();
+        }
         // On failure from here, dropping `served` undoes what was done.
         match served.spec.mode {
             Mode::Fuse => {
@@ -276,11 +316,14 @@ impl Served {
                     .map_err(|e| e.to_string())?;
             }
         }
-        if served.spec.prefetch == Prefetch::All {
-            let list = prefetch::all_chunks(&served.fetcher);
-            prefetch::spawn(served.fetcher.clone(), list, served.progress.clone())
-                .map_err(|e| format!("starting prefetch: {e}"))?;
+        if served.spec.record {
+            // The kernel's default window: the record holds what the workload read.
+            kernel::set_readahead(&served.spec.mountpoint, 128);
+            if let Some(d) = &served.devdir {
+                kernel::set_readahead(d, 128);
+            }
         }
+        served.start_prefetch(trace)?;
         served.mount_secs = t0.elapsed().as_secs_f64();
         tracing::info!(
             "mounted {} on {} ({:?}) in {:.3} s",
@@ -290,6 +333,114 @@ impl Served {
             served.mount_secs
         );
         Ok(served)
+    }
+
+    /// Starts the prefetch the spec asks for, on a thread that first maps the trace
+    /// onto the image (a walk of the tree, done after the mount is usable).
+    fn start_prefetch(&self, trace: Option<Trace>) -> Result<(), String> {
+        let trace = match self.spec.prefetch {
+            Prefetch::None => return Ok(()),
+            Prefetch::Trace | Prefetch::All => trace,
+        };
+        if trace.is_none() && self.spec.prefetch == Prefetch::Trace {
+            return Ok(());
+        }
+        let all = self.spec.prefetch == Prefetch::All;
+        let (image, fetcher, progress) = (
+            self.image.clone(),
+            self.fetcher.clone(),
+            self.progress.clone(),
+        );
+        let counted = self.trace_chunks.clone();
+        let name = self.spec.image.clone();
+        std::thread::Builder::new()
+            .name("hoist-trace".into())
+            .spawn(move || {
+                let mut stages = Vec::new();
+                if let Some(trace) = trace {
+                    match FileIndex::build(&image) {
+                        Ok(index) => {
+                            let chunks = trace.resolve(&image, &index);
+                            counted.store(chunks.len() as u64, Relaxed);
+                            stages.push(Stage {
+                                priority: Priority::Trace,
+                                chunks,
+                            });
+                        }
+                        Err(e) => tracing::warn!("{name}: mapping the start-up trace: {e}"),
+                    }
+                }
+                if all {
+                    stages.push(Stage {
+                        priority: Priority::Prefetch,
+                        chunks: prefetch::all_chunks(&fetcher),
+                    });
+                }
+                if let Err(e) = prefetch::spawn(fetcher, stages, progress) {
+                    tracing::warn!("{name}: starting prefetch: {e}");
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| format!("starting prefetch: {e}"))
+    }
+
+    /// The image's config (env, entrypoint, cmd, working dir, user).
+    pub fn config(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    /// What the workload read since the mount, as a start-up trace (a mount with
+    /// `record`).
+    pub fn trace(&self) -> Result<Trace, String> {
+        if !self.spec.record {
+            return Err(format!(
+                "{} was not mounted to record a trace",
+                self.spec.mountpoint.display()
+            ));
+        }
+        let index = FileIndex::build(&self.image).map_err(|e| e.to_string())?;
+        let mut files = Vec::new();
+        let mut seen_files = HashSet::new();
+        let chunks = self
+            .fetcher
+            .recorded()
+            .into_iter()
+            .filter_map(|(blob, i)| {
+                let e = self.fetcher.entry(blob, i).ok()?;
+                let owner = index.owner.get(&(blob, i));
+                if let Some((path, _)) = owner {
+                    if seen_files.insert(path.clone()) {
+                        files.push(path.clone());
+                    }
+                }
+                Some(TraceChunk {
+                    blob,
+                    index: i,
+                    digest: hex::encode(e.digest),
+                    offset: e.compressed_offset,
+                    size: u64::from(e.compressed_size),
+                    file: owner.map(|(p, _)| p.clone()),
+                    file_offset: owner.map_or(0, |(_, o)| *o),
+                })
+            })
+            .collect();
+        Ok(Trace {
+            version: TRACE_VERSION,
+            image: self.spec.image.clone(),
+            manifest: self.image.manifest_digest.to_string(),
+            chunk_size: 1 << self.image.meta.chunk_bits,
+            meta_bytes: self.meta_bytes(),
+            chunks,
+            files,
+        })
+    }
+
+    fn meta_bytes(&self) -> u64 {
+        self.image
+            .layers
+            .iter()
+            .find(|l| l.digest == self.image.meta_digest.as_str())
+            .map_or(0, |l| l.size)
     }
 
     /// The request it was mounted with.
@@ -322,12 +473,7 @@ impl Served {
             mode: self.spec.mode,
             state: if self.alive() { "ready" } else { "gone" }.into(),
             mount_secs: self.mount_secs,
-            meta_bytes: self
-                .image
-                .layers
-                .iter()
-                .find(|l| l.digest == self.image.meta_digest.as_str())
-                .map_or(0, |l| l.size),
+            meta_bytes: self.meta_bytes(),
             blob_bytes: self
                 .image
                 .meta
@@ -354,6 +500,8 @@ impl Served {
                 state: self.progress.state(),
                 done: self.progress.done.load(Relaxed),
                 total: self.progress.total.load(Relaxed),
+                trace_chunks: self.trace_chunks.load(Relaxed),
+                trace: self.trace_source,
             },
         };
         for b in self.fetcher.blobs() {
@@ -409,6 +557,55 @@ impl Drop for Served {
             tracing::warn!("{e}");
         }
     }
+}
+
+/// The result of a thread that read part of the image.
+fn joined<T>(r: std::thread::Result<Result<T, String>>) -> Result<T, String> {
+    r.unwrap_or_else(|_| Err("internal error reading the image (see the log)".into()))
+}
+
+/// The descriptor of the first manifest layer of `media_type`, or of the config.
+fn descriptor_of(manifest: &serde_json::Value, media_type: Option<&str>) -> Option<(Digest, u64)> {
+    let d = match media_type {
+        None => &manifest["config"],
+        Some(m) => manifest["layers"]
+            .as_array()?
+            .iter()
+            .find(|l| l["mediaType"] == m)?,
+    };
+    Some((
+        Digest::parse(d["digest"].as_str()?).ok()?,
+        d["size"].as_u64()?,
+    ))
+}
+
+/// The image config, checked against its digest.
+fn read_config(
+    source: &dyn ImageSource,
+    manifest: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let (digest, size) = descriptor_of(manifest, None)
+        .ok_or_else(|| format!("{}: the manifest names no config", source.describe()))?;
+    let bytes = source
+        .read_blob(&digest, size, MAX_CONFIG_SIZE)
+        .map_err(|e| format!("config {digest}: {e}"))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("config {digest}: {e}"))
+}
+
+/// The start-up trace the image carries, if any.
+fn read_trace(
+    source: &dyn ImageSource,
+    manifest: &serde_json::Value,
+) -> Result<Option<Trace>, String> {
+    let Some((digest, size)) = descriptor_of(manifest, Some(media::HOIST_TRACE)) else {
+        return Ok(None);
+    };
+    let bytes = source
+        .read_blob(&digest, size, MAX_TRACE_SIZE)
+        .map_err(|e| format!("start-up trace {digest}: {e}"))?;
+    Trace::parse(&bytes)
+        .map(Some)
+        .map_err(|e| format!("start-up trace {digest} of {}: {e}", source.describe()))
 }
 
 fn mp_display(s: &Served) -> String {

@@ -90,7 +90,7 @@ impl Daemon {
                 }
                 let result = (|| {
                     let (store, inflight) = self.store(&spec.cache_dir, spec.cache_max_bytes)?;
-                    let served = Served::start(spec, store, inflight, &self.home)?;
+                    let served = Served::start(*spec, store, inflight, &self.home)?;
                     let record = Record {
                         mountpoint: mp.clone(),
                         image: served.spec().image.clone(),
@@ -105,9 +105,11 @@ impl Daemon {
                             )
                         })
                         .map_err(|e| format!("writing the mount record: {e}"))?;
-                    let stats = served.stats();
+                    let mut reply =
+                        serde_json::to_value(served.stats()).map_err(|e| e.to_string())?;
+                    reply["config"] = served.config().clone();
                     lock(&self.mounts).insert(mp.clone(), served);
-                    serde_json::to_value(stats).map_err(|e| e.to_string())
+                    Ok(reply)
                 })();
                 lock(&self.pending).remove(&mp);
                 result
@@ -123,6 +125,11 @@ impl Daemon {
                     )),
                 }
             }
+            Request::Trace { mountpoint } => lock(&self.mounts)
+                .get(&mountpoint)
+                .ok_or_else(|| format!("{} is not mounted by hoist", mountpoint.display()))?
+                .trace()
+                .and_then(|t| serde_json::to_value(t).map_err(|e| e.to_string())),
             Request::Stat { mountpoint } => lock(&self.mounts)
                 .get(&mountpoint)
                 .map(|s| serde_json::to_value(s.stats()).unwrap_or_default())

@@ -56,9 +56,14 @@ pub fn mount_erofs(meta: &Path, devices: &[PathBuf], target: &Path) -> io::Resul
 /// for EROFS reading through the blob devices.
 const READAHEAD_KIB: u32 = 4096;
 
+/// Gives the filesystem mounted at `mountpoint` hoist's readahead window.
+pub fn raise_readahead(mountpoint: &Path) {
+    set_readahead(mountpoint, READAHEAD_KIB);
+}
+
 /// Sets the readahead window of the filesystem mounted at `mountpoint` through its
 /// backing device info (`/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`); best effort.
-pub fn raise_readahead(mountpoint: &Path) {
+pub fn set_readahead(mountpoint: &Path, kib: u32) {
     let Ok(st) = rustix::fs::stat(mountpoint) else {
         return;
     };
@@ -68,7 +73,7 @@ pub fn raise_readahead(mountpoint: &Path) {
         rustix::fs::major(dev),
         rustix::fs::minor(dev)
     );
-    if let Err(e) = std::fs::write(&path, READAHEAD_KIB.to_string()) {
+    if let Err(e) = std::fs::write(&path, kib.to_string()) {
         tracing::debug!("{path}: {e}");
     }
 }

@@ -107,6 +107,20 @@ pub enum Command {
     /// the mount is usable. A read whose data cannot be fetched within --read-timeout fails
     /// with EIO; cached data keeps being served when the registry is unreachable.
     Mount(MountArgs),
+    /// Run a container from a hoist image, lazily: the image is mounted (as by `hoist
+    /// mount`, through the daemon), an overlayfs layer on top takes the container's
+    /// writes, and runc runs CMD (default: the image's entrypoint and cmd) with the
+    /// image's env, working directory and user. Exits with the container's exit code;
+    /// signals go to the container. The container's state lives in
+    /// $HOIST_HOME/containers/NAME; --rm removes it at exit.
+    ///
+    /// The container shares the host's network; its root is the overlay, writable.
+    Run(RunArgs),
+    /// Run a command as `hoist run` does, and write which chunks and files it read, in
+    /// order, as a start-up trace for `hoist convert --prefetch-trace`. The trace
+    /// covers the whole run of the command: give it the start-up to record (e.g. a
+    /// command that exits once the service is ready).
+    Record(RecordArgs),
     /// Unmount a hoist mount. Succeeds on a busy mount (it is detached and goes away with
     /// its last user) and on a mount whose daemon died.
     Umount {
@@ -143,6 +157,18 @@ pub struct MountArgs {
     pub image: String,
     /// An existing directory to mount it on.
     pub mountpoint: PathBuf,
+    /// How to serve and fetch.
+    #[command(flatten)]
+    pub opts: MountOptions,
+    /// Serve the mount from this process until it is unmounted or gets SIGINT/SIGTERM,
+    /// instead of handing it to the background daemon.
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+/// How a lazy mount is served and fetched: shared by `mount`, `run` and `record`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MountOptions {
     /// `fuse`: hoist's FUSE filesystem serves the tree (FUSE passthrough for cached
     /// files). `erofs`: the kernel's EROFS serves the tree from the metadata blob, and
     /// hoist serves only the data, as blob device files.
@@ -155,9 +181,17 @@ pub struct MountArgs {
     /// (suffixes K, M, G).
     #[arg(long, default_value = "20G", value_parser = parse_size)]
     pub cache_size: u64,
-    /// `all`: after mounting, fetch every chunk in the background, behind the reads.
-    #[arg(long, value_enum, default_value = "none")]
+    /// What to fetch ahead of the reads. `trace`: the chunks of the start-up trace
+    /// (--prefetch-trace or --prefetch-files, else the one the image carries, if any),
+    /// in order, many requests at once. `all`: the trace first, then every chunk.
+    #[arg(long, value_enum, default_value = "trace")]
     pub prefetch: PrefetchArg,
+    /// A start-up trace (from `hoist record`) to prefetch instead of the image's.
+    #[arg(long, value_name = "FILE", conflicts_with = "prefetch_files")]
+    pub prefetch_trace: Option<PathBuf>,
+    /// Files (one path per line) to prefetch first, in order, instead of the image's trace.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_files: Option<PathBuf>,
     /// Seconds a read of data that is not cached waits for the registry before it fails
     /// with EIO.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
@@ -169,13 +203,64 @@ pub struct MountArgs {
     /// (bench/fetch_min.py).
     #[arg(long, value_name = "BYTES", default_value = "64K", value_parser = parse_size)]
     pub fetch_min: u64,
-    /// Serve the mount from this process until it is unmounted or gets SIGINT/SIGTERM,
-    /// instead of handing it to the background daemon.
-    #[arg(long)]
-    pub foreground: bool,
     /// Never hand cached files to the kernel by FUSE passthrough (fuse mode).
     #[arg(long)]
     pub no_passthrough: bool,
+}
+
+/// The arguments of `hoist run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
+    pub image: String,
+    /// The command, replacing the image's cmd (its entrypoint stays, as with docker).
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+    /// Replace the image's entrypoint (an empty string clears it).
+    #[arg(long, value_name = "PATH")]
+    pub entrypoint: Option<String>,
+    /// Container name (and the directory of its state) [default: hoist-<random>].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Remove the container's writable layer and state when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Give the container a terminal (stdin and stdout must be one).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Extra environment, NAME=VALUE (repeatable), over the image's.
+    #[arg(short, long, value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Write timings and the mount's statistics as JSON to FILE when the container exits.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// How to serve and fetch the image.
+    #[command(flatten)]
+    pub opts: MountOptions,
+}
+
+/// The arguments of `hoist record`.
+#[derive(Debug, clap::Args)]
+pub struct RecordArgs {
+    /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
+    pub image: String,
+    /// Where to write the trace (JSON).
+    #[arg(long, value_name = "FILE")]
+    pub trace_out: PathBuf,
+    /// The command (as for `hoist run`).
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+    /// Replace the image's entrypoint (an empty string clears it).
+    #[arg(long, value_name = "PATH")]
+    pub entrypoint: Option<String>,
+    /// Extra environment, NAME=VALUE (repeatable), over the image's.
+    #[arg(short, long, value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// How to serve and fetch the image. Record from an empty cache (--cache-dir): a
+    /// chunk already cached is recorded too, but a file served by FUSE passthrough is
+    /// recorded whole.
+    #[command(flatten)]
+    pub opts: MountOptions,
 }
 
 /// How a mount is served.
@@ -192,7 +277,9 @@ pub enum ModeArg {
 pub enum PrefetchArg {
     /// Fetch data only when read.
     None,
-    /// Fetch everything in the background.
+    /// Fetch the start-up trace's chunks first, if there is a trace.
+    Trace,
+    /// Fetch the trace's chunks, then everything, in the background.
     All,
 }
 
@@ -263,6 +350,15 @@ pub struct ConvertArgs {
     /// Print the conversion report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Store this start-up trace (written by `hoist record`) in the image: mounts fetch
+    /// its chunks first, in order. It is kept as a layer of media type
+    /// application/vnd.hoist.trace.v1+json after the metadata blob.
+    #[arg(long, value_name = "FILE", conflicts_with = "prefetch_files")]
+    pub prefetch_trace: Option<PathBuf>,
+    /// Store a list of files (one path per line) as the image's start-up trace: mounts
+    /// fetch those files first, in the order listed.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_files: Option<PathBuf>,
 }
 
 /// Parses `4096`, `64K`, `1M`.

@@ -15,6 +15,8 @@ pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const HOIST_BLOB: &str = "application/vnd.hoist.blob.v1";
 /// The hoist metadata blob: EROFS image plus chunk tables.
 pub const HOIST_META: &str = "application/vnd.hoist.meta.v1.erofs";
+/// A hoist start-up trace: the chunks and files a workload reads first, in order (JSON).
+pub const HOIST_TRACE: &str = "application/vnd.hoist.trace.v1+json";
 
 /// Tag name annotation of an OCI layout index entry.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";

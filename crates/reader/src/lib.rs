@@ -8,6 +8,7 @@
 
 mod check;
 mod inspect;
+pub mod trace;
 mod unpack;
 
 pub use check::{check, CheckReport};

@@ -72,6 +72,8 @@ pub fn run(cx: &Context, a: &ConvertArgs) -> anyhow::Result<()> {
         // Spool under HOIST_HOME when it can be created, else in the temporary directory.
         spool_dir: std::fs::create_dir_all(&spool).is_ok().then_some(spool),
         cache,
+        trace: super::trace_arg(a.prefetch_trace.as_deref(), a.prefetch_files.as_deref())?
+            .map(|t| t.to_json()),
         ..ConvertOptions::default()
     };
     // Draws only on a terminal (indicatif hides itself otherwise).

@@ -4,6 +4,7 @@ mod convert;
 mod export;
 mod mount;
 mod read;
+mod run;
 
 use crate::args::{Command, RegistryArgs};
 use hoist_oci::ImageRef;
@@ -65,6 +66,8 @@ pub fn run(command: Command, registry: &RegistryArgs) -> anyhow::Result<()> {
         Command::Inspect { image, json } => read::inspect(&cx, &image, json),
         Command::Export { image, dir } => export::run(&cx, &image, &dir),
         Command::Mount(args) => mount::mount(&cx, registry, &args),
+        Command::Run(args) => run::run(&cx, registry, &args),
+        Command::Record(args) => run::record(&cx, registry, &args),
         Command::Umount { mountpoint } => mount::umount(&cx, &mountpoint),
         Command::Stat { mountpoint, json } => mount::stat(&cx, &mountpoint, json),
         Command::Cache { op } => mount::cache(&cx, op),
@@ -86,4 +89,34 @@ pub fn human(bytes: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// The trace named by `--prefetch-trace FILE` (a `hoist record` trace) or
+/// `--prefetch-files FILE` (paths, one per line), checked.
+pub fn trace_arg(
+    trace: Option<&std::path::Path>,
+    files: Option<&std::path::Path>,
+) -> anyhow::Result<Option<hoist_reader::trace::Trace>> {
+    use anyhow::Context as _;
+    use hoist_reader::trace::Trace;
+    if let Some(p) = trace {
+        let bytes =
+            std::fs::read(p).with_context(|| format!("--prefetch-trace {}", p.display()))?;
+        let t = Trace::parse(&bytes).with_context(|| {
+            format!(
+                "--prefetch-trace {}: expected a trace written by `hoist record`",
+                p.display()
+            )
+        })?;
+        return Ok(Some(t));
+    }
+    if let Some(p) = files {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("--prefetch-files {}", p.display()))?;
+        return Ok(Some(
+            Trace::from_file_list(&text)
+                .with_context(|| format!("--prefetch-files {}", p.display()))?,
+        ));
+    }
+    Ok(None)
 }

@@ -1,7 +1,7 @@
 //! `hoist mount`, `umount`, `stat`, `cache` and `daemon`: clients of the daemon's API.
 
 use super::{human, Context};
-use crate::args::{CacheOp, DaemonOp, ModeArg, MountArgs, PrefetchArg, RegistryArgs};
+use crate::args::{CacheOp, DaemonOp, ModeArg, MountArgs, MountOptions, PrefetchArg, RegistryArgs};
 use anyhow::{anyhow, bail, Context as _};
 use hoist_daemon::api::{Client, ClientError, Mode, MountSpec, Prefetch, RegistryOptions, Request};
 use hoist_daemon::{Home, Served};
@@ -9,7 +9,7 @@ use hoist_fs::kernel;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn home(cx: &Context) -> Home {
+pub(super) fn home(cx: &Context) -> Home {
     Home {
         root: cx.home.clone(),
     }
@@ -24,24 +24,27 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     }
 }
 
-pub fn mount(cx: &Context, registry: &RegistryArgs, args: &MountArgs) -> anyhow::Result<()> {
-    let home = home(cx);
-    let mountpoint = args
-        .mountpoint
-        .canonicalize()
-        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
-    let spec = MountSpec {
-        image: args.image.clone(),
+/// The daemon's mount request for `image` on `mountpoint` (absolute) with `opts`.
+pub(super) fn mount_spec(
+    home: &Home,
+    registry: &RegistryArgs,
+    image: &str,
+    mountpoint: PathBuf,
+    opts: &MountOptions,
+) -> anyhow::Result<MountSpec> {
+    Ok(MountSpec {
+        image: image.to_string(),
         mountpoint,
-        mode: match args.mode {
+        mode: match opts.mode {
             ModeArg::Fuse => Mode::Fuse,
             ModeArg::Erofs => Mode::Erofs,
         },
-        prefetch: match args.prefetch {
+        prefetch: match opts.prefetch {
             PrefetchArg::None => Prefetch::None,
+            PrefetchArg::Trace => Prefetch::Trace,
             PrefetchArg::All => Prefetch::All,
         },
-        cache_dir: match &args.cache_dir {
+        cache_dir: match &opts.cache_dir {
             Some(d) => {
                 std::fs::create_dir_all(d)
                     .with_context(|| format!("--cache-dir {}", d.display()))?;
@@ -49,23 +52,36 @@ pub fn mount(cx: &Context, registry: &RegistryArgs, args: &MountArgs) -> anyhow:
             }
             None => home.cache(),
         },
-        cache_max_bytes: args.cache_size,
-        read_timeout_secs: args.read_timeout.max(1),
-        passthrough: !args.no_passthrough,
-        fetch_min_bytes: args.fetch_min,
+        cache_max_bytes: opts.cache_size,
+        read_timeout_secs: opts.read_timeout.max(1),
+        passthrough: !opts.no_passthrough,
+        fetch_min_bytes: opts.fetch_min,
         registry: RegistryOptions {
             plain_http: registry.plain_http,
             creds: registry.creds.clone(),
             retries: registry.retries,
             timeout_secs: registry.timeout,
         },
-    };
+        trace: super::trace_arg(
+            opts.prefetch_trace.as_deref(),
+            opts.prefetch_files.as_deref(),
+        )?,
+        record: false,
+    })
+}
+
+pub fn mount(cx: &Context, registry: &RegistryArgs, args: &MountArgs) -> anyhow::Result<()> {
+    let home = home(cx);
+    let mountpoint = args
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    let spec = mount_spec(&home, registry, &args.image, mountpoint, &args.opts)?;
     if args.foreground {
         return foreground(&home, spec);
     }
-    let exe = std::env::current_exe().context("finding the hoist executable")?;
-    let mut client = hoist_daemon::spawn_and_wait(&home, &exe).map_err(|e| anyhow!(e))?;
-    let stats = client.call(&Request::Mount(spec.clone()))?;
+    let mut client = start_daemon(&home)?;
+    let stats = client.call(&Request::Mount(Box::new(spec.clone())))?;
     println!(
         "mounted {} on {} ({}, {} of metadata read in {:.2} s)",
         spec.image,
@@ -75,6 +91,12 @@ pub fn mount(cx: &Context, registry: &RegistryArgs, args: &MountArgs) -> anyhow:
         stats["mount_secs"].as_f64().unwrap_or(0.0)
     );
     Ok(())
+}
+
+/// A connection to the daemon of `home`, started if none runs.
+pub(super) fn start_daemon(home: &Home) -> anyhow::Result<Client> {
+    let exe = std::env::current_exe().context("finding the hoist executable")?;
+    hoist_daemon::spawn_and_wait(home, &exe).map_err(|e| anyhow!(e))
 }
 
 /// Serves one mount in this process until it is unmounted or a signal comes.

@@ -1,0 +1,286 @@
+//! `hoist run` and `hoist record`: a container on a lazy mount, run by runc.
+//!
+//! The image is mounted through the daemon on `$HOIST_HOME/containers/NAME/image`, an
+//! overlayfs on `…/rootfs` takes the writes (`…/upper`, `…/work`), the runtime spec goes
+//! to `…/config.json`, and `runc run` runs the container in the foreground with this
+//! process's stdio, its state under `$HOIST_HOME/runc`. Signals hoist receives are passed
+//! to runc, which passes them to the container; runc's exit status is the container's,
+//! and hoist exits with it.
+
+use super::mount::{home, mount_spec, start_daemon};
+use super::{human, Context};
+use crate::args::{MountOptions, RecordArgs, RegistryArgs, RunArgs};
+use anyhow::{anyhow, bail, Context as _};
+use hoist_daemon::api::{Client, Request};
+use hoist_fs::kernel;
+use hoist_runtime::{overlay, spec, user, ImageConfig};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// What `run` and `record` have in common.
+struct Launch<'a> {
+    image: &'a str,
+    cmd: &'a [String],
+    entrypoint: Option<&'a str>,
+    env: &'a [String],
+    name: Option<&'a str>,
+    tty: bool,
+    rm: bool,
+    opts: &'a MountOptions,
+    record: Option<&'a Path>,
+    stats_json: Option<&'a Path>,
+}
+
+pub fn run(cx: &Context, registry: &RegistryArgs, a: &RunArgs) -> anyhow::Result<()> {
+    let code = launch(
+        cx,
+        registry,
+        Launch {
+            image: &a.image,
+            cmd: &a.cmd,
+            entrypoint: a.entrypoint.as_deref(),
+            env: &a.env,
+            name: a.name.as_deref(),
+            tty: a.tty,
+            rm: a.rm,
+            opts: &a.opts,
+            record: None,
+            stats_json: a.stats_json.as_deref(),
+        },
+    )?;
+    std::process::exit(code)
+}
+
+pub fn record(cx: &Context, registry: &RegistryArgs, a: &RecordArgs) -> anyhow::Result<()> {
+    let code = launch(
+        cx,
+        registry,
+        Launch {
+            image: &a.image,
+            cmd: &a.cmd,
+            entrypoint: a.entrypoint.as_deref(),
+            env: &a.env,
+            name: None,
+            tty: false,
+            rm: true,
+            opts: &a.opts,
+            record: Some(&a.trace_out),
+            stats_json: None,
+        },
+    )?;
+    if code != 0 {
+        eprintln!("hoist: the command exited with {code}; the trace holds what it read");
+    }
+    std::process::exit(code)
+}
+
+/// Undoes a launch, in reverse order, whatever happened.
+struct Cleanup {
+    dir: PathBuf,
+    image_mp: PathBuf,
+    rootfs: PathBuf,
+    home: hoist_daemon::Home,
+    mounted: bool,
+    overlaid: bool,
+    rm: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.overlaid {
+            if let Err(e) = overlay::unmount(&self.rootfs) {
+                eprintln!("hoist: {e}");
+            }
+        }
+        if self.mounted {
+            let r = Client::connect(&self.home.socket())
+                .map_err(|e| anyhow!(e))
+                .and_then(|mut c| {
+                    c.call(&Request::Umount {
+                        mountpoint: self.image_mp.clone(),
+                    })
+                    .map_err(|e| anyhow!(e))
+                });
+            if let Err(e) = r {
+                eprintln!("hoist: unmounting {}: {e}", self.image_mp.display());
+                let _ = kernel::unmount_lazy(&self.image_mp);
+            }
+        }
+        let busy = kernel::is_mountpoint(&self.rootfs) || kernel::is_mountpoint(&self.image_mp);
+        if self.rm && !busy {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                eprintln!("hoist: removing {}: {e}", self.dir.display());
+            }
+        } else if !self.rm {
+            eprintln!(
+                "hoist: the container's writable layer is kept in {} (remove it, or run with --rm)",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i32> {
+    let t0 = Instant::now();
+    let home = home(cx);
+    let name = match l.name {
+        Some(n) => {
+            if n.is_empty()
+                || n.len() > 64
+                || !n
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+                || n.starts_with('.')
+            {
+                bail!("--name {n:?}: use up to 64 letters, digits, '_', '.' and '-'");
+            }
+            n.to_string()
+        }
+        None => random_name()?,
+    };
+    let dir = home.root.join("containers").join(&name);
+    if dir.exists() {
+        bail!(
+            "container {name} exists ({}); remove that directory or choose another --name",
+            dir.display()
+        );
+    }
+    let (image_mp, upper, work, rootfs) = (
+        dir.join("image"),
+        dir.join("upper"),
+        dir.join("work"),
+        dir.join("rootfs"),
+    );
+    for d in [&image_mp, &upper, &work, &rootfs] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut cleanup = Cleanup {
+        dir: dir.clone(),
+        image_mp: image_mp.clone(),
+        rootfs: rootfs.clone(),
+        home: home.clone(),
+        mounted: false,
+        overlaid: false,
+        rm: l.rm,
+    };
+    let mut mspec = mount_spec(&home, registry, l.image, image_mp.clone(), l.opts)?;
+    mspec.record = l.record.is_some();
+    let mut client = start_daemon(&home)?;
+    let reply = client.call(&Request::Mount(Box::new(mspec)))?;
+    cleanup.mounted = true;
+    let config = ImageConfig::from_json(&reply["config"])
+        .with_context(|| format!("the config of {}", l.image))?;
+    overlay::mount(&image_mp, &upper, &work, &rootfs)?;
+    cleanup.overlaid = true;
+    let user = user::resolve(&rootfs, &config.user)?;
+    let container = spec::Container {
+        args: config.process(l.entrypoint, l.cmd)?,
+        env: hoist_runtime::environment(&config.env, l.env, &user.home, l.tty),
+        cwd: if config.working_dir.is_empty() {
+            "/".into()
+        } else {
+            config.working_dir.clone()
+        },
+        user,
+        rootfs: rootfs.clone(),
+        hostname: name.chars().take(63).collect(),
+        terminal: l.tty,
+    };
+    spec::write(&dir, &spec::build(&container)?)?;
+    let mount_secs = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let code = run_runc(&home.root.join("runc"), &dir, &name, l.tty)?;
+    let run_secs = t1.elapsed().as_secs_f64();
+
+    if let Some(out) = l.record {
+        let trace = client.call(&Request::Trace {
+            mountpoint: image_mp.clone(),
+        })?;
+        let t = hoist_reader::trace::Trace::parse(trace.to_string().as_bytes())?;
+        write_atomically(out, &t.to_json())?;
+        eprintln!(
+            "recorded {} chunks ({} compressed) of {} files to {}",
+            t.chunks.len(),
+            human(t.chunk_bytes()),
+            t.files.len(),
+            out.display()
+        );
+    }
+    if let Some(out) = l.stats_json {
+        let stat = client.call(&Request::Stat {
+            mountpoint: image_mp.clone(),
+        })?;
+        let report = serde_json::json!({
+            "name": name,
+            "image": l.image,
+            "mount_secs": mount_secs,
+            "run_secs": run_secs,
+            "exit_code": code,
+            "stat": stat,
+        });
+        write_atomically(out, &serde_json::to_vec_pretty(&report)?)?;
+    }
+    drop(cleanup);
+    Ok(code)
+}
+
+/// Runs the bundle with `runc run` in the foreground, passing signals on; returns the
+/// container's exit code (128 + the signal when a signal ended runc itself).
+fn run_runc(root: &Path, bundle: &Path, name: &str, tty: bool) -> anyhow::Result<i32> {
+    use signal_hook::consts::*;
+    let mut cmd = Command::new("runc");
+    cmd.arg("--root")
+        .arg(root)
+        .args(["run", "--bundle"])
+        .arg(bundle)
+        .arg(name);
+    // Without a terminal, runc gets a process group of its own so that a signal reaches
+    // the container once, through hoist. With one, runc must stay in the terminal's
+    // foreground group; the terminal is in raw mode, so ^C reaches the container as input.
+    let forwarded: &[i32] = if tty {
+        &[SIGTERM, SIGHUP, SIGUSR1, SIGUSR2]
+    } else {
+        cmd.process_group(0);
+        &[SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2]
+    };
+    let mut signals = signal_hook::iterator::Signals::new(forwarded)?;
+    let mut child = cmd
+        .spawn()
+        .context("starting runc (install the runc package)")?;
+    let pid = rustix::process::Pid::from_child(&child);
+    let handle = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if let Some(s) = rustix::process::Signal::from_raw(sig) {
+                let _ = rustix::process::kill_process(pid, s);
+            }
+        }
+    });
+    let status = child.wait().context("waiting for runc")?;
+    handle.close();
+    let _ = forwarder.join();
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// `hoist-` and 12 random hex digits.
+fn random_name() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
+    Ok(format!("hoist-{}", hex::encode(b)))
+}
+
+/// Writes `bytes` to `path` through a temporary file, so a reader never sees half.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
+}

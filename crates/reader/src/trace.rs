@@ -1,0 +1,306 @@
+//! Start-up traces: which chunks (and files) a workload read, in order.
+//!
+//! `hoist record` writes a trace; `hoist convert --prefetch-trace` stores it in the image as
+//! a blob of media type [`media::HOIST_TRACE`] listed among the manifest's layers (after the
+//! metadata blob), so it travels with the image through any registry and is pinned by the
+//! manifest's digest; a mount fetches it next to the metadata. A layer rather than an
+//! annotation, because a read-most trace holds thousands of entries and manifests are
+//! limited in size; rather than a referrer, because registries of the 2.8 generation have
+//! no referrers API.
+//!
+//! A trace names each chunk three ways: its position (blob index, chunk index), its BLAKE3
+//! digest, and the file and offset that read it. [`Trace::resolve`] maps it onto an image
+//! by position when the digest there matches, else by digest, else by file: a trace
+//! recorded on one version of an image still serves the next, whose files mostly keep
+//! their chunks. A file list (`--prefetch-files`) is a trace with files and no chunks.
+
+use crate::HoistImage;
+use hoist_format::erofs::Inode;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+
+/// Current trace version.
+pub const TRACE_VERSION: u32 = 1;
+/// Largest trace accepted, to prevent denial of service by a hostile image or file.
+pub const MAX_TRACE_SIZE: u64 = 64 << 20;
+/// Most chunk entries or files accepted in a trace.
+pub const MAX_TRACE_ENTRIES: usize = 1 << 20;
+
+/// One chunk the workload read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceChunk {
+    /// Blob index (0-based) in the image it was recorded on.
+    pub blob: usize,
+    /// Chunk index in that blob.
+    pub index: usize,
+    /// BLAKE3 digest of the chunk's data, hex.
+    pub digest: String,
+    /// Compressed offset in the blob.
+    #[serde(default)]
+    pub offset: u64,
+    /// Compressed size: the bytes this chunk costs over the network.
+    #[serde(default)]
+    pub size: u64,
+    /// A file the chunk belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The chunk's offset in that file.
+    #[serde(default)]
+    pub file_offset: u64,
+}
+
+/// A start-up trace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trace {
+    /// Format version ([`TRACE_VERSION`]).
+    pub version: u32,
+    /// The image it was recorded on.
+    #[serde(default)]
+    pub image: String,
+    /// That image's manifest digest.
+    #[serde(default)]
+    pub manifest: String,
+    /// That image's chunk size.
+    #[serde(default)]
+    pub chunk_size: u64,
+    /// Bytes of that image's metadata blob.
+    #[serde(default)]
+    pub meta_bytes: u64,
+    /// Chunks in the order they were first read.
+    #[serde(default)]
+    pub chunks: Vec<TraceChunk>,
+    /// Files in the order they were first read.
+    #[serde(default)]
+    pub files: Vec<String>,
+}
+
+/// A trace that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// Not valid trace JSON.
+    #[error("not a hoist trace: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Too large, or a version this hoist does not know.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Trace {
+    /// A trace of files only, from a list of paths (one per line; blank lines and `#`
+    /// comments skipped).
+    pub fn from_file_list(text: &str) -> Result<Trace, TraceError> {
+        let files: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(normalize)
+            .collect();
+        if files.len() > MAX_TRACE_ENTRIES {
+            return Err(TraceError::Invalid(format!(
+                "{} files listed; at most {MAX_TRACE_ENTRIES}",
+                files.len()
+            )));
+        }
+        Ok(Trace {
+            version: TRACE_VERSION,
+            files,
+            ..Trace::default()
+        })
+    }
+
+    /// Parses and bounds-checks a trace.
+    pub fn parse(bytes: &[u8]) -> Result<Trace, TraceError> {
+        if bytes.len() as u64 > MAX_TRACE_SIZE {
+            return Err(TraceError::Invalid(format!(
+                "trace of {} bytes; at most {MAX_TRACE_SIZE}",
+                bytes.len()
+            )));
+        }
+        let t: Trace = serde_json::from_slice(bytes)?;
+        if t.version != TRACE_VERSION {
+            return Err(TraceError::Invalid(format!(
+                "trace version {} (this hoist reads version {TRACE_VERSION})",
+                t.version
+            )));
+        }
+        if t.chunks.len() > MAX_TRACE_ENTRIES || t.files.len() > MAX_TRACE_ENTRIES {
+            return Err(TraceError::Invalid(format!(
+                "trace of {} chunks and {} files; at most {MAX_TRACE_ENTRIES} each",
+                t.chunks.len(),
+                t.files.len()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// The trace as JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("a trace always serialises")
+    }
+
+    /// Compressed bytes of its distinct chunks.
+    pub fn chunk_bytes(&self) -> u64 {
+        let mut seen = HashSet::new();
+        self.chunks
+            .iter()
+            .filter(|c| seen.insert((c.blob, c.index)))
+            .map(|c| c.size)
+            .sum()
+    }
+
+    /// The chunks of `image` this trace names, in trace order, each once: the chunk
+    /// entries first (by position, digest or file), then every chunk of each listed
+    /// file. Chunks no file of the image uses, and names the image lacks, are skipped.
+    pub fn resolve(&self, image: &HoistImage, index: &FileIndex) -> Vec<(usize, usize)> {
+        let by_digest: HashMap<[u8; 32], (usize, usize)> = image
+            .meta
+            .blobs
+            .iter()
+            .enumerate()
+            .flat_map(|(b, blob)| {
+                blob.chunks
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, e)| (e.digest, (b, i)))
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        let mut push = |c: (usize, usize), out: &mut Vec<(usize, usize)>| {
+            if index.used.contains(&c) && seen.insert(c) {
+                out.push(c);
+            }
+        };
+        for c in &self.chunks {
+            let digest = parse_hex32(&c.digest);
+            let at = image
+                .meta
+                .blobs
+                .get(c.blob)
+                .and_then(|b| b.chunks.entries.get(c.index));
+            let found = match (digest, at) {
+                (Some(d), Some(e)) if e.digest == d => Some((c.blob, c.index)),
+                (Some(d), _) => by_digest.get(&d).copied(),
+                _ => None,
+            }
+            .or_else(|| {
+                let file = index.files.get(&normalize(c.file.as_deref()?))?;
+                let k = usize::try_from(c.file_offset >> image.meta.chunk_bits).ok()?;
+                file.get(k).copied()
+            });
+            if let Some(found) = found {
+                push(found, &mut out);
+            }
+        }
+        for f in &self.files {
+            for c in index.files.get(&normalize(f)).into_iter().flatten() {
+                push(*c, &mut out);
+            }
+        }
+        out
+    }
+}
+
+/// Every regular file of an image with its chunks in file order, and the reverse map.
+#[derive(Debug, Default)]
+pub struct FileIndex {
+    /// Path → (blob, chunk index) per chunk of data, holes left out.
+    pub files: HashMap<String, Vec<(usize, usize)>>,
+    /// (blob, chunk index) → the first path using it and the chunk's offset in that file.
+    pub owner: HashMap<(usize, usize), (String, u64)>,
+    /// Chunks some file uses.
+    pub used: HashSet<(usize, usize)>,
+}
+
+impl FileIndex {
+    /// Indexes the files of `image`.
+    pub fn build(image: &HoistImage) -> Result<FileIndex, crate::ReadError> {
+        let mut index = FileIndex::default();
+        let chunk_size = 1u64 << image.meta.chunk_bits;
+        image
+            .fs
+            .walk(|path, inode: &Inode| {
+                if !inode.is_file() {
+                    return Ok(());
+                }
+                let path = String::from_utf8_lossy(path).into_owned();
+                let mut chunks = Vec::new();
+                for (k, c) in image.chunks(inode)?.into_iter().enumerate() {
+                    if let Some((blob, i, _)) = image.resolve(c) {
+                        chunks.push((blob, i));
+                        index.used.insert((blob, i));
+                        index
+                            .owner
+                            .entry((blob, i))
+                            .or_insert_with(|| (path.clone(), k as u64 * chunk_size));
+                    }
+                }
+                index.files.insert(path, chunks);
+                Ok(())
+            })
+            .map_err(|source| crate::ReadError::Meta {
+                digest: image.meta_digest.to_string(),
+                source,
+            })?;
+        Ok(index)
+    }
+}
+
+/// `/a/b` for `a/b`, `./a/b` or `/a//b`.
+fn normalize(p: &str) -> String {
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != ".")
+        .collect();
+    format!("/{}", parts.join("/"))
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).ok().map(|()| out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_round_trips_and_bounds() {
+        let t = Trace {
+            version: TRACE_VERSION,
+            image: "oci:x:y".into(),
+            chunks: vec![TraceChunk {
+                blob: 1,
+                index: 2,
+                digest: "ab".repeat(32),
+                offset: 7,
+                size: 9,
+                file: Some("/usr/bin/x".into()),
+                file_offset: 0,
+            }],
+            files: vec!["/usr/bin/x".into()],
+            ..Trace::default()
+        };
+        assert_eq!(Trace::parse(&t.to_json()).unwrap(), t);
+        assert_eq!(t.chunk_bytes(), 9);
+        assert!(Trace::parse(b"{\"version\":2}").is_err());
+        assert!(Trace::parse(b"[1,2]").is_err());
+        assert!(Trace::parse(b"").is_err());
+    }
+
+    #[test]
+    fn file_lists_are_normalised() {
+        let t = Trace::from_file_list("# comment\n usr/bin/python3 \n\n/app//main.py\n./etc/x\n")
+            .unwrap();
+        assert_eq!(t.files, ["/usr/bin/python3", "/app/main.py", "/etc/x"]);
+        assert!(t.chunks.is_empty());
+    }
+
+    #[test]
+    fn hex_digests_decode_strictly() {
+        assert_eq!(parse_hex32(&"0f".repeat(32)), Some([0x0f; 32]));
+        assert_eq!(parse_hex32(&"0f".repeat(31)), None);
+        assert_eq!(parse_hex32(&"zz".repeat(32)), None);
+    }
+}
