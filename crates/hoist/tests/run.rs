@@ -1,0 +1,365 @@
+//! `hoist run` and `hoist record` with real runc: the container gets the image config
+//! (entrypoint, cmd, env, working dir, user) as umoci, the referee, reads it; the exit
+//! code and signals pass through; traces are recorded, stored by `hoist convert` and
+//! prefetched.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Needs root, FUSE, runc, umoci and skopeo; `None` (skipped) otherwise.
+fn setup() -> Option<PathBuf> {
+    let layout = fixtures()?;
+    let tools = ["runc", "umoci", "skopeo"]
+        .iter()
+        .all(|t| Command::new(t).arg("--version").output().is_ok());
+    if !(is_root() && Path::new("/dev/fuse").exists() && tools) {
+        assert!(
+            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
+            "run tests need root, /dev/fuse, runc, umoci and skopeo"
+        );
+        eprintln!("SKIPPED: run tests need root, /dev/fuse, runc, umoci and skopeo");
+        return None;
+    }
+    Some(layout)
+}
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The test image, made once: tiny-v1 plus a user database and a working directory,
+/// with a config naming a user, a working dir, env, entrypoint and cmd. Returns the
+/// source layout (tag `cfg`), umoci's bundle of it (the referee), and the hoist image.
+fn image(layout: &Path) -> &'static (PathBuf, PathBuf, String) {
+    static IMAGE: OnceLock<(PathBuf, PathBuf, String)> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let s = scratch().join("run-image");
+        std::fs::create_dir_all(&s).unwrap();
+        let oci = s.join("oci");
+        sh(Command::new("skopeo").args([
+            "copy",
+            "-q",
+            &format!("oci:{}:tiny-v1", layout.display()),
+            &format!("oci:{}:base", oci.display()),
+        ]));
+        let bundle = s.join("bundle");
+        sh(Command::new("umoci")
+            .args(["unpack", "--image", &format!("{}:base", oci.display())])
+            .arg(&bundle));
+        let root = bundle.join("rootfs");
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("etc/group"),
+            "root:x:0:\nstaff:x:50:app\napp:x:1000:\naudio:x:29:app,root\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("work")).unwrap();
+        let cfg = format!("{}:cfg", oci.display());
+        sh(Command::new("umoci")
+            .args(["repack", "--image", &cfg])
+            .arg(&bundle));
+        sh(Command::new("umoci").args([
+            "config",
+            "--image",
+            &cfg,
+            "--config.user",
+            "app:staff",
+            "--config.workingdir",
+            "/work",
+            "--config.env",
+            "FOO=from-image",
+            "--config.entrypoint",
+            "/bin/sh",
+            "--config.entrypoint",
+            "-c",
+            "--config.cmd",
+            "echo default-cmd; exit 3",
+        ]));
+        let reference = s.join("reference");
+        sh(Command::new("umoci")
+            .args(["unpack", "--image", &cfg])
+            .arg(&reference));
+        let hoisted = format!("oci:{}:cfg", s.join("hoist").display());
+        hoist_ok(&["convert", &format!("oci:{cfg}"), &hoisted]);
+        (oci, reference, hoisted)
+    })
+}
+
+/// A state root of its own; the daemon is stopped when it is dropped.
+struct Home(PathBuf);
+
+impl Home {
+    fn new(name: &str) -> Home {
+        let p = scratch().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        Home(p)
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hoist"));
+        c.args(args).env("HOIST_HOME", &self.0);
+        c
+    }
+    /// Runs hoist to the end (bounded); returns exit code, stdout, stderr.
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let mut child = self
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "hoist {args:?} hangs");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        (
+            status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+    fn containers(&self) -> Vec<String> {
+        std::fs::read_dir(self.0.join("containers"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["daemon", "stop"]).output();
+    }
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn run_follows_the_image_config_as_umoci_reads_it() {
+    let Some(layout) = setup() else { return };
+    let (_, reference, img) = image(&layout);
+    let home = Home::new("run-config");
+
+    // The image's entrypoint and cmd, and its exit code; the state is kept without --rm.
+    let (code, out, err) = home.run(&["run", "--name", "c1", img]);
+    assert_eq!((code, out.as_str()), (3, "default-cmd\n"), "{err}");
+    assert_eq!(home.containers(), ["c1"]);
+    // The runtime spec carries what umoci's does: args, cwd, user, groups, env.
+    let ours = json(&home.0.join("containers/c1/config.json"));
+    let theirs = json(&reference.join("config.json"));
+    for key in ["args", "cwd"] {
+        assert_eq!(ours["process"][key], theirs["process"][key], "{key}");
+    }
+    for key in ["uid", "gid"] {
+        assert_eq!(
+            ours["process"]["user"][key], theirs["process"]["user"][key],
+            "user.{key}"
+        );
+    }
+    // umoci leaves supplementary groups out; docker and containerd add the groups that
+    // list the user in the image's /etc/group, and so does hoist.
+    assert_eq!(ours["process"]["user"]["additionalGids"], serde_json::json!([29]));
+    let env = |v: &Value| -> Vec<String> {
+        let mut e: Vec<String> = v["process"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .filter(|x| !x.starts_with("TERM="))
+            .collect();
+        e.sort();
+        e
+    };
+    assert_eq!(env(&ours), env(&theirs));
+
+    // What the process sees, and a command line that replaces the cmd.
+    let (code, out, err) = home.run(&[
+        "run",
+        "--rm",
+        img,
+        "--",
+        "cat /proc/self/status; pwd; echo FOO=$FOO HOME=$HOME; exit 5",
+    ]);
+    assert_eq!(code, 5, "{out}{err}");
+    let field = |key: &str| -> Vec<&str> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {out}"))
+            .split_whitespace()
+            .collect()
+    };
+    assert_eq!(field("Uid:"), ["1000"; 4], "{out}");
+    assert_eq!(field("Gid:"), ["50"; 4], "{out}");
+    assert_eq!(field("Groups:"), ["29"], "{out}");
+    let tail: Vec<&str> = out.lines().rev().take(2).collect();
+    assert_eq!(tail, ["FOO=from-image HOME=/home/app", "/work"]);
+    assert_eq!(home.containers(), ["c1"], "--rm leaves nothing behind");
+
+    // --entrypoint and -e.
+    let (code, out, _) = home.run(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "/bin/echo",
+        img,
+        "--",
+        "hello",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "hello\n"));
+    let (code, out, _) = home.run(&["run", "--rm", "-e", "FOO=cli", img, "--", "echo $FOO"]);
+    assert_eq!((code, out.as_str()), (0, "cli\n"));
+
+    // A name in use is refused before anything is mounted.
+    let (code, _, err) = home.run(&["run", "--name", "c1", img]);
+    assert_ne!(code, 0);
+    assert!(err.contains("container c1 exists"), "{err}");
+}
+
+#[test]
+fn signals_reach_the_container_and_its_exit_code_returns() {
+    let Some(layout) = setup() else { return };
+    let (_, _, img) = image(&layout);
+    let home = Home::new("run-signal");
+    let mut child = home
+        .cmd(&[
+            "run",
+            "--rm",
+            "--mode",
+            "erofs",
+            img,
+            "--",
+            "trap 'echo got-term; exit 42' TERM; echo ready; while :; do :; done",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::Term).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the container ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(lines.next().unwrap().unwrap(), "got-term");
+    assert_eq!(status.code(), Some(42));
+    assert!(home.containers().is_empty());
+}
+
+#[test]
+fn traces_are_recorded_stored_in_the_image_and_prefetched() {
+    let Some(layout) = setup() else { return };
+    let (oci, _, img) = image(&layout);
+    let home = Home::new("run-trace");
+    let trace = home.0.join("trace.json");
+    let t = trace.display().to_string();
+    let (code, out, err) =
+        home.run(&["record", img, "--trace-out", &t, "--", "cat /app/hello.txt"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let rec = json(&trace);
+    let files: Vec<&str> = rec["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    // The shell, then the file it printed, in the order read.
+    let pos = |f: &str| files.iter().position(|x| *x == f);
+    assert!(
+        pos("/bin/busybox").unwrap() < pos("/app/hello.txt").unwrap(),
+        "{files:?}"
+    );
+    let chunks = rec["chunks"].as_array().unwrap();
+    assert!(chunks.iter().all(|c| c["size"].as_u64().unwrap() > 0));
+    assert!(home.containers().is_empty(), "record cleans up");
+
+    // Stored in the image as a layer after the metadata blob; the image still checks.
+    let traced = format!("oci:{}:cfg", scratch().join("run-traced").display());
+    hoist_ok(&[
+        "convert",
+        &format!("oci:{}:cfg", oci.display()),
+        &traced,
+        "--prefetch-trace",
+        &t,
+    ]);
+    let inspect: Value = serde_json::from_str(&hoist_ok(&["inspect", "--json", &traced])).unwrap();
+    let layers = inspect["layers"].as_array().expect("layers in inspect");
+    assert_eq!(
+        layers.last().unwrap()["media_type"],
+        "application/vnd.hoist.trace.v1+json",
+        "{inspect}"
+    );
+    hoist_ok(&["check", &traced]);
+
+    // A run of the traced image prefetches the trace's chunks first.
+    let stats = home.0.join("stats.json");
+    let s = stats.display().to_string();
+    let (code, out, _) = home.run(&[
+        "run",
+        "--rm",
+        "--stats-json",
+        &s,
+        &traced,
+        "--",
+        "cat /app/hello.txt",
+    ]);
+    assert_eq!(code, 0);
+    let distinct: std::collections::HashSet<(u64, u64)> = chunks
+        .iter()
+        .map(|c| (c["blob"].as_u64().unwrap(), c["index"].as_u64().unwrap()))
+        .collect();
+    let p = &json(&stats)["stat"]["prefetch"];
+    assert_eq!(p["trace"], "image", "{p}");
+    assert_eq!(p["trace_chunks"], distinct.len() as u64, "{p}");
+    assert_eq!(out, "hello from tiny-v1 upper\n");
+
+    // A file list given at mount time replaces the image's trace.
+    let list = home.0.join("files.txt");
+    std::fs::write(&list, "# first\n/app/hello.txt\n").unwrap();
+    let (code, _, _) = home.run(&[
+        "run",
+        "--rm",
+        "--stats-json",
+        &s,
+        "--prefetch-files",
+        &list.display().to_string(),
+        &traced,
+        "--",
+        "true",
+    ]);
+    assert_eq!(code, 0);
+    let p = &json(&stats)["stat"]["prefetch"];
+    assert_eq!(
+        (p["trace"].as_str(), p["trace_chunks"].as_u64()),
+        (Some("mount"), Some(1)),
+        "{p}"
+    );
+}
