@@ -33,11 +33,28 @@ pub struct TreeFs {
     fetcher: Arc<Fetcher>,
     counters: Arc<FsCounters>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
-    /// Backing files handed to the kernel, by inode, with their open count.
-    backing: Mutex<HashMap<u64, (BackingId, usize)>>,
+    /// How each open inode is open, with its open count (when passthrough is on).
+    opens: Mutex<HashMap<u64, Opened>>,
     want_passthrough: bool,
     passthrough: bool,
 }
+
+/// How the open files of an inode are served. The kernel refuses to mix the two on one
+/// inode (an open by passthrough while an open through the page cache is live fails,
+/// and the reverse too), so an inode keeps the mode of its first open until its last
+/// open is released: a file opened before its chunk was cached stays on the page cache
+/// path while it is open.
+enum Opened {
+    /// By FUSE passthrough, on this backing file.
+    Passthrough(BackingId, usize),
+    /// Through hoist and the page cache.
+    Cached(usize),
+}
+
+/// File handles: which kind of open a release ends.
+const FH_PLAIN: u64 = 0;
+const FH_PASSTHROUGH: u64 = 1;
+const FH_CACHED: u64 = 2;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -58,7 +75,7 @@ impl TreeFs {
             fetcher,
             counters,
             dirs: Mutex::new(HashMap::new()),
-            backing: Mutex::new(HashMap::new()),
+            opens: Mutex::new(HashMap::new()),
             want_passthrough: passthrough,
             passthrough: false,
         }
@@ -232,24 +249,36 @@ impl TreeFs {
     }
 
     fn open_passthrough(&self, ino: INodeNo, inode: &Inode, reply: ReplyOpen) {
-        let mut backing = lock(&self.backing);
-        if let Some((id, count)) = backing.get_mut(&ino.0) {
-            *count += 1;
-            self.counters.passthrough_opens.fetch_add(1, Relaxed);
-            return reply.opened_passthrough(FileHandle(1), FopenFlags::empty(), id);
+        let mut opens = lock(&self.opens);
+        match opens.get_mut(&ino.0) {
+            Some(Opened::Passthrough(id, count)) => {
+                *count += 1;
+                self.counters.passthrough_opens.fetch_add(1, Relaxed);
+                return reply.opened_passthrough(
+                    FileHandle(FH_PASSTHROUGH),
+                    FopenFlags::empty(),
+                    id,
+                );
+            }
+            Some(Opened::Cached(count)) => {
+                *count += 1;
+                return reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            None => {}
         }
         if let Some(file) = self.single_cached_chunk(inode) {
             match reply.open_backing(&file) {
                 Ok(id) => {
                     self.counters.passthrough_opens.fetch_add(1, Relaxed);
-                    reply.opened_passthrough(FileHandle(1), FopenFlags::empty(), &id);
-                    backing.insert(ino.0, (id, 1));
+                    reply.opened_passthrough(FileHandle(FH_PASSTHROUGH), FopenFlags::empty(), &id);
+                    opens.insert(ino.0, Opened::Passthrough(id, 1));
                     return;
                 }
                 Err(e) => tracing::debug!("passthrough for inode {}: {e}", ino.0),
             }
         }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        opens.insert(ino.0, Opened::Cached(1));
+        reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn xattrs(&self, ino: INodeNo) -> Result<Vec<hoist_format::erofs::read::Xattr>, Errno> {
@@ -359,7 +388,7 @@ impl fuser::Filesystem for TreeFs {
         if self.passthrough && inode.is_file() {
             return self.open_passthrough(ino, &inode, reply);
         }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        reply.opened(FileHandle(FH_PLAIN), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn read(
@@ -391,13 +420,17 @@ impl fuser::Filesystem for TreeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if fh.0 == 1 {
-            let mut backing = lock(&self.backing);
-            if let Some((_, count)) = backing.get_mut(&ino.0) {
-                *count -= 1;
-                if *count == 0 {
-                    backing.remove(&ino.0);
+        if fh.0 == FH_PASSTHROUGH || fh.0 == FH_CACHED {
+            let mut opens = lock(&self.opens);
+            let last = match opens.get_mut(&ino.0) {
+                Some(Opened::Passthrough(_, count) | Opened::Cached(count)) => {
+                    *count = count.saturating_sub(1);
+                    *count == 0
                 }
+                None => false,
+            };
+            if last {
+                opens.remove(&ino.0);
             }
         }
         reply.ok();

@@ -437,3 +437,42 @@ fn killed_daemon_leaves_no_hanging_mount_and_a_verified_cache() {
         home.ok(&["umount", &mps]);
     }
 }
+
+/// Regression: the kernel refuses an open by FUSE passthrough while the same inode is
+/// open through the page cache (`sh: wc: Input/output error` on a cold `hoist run`,
+/// when the binary's chunk arrived between two opens of it). An inode keeps the mode of
+/// its first open while it is open; a later first open uses passthrough.
+#[test]
+fn a_file_open_through_the_page_cache_is_reopened_the_same_way() {
+    use std::io::Read;
+    let Some(layout) = setup() else { return };
+    let image = convert(&layout, "tiny-v1", "conv-reopen", &[]);
+    let home = Home::new("reopen");
+    let mp = home.mountpoint("m");
+    home.ok(&["mount", "--mode", "fuse", &image, &mp.display().to_string()]);
+    let path = mp.join("app/hello.txt");
+    let mut first = std::fs::File::open(&path).unwrap();
+    let mut a = String::new();
+    first.read_to_string(&mut a).unwrap();
+    assert_eq!(a, "hello from tiny-v1 upper\n");
+    // Its chunk is cached now; a second open while the first is live must still work.
+    let mut b = String::new();
+    std::fs::File::open(&path)
+        .and_then(|mut f| f.read_to_string(&mut b))
+        .expect("second open of a file open through the page cache");
+    assert_eq!(a, b);
+    drop(first);
+    let before = home.stat(&mp)["passthrough_opens"].as_u64().unwrap();
+    let mut c = String::new();
+    std::fs::File::open(&path)
+        .and_then(|mut f| f.read_to_string(&mut c))
+        .unwrap();
+    assert_eq!(a, c);
+    if home.stat(&mp)["passthrough"] == true {
+        assert_eq!(
+            home.stat(&mp)["passthrough_opens"].as_u64().unwrap(),
+            before + 1,
+            "once closed, the cached file opens by passthrough"
+        );
+    }
+}

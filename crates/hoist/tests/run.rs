@@ -182,7 +182,10 @@ fn run_follows_the_image_config_as_umoci_reads_it() {
     }
     // umoci leaves supplementary groups out; docker and containerd add the groups that
     // list the user in the image's /etc/group, and so does hoist.
-    assert_eq!(ours["process"]["user"]["additionalGids"], serde_json::json!([29]));
+    assert_eq!(
+        ours["process"]["user"]["additionalGids"],
+        serde_json::json!([29])
+    );
     let env = |v: &Value| -> Vec<String> {
         let mut e: Vec<String> = v["process"]["env"]
             .as_array()
