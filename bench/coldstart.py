@@ -51,7 +51,8 @@ the page cache dropped first (sync; echo 3 >/proc/sys/vm/drop_caches):
                 umoci-unpacked rootfs on local disk with a warm page cache (measured at
                 setup, --runs times after one warm-up run).
 Each hoist method runs once per mode in --hoist-modes (rows `hoist-lazy (erofs)`, ...; the
-traces are recorded in the first mode); pull/mount is the `mount_secs` hoist writes to
+traces are recorded in --record-mode, fuse by default: a fuse mount sees the reads of files,
+while EROFS also reads ahead through the blob devices); pull/mount is the `mount_secs` hoist writes to
 --stats-json (its start to a mounted rootfs), run = ready - mount. After each hoist run
 `hoist daemon stop`, its daemon.log is kept in SCRATCH/logs and the home is removed.
 skopeo, told --src-tls-verify=false, first tries HTTPS and falls back to HTTP: one more
@@ -757,6 +758,7 @@ def report(results, bounds, rows, workloads):
 
 
 def main():
+    global BASE_TAG
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", default=str(ROOT.parent / "shared/fixtures/oci"))
     ap.add_argument("--runs", type=int, default=3)
@@ -766,6 +768,10 @@ def main():
     ap.add_argument("--workloads", default="main,readmost", help=f"comma-separated, of {','.join(WORKLOADS)}")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     ap.add_argument("--hoist-modes", default="erofs,fuse", help="comma-separated hoist mount modes")
+    ap.add_argument("--record-mode", default="fuse", choices=["fuse", "erofs"],
+                    help="mode hoist record runs in (fuse: the trace holds the reads of files, "
+                         "without the readahead EROFS does through the blob devices)")
+    ap.add_argument("--tag", default=BASE_TAG, help="the image's tag in --fixtures")
     ap.add_argument("--trace", action="append", default=[], metavar="WORKLOAD=FILE",
                     help="use this trace instead of hoist record (repeatable)")
     ap.add_argument("--bound-rtts", type=int, default=4, help="round trips in the bound")
@@ -778,6 +784,7 @@ def main():
     ap.add_argument("--relay-limit", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--relay-log", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    BASE_TAG = args.tag
     if args.relay:
         return relay_main(args)
 
@@ -831,7 +838,7 @@ def main():
             if ctx["hoist_error"] and not given:
                 ctx["traces"] = {wl: {"error": ctx["hoist_error"], "convert_error": None} for wl in workloads}
             else:
-                ctx["traces"] = make_traces(fixtures, scratch, workloads, given, (modes or ["fuse"])[0],
+                ctx["traces"] = make_traces(fixtures, scratch, workloads, given, args.record_mode,
                                             args.run_timeout)
 
         link["tbf"] = shape(args.rate_mbit, queue_ms)

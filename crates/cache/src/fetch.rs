@@ -289,12 +289,7 @@ impl Fetcher {
     /// most the configured read timeout.
     pub fn open_chunk(&self, blob: usize, index: usize) -> Result<File, FetchError> {
         let e = *self.entry(blob, index)?;
-        if self.inner.recording.load(Relaxed) {
-            let mut r = self.inner.record.lock().unwrap_or_else(|e| e.into_inner());
-            if r.seen.insert((blob, index)) {
-                r.order.push((blob, index));
-            }
-        }
+        self.note_read(blob, index);
         let deadline = Instant::now() + self.inner.cfg.read_timeout;
         let c = &self.inner.counters;
         // A chunk can vanish between its fetch and the open (evicted, or found damaged):
@@ -378,6 +373,18 @@ impl Fetcher {
         take: &dyn Fn(usize) -> bool,
     ) -> (Vec<Arc<Slot>>, usize) {
         self.inner.submit(blob, index, priority, take)
+    }
+
+    /// Records that chunk `index` of blob `blob` is read, while recording. Reads through
+    /// [`Fetcher::open_chunk`] are recorded by it; a reader that reaches the cache
+    /// another way (FUSE passthrough) says so here.
+    pub fn note_read(&self, blob: usize, index: usize) {
+        if self.inner.recording.load(Relaxed) {
+            let mut r = self.inner.record.lock().unwrap_or_else(|e| e.into_inner());
+            if r.seen.insert((blob, index)) {
+                r.order.push((blob, index));
+            }
+        }
     }
 
     /// Starts recording which chunks are opened, in order (for `hoist record`).

@@ -237,15 +237,19 @@ impl TreeFs {
     fn single_cached_chunk(&self, inode: &Inode) -> Option<std::fs::File> {
         let chunks = self.chunk_refs(inode).ok()?;
         let [c] = chunks.as_slice() else { return None };
-        let (_, _, entry) = self.image.resolve(*c)?;
+        let (blob, index, entry) = self.image.resolve(*c)?;
         if u64::from(entry.uncompressed_size) != inode.size {
             return None;
         }
-        self.fetcher
+        let file = self
+            .fetcher
             .store()
             .open_chunk(&entry.digest, entry.uncompressed_size)
             .ok()
-            .flatten()
+            .flatten()?;
+        // The kernel reads it from here on without asking hoist: record it now.
+        self.fetcher.note_read(blob, index);
+        Some(file)
     }
 
     fn open_passthrough(&self, ino: INodeNo, inode: &Inode, reply: ReplyOpen) {

@@ -304,6 +304,23 @@ fn traces_are_recorded_stored_in_the_image_and_prefetched() {
     assert!(chunks.iter().all(|c| c["size"].as_u64().unwrap() > 0));
     assert!(home.containers().is_empty(), "record cleans up");
 
+    // Again on the warm cache: files now opened by FUSE passthrough are recorded too.
+    let warm = home.0.join("trace-warm.json");
+    let (code, _, err) = home.run(&[
+        "record",
+        img,
+        "--trace-out",
+        &warm.display().to_string(),
+        "--",
+        "cat /app/hello.txt",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        json(&warm)["files"],
+        rec["files"],
+        "warm and cold traces differ"
+    );
+
     // Stored in the image as a layer after the metadata blob; the image still checks.
     let traced = format!("oci:{}:cfg", scratch().join("run-traced").display());
     hoist_ok(&[

@@ -214,8 +214,15 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
         println!("  passthrough on: {} opens", n("passthrough_opens"));
     }
     let p = &s["prefetch"];
+    let trace = match p["trace"].as_str() {
+        Some(from @ ("image" | "mount")) => format!(
+            "; start-up trace from the {from}: {} chunks first",
+            p["trace_chunks"].as_u64().unwrap_or(0)
+        ),
+        _ => String::new(),
+    };
     println!(
-        "  prefetch  {} ({} of {} chunks)",
+        "  prefetch  {} ({} of {} chunks{trace})",
         p["state"].as_str().unwrap_or("?"),
         p["done"].as_u64().unwrap_or(0),
         p["total"].as_u64().unwrap_or(0)
