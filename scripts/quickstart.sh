@@ -24,7 +24,7 @@ echo "== building hoist"
 cargo build --release -q -p hoist
 
 OCI=$WORK/oci
-if ! umoci ls --layout "$OCI" 2>/dev/null | grep -qx sample; then
+if ! umoci ls --layout "$OCI" 2>/dev/null | grep -qx python-app; then
   echo "== building the sample image (debootstrap bookworm + python3 + app) in $OCI"
   rm -rf "$WORK"; mkdir -p "$WORK"
   B=$(mktemp -d "$WORK/build.XXXXXX")
@@ -46,18 +46,18 @@ h = hashlib.sha256(open('/app/data.bin', 'rb').read()).hexdigest()
 print(json.dumps({"python": sys.version.split()[0], "data": h[:16], "sqlite": sqlite3.sqlite_version}))
 EOF
   umoci init --layout "$OCI"
-  umoci new --image "$OCI:sample"
-  umoci config --image "$OCI:sample" --os linux --architecture amd64 \
+  umoci new --image "$OCI:python-app"
+  umoci config --image "$OCI:python-app" --os linux --architecture amd64 \
     --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --config.cmd python3 --config.cmd /app/main.py
-  umoci unpack --image "$OCI:sample" "$B/bundle" >/dev/null
+  umoci unpack --image "$OCI:python-app" "$B/bundle" >/dev/null
   cp -a "$B/rootfs/." "$B/bundle/rootfs/"
-  umoci repack --image "$OCI:sample" "$B/bundle" >/dev/null
+  umoci repack --image "$OCI:python-app" "$B/bundle" >/dev/null
   rm -rf "$B"
 fi
-umoci stat --image "$OCI:sample" | tail -n +2 | head -3 || true
+echo "sample image: oci:$OCI:python-app ($(du -sh "$OCI" | cut -f1) in the layout)"
 
 echo "== cold start over an emulated 100 Mbit/s, 20 ms link (registry in a network namespace)"
-python3 bench/coldstart.py --fixtures "$OCI" --tag sample --runs 1 --workloads main \
+python3 bench/coldstart.py --fixtures "$OCI" --tag python-app --runs 1 --workloads main \
   --hoist-modes fuse --methods full-pull,hoist-lazy,hoist-trace,bound \
   --scratch "$WORK/bench" --json "$WORK/coldstart.json"
