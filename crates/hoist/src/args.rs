@@ -256,9 +256,9 @@ pub struct RecordArgs {
     /// Extra environment, NAME=VALUE (repeatable), over the image's.
     #[arg(short, long, value_name = "NAME=VALUE")]
     pub env: Vec<String>,
-    /// How to serve and fetch the image. Record from an empty cache (--cache-dir): a
-    /// chunk already cached is recorded too, but a file served by FUSE passthrough is
-    /// recorded whole.
+    /// How to serve and fetch the image. Record in fuse mode (the default): EROFS also
+    /// reads ahead through the blob devices, and the trace would hold that too. A warm
+    /// cache records the same trace as a cold one.
     #[command(flatten)]
     pub opts: MountOptions,
 }
