@@ -141,9 +141,16 @@ fn run(fetcher: &Fetcher, stage: Stage, progress: &Progress) -> bool {
     loop {
         let mut failed = Vec::new();
         let mut pending: VecDeque<Pending> = VecDeque::new();
+        // Chunks a job of this pass covers already (a merged trace job takes chunks that
+        // come later in the trace).
+        let mut covered: HashSet<(usize, usize)> = HashSet::new();
         let mut i = 0;
         while i < todo.len() {
             let (blob, first) = todo[i];
+            if covered.contains(&(blob, first)) {
+                i += 1;
+                continue;
+            }
             let take =
                 |next: usize| stage.priority != Priority::Trace || wanted.contains(&(blob, next));
             let (slots, next) = fetcher.prefetch(blob, first, stage.priority, &take);
@@ -156,6 +163,7 @@ fn run(fetcher: &Fetcher, stage: Stage, progress: &Progress) -> bool {
             while i < todo.len() && todo[i].0 == blob && (first..next).contains(&todo[i].1) {
                 i += 1;
             }
+            covered.extend((first..next).map(|k| (blob, k)));
             pending.push_back(Pending { blob, first, slots });
             while pending.len() >= window {
                 let Some(p) = pending.pop_front() else { break };

@@ -190,9 +190,13 @@ impl Served {
             .map_err(|e| format!("manifest of {}: {e}", spec.image))?;
         let (image, config, image_trace) = std::thread::scope(|scope| {
             let config = scope.spawn(|| read_config(source.as_ref(), &manifest));
-            let trace = scope.spawn(|| match spec.trace {
-                Some(_) => Ok(None),
-                None => read_trace(source.as_ref(), &manifest),
+            let trace = scope.spawn(|| match (&spec.trace, spec.prefetch) {
+                (Some(_), _) | (None, Prefetch::None) => Ok(None),
+                // A trace this hoist cannot use must not keep the image from mounting.
+                (None, _) => Ok(read_trace(source.as_ref(), &manifest).unwrap_or_else(|e| {
+                    tracing::warn!("{}: {e}; mounting without it", spec.image);
+                    None
+                })),
             });
             let image = HoistImage::open(Box::new(source.clone())).map_err(|e| e.to_string());
             (image, joined(config.join()), joined(trace.join()))

@@ -240,6 +240,11 @@ fn run_follows_the_image_config_as_umoci_reads_it() {
     let (code, _, err) = home.run(&["run", "--name", "c1", img]);
     assert_ne!(code, 0);
     assert!(err.contains("container c1 exists"), "{err}");
+    // A launch that fails before the container starts leaves nothing behind.
+    let missing = format!("oci:{}:none", home.0.join("no-such-layout").display());
+    let (code, _, _) = home.run(&["run", "--name", "c2", &missing]);
+    assert_ne!(code, 0);
+    assert_eq!(home.containers(), ["c1"]);
 }
 
 #[test]

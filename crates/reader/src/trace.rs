@@ -186,16 +186,18 @@ impl Trace {
             }
             .or_else(|| {
                 let file = index.files.get(&normalize(c.file.as_deref()?))?;
-                let k = usize::try_from(c.file_offset >> image.meta.chunk_bits).ok()?;
-                file.get(k).copied()
+                let k = c.file_offset >> image.meta.chunk_bits;
+                file.iter()
+                    .find(|(at, _, _)| *at == k)
+                    .map(|(_, b, i)| (*b, *i))
             });
             if let Some(found) = found {
                 push(found, &mut out);
             }
         }
         for f in &self.files {
-            for c in index.files.get(&normalize(f)).into_iter().flatten() {
-                push(*c, &mut out);
+            for (_, b, i) in index.files.get(&normalize(f)).into_iter().flatten() {
+                push((*b, *i), &mut out);
             }
         }
         out
@@ -205,8 +207,9 @@ impl Trace {
 /// Every regular file of an image with its chunks in file order, and the reverse map.
 #[derive(Debug, Default)]
 pub struct FileIndex {
-    /// Path → (blob, chunk index) per chunk of data, holes left out.
-    pub files: HashMap<String, Vec<(usize, usize)>>,
+    /// Path → (chunk position in the file, blob, chunk index) per chunk of data, holes
+    /// left out.
+    pub files: HashMap<String, Vec<(u64, usize, usize)>>,
     /// (blob, chunk index) → the first path using it and the chunk's offset in that file.
     pub owner: HashMap<(usize, usize), (String, u64)>,
     /// Chunks some file uses.
@@ -228,7 +231,7 @@ impl FileIndex {
                 let mut chunks = Vec::new();
                 for (k, c) in image.chunks(inode)?.into_iter().enumerate() {
                     if let Some((blob, i, _)) = image.resolve(c) {
-                        chunks.push((blob, i));
+                        chunks.push((k as u64, blob, i));
                         index.used.insert((blob, i));
                         index
                             .owner

@@ -109,7 +109,8 @@ pub fn resolve_in(passwd: &str, group: &str, spec: &str) -> Result<User, Runtime
 }
 
 /// Reads `rel` inside `root`, resolving symlinks as if `root` were `/` (a link in the
-/// image cannot point the read at the host's files). A missing file reads as empty.
+/// image cannot point the read at the host's files). A missing file reads as empty; a
+/// device, FIFO or socket there is refused without being read (an image can hold any).
 fn read_in_root(root: &Path, rel: &str) -> Result<String, RuntimeError> {
     let io = |source: std::io::Error| RuntimeError::Io {
         path: root.join(rel).display().to_string(),
@@ -120,7 +121,7 @@ fn read_in_root(root: &Path, rel: &str) -> Result<String, RuntimeError> {
     let fd = match rustix::fs::openat2(
         &dir,
         rel,
-        OFlags::RDONLY | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
         Mode::empty(),
         ResolveFlags::IN_ROOT,
     ) {
@@ -128,6 +129,13 @@ fn read_in_root(root: &Path, rel: &str) -> Result<String, RuntimeError> {
         Err(rustix::io::Errno::NOENT) => return Ok(String::new()),
         Err(e) => return Err(io(e.into())),
     };
+    let st = rustix::fs::fstat(&fd).map_err(|e| io(e.into()))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(RuntimeError::User {
+            user: String::new(),
+            why: format!("/{rel} in the image is not a regular file"),
+        });
+    }
     let mut text = String::new();
     std::fs::File::from(fd)
         .take(MAX_DB)
@@ -180,5 +188,17 @@ mod tests {
         assert_eq!(resolve(root.path(), "x").unwrap(), user(7, 8, &[], "/x"));
         // No group file: no supplementary groups, and numeric groups still work.
         assert_eq!(resolve(root.path(), "x:9").unwrap(), user(7, 9, &[], "/x"));
+        // A FIFO (or a device) there is refused at once, not read or waited on.
+        std::fs::remove_file(root.path().join("etc/passwd")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.path().join("etc/passwd"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let err = resolve(root.path(), "x").unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 }

@@ -84,6 +84,8 @@ struct Cleanup {
     home: hoist_daemon::Home,
     mounted: bool,
     overlaid: bool,
+    /// runc ran: the writable layer may hold something to keep.
+    started: bool,
     rm: bool,
 }
 
@@ -109,11 +111,12 @@ impl Drop for Cleanup {
             }
         }
         let busy = kernel::is_mountpoint(&self.rootfs) || kernel::is_mountpoint(&self.image_mp);
-        if self.rm && !busy {
+        let remove = self.rm || !self.started;
+        if remove && !busy {
             if let Err(e) = std::fs::remove_dir_all(&self.dir) {
                 eprintln!("hoist: removing {}: {e}", self.dir.display());
             }
-        } else if !self.rm {
+        } else if !remove {
             eprintln!(
                 "hoist: the container's writable layer is kept in {} (remove it, or run with --rm)",
                 self.dir.display()
@@ -140,22 +143,27 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
         }
         None => random_name()?,
     };
-    let dir = home.root.join("containers").join(&name);
-    if dir.exists() {
-        bail!(
+    // Signals before runc runs end the launch through the cleanup, not halfway.
+    let mut signals = signal_hook::iterator::Signals::new(forwarded_signals(l.tty))?;
+    let containers = home.root.join("containers");
+    std::fs::create_dir_all(&containers)
+        .with_context(|| format!("creating {}", containers.display()))?;
+    // Creating the directory claims the name, also against a concurrent run.
+    let dir = containers.join(&name);
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
             "container {name} exists ({}); remove that directory or choose another --name",
             dir.display()
-        );
+        ),
+        r => r.with_context(|| format!("creating {}", dir.display()))?,
     }
+    let dir = dir.canonicalize()?;
     let (image_mp, upper, work, rootfs) = (
         dir.join("image"),
         dir.join("upper"),
         dir.join("work"),
         dir.join("rootfs"),
     );
-    for d in [&image_mp, &upper, &work, &rootfs] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
     let mut cleanup = Cleanup {
         dir: dir.clone(),
         image_mp: image_mp.clone(),
@@ -163,13 +171,24 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
         home: home.clone(),
         mounted: false,
         overlaid: false,
+        started: false,
         rm: l.rm,
+    };
+    for d in [&image_mp, &upper, &work, &rootfs] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let interrupted = |signals: &mut signal_hook::iterator::Signals| -> anyhow::Result<()> {
+        match signals.pending().next() {
+            Some(sig) => bail!("interrupted by signal {sig} before the container started"),
+            None => Ok(()),
+        }
     };
     let mut mspec = mount_spec(&home, registry, l.image, image_mp.clone(), l.opts)?;
     mspec.record = l.record.is_some();
     let mut client = start_daemon(&home)?;
     let reply = client.call(&Request::Mount(Box::new(mspec)))?;
     cleanup.mounted = true;
+    interrupted(&mut signals)?;
     let config = ImageConfig::from_json(&reply["config"])
         .with_context(|| format!("the config of {}", l.image))?;
     overlay::mount(&image_mp, &upper, &work, &rootfs)?;
@@ -190,9 +209,11 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     };
     spec::write(&dir, &spec::build(&container)?)?;
     let mount_secs = t0.elapsed().as_secs_f64();
+    interrupted(&mut signals)?;
 
     let t1 = Instant::now();
-    let code = run_runc(&home.root.join("runc"), &dir, &name, l.tty)?;
+    cleanup.started = true;
+    let code = run_runc(&home.root.join("runc"), &dir, &name, l.tty, signals)?;
     let run_secs = t1.elapsed().as_secs_f64();
 
     if let Some(out) = l.record {
@@ -229,8 +250,13 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
 
 /// Runs the bundle with `runc run` in the foreground, passing signals on; returns the
 /// container's exit code (128 + the signal when a signal ended runc itself).
-fn run_runc(root: &Path, bundle: &Path, name: &str, tty: bool) -> anyhow::Result<i32> {
-    use signal_hook::consts::*;
+fn run_runc(
+    root: &Path,
+    bundle: &Path,
+    name: &str,
+    tty: bool,
+    mut signals: signal_hook::iterator::Signals,
+) -> anyhow::Result<i32> {
     let mut cmd = Command::new("runc");
     cmd.arg("--root")
         .arg(root)
@@ -240,13 +266,9 @@ fn run_runc(root: &Path, bundle: &Path, name: &str, tty: bool) -> anyhow::Result
     // Without a terminal, runc gets a process group of its own so that a signal reaches
     // the container once, through hoist. With one, runc must stay in the terminal's
     // foreground group; the terminal is in raw mode, so ^C reaches the container as input.
-    let forwarded: &[i32] = if tty {
-        &[SIGTERM, SIGHUP, SIGUSR1, SIGUSR2]
-    } else {
+    if !tty {
         cmd.process_group(0);
-        &[SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2]
-    };
-    let mut signals = signal_hook::iterator::Signals::new(forwarded)?;
+    }
     let mut child = cmd
         .spawn()
         .context("starting runc (install the runc package)")?;
@@ -265,6 +287,17 @@ fn run_runc(root: &Path, bundle: &Path, name: &str, tty: bool) -> anyhow::Result
     Ok(status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// The signals passed on to the container: with a terminal (in raw mode, so ^C and ^\
+/// reach the container as input), those that do not come from it.
+fn forwarded_signals(tty: bool) -> &'static [i32] {
+    use signal_hook::consts::*;
+    if tty {
+        &[SIGTERM, SIGHUP, SIGUSR1, SIGUSR2]
+    } else {
+        &[SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2]
+    }
 }
 
 /// `hoist-` and 12 random hex digits.
