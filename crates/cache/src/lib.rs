@@ -7,8 +7,9 @@
 //! - [`Fetcher`]: turns misses into ranged reads of data blobs through any
 //!   [`hoist_oci::ImageSource`] (a registry today, peers later), coalescing adjacent
 //!   misses, amplifying small reads, never fetching a chunk twice at once, bounding
-//!   concurrency and the time a reader waits, and putting readers before prefetch.
-//! - [`prefetch`]: background fetching of a chunk list.
+//!   concurrency and the time a reader waits, and putting readers before a start-up
+//!   trace's chunks, and those before other prefetch; it can record the chunks read.
+//! - [`prefetch`]: background fetching of chunk lists in stages (trace, then all).
 //!
 //! The main design choice is the one-file-per-chunk store: it makes sharing across
 //! images exact (one copy per digest), eviction an unlink, and crash safety a rename

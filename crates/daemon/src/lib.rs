@@ -13,6 +13,8 @@
 //! run/            private mount points (the blob devices of erofs mounts)
 //! ```
 //!
+//! (`hoist run` adds `containers/` and `runc/` beside these; the daemon only mounts.)
+//!
 //! Lifecycle: a daemon starts (cleaning up mounts a dead predecessor left), serves, and
 //! on SIGTERM, SIGINT or a `shutdown` request unmounts everything and exits. A mount is
 //! *ready* once the kernel serves it, and goes away on `umount` (lazily: a busy mount is

@@ -6,7 +6,7 @@ use hoist_cache::{
     BlobChunks, ChunkStore, FetchConfig, Fetcher, Inflight, MetaCachingSource, Priority,
 };
 use hoist_fs::{kernel, BlobDevFs, FsCounters, TreeFs};
-use hoist_oci::{media, Digest, ImageRef, ImageSource, MAX_CONFIG_SIZE};
+use hoist_oci::{media, ImageRef, ImageSource, MAX_CONFIG_SIZE};
 use hoist_reader::trace::{FileIndex, Trace, TraceChunk, MAX_TRACE_SIZE, TRACE_VERSION};
 use hoist_reader::HoistImage;
 use hoist_registry::{Credentials, RegistryConfig};
@@ -568,28 +568,14 @@ fn joined<T>(r: std::thread::Result<Result<T, String>>) -> Result<T, String> {
     r.unwrap_or_else(|_| Err("internal error reading the image (see the log)".into()))
 }
 
-/// The descriptor of the first manifest layer of `media_type`, or of the config.
-fn descriptor_of(manifest: &serde_json::Value, media_type: Option<&str>) -> Option<(Digest, u64)> {
-    let d = match media_type {
-        None => &manifest["config"],
-        Some(m) => manifest["layers"]
-            .as_array()?
-            .iter()
-            .find(|l| l["mediaType"] == m)?,
-    };
-    Some((
-        Digest::parse(d["digest"].as_str()?).ok()?,
-        d["size"].as_u64()?,
-    ))
-}
-
 /// The image config, checked against its digest.
 fn read_config(
     source: &dyn ImageSource,
     manifest: &serde_json::Value,
 ) -> Result<serde_json::Value, String> {
-    let (digest, size) = descriptor_of(manifest, None)
-        .ok_or_else(|| format!("{}: the manifest names no config", source.describe()))?;
+    let what = format!("config of {}", source.describe());
+    let (digest, size, _) =
+        hoist_oci::descriptor(&manifest["config"], &what).map_err(|e| e.to_string())?;
     let bytes = source
         .read_blob(&digest, size, MAX_CONFIG_SIZE)
         .map_err(|e| format!("config {digest}: {e}"))?;
@@ -601,9 +587,14 @@ fn read_trace(
     source: &dyn ImageSource,
     manifest: &serde_json::Value,
 ) -> Result<Option<Trace>, String> {
-    let Some((digest, size)) = descriptor_of(manifest, Some(media::HOIST_TRACE)) else {
+    let layer = manifest["layers"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["mediaType"] == media::HOIST_TRACE));
+    let Some(layer) = layer else {
         return Ok(None);
     };
+    let what = format!("start-up trace of {}", source.describe());
+    let (digest, size, _) = hoist_oci::descriptor(layer, &what).map_err(|e| e.to_string())?;
     let bytes = source
         .read_blob(&digest, size, MAX_TRACE_SIZE)
         .map_err(|e| format!("start-up trace {digest}: {e}"))?;

@@ -5,7 +5,9 @@
 //!   through the [`hoist_cache::Fetcher`]. The image is immutable, so the kernel may cache
 //!   entries, attributes, directories, symlinks and pages for as long as it likes, and a
 //!   file whose single chunk is cached is handed to the kernel by FUSE passthrough (its
-//!   reads never reach hoist again).
+//!   reads never reach hoist again), unless it is open through the page cache already:
+//!   the kernel does not mix the two on one inode, so an inode keeps its first open's mode
+//!   while it is open.
 //! - **erofs** ([`BlobDevFs`] + [`kernel`]): the kernel's own EROFS mounts the metadata
 //!   blob (a local file) with one `device=` per data blob. The devices are files of a
 //!   small private FUSE filesystem, each the uncompressed address space of one blob,

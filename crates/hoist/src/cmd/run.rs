@@ -220,7 +220,7 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
         let trace = client.call(&Request::Trace {
             mountpoint: image_mp.clone(),
         })?;
-        let t = hoist_reader::trace::Trace::parse(trace.to_string().as_bytes())?;
+        let t: hoist_reader::trace::Trace = serde_json::from_value(trace)?;
         write_atomically(out, &t.to_json())?;
         eprintln!(
             "recorded {} chunks ({} compressed) of {} files to {}",
