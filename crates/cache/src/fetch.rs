@@ -18,9 +18,10 @@
 //! so fetching resumes by itself when the registry is back.
 
 use crate::store::{ChunkStore, Claim, Inflight, Slot};
+use crate::views::{Piece, View};
 use hoist_format::chunk::ChunkEntry;
 use hoist_oci::{Digest, ImageSource};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -75,6 +76,23 @@ impl BlobChunks {
     /// Whether chunk `index` is used by a file.
     pub fn is_used(&self, index: usize) -> bool {
         self.used.get(index).copied().unwrap_or(false)
+    }
+
+    /// The blob's uncompressed address space of `len` bytes as a view: its used chunks
+    /// at their offsets (the kernel's EROFS reads it as the blob's device).
+    pub fn view(&self, len: u64) -> View {
+        let pieces = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.is_used(*i))
+            .map(|(_, e)| Piece {
+                offset: e.uncompressed_offset,
+                digest: e.digest,
+                size: e.uncompressed_size,
+            })
+            .collect();
+        View { len, pieces }
     }
 }
 
@@ -142,6 +160,8 @@ pub struct Counters {
     pub errors: AtomicU64,
     /// Reads that gave up waiting.
     pub timeouts: AtomicU64,
+    /// Views built (see [`crate::View`]).
+    pub views_built: AtomicU64,
 }
 
 struct Job {
@@ -217,6 +237,9 @@ struct Inner {
     stop: AtomicBool,
     recording: AtomicBool,
     record: Mutex<Recording>,
+    /// The view builder's queue (taken at shutdown, which ends the builder), and the
+    /// keys of the views queued on it.
+    views: Mutex<(Option<std::sync::mpsc::Sender<View>>, HashSet<String>)>,
 }
 
 /// Fetches and caches the chunks of one image.
@@ -246,7 +269,31 @@ impl Fetcher {
             stop: AtomicBool::new(false),
             recording: AtomicBool::new(false),
             record: Mutex::new(Recording::default()),
+            views: Mutex::new((None, HashSet::new())),
         });
+        let (tx, rx) = std::sync::mpsc::channel::<View>();
+        lock(&inner.views).0 = Some(tx);
+        {
+            // One thread: views are built from local files, one at a time is enough,
+            // and it never competes with more than one reader for the disk.
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("hoist-views".into())
+                .spawn(move || {
+                    for view in rx {
+                        if inner.stop.load(Relaxed) {
+                            break;
+                        }
+                        match inner.store.build_view(&view) {
+                            Ok(()) => {
+                                inner.counters.views_built.fetch_add(1, Relaxed);
+                            }
+                            Err(e) => tracing::debug!("view {}: {e}", view.key()),
+                        }
+                        lock(&inner.views).1.remove(&view.key());
+                    }
+                })?;
+        }
         for i in 0..inner.cfg.workers.max(1) {
             let inner = inner.clone();
             std::thread::Builder::new()
@@ -387,6 +434,21 @@ impl Fetcher {
         }
     }
 
+    /// Queues `view` for building in the background, unless it is queued already.
+    /// It is built only if all its chunks are cached by then.
+    pub fn build_view_later(&self, view: View) {
+        let mut v = lock(&self.inner.views);
+        let (Some(tx), queued) = &mut *v else { return };
+        if queued.insert(view.key()) && tx.send(view).is_err() {
+            v.1.clear();
+        }
+    }
+
+    /// Whether chunks are being recorded (a recording wants every read to reach hoist).
+    pub fn is_recording(&self) -> bool {
+        self.inner.recording.load(Relaxed)
+    }
+
     /// Starts recording which chunks are opened, in order (for `hoist record`).
     pub fn start_recording(&self) {
         self.inner.recording.store(true, Relaxed);
@@ -409,6 +471,7 @@ impl Fetcher {
     /// readers get an error at once). Later reads fail; the mount is going away.
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Relaxed);
+        lock(&self.inner.views).0 = None;
         let jobs: Vec<Job> = {
             let mut guard = self.inner.lock();
             let q = &mut *guard;
@@ -621,4 +684,8 @@ impl Inner {
             self.inflight.finish(&e.digest, slot, r);
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

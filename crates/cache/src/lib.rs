@@ -9,6 +9,9 @@
 //!   misses, amplifying small reads, never fetching a chunk twice at once, bounding
 //!   concurrency and the time a reader waits, and putting readers before a start-up
 //!   trace's chunks, and those before other prefetch; it can record the chunks read.
+//! - [`View`]: cached chunks copied into one file shaped like a file of the image or a
+//!   blob's address space, for FUSE passthrough and EROFS devices the kernel reads
+//!   without hoist.
 //! - [`prefetch`]: background fetching of chunk lists in stages (trace, then all).
 //!
 //! The main design choice is the one-file-per-chunk store: it makes sharing across
@@ -19,7 +22,9 @@ mod fetch;
 mod meta;
 pub mod prefetch;
 mod store;
+mod views;
 
 pub use fetch::{BlobChunks, Counters, FetchConfig, FetchError, Fetcher, Priority};
 pub use meta::MetaCachingSource;
 pub use store::{ChunkDigest, ChunkStore, Claim, Inflight, PruneReport, Slot, StoreStats};
+pub use views::{Piece, View, ViewError};

@@ -7,10 +7,12 @@
 //! ([`Priority::Prefetch`]: a few large requests). The fetcher serves readers first, so
 //! a stage never delays a read. Chunks that fail are tried again after a pause that
 //! doubles up to 30 s, until they are all cached or the mount goes away: prefetch resumes
-//! by itself when the registry comes back.
+//! by itself when the registry comes back. Once every chunk is cached, the views given
+//! (see [`crate::View`]) are built, so that the kernel reads the image without hoist.
 
 use crate::fetch::{Fetcher, Priority};
 use crate::store::Slot;
+use crate::views::View;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
@@ -54,6 +56,10 @@ pub struct Progress {
     pub total: AtomicU64,
     /// Chunks that failed at least once.
     pub failures: AtomicU64,
+    /// Views built after the chunks (see [`crate::View`]).
+    pub views_done: AtomicU64,
+    /// Views to build.
+    pub views_total: AtomicU64,
 }
 
 impl Progress {
@@ -89,11 +95,13 @@ pub struct Stage {
     pub chunks: Vec<(usize, usize)>,
 }
 
-/// Starts prefetching the stages, one after the other, on a thread of its own. Chunks
-/// of a later stage that an earlier one holds are left out of it.
+/// Starts prefetching the stages, one after the other, on a thread of its own, then
+/// builds `views` from the cached chunks. Chunks of a later stage that an earlier one
+/// holds are left out of it.
 pub fn spawn(
     fetcher: Arc<Fetcher>,
     stages: Vec<Stage>,
+    views: Vec<View>,
     progress: Arc<Progress>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let mut seen = HashSet::new();
@@ -105,6 +113,7 @@ pub fn spawn(
         })
         .collect();
     progress.total.store(seen.len() as u64, Relaxed);
+    progress.views_total.store(views.len() as u64, Relaxed);
     progress.set(PrefetchState::Running);
     std::thread::Builder::new()
         .name("hoist-prefetch".into())
@@ -113,6 +122,19 @@ pub fn spawn(
                 if !run(&fetcher, stage, &progress) {
                     return progress.set(PrefetchState::Stopped);
                 }
+            }
+            for view in views {
+                if fetcher.stopping() {
+                    return progress.set(PrefetchState::Stopped);
+                }
+                // A view whose chunk was evicted meanwhile is left for its next open.
+                match fetcher.store().build_view(&view) {
+                    Ok(()) => {
+                        fetcher.counters().views_built.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => tracing::warn!("building view {}: {e}", view.key()),
+                }
+                progress.views_done.fetch_add(1, Relaxed);
             }
             progress.set(PrefetchState::Done);
         })

@@ -44,6 +44,10 @@ pub struct StoreStats {
     pub max_bytes: u64,
     /// Chunks pinned by live mounts.
     pub pinned: u64,
+    /// Views (chunks copied into file- or blob-shaped files for the kernel).
+    pub views: u64,
+    /// Bytes views take on disk.
+    pub view_bytes: u64,
 }
 
 /// What a prune removed.
@@ -71,7 +75,7 @@ struct State {
     verified: HashSet<ChunkDigest>,
     /// Pin counts of chunks that live mounts use.
     pinned: HashMap<ChunkDigest, usize>,
-    /// Bytes of chunk files (counted at open, then kept up to date).
+    /// Bytes of chunk files and views (counted at open, then kept up to date).
     used: u64,
 }
 
@@ -83,14 +87,21 @@ impl ChunkStore {
     /// Opens (creating) a store at `root`; chunks beyond `max_bytes` that no mount pins
     /// are evicted, oldest first.
     pub fn open(root: &Path, max_bytes: u64) -> io::Result<ChunkStore> {
-        for sub in ["chunks", "meta", "tmp"] {
+        for sub in ["chunks", "meta", "tmp", "views"] {
             fs::create_dir_all(root.join(sub))?;
         }
         // Leftovers of writes a crash interrupted.
         for e in fs::read_dir(root.join("tmp"))?.flatten() {
             let _ = fs::remove_file(e.path());
         }
-        let used = scan(&root.join("chunks"))?.iter().map(|c| c.size).sum();
+        let used = scan(&root.join("chunks"))?
+            .iter()
+            .map(|c| c.size)
+            .sum::<u64>()
+            + scan_views(&root.join("views"))?
+                .iter()
+                .map(|v| v.1)
+                .sum::<u64>();
         Ok(ChunkStore {
             root: root.to_path_buf(),
             max_bytes,
@@ -204,13 +215,40 @@ impl ChunkStore {
         }
     }
 
-    /// Removes unpinned chunks, least recently written first, until at most `target`
-    /// bytes of chunks are left (or only pinned ones are).
+    /// Counts a new view's bytes, evicting if the cache is over its limit.
+    pub(crate) fn add_view_bytes(&self, bytes: u64) -> io::Result<()> {
+        let over = {
+            let mut st = self.lock();
+            st.used += bytes;
+            st.used > self.max_bytes
+        };
+        if over {
+            self.evict_to(self.max_bytes / 10 * 9)?;
+        }
+        Ok(())
+    }
+
+    /// Removes views, then unpinned chunks, least recently written first, until at
+    /// most `target` bytes are left (or only pinned chunks are). Views go first: they
+    /// are copies, built again from the chunks when needed.
     pub fn evict_to(&self, target: u64) -> io::Result<PruneReport> {
+        let mut views = scan_views(&self.root.join("views"))?;
+        views.sort_by_key(|v| v.2);
         let mut files = scan(&self.root.join("chunks"))?;
         files.sort_by_key(|c| c.mtime);
-        let mut used: u64 = files.iter().map(|c| c.size).sum();
+        let mut used: u64 =
+            files.iter().map(|c| c.size).sum::<u64>() + views.iter().map(|v| v.1).sum::<u64>();
         let mut report = PruneReport::default();
+        for (path, size, _) in views {
+            if used <= target {
+                break;
+            }
+            if fs::remove_file(&path).is_ok() {
+                used -= size;
+                report.removed += 1;
+                report.freed += size;
+            }
+        }
         for c in files {
             if used <= target {
                 break;
@@ -242,7 +280,10 @@ impl ChunkStore {
     pub fn stats(&self) -> io::Result<StoreStats> {
         let chunks = scan(&self.root.join("chunks"))?;
         let metas = scan_flat(&self.root.join("meta"))?;
+        let views = scan_views(&self.root.join("views"))?;
         Ok(StoreStats {
+            views: views.len() as u64,
+            view_bytes: views.iter().map(|v| v.1).sum(),
             chunks: chunks.len() as u64,
             chunk_bytes: chunks.iter().map(|c| c.size).sum(),
             metas: metas.len() as u64,
@@ -316,6 +357,25 @@ fn scan(dir: &Path) -> io::Result<Vec<Cached>> {
         }
     }
     Ok(out)
+}
+
+/// Every view: path, bytes on disk, modification time.
+fn scan_views(dir: &Path) -> io::Result<Vec<(PathBuf, u64, SystemTime)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(entries
+        .flatten()
+        .filter_map(|e| {
+            let md = e.metadata().ok()?;
+            md.is_file().then(|| {
+                let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                (e.path(), crate::views::allocated(&md), mtime)
+            })
+        })
+        .collect())
 }
 
 fn scan_flat(dir: &Path) -> io::Result<Vec<(PathBuf, u64)>> {

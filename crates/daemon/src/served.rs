@@ -3,7 +3,7 @@
 use crate::api::{Mode, MountSpec, Prefetch};
 use hoist_cache::prefetch::{self, PrefetchState, Progress, Stage};
 use hoist_cache::{
-    BlobChunks, ChunkStore, FetchConfig, Fetcher, Inflight, MetaCachingSource, Priority,
+    BlobChunks, ChunkStore, FetchConfig, Fetcher, Inflight, MetaCachingSource, Priority, View,
 };
 use hoist_fs::{kernel, BlobDevFs, FsCounters, TreeFs};
 use hoist_oci::{media, ImageRef, ImageSource, MAX_CONFIG_SIZE};
@@ -103,6 +103,12 @@ pub struct Stats {
     pub passthrough: bool,
     /// Opens served by passthrough.
     pub passthrough_opens: u64,
+    /// Views built (cached chunks copied into one file for the kernel).
+    pub views_built: u64,
+    /// erofs mode: whether the kernel reads the blobs from views on the local disk
+    /// (the image was fully cached, views built, when it was mounted) rather than
+    /// through hoist's device files.
+    pub local_devices: bool,
     /// Background prefetch.
     pub prefetch: PrefetchStats,
 }
@@ -120,6 +126,10 @@ pub struct PrefetchStats {
     pub trace_chunks: u64,
     /// Where the trace came from: `image`, `mount` (given with the request) or `none`.
     pub trace: &'static str,
+    /// Views built after the chunks (`--prefetch all`).
+    pub views_done: u64,
+    /// Views to build.
+    pub views_total: u64,
 }
 
 /// A mounted image.
@@ -132,10 +142,30 @@ pub struct Served {
     pins: HashSet<[u8; 32]>,
     session: Option<fuser::BackgroundSession>,
     devdir: Option<PathBuf>,
+    local_devices: bool,
     mount_secs: f64,
     config: serde_json::Value,
     trace_source: &'static str,
     trace_chunks: Arc<AtomicU64>,
+}
+
+/// The views of the image's files of more than one chunk, each once.
+fn file_views(image: &HoistImage) -> Vec<View> {
+    let mut views = Vec::new();
+    let mut seen = HashSet::new();
+    let walked = image.fs.walk(|_, inode| {
+        if inode.is_file() && seen.insert(inode.nid) {
+            let chunks = image.chunks(inode)?;
+            if chunks.len() > 1 {
+                views.extend(hoist_fs::file_view(image, inode.size, &chunks));
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = walked {
+        tracing::warn!("listing files for views: {e}");
+    }
+    views
 }
 
 /// Builds the registry configuration of a mount: a stall, and the whole retry budget,
@@ -250,6 +280,7 @@ impl Served {
             pins,
             session: None,
             devdir: None,
+            local_devices: false,
             mount_secs: 0.0,
             config,
             trace_source: "none",
@@ -284,15 +315,7 @@ impl Served {
                 );
             }
             Mode::Erofs => {
-                let devdir = home
-                    .run()
-                    .join(mount_id(&served.spec.mountpoint))
-                    .join("dev");
-                std::fs::create_dir_all(&devdir)
-                    .map_err(|e| format!("creating {}: {e}", devdir.display()))?;
-                if kernel::is_mountpoint(&devdir) {
-                    let _ = kernel::unmount_lazy(&devdir);
-                }
+                let meta = store.meta_path(served.image.meta_digest.hex());
                 let sizes: Vec<u64> = served
                     .image
                     .meta
@@ -300,24 +323,22 @@ impl Served {
                     .iter()
                     .map(|b| b.uncompressed_size)
                     .collect();
-                let devices: Vec<PathBuf> = (1..=sizes.len())
-                    .map(|n| devdir.join(n.to_string()))
-                    .collect();
-                let fs = BlobDevFs::new(served.fetcher.clone(), sizes, served.counters.clone());
-                served.session = Some(
-                    hoist_fs::mount_fuse(fs, &devdir, &format!("{name}-devices"), 4).map_err(
-                        |e| {
-                            format!(
-                                "FUSE mount of the blob devices on {}: {e}",
-                                devdir.display()
-                            )
-                        },
-                    )?,
-                );
-                served.devdir = Some(devdir);
-                let meta = store.meta_path(served.image.meta_digest.hex());
-                kernel::mount_erofs(&meta, &devices, &served.spec.mountpoint)
-                    .map_err(|e| e.to_string())?;
+                // A fully cached image whose blob views are built is read by the kernel
+                // from the local disk (direct I/O: no second copy in the page cache),
+                // never through hoist. Not when recording: the record needs the reads.
+                let views = (!served.spec.record)
+                    .then(|| served.local_views(&sizes))
+                    .flatten();
+                if let Some(views) = views {
+                    match kernel::mount_erofs(&meta, &views, &served.spec.mountpoint, true) {
+                        Ok(()) => served.local_devices = true,
+                        // A view evicted since it was found: serve the blobs as usual.
+                        Err(e) => tracing::info!("mounting over the views: {e}"),
+                    }
+                }
+                if !served.local_devices {
+                    served.mount_blob_devices(home, &name, &meta, sizes)?;
+                }
             }
         }
         if served.spec.record {
@@ -339,6 +360,50 @@ impl Served {
         Ok(served)
     }
 
+    /// The local files of the image's blob views, in device order, if all are built.
+    fn local_views(&self, sizes: &[u64]) -> Option<Vec<PathBuf>> {
+        let store = self.fetcher.store();
+        let blobs = self.fetcher.blobs();
+        let mut paths = Vec::with_capacity(sizes.len());
+        for (blob, size) in blobs.iter().zip(sizes) {
+            let view = blob.view(*size);
+            store.open_view(&view).ok().flatten()?;
+            paths.push(store.view_path(&view));
+        }
+        (paths.len() == sizes.len()).then_some(paths)
+    }
+
+    /// Serves the blobs as device files of a private FUSE mount and mounts EROFS over
+    /// them.
+    fn mount_blob_devices(
+        &mut self,
+        home: &Home,
+        name: &str,
+        meta: &Path,
+        sizes: Vec<u64>,
+    ) -> Result<(), String> {
+        let devdir = home.run().join(mount_id(&self.spec.mountpoint)).join("dev");
+        std::fs::create_dir_all(&devdir)
+            .map_err(|e| format!("creating {}: {e}", devdir.display()))?;
+        if kernel::is_mountpoint(&devdir) {
+            let _ = kernel::unmount_lazy(&devdir);
+        }
+        let devices: Vec<PathBuf> = (1..=sizes.len())
+            .map(|n| devdir.join(n.to_string()))
+            .collect();
+        let fs = BlobDevFs::new(self.fetcher.clone(), sizes, self.counters.clone());
+        self.session = Some(
+            hoist_fs::mount_fuse(fs, &devdir, &format!("{name}-devices"), 4).map_err(|e| {
+                format!(
+                    "FUSE mount of the blob devices on {}: {e}",
+                    devdir.display()
+                )
+            })?,
+        );
+        self.devdir = Some(devdir);
+        kernel::mount_erofs(meta, &devices, &self.spec.mountpoint, false).map_err(|e| e.to_string())
+    }
+
     /// Starts the prefetch the spec asks for, on a thread that first maps the trace
     /// onto the image (a walk of the tree, done after the mount is usable).
     fn start_prefetch(&self, trace: Option<Trace>) -> Result<(), String> {
@@ -357,6 +422,7 @@ impl Served {
         );
         let counted = self.trace_chunks.clone();
         let name = self.spec.image.clone();
+        let mode = self.spec.mode;
         std::thread::Builder::new()
             .name("hoist-trace".into())
             .spawn(move || {
@@ -374,13 +440,26 @@ impl Served {
                         Err(e) => tracing::warn!("{name}: mapping the start-up trace: {e}"),
                     }
                 }
+                let mut views = Vec::new();
                 if all {
                     stages.push(Stage {
                         priority: Priority::Prefetch,
                         chunks: prefetch::all_chunks(&fetcher),
                     });
+                    // The whole image is wanted local: once it is, copy it into views
+                    // that the kernel reads without hoist (files of several chunks for
+                    // passthrough; blobs as devices for the next EROFS mount).
+                    views = match mode {
+                        Mode::Fuse => file_views(&image),
+                        Mode::Erofs => fetcher
+                            .blobs()
+                            .iter()
+                            .zip(&image.meta.blobs)
+                            .map(|(b, m)| b.view(m.uncompressed_size))
+                            .collect(),
+                    };
                 }
-                if let Err(e) = prefetch::spawn(fetcher, stages, progress) {
+                if let Err(e) = prefetch::spawn(fetcher, stages, views, progress) {
                     tracing::warn!("{name}: starting prefetch: {e}");
                 }
             })
@@ -460,10 +539,11 @@ impl Served {
     /// Whether the kernel still has the mount.
     pub fn alive(&self) -> bool {
         kernel::is_mountpoint(&self.spec.mountpoint)
-            && self
-                .session
-                .as_ref()
-                .is_some_and(|s| !s.guard.is_finished())
+            && (self.local_devices
+                || self
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| !s.guard.is_finished()))
     }
 
     /// Current statistics.
@@ -500,12 +580,16 @@ impl Served {
             read_errors: self.counters.read_errors.load(Relaxed),
             passthrough: self.counters.passthrough_available.load(Relaxed) == 1,
             passthrough_opens: self.counters.passthrough_opens.load(Relaxed),
+            views_built: c.views_built.load(Relaxed),
+            local_devices: self.local_devices,
             prefetch: PrefetchStats {
                 state: self.progress.state(),
                 done: self.progress.done.load(Relaxed),
                 total: self.progress.total.load(Relaxed),
                 trace_chunks: self.trace_chunks.load(Relaxed),
                 trace: self.trace_source,
+                views_done: self.progress.views_done.load(Relaxed),
+                views_total: self.progress.views_total.load(Relaxed),
             },
         };
         for b in self.fetcher.blobs() {

@@ -5,13 +5,22 @@
 //! mounts file-backed EROFS, devices included, without loop devices.
 
 use rustix::mount::{MountFlags, UnmountFlags};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 /// Mounts the EROFS image in `meta` read-only at `target`, with `devices` as its extra
-/// devices in order.
-pub fn mount_erofs(meta: &Path, devices: &[PathBuf], target: &Path) -> io::Result<()> {
-    let mut data = String::new();
+/// devices in order. With `direct_io`, EROFS reads the devices by direct I/O: right for
+/// files on a local disk (the data is not cached twice, and EROFS keeps several reads
+/// in flight), not for hoist's FUSE device files (measured slower than buffered).
+pub fn mount_erofs(
+    meta: &Path,
+    devices: &[PathBuf],
+    target: &Path,
+    direct_io: bool,
+) -> io::Result<()> {
+    let mut data = String::from(if direct_io { "directio" } else { "" });
     for d in devices {
         let s = d.to_str().filter(|s| !s.contains(',')).ok_or_else(|| {
             io::Error::new(
@@ -28,6 +37,12 @@ pub fn mount_erofs(meta: &Path, devices: &[PathBuf], target: &Path) -> io::Resul
         data.push_str("device=");
         data.push_str(s);
     }
+    // A file-backed EROFS mount gets a backing device info of its own named `erofs-N`,
+    // not `MAJOR:MINOR` (the only link from the mount to it is an ioctl, and unsafe code
+    // is kept out of hoist): the one that appears across the mount call is the new
+    // mount's. Mounts are serialised here so that two of hoist's cannot be confused.
+    let mut bdis = lock(&EROFS_BDIS);
+    let before = erofs_bdis();
     let mounted = rustix::mount::mount(
         meta,
         target,
@@ -36,6 +51,18 @@ pub fn mount_erofs(meta: &Path, devices: &[PathBuf], target: &Path) -> io::Resul
         data.as_str(),
     );
     if mounted.is_ok() {
+        let new: Vec<String> = erofs_bdis().difference(&before).cloned().collect();
+        match new.as_slice() {
+            [bdi] => {
+                bdis.insert(target.to_path_buf(), bdi.clone());
+            }
+            new => tracing::debug!(
+                "EROFS on {}: {} new backing device infos, readahead left as is",
+                target.display(),
+                new.len()
+            ),
+        }
+        drop(bdis);
         raise_readahead(target);
     }
     mounted.map_err(|e| {
@@ -61,18 +88,39 @@ pub fn raise_readahead(mountpoint: &Path) {
     set_readahead(mountpoint, READAHEAD_KIB);
 }
 
+/// Backing device infos of the EROFS mounts made by this process, by mountpoint.
+static EROFS_BDIS: Mutex<BTreeMap<PathBuf, String>> = Mutex::new(BTreeMap::new());
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Names of the backing device infos of file-backed EROFS mounts now present.
+fn erofs_bdis() -> BTreeSet<String> {
+    std::fs::read_dir("/sys/class/bdi")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("erofs-"))
+        .collect()
+}
+
 /// Sets the readahead window of the filesystem mounted at `mountpoint` through its
-/// backing device info (`/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`); best effort.
+/// backing device info (`/sys/class/bdi/NAME/read_ahead_kb`: `MAJOR:MINOR` for FUSE,
+/// the name found at mount for file-backed EROFS); best effort.
 pub fn set_readahead(mountpoint: &Path, kib: u32) {
-    let Ok(st) = rustix::fs::stat(mountpoint) else {
-        return;
+    let known = lock(&EROFS_BDIS).get(mountpoint).cloned();
+    let bdi = match known {
+        Some(bdi) => bdi,
+        None => {
+            let Ok(st) = rustix::fs::stat(mountpoint) else {
+                return;
+            };
+            let dev = st.st_dev;
+            format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev))
+        }
     };
-    let dev = st.st_dev;
-    let path = format!(
-        "/sys/class/bdi/{}:{}/read_ahead_kb",
-        rustix::fs::major(dev),
-        rustix::fs::minor(dev)
-    );
+    let path = format!("/sys/class/bdi/{bdi}/read_ahead_kb");
     if let Err(e) = std::fs::write(&path, kib.to_string()) {
         tracing::debug!("{path}: {e}");
     }
@@ -81,6 +129,7 @@ pub fn set_readahead(mountpoint: &Path, kib: u32) {
 /// Detaches the mount at `target` now; it goes away when its last user does. Works on a
 /// busy mount and on a FUSE mount whose server died.
 pub fn unmount_lazy(target: &Path) -> io::Result<()> {
+    lock(&EROFS_BDIS).remove(target);
     rustix::mount::unmount(target, UnmountFlags::DETACH).map_err(io::Error::from)
 }
 

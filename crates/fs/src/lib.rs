@@ -5,7 +5,9 @@
 //!   through the [`hoist_cache::Fetcher`]. The image is immutable, so the kernel may cache
 //!   entries, attributes, directories, symlinks and pages for as long as it likes, and a
 //!   file whose single chunk is cached is handed to the kernel by FUSE passthrough (its
-//!   reads never reach hoist again), unless it is open through the page cache already:
+//!   reads never reach hoist again), and so is a larger file once its chunks are cached
+//!   and copied into a view ([`hoist_cache::View`], built in the background at its first
+//!   open, or by `--prefetch all`), unless it is open through the page cache already:
 //!   the kernel does not mix the two on one inode, so an inode keeps its first open's mode
 //!   while it is open.
 //! - **erofs** ([`BlobDevFs`] + [`kernel`]): the kernel's own EROFS mounts the metadata
@@ -25,4 +27,4 @@ mod tree;
 
 pub use blobdev::BlobDevFs;
 pub use session::{mount_fuse, FsCounters};
-pub use tree::TreeFs;
+pub use tree::{file_view, TreeFs};

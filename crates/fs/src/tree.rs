@@ -6,7 +6,7 @@ use fuser::{
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
-use hoist_cache::Fetcher;
+use hoist_cache::{Fetcher, Piece, View};
 use hoist_format::erofs::ondisk::mode;
 use hoist_format::erofs::{DirEntry, Inode};
 use hoist_format::tree::ChunkRef;
@@ -233,9 +233,23 @@ impl TreeFs {
         Ok((end - offset) as usize)
     }
 
-    /// The cached chunk file holding all of a file's data, if there is exactly one.
-    fn single_cached_chunk(&self, inode: &Inode) -> Option<std::fs::File> {
+    /// A local file holding all of a file's data, for passthrough: its one cached chunk,
+    /// or its built view. A file of several chunks, all cached, whose view is not built
+    /// gets it built in the background (for its next opens). None while recording: a
+    /// view would hide which of its chunks the workload reads.
+    fn backing_file(&self, inode: &Inode) -> Option<std::fs::File> {
         let chunks = self.chunk_refs(inode).ok()?;
+        if chunks.len() > 1 && !self.fetcher.is_recording() {
+            let view = file_view(&self.image, inode.size, &chunks)?;
+            let store = self.fetcher.store();
+            if let Some(f) = store.open_view(&view).ok().flatten() {
+                return Some(f);
+            }
+            if view.pieces.iter().all(|p| store.contains(&p.digest)) {
+                self.fetcher.build_view_later(view);
+            }
+            return None;
+        }
         let [c] = chunks.as_slice() else { return None };
         let (blob, index, entry) = self.image.resolve(*c)?;
         if u64::from(entry.uncompressed_size) != inode.size {
@@ -270,7 +284,7 @@ impl TreeFs {
             }
             None => {}
         }
-        if let Some(file) = self.single_cached_chunk(inode) {
+        if let Some(file) = self.backing_file(inode) {
             match reply.open_backing(&file) {
                 Ok(id) => {
                     self.counters.passthrough_opens.fetch_add(1, Relaxed);
@@ -292,6 +306,26 @@ impl TreeFs {
             Errno::EIO
         })
     }
+}
+
+/// A file of `image` of `size` bytes with chunks `chunks` (two or more) as a view: its
+/// chunks at their offsets in the file, holes left as holes. None when a chunk points
+/// nowhere.
+pub fn file_view(image: &HoistImage, size: u64, chunks: &[ChunkRef]) -> Option<View> {
+    let bits = image.meta.chunk_bits;
+    let mut pieces = Vec::with_capacity(chunks.len());
+    for (i, c) in chunks.iter().enumerate() {
+        if *c == ChunkRef::Hole {
+            continue;
+        }
+        let (_, _, e) = image.resolve(*c)?;
+        pieces.push(Piece {
+            offset: (i as u64).checked_shl(bits.into())?,
+            digest: e.digest,
+            size: e.uncompressed_size,
+        });
+    }
+    Some(View { len: size, pieces })
 }
 
 /// Answers a getxattr/listxattr request: the size when asked for it, else the bytes.

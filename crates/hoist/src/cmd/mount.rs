@@ -213,6 +213,9 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
     if s["passthrough"].as_bool() == Some(true) {
         println!("  passthrough on: {} opens", n("passthrough_opens"));
     }
+    if s["local_devices"].as_bool() == Some(true) {
+        println!("  devices   the blobs' views on the local disk (hoist serves no file data)");
+    }
     let p = &s["prefetch"];
     let trace = match p["trace"].as_str() {
         Some(from @ ("image" | "mount")) => format!(
@@ -221,8 +224,15 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
         ),
         _ => String::new(),
     };
+    let views = match p["views_total"].as_u64() {
+        Some(total @ 1..) => format!(
+            "; then {} of {total} views",
+            p["views_done"].as_u64().unwrap_or(0)
+        ),
+        _ => String::new(),
+    };
     println!(
-        "  prefetch  {} ({} of {} chunks{trace})",
+        "  prefetch  {} ({} of {} chunks{trace}{views})",
         p["state"].as_str().unwrap_or("?"),
         p["done"].as_u64().unwrap_or(0),
         p["total"].as_u64().unwrap_or(0)
@@ -250,10 +260,12 @@ pub fn cache(cx: &Context, op: CacheOp) -> anyhow::Result<()> {
             } else {
                 let n = |k: &str| s[k].as_u64().unwrap_or(0);
                 println!(
-                    "{}: {} chunks, {}; {} metadata blobs, {}; {} chunks in use by mounts",
+                    "{}: {} chunks, {}; {} views, {}; {} metadata blobs, {}; {} chunks in use by mounts",
                     cache_dir.display(),
                     n("chunks"),
                     human(n("chunk_bytes")),
+                    n("views"),
+                    human(n("view_bytes")),
                     n("metas"),
                     human(n("meta_bytes")),
                     n("pinned")
