@@ -284,7 +284,7 @@ impl Fetcher {
                         if inner.stop.load(Relaxed) {
                             break;
                         }
-                        match inner.store.build_view(&view) {
+                        match inner.store.build_view(&view, &|| inner.stop.load(Relaxed)) {
                             Ok(()) => {
                                 inner.counters.views_built.fetch_add(1, Relaxed);
                             }

@@ -60,6 +60,8 @@ pub struct Progress {
     pub views_done: AtomicU64,
     /// Views to build.
     pub views_total: AtomicU64,
+    /// Views that could not be built (a chunk evicted meanwhile, no room, an error).
+    pub views_failed: AtomicU64,
 }
 
 impl Progress {
@@ -128,11 +130,14 @@ pub fn spawn(
                     return progress.set(PrefetchState::Stopped);
                 }
                 // A view whose chunk was evicted meanwhile is left for its next open.
-                match fetcher.store().build_view(&view) {
+                match fetcher.store().build_view(&view, &|| fetcher.stopping()) {
                     Ok(()) => {
                         fetcher.counters().views_built.fetch_add(1, Relaxed);
                     }
-                    Err(e) => tracing::warn!("building view {}: {e}", view.key()),
+                    Err(e) => {
+                        progress.views_failed.fetch_add(1, Relaxed);
+                        tracing::warn!("building view {}: {e}", view.key());
+                    }
                 }
                 progress.views_done.fetch_add(1, Relaxed);
             }

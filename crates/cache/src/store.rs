@@ -6,6 +6,7 @@
 //! chunks/ab/abcdef…   uncompressed chunk bytes, named by their BLAKE3 digest (hex)
 //! meta/<sha256 hex>   metadata blobs, named by their OCI digest
 //! tmp/                files being written; emptied when a store opens
+//! views/<key>         chunks copied into one file for the kernel (see `View`)
 //! ```
 //!
 //! A chunk is written to `tmp/` and renamed into place only after its bytes matched its
@@ -40,7 +41,7 @@ pub struct StoreStats {
     pub metas: u64,
     /// Bytes in metadata blobs.
     pub meta_bytes: u64,
-    /// The size limit for chunks.
+    /// The size limit for chunks and views.
     pub max_bytes: u64,
     /// Chunks pinned by live mounts.
     pub pinned: u64,
@@ -53,11 +54,11 @@ pub struct StoreStats {
 /// What a prune removed.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PruneReport {
-    /// Chunk files removed.
+    /// Chunk files and views removed.
     pub removed: u64,
     /// Bytes freed.
     pub freed: u64,
-    /// Chunk bytes left.
+    /// Bytes of chunks and views left.
     pub left: u64,
 }
 
@@ -215,7 +216,13 @@ impl ChunkStore {
         }
     }
 
-    /// Counts a new view's bytes, evicting if the cache is over its limit.
+    /// Whether `bytes` more fit under the size limit.
+    pub(crate) fn has_room_for(&self, bytes: u64) -> bool {
+        self.lock().used.saturating_add(bytes) <= self.max_bytes
+    }
+
+    /// Counts a new view's bytes; if the cache is then over its limit, older views go
+    /// (a view never pushes chunks out: they are the data, views only copies).
     pub(crate) fn add_view_bytes(&self, bytes: u64) -> io::Result<()> {
         let over = {
             let mut st = self.lock();
@@ -223,15 +230,25 @@ impl ChunkStore {
             st.used > self.max_bytes
         };
         if over {
-            self.evict_to(self.max_bytes / 10 * 9)?;
+            self.evict(self.max_bytes / 10 * 9, false)?;
         }
         Ok(())
+    }
+
+    /// Uncounts a removed view's bytes.
+    pub(crate) fn sub_view_bytes(&self, bytes: u64) {
+        let mut st = self.lock();
+        st.used = st.used.saturating_sub(bytes);
     }
 
     /// Removes views, then unpinned chunks, least recently written first, until at
     /// most `target` bytes are left (or only pinned chunks are). Views go first: they
     /// are copies, built again from the chunks when needed.
     pub fn evict_to(&self, target: u64) -> io::Result<PruneReport> {
+        self.evict(target, true)
+    }
+
+    fn evict(&self, target: u64, chunks_too: bool) -> io::Result<PruneReport> {
         let mut views = scan_views(&self.root.join("views"))?;
         views.sort_by_key(|v| v.2);
         let mut files = scan(&self.root.join("chunks"))?;
@@ -250,7 +267,7 @@ impl ChunkStore {
             }
         }
         for c in files {
-            if used <= target {
+            if used <= target || !chunks_too {
                 break;
             }
             {
@@ -266,7 +283,7 @@ impl ChunkStore {
                 self.lock().verified.remove(&c.digest);
             }
         }
-        if used > target {
+        if used > target && chunks_too {
             tracing::warn!(
                 "chunk cache holds {used} bytes, more than {target}: the rest is in use by mounts"
             );

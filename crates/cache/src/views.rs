@@ -53,6 +53,12 @@ pub enum ViewError {
     /// The layout is not a view: pieces overlap, are out of order or pass its end.
     #[error("pieces overlap or pass the end of the view")]
     Layout,
+    /// The view would not fit in the cache's size limit beside the chunks.
+    #[error("a view of {0} bytes does not fit in the cache's size limit")]
+    NoRoom(u64),
+    /// The build was stopped (the mount is going away).
+    #[error("stopped")]
+    Stopped,
     /// Reading chunks or writing the view failed.
     #[error(transparent)]
     Io(#[from] io::Error),
@@ -103,18 +109,35 @@ impl ChunkStore {
     }
 
     /// Builds a view from its cached chunks (each verified as it is opened), unless it
-    /// is built already. Fails with [`ViewError::Missing`] when a chunk is not cached.
-    pub fn build_view(&self, view: &View) -> Result<(), ViewError> {
+    /// is built already. Fails with [`ViewError::Missing`] when a chunk is not cached,
+    /// and with [`ViewError::Stopped`] as soon as `stop` says so (checked between
+    /// chunks: a blob's view can take seconds).
+    pub fn build_view(&self, view: &View, stop: &dyn Fn() -> bool) -> Result<(), ViewError> {
         if !view.is_well_formed() {
             return Err(ViewError::Layout);
         }
         let path = self.view_path(view);
-        if self.open_view(view)?.is_some() {
-            return Ok(());
+        match File::open(&path) {
+            Ok(f) if f.metadata()?.len() == view.len => return Ok(()),
+            // Another length: not this view (only tampering gets here); replace it.
+            Ok(f) => {
+                let old = allocated(&f.metadata()?);
+                fs::remove_file(&path)?;
+                self.sub_view_bytes(old);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        let bytes: u64 = view.pieces.iter().map(|p| u64::from(p.size)).sum();
+        if !self.has_room_for(bytes) {
+            return Err(ViewError::NoRoom(bytes));
         }
         let tmp = tempfile::NamedTempFile::new_in(self.root().join("tmp"))?;
         tmp.as_file().set_len(view.len)?;
         for p in &view.pieces {
+            if stop() {
+                return Err(ViewError::Stopped);
+            }
             let chunk = self
                 .open_chunk(&p.digest, p.size)?
                 .ok_or_else(|| ViewError::Missing(hex::encode(p.digest)))?;
@@ -122,8 +145,12 @@ impl ChunkStore {
         }
         tmp.as_file().sync_all()?;
         let on_disk = allocated(&tmp.as_file().metadata()?);
-        tmp.persist(&path).map_err(|e| e.error)?;
-        self.add_view_bytes(on_disk)?;
+        match tmp.persist_noclobber(&path) {
+            Ok(_) => self.add_view_bytes(on_disk)?,
+            // Built meanwhile by another builder: counted by it.
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.error.into()),
+        }
         Ok(())
     }
 }
@@ -185,7 +212,7 @@ mod tests {
                 },
             ],
         };
-        store.build_view(&view).unwrap();
+        store.build_view(&view, &|| false).unwrap();
         let mut f = store.open_view(&view).unwrap().expect("built");
         let mut got = Vec::new();
         io::Read::read_to_end(&mut f, &mut got).unwrap();
@@ -198,7 +225,7 @@ mod tests {
         assert!(on_disk < 100_000, "{on_disk} bytes on disk");
         assert_eq!(store.stats().unwrap().view_bytes, on_disk);
         // Built once: a second build finds it.
-        store.build_view(&view).unwrap();
+        store.build_view(&view, &|| false).unwrap();
         assert_eq!(store.stats().unwrap().views, 1);
     }
 
@@ -216,7 +243,7 @@ mod tests {
             pieces: vec![a, absent],
         };
         assert!(matches!(
-            store.build_view(&view),
+            store.build_view(&view, &|| false),
             Err(ViewError::Missing(_))
         ));
         assert!(store.open_view(&view).unwrap().is_none());
@@ -233,8 +260,44 @@ mod tests {
             vec![Piece { offset: 95, ..a }],
         ] {
             let view = View { len: 100, pieces };
-            assert!(matches!(store.build_view(&view), Err(ViewError::Layout)));
+            assert!(matches!(
+                store.build_view(&view, &|| false),
+                Err(ViewError::Layout)
+            ));
         }
+    }
+
+    #[test]
+    fn a_view_that_does_not_fit_is_not_built_and_pushes_no_chunk_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 10_000).unwrap();
+        let a = put(&store, &[5u8; 4096]);
+        let view = View {
+            len: 8192,
+            pieces: vec![a, Piece { offset: 4096, ..a }],
+        };
+        assert!(matches!(
+            store.build_view(&view, &|| false),
+            Err(ViewError::NoRoom(8192))
+        ));
+        assert!(store.contains(&a.digest));
+        assert_eq!(store.stats().unwrap().views, 0);
+    }
+
+    #[test]
+    fn a_stopped_build_leaves_nothing() {
+        let (_d, store) = store();
+        let a = put(&store, b"data");
+        let view = View {
+            len: 4,
+            pieces: vec![a],
+        };
+        assert!(matches!(
+            store.build_view(&view, &|| true),
+            Err(ViewError::Stopped)
+        ));
+        assert!(store.open_view(&view).unwrap().is_none());
+        assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
     }
 
     #[test]
@@ -246,7 +309,7 @@ mod tests {
             len: 8192,
             pieces: vec![a, Piece { offset: 4096, ..a }],
         };
-        store.build_view(&view).unwrap();
+        store.build_view(&view, &|| false).unwrap();
         drop(store);
         let store = ChunkStore::open(dir.path(), 1 << 30).unwrap();
         let st = store.stats().unwrap();

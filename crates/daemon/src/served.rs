@@ -130,6 +130,8 @@ pub struct PrefetchStats {
     pub views_done: u64,
     /// Views to build.
     pub views_total: u64,
+    /// Views that could not be built.
+    pub views_failed: u64,
 }
 
 /// A mounted image.
@@ -590,6 +592,7 @@ impl Served {
                 trace: self.trace_source,
                 views_done: self.progress.views_done.load(Relaxed),
                 views_total: self.progress.views_total.load(Relaxed),
+                views_failed: self.progress.views_failed.load(Relaxed),
             },
         };
         for b in self.fetcher.blobs() {

@@ -109,7 +109,11 @@ fn erofs_bdis() -> BTreeSet<String> {
 /// backing device info (`/sys/class/bdi/NAME/read_ahead_kb`: `MAJOR:MINOR` for FUSE,
 /// the name found at mount for file-backed EROFS); best effort.
 pub fn set_readahead(mountpoint: &Path, kib: u32) {
-    let known = lock(&EROFS_BDIS).get(mountpoint).cloned();
+    // A name whose bdi is gone is a stale entry (the mount went away without hoist).
+    let known = lock(&EROFS_BDIS)
+        .get(mountpoint)
+        .filter(|n| Path::new("/sys/class/bdi").join(n).exists())
+        .cloned();
     let bdi = match known {
         Some(bdi) => bdi,
         None => {

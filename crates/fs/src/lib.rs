@@ -14,9 +14,11 @@
 //!   blob (a local file) with one `device=` per data blob. The devices are files of a
 //!   small private FUSE filesystem, each the uncompressed address space of one blob,
 //!   filled on demand by the fetcher. Metadata operations never leave the kernel, and
-//!   file-backed EROFS needs no loop devices.
+//!   file-backed EROFS needs no loop devices. An image whose blob views are all built
+//!   is mounted over those local files instead ([`kernel::mount_erofs`] with direct
+//!   I/O), and hoist serves nothing.
 //!
-//! In both, a read that cannot be served in time fails with EIO: each chunk it needs waits
+//! In both, a read that hoist cannot serve in time fails with EIO: each chunk it needs waits
 //! at most the fetcher's read timeout (so a read spanning several uncached chunks can wait
 //! that long for each).
 

@@ -267,6 +267,13 @@ impl TreeFs {
     }
 
     fn open_passthrough(&self, ino: INodeNo, inode: &Inode, reply: ReplyOpen) {
+        // Looked for outside the lock (a view costs a stat per chunk): other opens go on.
+        let known = lock(&self.opens).contains_key(&ino.0);
+        let backing = if known {
+            None
+        } else {
+            self.backing_file(inode)
+        };
         let mut opens = lock(&self.opens);
         match opens.get_mut(&ino.0) {
             Some(Opened::Passthrough(id, count)) => {
@@ -284,7 +291,7 @@ impl TreeFs {
             }
             None => {}
         }
-        if let Some(file) = self.backing_file(inode) {
+        if let Some(file) = backing {
             match reply.open_backing(&file) {
                 Ok(id) => {
                     self.counters.passthrough_opens.fetch_add(1, Relaxed);
@@ -311,16 +318,24 @@ impl TreeFs {
 /// A file of `image` of `size` bytes with chunks `chunks` (two or more) as a view: its
 /// chunks at their offsets in the file, holes left as holes. None when a chunk points
 /// nowhere.
+///
+/// Each chunk must fill its place in the file exactly (the chunk size, or the rest of
+/// the file for the last), as [`TreeFs`] reads demand; otherwise (malformed metadata)
+/// there is no view and the file is read through hoist, which answers EIO.
 pub fn file_view(image: &HoistImage, size: u64, chunks: &[ChunkRef]) -> Option<View> {
-    let bits = image.meta.chunk_bits;
+    let chunk_size = 1u64.checked_shl(image.meta.chunk_bits.into())?;
     let mut pieces = Vec::with_capacity(chunks.len());
     for (i, c) in chunks.iter().enumerate() {
+        let offset = (i as u64).checked_mul(chunk_size)?;
         if *c == ChunkRef::Hole {
             continue;
         }
         let (_, _, e) = image.resolve(*c)?;
+        if u64::from(e.uncompressed_size) != chunk_size.min(size.checked_sub(offset)?) {
+            return None;
+        }
         pieces.push(Piece {
-            offset: (i as u64).checked_shl(bits.into())?,
+            offset,
             digest: e.digest,
             size: e.uncompressed_size,
         });

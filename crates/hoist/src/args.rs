@@ -171,19 +171,22 @@ pub struct MountArgs {
 pub struct MountOptions {
     /// `fuse`: hoist's FUSE filesystem serves the tree (FUSE passthrough for cached
     /// files). `erofs`: the kernel's EROFS serves the tree from the metadata blob, and
-    /// hoist serves only the data, as blob device files.
+    /// hoist serves only the data, as blob device files (or not at all: an image whose
+    /// blob views are built, by an earlier `--prefetch all`, is read from them).
     #[arg(long, value_enum, default_value = "fuse")]
     pub mode: ModeArg,
     /// The chunk cache, shared by all mounts that name it [default: $HOIST_HOME/cache].
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Size limit of the chunk cache; chunks no mount uses are evicted beyond it
-    /// (suffixes K, M, G).
+    /// Size limit of the chunk cache, views included; beyond it views are evicted,
+    /// then chunks no mount uses (suffixes K, M, G).
     #[arg(long, default_value = "20G", value_parser = parse_size)]
     pub cache_size: u64,
     /// What to fetch ahead of the reads. `trace`: the chunks of the start-up trace
     /// (--prefetch-trace or --prefetch-files, else the one the image carries, if any),
-    /// in order, many requests at once. `all`: the trace first, then every chunk.
+    /// in order, many requests at once. `all`: the trace first, then every chunk, then
+    /// views: the image's large files (fuse) or blobs (erofs) copied whole, so that the
+    /// kernel reads them without hoist (this costs a second copy of their bytes on disk).
     #[arg(long, value_enum, default_value = "trace")]
     pub prefetch: PrefetchArg,
     /// A start-up trace (from `hoist record`) to prefetch instead of the image's.
@@ -279,14 +282,14 @@ pub enum PrefetchArg {
     None,
     /// Fetch the start-up trace's chunks first, if there is a trace.
     Trace,
-    /// Fetch the trace's chunks, then everything, in the background.
+    /// Fetch the trace's chunks, then everything, then build views, in the background.
     All,
 }
 
 /// `hoist cache` operations.
 #[derive(Debug, Subcommand)]
 pub enum CacheOp {
-    /// Chunks and bytes in the cache.
+    /// Chunks, views and bytes in the cache.
     Stat {
         /// The cache [default: $HOIST_HOME/cache].
         #[arg(long, value_name = "DIR")]
@@ -295,7 +298,7 @@ pub enum CacheOp {
         #[arg(long)]
         json: bool,
     },
-    /// Evict chunks that no mount uses, oldest first, down to a size.
+    /// Evict views, then chunks that no mount uses, oldest first, down to a size.
     Prune {
         /// The cache [default: $HOIST_HOME/cache].
         #[arg(long, value_name = "DIR")]
