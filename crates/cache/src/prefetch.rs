@@ -97,13 +97,17 @@ pub struct Stage {
     pub chunks: Vec<(usize, usize)>,
 }
 
+/// Called with a view's place in the list and the view, once it is built.
+pub type OnView = Box<dyn Fn(usize, &View) + Send>;
+
 /// Starts prefetching the stages, one after the other, on a thread of its own, then
-/// builds `views` from the cached chunks. Chunks of a later stage that an earlier one
-/// holds are left out of it.
+/// builds `views` from the cached chunks, calling `on_view` after each one built.
+/// Chunks of a later stage that an earlier one holds are left out of it.
 pub fn spawn(
     fetcher: Arc<Fetcher>,
     stages: Vec<Stage>,
     views: Vec<View>,
+    on_view: Option<OnView>,
     progress: Arc<Progress>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let mut seen = HashSet::new();
@@ -125,14 +129,17 @@ pub fn spawn(
                     return progress.set(PrefetchState::Stopped);
                 }
             }
-            for view in views {
+            for (k, view) in views.iter().enumerate() {
                 if fetcher.stopping() {
                     return progress.set(PrefetchState::Stopped);
                 }
                 // A view whose chunk was evicted meanwhile is left for its next open.
-                match fetcher.store().build_view(&view, &|| fetcher.stopping()) {
+                match fetcher.store().build_view(view, &|| fetcher.stopping()) {
                     Ok(()) => {
                         fetcher.counters().views_built.fetch_add(1, Relaxed);
+                        if let Some(f) = &on_view {
+                            f(k, view);
+                        }
                     }
                     Err(e) => {
                         progress.views_failed.fetch_add(1, Relaxed);

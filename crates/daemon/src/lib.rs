@@ -10,7 +10,8 @@
 //! daemon.log      the daemon's log
 //! cache/          the chunk cache (hoist-cache), unless a mount names another
 //! mounts/         one record per live mount, to clean up after a daemon that died
-//! run/            private mount points (the blob devices of erofs mounts)
+//! run/            private mount points (the blob device files of erofs mounts, which
+//!                 loop devices read until the blobs' views replace them)
 //! ```
 //!
 //! (`hoist run` adds `containers/` and `runc/` beside these; the daemon only mounts.)

@@ -5,7 +5,7 @@ use hoist_cache::prefetch::{self, PrefetchState, Progress, Stage};
 use hoist_cache::{
     BlobChunks, ChunkStore, FetchConfig, Fetcher, Inflight, MetaCachingSource, Priority, View,
 };
-use hoist_fs::{kernel, BlobDevFs, FsCounters, TreeFs};
+use hoist_fs::{kernel, Backing, BlobDevFs, FsCounters, LoopDevices, TreeFs};
 use hoist_oci::{media, ImageRef, ImageSource, MAX_CONFIG_SIZE};
 use hoist_reader::trace::{FileIndex, Trace, TraceChunk, MAX_TRACE_SIZE, TRACE_VERSION};
 use hoist_reader::HoistImage;
@@ -105,10 +105,18 @@ pub struct Stats {
     pub passthrough_opens: u64,
     /// Views built (cached chunks copied into one file for the kernel).
     pub views_built: u64,
-    /// erofs mode: whether the kernel reads the blobs from views on the local disk
-    /// (the image was fully cached, views built, when it was mounted) rather than
-    /// through hoist's device files.
+    /// erofs mode: whether the kernel reads every blob from its view on the local disk,
+    /// not through hoist: the image was fully cached when it was mounted, or every
+    /// blob's view has been swapped in behind its loop device since.
     pub local_devices: bool,
+    /// erofs mode: what the kernel reads the blobs through: `views` (the mount was made
+    /// over the views), `loop` (loop devices, each on its blob's view or device file),
+    /// `files` (hoist's device files, where loop devices could not be had); else `none`.
+    pub devices: &'static str,
+    /// erofs mode: blobs read from their views on the local disk.
+    pub devices_local: u64,
+    /// erofs mode: blobs (devices) of the image.
+    pub devices_total: u64,
     /// Background prefetch.
     pub prefetch: PrefetchStats,
 }
@@ -145,6 +153,8 @@ pub struct Served {
     session: Option<fuser::BackgroundSession>,
     devdir: Option<PathBuf>,
     local_devices: bool,
+    loops: Option<Arc<LoopDevices>>,
+    readahead_kib: u32,
     mount_secs: f64,
     config: serde_json::Value,
     trace_source: &'static str,
@@ -283,6 +293,8 @@ impl Served {
             session: None,
             devdir: None,
             local_devices: false,
+            loops: None,
+            readahead_kib: kernel::readahead_kib(store.root()),
             mount_secs: 0.0,
             config,
             trace_source: "none",
@@ -312,19 +324,19 @@ impl Served {
                     served.spec.passthrough,
                 );
                 served.session = Some(
-                    hoist_fs::mount_fuse(fs, &served.spec.mountpoint, &name, 4)
-                        .map_err(|e| format!("FUSE mount on {}: {e}", mp_display(&served)))?,
+                    hoist_fs::mount_fuse(
+                        fs,
+                        &served.spec.mountpoint,
+                        &name,
+                        4,
+                        served.readahead_kib,
+                    )
+                    .map_err(|e| format!("FUSE mount on {}: {e}", mp_display(&served)))?,
                 );
             }
             Mode::Erofs => {
                 let meta = store.meta_path(served.image.meta_digest.hex());
-                let sizes: Vec<u64> = served
-                    .image
-                    .meta
-                    .blobs
-                    .iter()
-                    .map(|b| b.uncompressed_size)
-                    .collect();
+                let sizes = device_sizes(&served.image);
                 // A fully cached image whose blob views are built is read by the kernel
                 // from the local disk (direct I/O: no second copy in the page cache),
                 // never through hoist. Not when recording: the record needs the reads.
@@ -332,7 +344,8 @@ impl Served {
                     .then(|| served.local_views(&sizes))
                     .flatten();
                 if let Some(views) = views {
-                    match kernel::mount_erofs(&meta, &views, &served.spec.mountpoint, true) {
+                    let (mp, ra) = (&served.spec.mountpoint, served.readahead_kib);
+                    match kernel::mount_erofs(&meta, &views, mp, true, ra) {
                         Ok(()) => served.local_devices = true,
                         // A view evicted since it was found: serve the blobs as usual.
                         Err(e) => tracing::info!("mounting over the views: {e}"),
@@ -364,19 +377,13 @@ impl Served {
 
     /// The local files of the image's blob views, in device order, if all are built.
     fn local_views(&self, sizes: &[u64]) -> Option<Vec<PathBuf>> {
-        let store = self.fetcher.store();
-        let blobs = self.fetcher.blobs();
-        let mut paths = Vec::with_capacity(sizes.len());
-        for (blob, size) in blobs.iter().zip(sizes) {
-            let view = blob.view(*size);
-            store.open_view(&view).ok().flatten()?;
-            paths.push(store.view_path(&view));
-        }
-        (paths.len() == sizes.len()).then_some(paths)
+        self.built_views(sizes).into_iter().collect()
     }
 
     /// Serves the blobs as device files of a private FUSE mount and mounts EROFS over
-    /// them.
+    /// loop devices on them (on a blob's view instead where it is built), so that each
+    /// blob can move to its view later; over the device files themselves if loop
+    /// devices cannot be had.
     fn mount_blob_devices(
         &mut self,
         home: &Home,
@@ -393,9 +400,21 @@ impl Served {
         let devices: Vec<PathBuf> = (1..=sizes.len())
             .map(|n| devdir.join(n.to_string()))
             .collect();
+        // Views are not used when recording: the record needs the reads.
+        let views: Vec<Option<PathBuf>> = match self.spec.record {
+            true => vec![None; sizes.len()],
+            false => self.built_views(&sizes),
+        };
         let fs = BlobDevFs::new(self.fetcher.clone(), sizes, self.counters.clone());
         self.session = Some(
-            hoist_fs::mount_fuse(fs, &devdir, &format!("{name}-devices"), 4).map_err(|e| {
+            hoist_fs::mount_fuse(
+                fs,
+                &devdir,
+                &format!("{name}-devices"),
+                4,
+                self.readahead_kib,
+            )
+            .map_err(|e| {
                 format!(
                     "FUSE mount of the blob devices on {}: {e}",
                     devdir.display()
@@ -403,7 +422,54 @@ impl Served {
             })?,
         );
         self.devdir = Some(devdir);
-        kernel::mount_erofs(meta, &devices, &self.spec.mountpoint, false).map_err(|e| e.to_string())
+        let backings: Vec<Backing> = devices
+            .iter()
+            .zip(views)
+            .map(|(dev, view)| match view {
+                Some(path) => Backing { path, local: true },
+                None => Backing {
+                    path: dev.clone(),
+                    local: false,
+                },
+            })
+            .collect();
+        let (mp, ra) = (&self.spec.mountpoint, self.readahead_kib);
+        match LoopDevices::attach(meta, &backings) {
+            Ok(loops) => {
+                loops.mount(mp, ra).map_err(|e| e.to_string())?;
+                tracing::info!(
+                    "{}: EROFS on loop devices {:?}, {} of {} blobs on their views",
+                    mp.display(),
+                    loops.paths(),
+                    loops.local(),
+                    loops.len()
+                );
+                self.loops = Some(Arc::new(loops));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{}: no loop devices ({e}); EROFS reads hoist's device files for as long as it is mounted",
+                    mp.display()
+                );
+                kernel::mount_erofs(meta, &devices, mp, false, ra).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The local files of the image's blob views that are built, in device order.
+    fn built_views(&self, sizes: &[u64]) -> Vec<Option<PathBuf>> {
+        let store = self.fetcher.store();
+        self.fetcher
+            .blobs()
+            .iter()
+            .zip(sizes)
+            .map(|(blob, size)| {
+                let view = blob.view(*size);
+                store.open_view(&view).ok().flatten()?;
+                Some(store.view_path(&view))
+            })
+            .collect()
     }
 
     /// Starts the prefetch the spec asks for, on a thread that first maps the trace
@@ -425,6 +491,15 @@ impl Served {
         let counted = self.trace_chunks.clone();
         let name = self.spec.image.clone();
         let mode = self.spec.mode;
+        // erofs on loop devices: each blob moves to its view once it is built.
+        let on_view: Option<prefetch::OnView> = self.loops.clone().map(|loops| {
+            let store = fetcher.store().clone();
+            Box::new(move |blob: usize, view: &View| {
+                if let Err(e) = loops.use_view(blob, &store.view_path(view)) {
+                    tracing::warn!("blob {} stays on hoist's device file: {e}", blob + 1);
+                }
+            }) as prefetch::OnView
+        });
         std::thread::Builder::new()
             .name("hoist-trace".into())
             .spawn(move || {
@@ -456,12 +531,12 @@ impl Served {
                         Mode::Erofs => fetcher
                             .blobs()
                             .iter()
-                            .zip(&image.meta.blobs)
-                            .map(|(b, m)| b.view(m.uncompressed_size))
+                            .zip(device_sizes(&image))
+                            .map(|(b, size)| b.view(size))
                             .collect(),
                     };
                 }
-                if let Err(e) = prefetch::spawn(fetcher, stages, views, progress) {
+                if let Err(e) = prefetch::spawn(fetcher, stages, views, on_view, progress) {
                     tracing::warn!("{name}: starting prefetch: {e}");
                 }
             })
@@ -541,11 +616,21 @@ impl Served {
     /// Whether the kernel still has the mount.
     pub fn alive(&self) -> bool {
         kernel::is_mountpoint(&self.spec.mountpoint)
-            && (self.local_devices
+            && (self.all_local()
                 || self
                     .session
                     .as_ref()
                     .is_some_and(|s| !s.guard.is_finished()))
+    }
+
+    /// Whether the kernel reads every blob from the local disk (erofs mode), not
+    /// through hoist.
+    fn all_local(&self) -> bool {
+        self.local_devices
+            || self
+                .loops
+                .as_ref()
+                .is_some_and(|l| !l.is_empty() && l.local() == l.len())
     }
 
     /// Current statistics.
@@ -583,7 +668,22 @@ impl Served {
             passthrough: self.counters.passthrough_available.load(Relaxed) == 1,
             passthrough_opens: self.counters.passthrough_opens.load(Relaxed),
             views_built: c.views_built.load(Relaxed),
-            local_devices: self.local_devices,
+            local_devices: self.all_local(),
+            devices: match (self.spec.mode, &self.loops) {
+                (Mode::Fuse, _) => "none",
+                (Mode::Erofs, Some(_)) => "loop",
+                (Mode::Erofs, None) if self.local_devices => "views",
+                (Mode::Erofs, None) => "files",
+            },
+            devices_local: match &self.loops {
+                Some(l) => l.local() as u64,
+                None if self.local_devices => self.image.meta.blobs.len() as u64,
+                None => 0,
+            },
+            devices_total: match self.spec.mode {
+                Mode::Fuse => 0,
+                Mode::Erofs => self.image.meta.blobs.len() as u64,
+            },
             prefetch: PrefetchStats {
                 state: self.progress.state(),
                 done: self.progress.done.load(Relaxed),
@@ -692,6 +792,23 @@ fn read_trace(
 
 fn mp_display(s: &Served) -> String {
     s.spec.mountpoint.display().to_string()
+}
+
+/// The sizes of the image's blob devices: each blob's uncompressed address space,
+/// whole blocks (a loop device ends at its last whole sector, and EROFS reads whole
+/// blocks; hoist's converter writes whole blocks already).
+fn device_sizes(image: &HoistImage) -> Vec<u64> {
+    let block = hoist_format::erofs::ondisk::BLOCK_SIZE;
+    image
+        .meta
+        .blobs
+        .iter()
+        .map(|b| {
+            b.uncompressed_size
+                .checked_next_multiple_of(block)
+                .unwrap_or(b.uncompressed_size)
+        })
+        .collect()
 }
 
 /// A file-name-safe id of a mount point.

@@ -1,4 +1,5 @@
-//! Kernel mounts: EROFS over a metadata file and device files, and lazy unmounts.
+//! Kernel mounts: EROFS over a metadata file or device and device files or devices, and
+//! lazy unmounts.
 //!
 //! `mount(2)` is called directly: util-linux `mount -t erofs FILE` sets up a loop device
 //! for the source and then refuses regular files as `device=`, while the kernel (6.12+)
@@ -10,15 +11,19 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-/// Mounts the EROFS image in `meta` read-only at `target`, with `devices` as its extra
-/// devices in order. With `direct_io`, EROFS reads the devices by direct I/O: right for
-/// files on a local disk (the data is not cached twice, and EROFS keeps several reads
-/// in flight), not for hoist's FUSE device files (measured slower than buffered).
+/// Mounts the EROFS image on `source` read-only at `target`, with `devices` as its extra
+/// devices in order: regular files (a file-backed mount), or block devices (loop
+/// devices, [`crate::LoopDevices`]) for a block device `source`. With `direct_io`, a
+/// file-backed EROFS reads its devices by direct I/O: right for files on a local disk
+/// (the data is not cached twice, and EROFS keeps several reads in flight), not for
+/// hoist's FUSE device files (measured slower than buffered). The mount reads ahead
+/// `readahead_kib` ([`readahead_kib`]).
 pub fn mount_erofs(
-    meta: &Path,
+    source: &Path,
     devices: &[PathBuf],
     target: &Path,
     direct_io: bool,
+    readahead_kib: u32,
 ) -> io::Result<()> {
     let mut data = String::from(if direct_io { "directio" } else { "" });
     for d in devices {
@@ -38,54 +43,80 @@ pub fn mount_erofs(
         data.push_str(s);
     }
     // A file-backed EROFS mount gets a backing device info of its own named `erofs-N`,
-    // not `MAJOR:MINOR` (the only link from the mount to it is an ioctl, and unsafe code
-    // is kept out of hoist): the one that appears across the mount call is the new
-    // mount's. Mounts are serialised here so that two of hoist's cannot be confused.
+    // not `MAJOR:MINOR` (the only link from the mount to it is an ioctl): the one that
+    // appears across the mount call is the new mount's. Mounts are serialised here so
+    // that two of hoist's cannot be confused. A mount on a block device uses that
+    // device's, found from the mount point.
+    let file_backed = std::fs::metadata(source).is_ok_and(|m| m.is_file());
     let mut bdis = lock(&EROFS_BDIS);
-    let before = erofs_bdis();
+    let before = if file_backed {
+        erofs_bdis()
+    } else {
+        BTreeSet::new()
+    };
     let mounted = rustix::mount::mount(
-        meta,
+        source,
         target,
         "erofs",
         MountFlags::RDONLY | MountFlags::NOATIME,
         data.as_str(),
     );
     if mounted.is_ok() {
-        let new: Vec<String> = erofs_bdis().difference(&before).cloned().collect();
-        match new.as_slice() {
-            [bdi] => {
-                bdis.insert(target.to_path_buf(), bdi.clone());
+        if file_backed {
+            let new: Vec<String> = erofs_bdis().difference(&before).cloned().collect();
+            match new.as_slice() {
+                [bdi] => {
+                    bdis.insert(target.to_path_buf(), bdi.clone());
+                }
+                new => tracing::debug!(
+                    "EROFS on {}: {} new backing device infos, readahead left as is",
+                    target.display(),
+                    new.len()
+                ),
             }
-            new => tracing::debug!(
-                "EROFS on {}: {} new backing device infos, readahead left as is",
-                target.display(),
-                new.len()
-            ),
         }
         drop(bdis);
-        raise_readahead(target);
+        set_readahead(target, readahead_kib);
     }
     mounted.map_err(|e| {
         io::Error::new(
             io::Error::from(e).kind(),
             format!(
-                "mount -t erofs {} on {}: {e} (the kernel needs EROFS with file-backed mounts, Linux 6.12 or later)",
-                meta.display(),
+                "mount -t erofs {} on {}: {e} (the kernel needs EROFS, with file-backed mounts for files: Linux 6.12 or later)",
+                source.display(),
                 target.display()
             ),
         )
     })
 }
 
-/// Readahead window hoist gives its mounts, KiB. The kernel gives FUSE mounts 128 KiB;
-/// reading ahead further lets a sequential reader's requests overlap hoist's reads of
-/// the cache (the data is local, so a larger window costs little), and the same holds
-/// for EROFS reading through the blob devices.
+/// The least readahead window hoist gives its mounts, KiB. The kernel gives FUSE mounts
+/// 128 KiB; reading ahead further lets a sequential reader's requests overlap hoist's
+/// reads of the cache (the data is local, so a larger window costs little), and the same
+/// holds for EROFS reading through the blob devices.
 const READAHEAD_KIB: u32 = 4096;
 
-/// Gives the filesystem mounted at `mountpoint` hoist's readahead window.
-pub fn raise_readahead(mountpoint: &Path) {
-    set_readahead(mountpoint, READAHEAD_KIB);
+/// The most, KiB.
+const MAX_READAHEAD_KIB: u32 = 16384;
+
+/// The readahead window for mounts whose data lives under `local` (the chunk cache):
+/// [`READAHEAD_KIB`], or the window of the disk that holds `local` if that is larger
+/// (at most 16 MiB), so that reading a view through a mount reads ahead as far as
+/// reading it directly does.
+pub fn readahead_kib(local: &Path) -> u32 {
+    let disk = rustix::fs::stat(local).ok().and_then(|st| {
+        let dev = format!(
+            "/sys/dev/block/{}:{}",
+            rustix::fs::major(st.st_dev),
+            rustix::fs::minor(st.st_dev)
+        );
+        // A whole disk has its queue; a partition's is its disk's, one level up.
+        ["queue/read_ahead_kb", "../queue/read_ahead_kb"]
+            .iter()
+            .find_map(|q| std::fs::read_to_string(Path::new(&dev).join(q)).ok())
+            .and_then(|s| s.trim().parse::<u32>().ok())
+    });
+    disk.map_or(READAHEAD_KIB, |d| d.clamp(READAHEAD_KIB, MAX_READAHEAD_KIB))
 }
 
 /// Backing device infos of the EROFS mounts made by this process, by mountpoint.

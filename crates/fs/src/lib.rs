@@ -10,23 +10,27 @@
 //!   open, or by `--prefetch all`), unless it is open through the page cache already:
 //!   the kernel does not mix the two on one inode, so an inode keeps its first open's mode
 //!   while it is open.
-//! - **erofs** ([`BlobDevFs`] + [`kernel`]): the kernel's own EROFS mounts the metadata
-//!   blob (a local file) with one `device=` per data blob. The devices are files of a
-//!   small private FUSE filesystem, each the uncompressed address space of one blob,
-//!   filled on demand by the fetcher. Metadata operations never leave the kernel, and
-//!   file-backed EROFS needs no loop devices. An image whose blob views are all built
-//!   is mounted over those local files instead ([`kernel::mount_erofs`] with direct
-//!   I/O), and hoist serves nothing.
+//! - **erofs** ([`BlobDevFs`] + [`LoopDevices`] + [`kernel`]): the kernel's own EROFS
+//!   mounts the metadata blob (a local file) with one `device=` per data blob, so
+//!   metadata operations never leave the kernel. The devices are loop devices; behind
+//!   each is a file of a small private FUSE filesystem, the uncompressed address space
+//!   of one blob, filled on demand by the fetcher, until the blob's view is built: then
+//!   the view takes its place behind the same loop device, read by direct I/O, and hoist
+//!   is out of that blob's read path while the mount stays. An image whose blob views
+//!   are all built when it is mounted needs no loop devices: a file-backed EROFS mount
+//!   reads the views directly ([`kernel::mount_erofs`] with direct I/O).
 //!
 //! In both, a read that hoist cannot serve in time fails with EIO: each chunk it needs waits
 //! at most the fetcher's read timeout (so a read spanning several uncached chunks can wait
 //! that long for each).
 
 mod blobdev;
+mod devices;
 pub mod kernel;
 mod session;
 mod tree;
 
 pub use blobdev::BlobDevFs;
+pub use devices::{Backing, LoopDevices, SwapError};
 pub use session::{mount_fuse, FsCounters};
 pub use tree::{file_view, TreeFs};

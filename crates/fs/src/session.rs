@@ -93,13 +93,15 @@ pub(crate) fn negotiate(config: &mut KernelConfig, passthrough: bool) -> bool {
     false
 }
 
-/// Mounts `fs` read-only at `mountpoint`, served by `threads` threads; dropping the
-/// session unmounts it (lazily).
+/// Mounts `fs` read-only at `mountpoint`, served by `threads` threads, reading ahead
+/// `readahead_kib` ([`crate::kernel::readahead_kib`]); dropping the session unmounts it
+/// (lazily).
 pub fn mount_fuse<FS: fuser::Filesystem>(
     fs: FS,
     mountpoint: &Path,
     name: &str,
     threads: usize,
+    readahead_kib: u32,
 ) -> std::io::Result<fuser::BackgroundSession> {
     let mut config = Config::default();
     config.mount_options = vec![
@@ -118,6 +120,6 @@ pub fn mount_fuse<FS: fuser::Filesystem>(
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
     let session = fuser::Session::new(fs, mountpoint, &config)?.spawn()?;
-    crate::kernel::raise_readahead(mountpoint);
+    crate::kernel::set_readahead(mountpoint, readahead_kib);
     Ok(session)
 }

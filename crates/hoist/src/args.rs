@@ -171,8 +171,10 @@ pub struct MountArgs {
 pub struct MountOptions {
     /// `fuse`: hoist's FUSE filesystem serves the tree (FUSE passthrough for cached
     /// files). `erofs`: the kernel's EROFS serves the tree from the metadata blob, and
-    /// hoist serves only the data, as blob device files (or not at all: an image whose
-    /// blob views are built, by an earlier `--prefetch all`, is read from them).
+    /// hoist serves only the data, as blob device files behind loop devices, until a
+    /// blob's view is built (by `--prefetch all`): then the kernel reads the view from
+    /// the local disk, while mounted. An image whose blob views are all built is
+    /// mounted over them.
     #[arg(long, value_enum, default_value = "fuse")]
     pub mode: ModeArg,
     /// The chunk cache, shared by all mounts that name it [default: $HOIST_HOME/cache].

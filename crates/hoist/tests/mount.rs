@@ -2,7 +2,8 @@
 //! unpack` of the original image, cold, warm and read from views; python runs in it
 //! under runc; faults (registry stopped, corrupted data, daemon killed) give EIO or
 //! ENOTCONN within the bound, never wrong data or a hang (mounts that hoist serves; an
-//! erofs mount over views needs no hoist and is not among them).
+//! erofs mount over views needs no hoist and is not among them); an erofs mount moves
+//! to its views while mounted.
 
 mod common;
 
@@ -141,8 +142,13 @@ fn mounts_equal_umoci_in_both_modes_cold_warm_and_from_views() {
                     &image,
                     &mps,
                 ]);
-                if round == "views" && mode == "erofs" {
-                    assert_eq!(home.stat(&mp)["local_devices"], true, "{mode} {tag}");
+                if mode == "erofs" {
+                    // cold and warm: loop devices (on hoist's device files at first);
+                    // views: a mount over the views themselves.
+                    let s = home.stat(&mp);
+                    let devices = if round == "views" { "views" } else { "loop" };
+                    assert_eq!(s["devices"], devices, "{tag} {round}: {s}");
+                    assert_eq!(s["local_devices"], round == "views", "{tag} {round}: {s}");
                 }
                 assert_same_tree(&layout, tag, &mp, &format!("{mode} mount ({round} cache)"));
                 if round == "views" && mode == "fuse" {
@@ -152,6 +158,11 @@ fn mounts_equal_umoci_in_both_modes_cold_warm_and_from_views() {
                     let p = wait_prefetch(&home, &mp);
                     assert_eq!(p["views_failed"], 0, "{p}");
                     assert!(p["views_total"].as_u64().unwrap() > 0, "{p}");
+                    if mode == "erofs" {
+                        // Each blob moved to its view behind its loop device.
+                        let s = home.stat(&mp);
+                        assert_eq!(s["devices_local"], s["devices_total"], "{tag}: {s}");
+                    }
                     let views: Value =
                         serde_json::from_str(&home.ok(&["cache", "stat", "--json"])).unwrap();
                     assert!(views["views"].as_u64().unwrap() > 0, "{views}");
@@ -452,6 +463,28 @@ fn corrupted_data_is_never_served() {
     }
 }
 
+/// Kills the daemon of `home` with SIGKILL and waits for it to be gone (its FUSE
+/// connections close with it).
+fn kill_daemon(home: &Home) {
+    let pid = home.daemon_pid();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::Kill,
+    )
+    .unwrap();
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{pid}/status")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|s| !s.contains("State:\tZ"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "daemon {pid} survived SIGKILL"
+        );
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn killed_daemon_leaves_no_hanging_mount_and_a_verified_cache() {
     let Some(layout) = setup() else { return };
@@ -465,24 +498,7 @@ fn killed_daemon_leaves_no_hanging_mount_and_a_verified_cache() {
         // Cache part of the image, and keep a file open across the kill.
         std::fs::read(mp.join("bin/busybox")).unwrap();
         let held = std::fs::File::open(mp.join("app/hello.txt")).unwrap();
-        let pid = home.daemon_pid();
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(pid).unwrap(),
-            rustix::process::Signal::Kill,
-        )
-        .unwrap();
-        // Wait for the process to be gone (its FUSE connections close with it).
-        let t = Instant::now();
-        while Path::new(&format!("/proc/{pid}/status")).exists()
-            && std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .is_ok_and(|s| !s.contains("State:\tZ"))
-        {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "daemon {pid} survived SIGKILL"
-            );
-            std::thread::yield_now();
-        }
+        kill_daemon(&home);
         // Processes on the mount get errors at once, not D state.
         let out = run_bounded(
             Command::new("cat").arg(mp.join("app/data.bin")),
@@ -515,6 +531,92 @@ fn killed_daemon_leaves_no_hanging_mount_and_a_verified_cache() {
         );
         home.ok(&["umount", &mps]);
     }
+}
+
+/// Drops the page cache, so that the next reads reach the devices.
+fn drop_caches() {
+    rustix::fs::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+}
+
+/// The loop devices bound to a file under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            backing
+                .starts_with(&*dir.to_string_lossy())
+                .then(|| format!("{:?}: {}", e.file_name(), backing.trim()))
+        })
+        .collect()
+}
+
+/// erofs mode: the mount that fetches the image moves each blob to its view behind the
+/// same loop device once the view is built, while mounted: files opened before read on,
+/// nothing reaches hoist any more, and the mount outlives a killed daemon.
+#[test]
+fn an_erofs_mount_moves_to_its_views_while_mounted_and_outlives_its_daemon() {
+    use std::io::{Read, Seek};
+    let Some(layout) = setup() else { return };
+    let tag = "tiny-v1";
+    let image = convert(&layout, tag, "conv-move", &[]);
+    let reference = umoci_unpack(&layout, tag, "move-ref");
+    let want = read(&reference.join("rootfs/app/data.bin")).unwrap();
+    let home = Home::new("move");
+    let mp = home.mountpoint("root");
+    let mps = mp.display().to_string();
+    home.ok(&[
+        "mount",
+        "--mode",
+        "erofs",
+        "--prefetch",
+        "all",
+        &image,
+        &mps,
+    ]);
+    let s = home.stat(&mp);
+    assert_eq!(s["devices"], "loop", "{s}");
+    // A file opened while the blobs are still hoist's device files.
+    let mut held = std::fs::File::open(mp.join("app/data.bin")).unwrap();
+    let mut head = vec![0; 4096];
+    held.read_exact(&mut head).unwrap();
+    assert_eq!(head, want[..4096]);
+
+    let p = wait_prefetch(&home, &mp);
+    assert_eq!(p["views_failed"], 0, "{p}");
+    let s = home.stat(&mp);
+    assert_eq!(s["devices_local"], s["devices_total"], "{s}");
+    assert_eq!(s["local_devices"], true, "{s}");
+
+    // Everything now comes from the views: the held file, then the whole tree, read
+    // from the disk (no page cache), and not one read reaches hoist.
+    drop_caches();
+    let reads = s["reads"].as_u64().unwrap();
+    let mut all = Vec::new();
+    held.rewind().unwrap();
+    held.read_to_end(&mut all).unwrap();
+    assert!(all == want, "app/data.bin, open across the move, differs");
+    assert_same_tree(&layout, tag, &mp, "erofs mount moved to its views");
+    let s = home.stat(&mp);
+    assert_eq!(
+        s["reads"].as_u64().unwrap(),
+        reads,
+        "reads reached hoist: {s}"
+    );
+
+    // hoist is out of the read path: the mount outlives its daemon.
+    kill_daemon(&home);
+    drop_caches();
+    assert_same_tree(&layout, tag, &mp, "erofs mount on views, daemon killed");
+    drop(held);
+    // The next daemon detaches it; its loop devices go with it.
+    home.ok(&["umount", &mps]);
+    assert!(!hoist_fs::kernel::is_mountpoint(&mp));
+    assert_eq!(loops_under(&home.root), Vec::<String>::new());
 }
 
 /// Regression: the kernel refuses an open by FUSE passthrough while the same inode is

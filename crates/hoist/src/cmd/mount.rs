@@ -213,8 +213,20 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
     if s["passthrough"].as_bool() == Some(true) {
         println!("  passthrough on: {} opens", n("passthrough_opens"));
     }
-    if s["local_devices"].as_bool() == Some(true) {
-        println!("  devices   the blobs' views on the local disk (hoist serves no file data)");
+    match (s["devices"].as_str(), n("devices_local"), n("devices_total")) {
+        (Some("views"), ..) => {
+            println!("  devices   the blobs' views on the local disk (hoist serves no file data)")
+        }
+        (Some("loop"), local, total) if local == total => println!(
+            "  devices   loop devices, all {total} on the blobs' views on the local disk (hoist serves no file data)"
+        ),
+        (Some("loop"), local, total) => println!(
+            "  devices   loop devices: {local} of {total} on the blobs' views, the others on hoist's device files"
+        ),
+        (Some("files"), ..) => println!(
+            "  devices   hoist's device files (no loop devices: see the daemon log); hoist serves every read"
+        ),
+        _ => {}
     }
     let p = &s["prefetch"];
     let trace = match p["trace"].as_str() {
@@ -288,7 +300,7 @@ pub fn cache(cx: &Context, op: CacheOp) -> anyhow::Result<()> {
             };
             let n = |k: &str| r[k].as_u64().unwrap_or(0);
             println!(
-                "removed {} chunks ({}); {} left in {}",
+                "removed {} chunks and views ({}); {} left in {}",
                 n("removed"),
                 human(n("freed")),
                 human(n("left")),
