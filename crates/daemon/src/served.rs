@@ -412,7 +412,7 @@ impl Served {
                 &devdir,
                 &format!("{name}-devices"),
                 4,
-                self.readahead_kib,
+                kernel::DEVICE_READAHEAD_KIB,
             )
             .map_err(|e| {
                 format!(

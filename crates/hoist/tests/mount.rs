@@ -463,6 +463,53 @@ fn corrupted_data_is_never_served() {
     }
 }
 
+/// erofs mode where loop devices cannot be had (here: `/dev/loop-control` covered in a
+/// mount namespace of its own): the mount reads hoist's device files, exactly, and says
+/// so.
+#[test]
+fn an_erofs_mount_without_loop_devices_reads_the_device_files_and_says_so() {
+    let Some(layout) = setup() else { return };
+    let tag = "tiny-v1";
+    let image = convert(&layout, tag, "conv-noloop", &[]);
+    let reference = umoci_unpack(&layout, tag, "noloop-ref");
+    let want = read(&reference.join("rootfs/app/data.bin")).unwrap();
+    let home = Home::new("noloop");
+    let mp = home.mountpoint("root");
+    // The daemon starts inside the namespace, so its mounts live there: everything
+    // that looks at the mount runs there too.
+    let script = r#"set -e
+mount --bind /dev/null /dev/loop-control
+"$HOIST" mount --mode erofs --prefetch none "$IMAGE" "$MP" >/dev/null
+cat "$MP/app/data.bin" > "$ROOT/data.bin"
+"$HOIST" stat --json "$MP" > "$ROOT/stat.json"
+"$HOIST" umount "$MP" >/dev/null
+"$HOIST" daemon stop >/dev/null"#;
+    let out = run_bounded(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", script])
+            .env("HOIST", env!("CARGO_BIN_EXE_hoist"))
+            .env("HOIST_HOME", &home.root)
+            .env("IMAGE", &image)
+            .env("MP", &mp)
+            .env("ROOT", &home.root),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        read(&home.root.join("data.bin")).unwrap() == want,
+        "app/data.bin differs"
+    );
+    let s: Value = serde_json::from_slice(&read(&home.root.join("stat.json")).unwrap()).unwrap();
+    assert_eq!(s["devices"], "files", "{s}");
+    assert_eq!(s["devices_local"], 0, "{s}");
+    let log = std::fs::read_to_string(home.root.join("daemon.log")).unwrap();
+    assert!(log.contains("no loop devices"), "{log}");
+}
+
 /// Kills the daemon of `home` with SIGKILL and waits for it to be gone (its FUSE
 /// connections close with it).
 fn kill_daemon(home: &Home) {
