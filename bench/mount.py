@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mount benchmark: a fully cached hoist mount (erofs and fuse modes) vs the same tree on local disk.
 
-    sudo bench/mount.py [--fixtures DIR] [--runs N] [--seq-mib 256] [--rand-mib 64]
+    sudo bench/mount.py [--fixtures DIR] [--runs N] [--seq-mib 256] [--rand-mib 256]
                         [--modes erofs,fuse] [--only-native] [--keep] [--json OUT]
 
 Builds a bench image: debian-python-v1 (from a copy of the fixture layout; the fixtures are
@@ -201,7 +201,7 @@ def main():
     ap.add_argument("--fixtures", default=str(ROOT.parent / "shared/fixtures/oci"))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seq-mib", type=int, default=256, help="size of bench/seq.bin")
-    ap.add_argument("--rand-mib", type=int, default=64, help="size of bench/rand.bin")
+    ap.add_argument("--rand-mib", type=int, default=256, help="size of bench/rand.bin")
     ap.add_argument("--modes", default="erofs,fuse", help="comma-separated hoist mount modes")
     ap.add_argument("--only-native", action="store_true", help="development: measure the native tree only")
     ap.add_argument("--prefetch-timeout", type=float, default=300, help="seconds to wait for a fully cached mount")

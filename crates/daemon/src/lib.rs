@@ -26,4 +26,4 @@ mod served;
 mod server;
 
 pub use served::{Home, Served, Stats};
-pub use server::{run, spawn_and_wait, Daemon};
+pub use server::{detach_orphan, run, spawn_and_wait, Daemon};

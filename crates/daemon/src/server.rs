@@ -176,31 +176,46 @@ impl Daemon {
             return;
         };
         for e in dir.flatten() {
-            let path = e.path();
-            let record: Option<Record> = std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            if let Some(r) = record {
-                for mp in std::iter::once(&r.mountpoint).chain(r.devdir.as_ref()) {
-                    if kernel::is_mountpoint(mp) {
-                        match kernel::unmount_lazy(mp) {
-                            Ok(()) => tracing::info!(
-                                "detached {} left by daemon {} ({})",
-                                mp.display(),
-                                r.pid,
-                                r.image
-                            ),
-                            Err(e) => tracing::warn!("detaching {}: {e}", mp.display()),
-                        }
-                    }
-                }
-                if let Some(run_dir) = r.devdir.as_ref().and_then(|d| d.parent()) {
-                    let _ = std::fs::remove_dir_all(run_dir);
-                }
-            }
-            let _ = std::fs::remove_file(&path);
+            forget_record(&e.path());
         }
     }
+}
+
+/// Detaches the mount at `mountpoint` that a daemon of `home` which is no longer running
+/// left, with its private mounts, and forgets it. False when no daemon recorded it.
+pub fn detach_orphan(home: &Home, mountpoint: &Path) -> bool {
+    let path = home.mounts().join(format!("{}.json", mount_id(mountpoint)));
+    path.exists() && {
+        forget_record(&path);
+        true
+    }
+}
+
+/// Detaches what the mount record at `path` names (the mount point and the blob
+/// devices' private mount), removes its private directory and the record.
+fn forget_record(path: &Path) {
+    let record: Option<Record> = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(r) = record {
+        for mp in std::iter::once(&r.mountpoint).chain(r.devdir.as_ref()) {
+            if kernel::is_mountpoint(mp) {
+                match kernel::unmount_lazy(mp) {
+                    Ok(()) => tracing::info!(
+                        "detached {} left by daemon {} ({})",
+                        mp.display(),
+                        r.pid,
+                        r.image
+                    ),
+                    Err(e) => tracing::warn!("detaching {}: {e}", mp.display()),
+                }
+            }
+        }
+        if let Some(run_dir) = r.devdir.as_ref().and_then(|d| d.parent()) {
+            let _ = std::fs::remove_dir_all(run_dir);
+        }
+    }
+    let _ = std::fs::remove_file(path);
 }
 
 /// Runs a daemon over `home` until a signal or a `shutdown` request. Prints `ready` on

@@ -144,7 +144,12 @@ pub fn umount(cx: &Context, mountpoint: &Path) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    // Not the daemon's: a foreground mount, or one whose daemon died.
+    // Not the daemon's: one whose daemon died (its record names its private mounts
+    // too), or a foreground mount.
+    if hoist_daemon::detach_orphan(&home(cx), &mp) {
+        println!("unmounted {} (left by a daemon that died)", mp.display());
+        return Ok(());
+    }
     if !kernel::is_mountpoint(&mp) {
         bail!("{} is not a mount point", mp.display());
     }
