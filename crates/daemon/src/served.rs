@@ -329,7 +329,7 @@ impl Served {
                         &served.spec.mountpoint,
                         &name,
                         4,
-                        served.readahead_kib,
+                        kernel::READAHEAD_KIB,
                     )
                     .map_err(|e| format!("FUSE mount on {}: {e}", mp_display(&served)))?,
                 );
