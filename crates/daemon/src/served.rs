@@ -329,7 +329,7 @@ impl Served {
                         &served.spec.mountpoint,
                         &name,
                         4,
-                        kernel::READAHEAD_KIB,
+                        served.readahead_kib,
                     )
                     .map_err(|e| format!("FUSE mount on {}: {e}", mp_display(&served)))?,
                 );

@@ -90,13 +90,11 @@ pub fn mount_erofs(
     })
 }
 
-/// The readahead window of hoist's FUSE tree mounts, and the least it gives EROFS
-/// mounts, KiB. The kernel gives FUSE mounts 128 KiB; reading ahead further lets a
-/// sequential reader's requests overlap hoist's reads of the cache (the data is local,
-/// so a larger window costs little). Not more for FUSE: files opened by passthrough read
-/// sequentially at 0.93x native with 8 MiB (the disk's window here) against 1.01x with
-/// 4 MiB (medians of 14 paired runs, fully cached).
-pub const READAHEAD_KIB: u32 = 4096;
+/// The least readahead window hoist gives its mounts, KiB. The kernel gives FUSE mounts
+/// 128 KiB; reading ahead further lets a sequential reader's requests overlap hoist's
+/// reads of the cache (the data is local, so a larger window costs little), and the same
+/// holds for EROFS reading through the blob devices.
+const READAHEAD_KIB: u32 = 4096;
 
 /// The most, KiB.
 const MAX_READAHEAD_KIB: u32 = 16384;
@@ -111,10 +109,14 @@ const MAX_READAHEAD_KIB: u32 = 16384;
 /// none measurable.
 pub const DEVICE_READAHEAD_KIB: u32 = 1024;
 
-/// The readahead window for EROFS mounts whose data lives under `local` (the chunk
-/// cache): [`READAHEAD_KIB`], or the window of the disk that holds `local` if that is
-/// larger (at most 16 MiB), so that reading a view through a mount reads ahead as far as
-/// reading it directly does.
+/// The readahead window for mounts whose data lives under `local` (the chunk cache):
+/// [`READAHEAD_KIB`], or the window of the disk that holds `local` if that is larger
+/// (at most 16 MiB), so that reading a view through a mount reads ahead as far as
+/// reading it directly does. Measured for fuse mode (`bench/coldstart.py`, python's
+/// start-up, two paired runs of 3): with the start-up trace ready in 1.88 and 1.80 s with
+/// 8 MiB (this disk's window) against 2.27 and 1.88 s with 4 MiB, without it 2.88 and
+/// 2.87 s against 3.41 and 3.03 s; fully cached sequential reads by passthrough did not
+/// tell the two apart beyond the disk's noise.
 pub fn readahead_kib(local: &Path) -> u32 {
     let disk = rustix::fs::stat(local).ok().and_then(|st| {
         let dev = format!(
