@@ -100,14 +100,20 @@ const READAHEAD_KIB: u32 = 4096;
 const MAX_READAHEAD_KIB: u32 = 16384;
 
 /// Readahead window of the blob device files of erofs mode, KiB. EROFS reads ahead
-/// within a file; the device files hold every file of a blob, so a window of several MiB
-/// on them reads into the files next to the one being read and fetches their chunks
-/// over the network, wanted or not. Measured by `bench/coldstart.py` (python's start-up,
-/// erofs mode, start-up trace): 8 MiB fetched 29.3 MB and was ready in 3.19 s, 1 MiB
-/// 22.5 MB in 2.39 s, 128 KiB 20.5 MB in 2.37 s; and 128 KiB cost a third of the
-/// sequential throughput of cached data through the device files, where 1 MiB cost
-/// none measurable.
-pub const DEVICE_READAHEAD_KIB: u32 = 1024;
+/// within a file; the device files hold every file of a blob, so the window on them reads
+/// into the files next to the one being read and fetches their chunks over the network,
+/// wanted or not: what a start-up needs less of, and what a reader of many small files
+/// in a row needs more of. Measured by `bench/coldstart.py` (erofs mode, 3 runs each;
+/// python's start-up with its trace, then `tar` of /usr and /app without prefetch):
+///
+/// | window | python ready | fetched | tar ready |
+/// |---|---:|---:|---:|
+/// | 8 MiB | 3.19 s | 29.3 MB | |
+/// | 4 MiB | 2.96 s | 27.1 MB | 10.04 s |
+/// | 2 MiB | 2.60 s | 25.4 MB | 10.36 s |
+/// | 1 MiB | 2.39-2.73 s | 22.5 MB | 14.46 s |
+/// | 128 KiB | 2.37 s | 20.5 MB | |
+pub const DEVICE_READAHEAD_KIB: u32 = 2048;
 
 /// The readahead window for mounts whose data lives under `local` (the chunk cache):
 /// [`READAHEAD_KIB`], or the window of the disk that holds `local` if that is larger
