@@ -124,7 +124,7 @@ impl BlobDevFs {
 
 impl fuser::Filesystem for BlobDevFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        negotiate(config, false);
+        negotiate(config, false, false);
         Ok(())
     }
 

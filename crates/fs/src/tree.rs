@@ -396,7 +396,7 @@ pub(crate) fn seek(
 
 impl fuser::Filesystem for TreeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        self.passthrough = negotiate(config, self.want_passthrough);
+        self.passthrough = negotiate(config, self.want_passthrough, true);
         self.counters
             .passthrough_available
             .store(u64::from(self.passthrough), Relaxed);
@@ -489,15 +489,13 @@ impl fuser::Filesystem for TreeFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.inode(ino) {
-            Ok(i) if i.is_dir() => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(e),
-        }
+    /// ENOSYS: the kernel then opens directories without asking (no `OPENDIR` and no
+    /// `RELEASEDIR`, two round trips per directory a walk saves) and keeps their entries
+    /// in its cache, as `FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR` would (its default for
+    /// filesystems without opendir, since Linux 5.1). The VFS itself refuses
+    /// `O_DIRECTORY` on a non-directory.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS)
     }
 
     fn readdir(

@@ -182,6 +182,7 @@ fn mounts_equal_umoci_in_both_modes_cold_warm_and_from_views() {
                 }
                 if mode == "fuse" && tag == "tiny-v1" {
                     check_seek(&mp);
+                    check_dirs(&mp);
                 }
                 // Unmounting a busy mount succeeds: it is detached at once.
                 let busy = std::fs::File::open(mp.join("bin")).unwrap();
@@ -252,6 +253,39 @@ fn walkdir(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Directories as the kernel opens them without asking hoist (its opendir answers
+/// ENOSYS): `.` and `..` listed with the right inode numbers, the same entries when
+/// listed again (from the kernel's cache), and ENOTDIR for a file opened as one.
+fn check_dirs(mp: &Path) {
+    use rustix::fs::{open, Dir, Mode, OFlags};
+    use std::os::unix::fs::MetadataExt;
+    let list = |dir: &Path| {
+        let fd = open(dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let mut names: Vec<(Vec<u8>, u64)> = Dir::read_from(&fd)
+            .unwrap()
+            .map(|e| {
+                e.map(|e| (e.file_name().to_bytes().to_vec(), e.ino()))
+                    .unwrap()
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let app = mp.join("app");
+    let first = list(&app);
+    let ino = |name: &[u8]| first.iter().find(|(n, _)| n == name).map(|(_, i)| *i);
+    assert_eq!(ino(b"."), Some(app.metadata().unwrap().ino()), "{first:?}");
+    assert_eq!(ino(b".."), Some(mp.metadata().unwrap().ino()), "{first:?}");
+    assert!(ino(b"data.bin").is_some(), "{first:?}");
+    assert_eq!(list(&app), first, "listed again");
+    let err = open(
+        app.join("data.bin"),
+        OFlags::RDONLY | OFlags::DIRECTORY,
+        Mode::empty(),
+    );
+    assert_eq!(err.err(), Some(rustix::io::Errno::NOTDIR));
 }
 
 /// SEEK_DATA and SEEK_HOLE on a file of zeros (stored as holes) and one of data.
