@@ -26,7 +26,8 @@ cargo build --release -q -p hoist
 OCI=$WORK/oci
 if ! umoci ls --layout "$OCI" 2>/dev/null | grep -qx python-app; then
   echo "== building the sample image (debootstrap bookworm + python3 + app) in $OCI"
-  findmnt -rno TARGET | grep "^$WORK/" | sort -r | xargs -r umount -l
+  # (grep finds nothing on a fresh machine: not an error under pipefail)
+  { findmnt -rno TARGET | grep "^$WORK/" || true; } | sort -r | xargs -r umount -l
   rm -rf --one-file-system "$WORK"; mkdir -p "$WORK"
   B=$(mktemp -d "$WORK/build.XXXXXX")
   trap 'umount -R "$B/rootfs/dev" 2>/dev/null || true; umount "$B/rootfs/proc" 2>/dev/null || true' EXIT
