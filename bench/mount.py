@@ -49,7 +49,8 @@ read; the issue sets no fuse target for random reads or tar (data)). JSON also r
 kernel, per-mode mount and prefetch times, the final `hoist stat` and, when it reports
 one, whether FUSE passthrough is in use. A second table gives what each tree read from the
 disk per run (the block-layer counters of the disk under the work directory, median over
-the rounds): bytes and requests, so the I/O behind the ratios can be compared without the
+the rounds): bytes, requests, and requests in flight on average (the queue's weighted time
+over the run's wall time), so the I/O behind the ratios can be compared without the
 disk's noise.
 
 Needs root, fio and umoci. --only-native (development) builds the image without converting
@@ -91,11 +92,12 @@ def disk_stat_path(path):
 
 
 def disk_counters(stat_path):
-    """(read requests, bytes read) so far, from a block device's stat file."""
+    """(read requests, bytes read, ms requests spent in the queue weighted by their number)
+    so far, from a block device's stat file (Documentation/block/stat.rst)."""
     if stat_path is None:
-        return (0, 0)
+        return (0, 0, 0)
     f = stat_path.read_text().split()
-    return int(f[0]), int(f[2]) * 512
+    return int(f[0]), int(f[2]) * 512, int(f[10])
 
 
 def drop_caches():
@@ -298,17 +300,20 @@ def main():
             for r in range(args.runs):
                 for t in names[r % len(names):] + names[:r % len(names)]:
                     drop_caches()
-                    before = disk_counters(disk)
+                    before, start = disk_counters(disk), time.perf_counter()
                     value, details = measure(name, trees[t], rand_size)
-                    after = disk_counters(disk)
+                    after, wall = disk_counters(disk), time.perf_counter() - start
                     details["disk_requests"] = after[0] - before[0]
                     details["disk_bytes"] = after[1] - before[1]
+                    # Requests in flight on average: how deep the reader keeps the disk's queue.
+                    details["disk_in_flight"] = (after[2] - before[2]) / 1000 / wall
                     runs[t].append((value, details))
             row = results[name] = {}
             for t, rs in runs.items():
                 row[t] = {"median": statistics.median(v for v, _ in rs), "runs": [v for v, _ in rs], "details": rs[0][1],
                           "disk_requests": statistics.median(d["disk_requests"] for _, d in rs),
-                          "disk_bytes": statistics.median(d["disk_bytes"] for _, d in rs)}
+                          "disk_bytes": statistics.median(d["disk_bytes"] for _, d in rs),
+                          "disk_in_flight": statistics.median(d["disk_in_flight"] for _, d in rs)}
             for m in modes:
                 nat, got = row["native"]["runs"], row[m]["runs"]
                 paired = [g / n if higher else n / g for n, g in zip(nat, got)]
@@ -333,12 +338,12 @@ def main():
           f"caches dropped before each; ratio = median of the {args.runs} rounds' ratios to native "
           f"(> 1 is faster); kernel {platform.release()}, {os.cpu_count()} cores")
     report(results, modes)
-    print("\nread from the disk per run (median): MB in requests")
+    print("\nread from the disk per run (median): MB in requests, requests in flight on average")
     print("| workload | " + " | ".join(["native"] + modes) + " |")
     print("|---|" + "---:|" * (len(modes) + 1))
     for name in WORKLOADS:
-        cells = [f"{results[name][t]['disk_bytes'] / 1e6:,.1f} in {results[name][t]['disk_requests']:,.0f}"
-                 for t in ["native"] + modes]
+        cells = [f"{results[name][t]['disk_bytes'] / 1e6:,.1f} in {results[name][t]['disk_requests']:,.0f}, "
+                 f"{results[name][t]['disk_in_flight']:.1f}" for t in ["native"] + modes]
         print(f"| {name.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
     for m, info in mode_info.items():
         extra = f", passthrough {info['passthrough']}" if "passthrough" in info else ""

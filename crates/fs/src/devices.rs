@@ -62,8 +62,8 @@ pub enum SwapError {
 
 impl LoopDevices {
     /// Binds loop devices to `meta` (the metadata file on the local disk, read through
-    /// the page cache) and to each blob's file, in device order. Nothing is mounted yet; dropping the result before
-    /// a mount frees the devices.
+    /// the page cache) and to each blob's file, in device order. Nothing is mounted yet;
+    /// dropping the result before a mount frees the devices.
     pub fn attach(meta: &Path, blobs: &[Backing]) -> Result<LoopDevices, String> {
         let open = |p: &Path| File::open(p).map_err(|e| format!("opening {}: {e}", p.display()));
         // The metadata through the page cache, not by direct I/O: EROFS reads it a block
