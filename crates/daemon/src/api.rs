@@ -73,6 +73,23 @@ pub struct MountSpec {
     /// kernel's default readahead window so the record holds what was read.
     #[serde(default)]
     pub record: bool,
+    /// Honour the image's setuid bits (no `nosuid`). Only for a mount point under a
+    /// directory only root can enter, such as a container's; refused elsewhere.
+    #[serde(default)]
+    pub suid: bool,
+    /// Let the image's device nodes be opened (no `nodev`); as for `suid`.
+    #[serde(default)]
+    pub dev: bool,
+}
+
+impl MountSpec {
+    /// What the mount grants beyond reading and executing.
+    pub fn privileges(&self) -> hoist_fs::Privileges {
+        hoist_fs::Privileges {
+            suid: self.suid,
+            dev: self.dev,
+        }
+    }
 }
 
 /// A request to the daemon.

@@ -52,6 +52,39 @@ impl Home {
     pub fn log(&self) -> PathBuf {
         self.root.join("daemon.log")
     }
+
+    /// Creates the root, or makes an existing one private: mode 0700, so that no other
+    /// user reaches the mounts, containers and cache below it (an image's setuid files
+    /// and device nodes work inside its containers, and credentials pass the socket).
+    pub fn create(&self) -> std::io::Result<()> {
+        private_dir(&self.root)
+    }
+
+    /// Creates `dir` (under the root, which is created first) with mode 0700, or makes
+    /// an existing one 0700.
+    pub fn private_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.create()?;
+        private_dir(dir)
+    }
+}
+
+/// Creates `dir` and its missing parents, then makes `dir` mode 0700 if group or others
+/// had any access to it. Errors name the directory.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let named =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(named)?;
+    let mode = std::fs::metadata(dir).map_err(named)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))
+            .map_err(named)?;
+    }
+    Ok(())
 }
 
 /// What `hoist stat` shows of a mount.
@@ -222,6 +255,10 @@ impl Served {
                 mp.display()
             ));
         }
+        // Setuid files and device nodes of an image are for the containers on it only.
+        if spec.privileges().any() {
+            kernel::check_private(mp).map_err(|e| format!("--suid/--dev: {e}"))?;
+        }
         let cfg = registry_config(&spec)?;
         let reference = ImageRef::parse(&spec.image).map_err(|e| e.to_string())?;
         let src = hoist_registry::open_source(&reference, &cfg).map_err(|e| e.to_string())?;
@@ -330,6 +367,7 @@ impl Served {
                         &name,
                         4,
                         served.readahead_kib,
+                        hoist_fs::Contents::Tree(served.spec.privileges()),
                     )
                     .map_err(|e| format!("FUSE mount on {}: {e}", mp_display(&served)))?,
                 );
@@ -345,7 +383,8 @@ impl Served {
                     .flatten();
                 if let Some(views) = views {
                     let (mp, ra) = (&served.spec.mountpoint, served.readahead_kib);
-                    match kernel::mount_erofs(&meta, &views, mp, true, ra) {
+                    let privileges = served.spec.privileges();
+                    match kernel::mount_erofs(&meta, &views, mp, true, ra, privileges) {
                         Ok(()) => served.local_devices = true,
                         // A view evicted since it was found: serve the blobs as usual.
                         Err(e) => tracing::info!("mounting over the views: {e}"),
@@ -391,6 +430,8 @@ impl Served {
         meta: &Path,
         sizes: Vec<u64>,
     ) -> Result<(), String> {
+        home.private_dir(&home.run())
+            .map_err(|e| format!("creating the private mount points: {e}"))?;
         let devdir = home.run().join(mount_id(&self.spec.mountpoint)).join("dev");
         std::fs::create_dir_all(&devdir)
             .map_err(|e| format!("creating {}: {e}", devdir.display()))?;
@@ -413,6 +454,7 @@ impl Served {
                 &format!("{name}-devices"),
                 4,
                 kernel::DEVICE_READAHEAD_KIB,
+                hoist_fs::Contents::Devices,
             )
             .map_err(|e| {
                 format!(
@@ -436,7 +478,9 @@ impl Served {
         let (mp, ra) = (&self.spec.mountpoint, self.readahead_kib);
         match LoopDevices::attach(meta, &backings) {
             Ok(loops) => {
-                loops.mount(mp, ra).map_err(|e| e.to_string())?;
+                loops
+                    .mount(mp, ra, self.spec.privileges())
+                    .map_err(|e| e.to_string())?;
                 tracing::info!(
                     "{}: EROFS on loop devices {:?}, {} of {} blobs on their views",
                     mp.display(),
@@ -452,7 +496,9 @@ impl Served {
                     "{}: no loop devices ({e}); EROFS reads hoist's device files for as long as it is mounted",
                     mp.display()
                 );
-                kernel::mount_erofs(meta, &devices, mp, false, ra).map_err(|e| e.to_string())
+                let privileges = self.spec.privileges();
+                kernel::mount_erofs(meta, &devices, mp, false, ra, privileges)
+                    .map_err(|e| e.to_string())
             }
         }
     }

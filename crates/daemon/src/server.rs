@@ -221,8 +221,8 @@ fn forget_record(path: &Path) {
 /// Runs a daemon over `home` until a signal or a `shutdown` request. Prints `ready` on
 /// stdout once the socket accepts requests (what [`spawn_and_wait`] waits for).
 pub fn run(home: Home) -> Result<(), String> {
-    std::fs::create_dir_all(&home.root)
-        .map_err(|e| format!("creating {}: {e}", home.root.display()))?;
+    home.create()
+        .map_err(|e| format!("creating hoist's state root: {e}"))?;
     let lock_path = home.root.join("daemon.lock");
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
@@ -336,8 +336,8 @@ pub fn spawn_and_wait(home: &Home, exe: &Path) -> Result<Client, String> {
     if let Ok(c) = Client::connect(&home.socket()) {
         return Ok(c);
     }
-    std::fs::create_dir_all(&home.root)
-        .map_err(|e| format!("creating {}: {e}", home.root.display()))?;
+    home.create()
+        .map_err(|e| format!("creating hoist's state root: {e}"))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

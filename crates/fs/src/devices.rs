@@ -87,10 +87,22 @@ impl LoopDevices {
     }
 
     /// Mounts EROFS on the devices at `target`, read-only, with a readahead window of
-    /// `readahead_kib`.
-    pub fn mount(&self, target: &Path, readahead_kib: u32) -> io::Result<()> {
+    /// `readahead_kib`, granting `privileges`.
+    pub fn mount(
+        &self,
+        target: &Path,
+        readahead_kib: u32,
+        privileges: kernel::Privileges,
+    ) -> io::Result<()> {
         let devices: Vec<PathBuf> = self.blobs.iter().map(|b| b.dev.path()).collect();
-        kernel::mount_erofs(&self.meta.path(), &devices, target, false, readahead_kib)
+        kernel::mount_erofs(
+            &self.meta.path(),
+            &devices,
+            target,
+            false,
+            readahead_kib,
+            privileges,
+        )
     }
 
     /// Puts blob `blob`'s view (`view`, a file of the device's size on the local disk)

@@ -11,19 +11,90 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+/// What a mount lets the image's files do beyond being read and executed.
+///
+/// Images are untrusted: a setuid-root file or a device node in one must never give a
+/// host user privileges. Every mount is `nosuid,nodev` ([`Privileges::NONE`]) unless it
+/// serves a container, which needs both inside; such a mount sits under a directory
+/// only root can enter ([`check_private`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Privileges {
+    /// Honour setuid and setgid bits (no `nosuid`).
+    pub suid: bool,
+    /// Let device nodes be opened (no `nodev`).
+    pub dev: bool,
+}
+
+impl Privileges {
+    /// `nosuid,nodev`: what every mount gets unless it serves a container.
+    pub const NONE: Privileges = Privileges {
+        suid: false,
+        dev: false,
+    };
+    /// What a container's root filesystem needs.
+    pub const CONTAINER: Privileges = Privileges {
+        suid: true,
+        dev: true,
+    };
+
+    /// The mount flags withholding what is not granted.
+    pub fn flags(self) -> MountFlags {
+        let mut f = MountFlags::empty();
+        if !self.suid {
+            f |= MountFlags::NOSUID;
+        }
+        if !self.dev {
+            f |= MountFlags::NODEV;
+        }
+        f
+    }
+
+    /// Whether anything beyond `NONE` is granted.
+    pub fn any(self) -> bool {
+        self.suid || self.dev
+    }
+}
+
+/// Checks that `path` lies under a directory that only root can enter (owned by root,
+/// no search permission for group or others), so that a mount there with setuid files or
+/// device nodes ([`Privileges`]) cannot be reached by another user. Returns the first
+/// such directory, or an error naming the path and the fix. (POSIX ACLs granting search
+/// to others are not looked at: hoist never sets them on its own directories.)
+pub fn check_private(path: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        let m = std::fs::metadata(d)?;
+        if m.uid() == 0 && m.mode() & 0o011 == 0 {
+            return Ok(d.to_path_buf());
+        }
+        dir = d.parent();
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "{} is not under a directory only root can enter; a mount with setuid files or \
+             device nodes there would give every local user root: mount it under a root-owned \
+             directory of mode 0700",
+            path.display()
+        ),
+    ))
+}
+
 /// Mounts the EROFS image on `source` read-only at `target`, with `devices` as its extra
 /// devices in order: regular files (a file-backed mount), or block devices (loop
 /// devices, [`crate::LoopDevices`]) for a block device `source`. With `direct_io`, a
 /// file-backed EROFS reads its devices by direct I/O: right for files on a local disk
 /// (the data is not cached twice, and EROFS keeps several reads in flight), not for
 /// hoist's FUSE device files (measured slower than buffered). The mount reads ahead
-/// `readahead_kib` ([`readahead_kib`]).
+/// `readahead_kib` ([`readahead_kib`]) and grants `privileges`.
 pub fn mount_erofs(
     source: &Path,
     devices: &[PathBuf],
     target: &Path,
     direct_io: bool,
     readahead_kib: u32,
+    privileges: Privileges,
 ) -> io::Result<()> {
     let mut data = String::from(if direct_io { "directio" } else { "" });
     for d in devices {
@@ -58,7 +129,7 @@ pub fn mount_erofs(
         source,
         target,
         "erofs",
-        MountFlags::RDONLY | MountFlags::NOATIME,
+        MountFlags::RDONLY | MountFlags::NOATIME | privileges.flags(),
         data.as_str(),
     );
     if mounted.is_ok() {

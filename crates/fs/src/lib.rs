@@ -32,5 +32,6 @@ mod tree;
 
 pub use blobdev::BlobDevFs;
 pub use devices::{Backing, LoopDevices, SwapError};
-pub use session::{mount_fuse, FsCounters};
+pub use kernel::Privileges;
+pub use session::{mount_fuse, Contents, FsCounters};
 pub use tree::{file_view, TreeFs};

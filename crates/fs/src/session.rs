@@ -1,5 +1,6 @@
 //! Mounting a FUSE filesystem of hoist's: options shared by both filesystems.
 
+use crate::kernel::Privileges;
 use fuser::{Config, KernelConfig, MountOption, SessionACL};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -97,6 +98,16 @@ pub(crate) fn negotiate(config: &mut KernelConfig, passthrough: bool, readdirplu
     false
 }
 
+/// What a FUSE mount of hoist's serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contents {
+    /// An image's tree, granting `Privileges` (`nosuid,nodev` unless it serves a
+    /// container).
+    Tree(Privileges),
+    /// Blob device files, read by the kernel only: `nosuid,nodev,noexec`.
+    Devices,
+}
+
 /// Mounts `fs` read-only at `mountpoint`, served by `threads` threads, reading ahead
 /// `readahead_kib` ([`crate::kernel::readahead_kib`]); dropping the session unmounts it
 /// (lazily).
@@ -106,16 +117,29 @@ pub fn mount_fuse<FS: fuser::Filesystem>(
     name: &str,
     threads: usize,
     readahead_kib: u32,
+    contents: Contents,
 ) -> std::io::Result<fuser::BackgroundSession> {
+    let (privileges, exec) = match contents {
+        Contents::Tree(p) => (p, MountOption::Exec),
+        Contents::Devices => (Privileges::NONE, MountOption::NoExec),
+    };
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(name.to_string()),
         MountOption::Subtype("hoist".into()),
         MountOption::RO,
         MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
-        MountOption::Exec,
+        if privileges.dev {
+            MountOption::Dev
+        } else {
+            MountOption::NoDev
+        },
+        if privileges.suid {
+            MountOption::Suid
+        } else {
+            MountOption::NoSuid
+        },
+        exec,
         MountOption::NoAtime,
     ];
     // Every user may read the image (a container's processes run as their own users);

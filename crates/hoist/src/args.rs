@@ -164,6 +164,15 @@ pub struct MountArgs {
     /// instead of handing it to the background daemon.
     #[arg(long)]
     pub foreground: bool,
+    /// Honour the image's setuid and setgid bits. The mount is `nosuid` without it: an
+    /// image is untrusted, and a setuid-root file in it would give any local user root.
+    /// Refused unless the mount point lies under a root-owned directory of mode 0700.
+    #[arg(long)]
+    pub suid: bool,
+    /// Let the image's device nodes be opened. The mount is `nodev` without it (a device
+    /// node in an image would open the host's device); refused as `--suid` is.
+    #[arg(long)]
+    pub dev: bool,
 }
 
 /// How a lazy mount is served and fetched: shared by `mount`, `run` and `record`.

@@ -46,7 +46,12 @@ pub(super) fn mount_spec(
         },
         cache_dir: match &opts.cache_dir {
             Some(d) => {
-                std::fs::create_dir_all(d)
+                // Only root reads the cache: it holds the data of private images too.
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(d)
                     .with_context(|| format!("--cache-dir {}", d.display()))?;
                 d.canonicalize()?
             }
@@ -67,6 +72,8 @@ pub(super) fn mount_spec(
             opts.prefetch_files.as_deref(),
         )?,
         record: false,
+        suid: false,
+        dev: false,
     })
 }
 
@@ -76,7 +83,8 @@ pub fn mount(cx: &Context, registry: &RegistryArgs, args: &MountArgs) -> anyhow:
         .mountpoint
         .canonicalize()
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
-    let spec = mount_spec(&home, registry, &args.image, mountpoint, &args.opts)?;
+    let mut spec = mount_spec(&home, registry, &args.image, mountpoint, &args.opts)?;
+    (spec.suid, spec.dev) = (args.suid, args.dev);
     if args.foreground {
         return foreground(&home, spec);
     }

@@ -145,12 +145,18 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     };
     // Signals before runc runs end the launch through the cleanup, not halfway.
     let mut signals = signal_hook::iterator::Signals::new(forwarded_signals(l.tty))?;
+    // Only root may enter the containers' directories: the image is mounted there with
+    // its setuid files and device nodes working, as the container needs them.
     let containers = home.root.join("containers");
-    std::fs::create_dir_all(&containers)
-        .with_context(|| format!("creating {}", containers.display()))?;
+    home.private_dir(&containers)
+        .context("creating the containers' directory")?;
     // Creating the directory claims the name, also against a concurrent run.
     let dir = containers.join(&name);
-    match std::fs::create_dir(&dir) {
+    let created = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)
+    };
+    match created {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
             "container {name} exists ({}); remove that directory or choose another --name",
             dir.display()
@@ -185,6 +191,7 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     };
     let mut mspec = mount_spec(&home, registry, l.image, image_mp.clone(), l.opts)?;
     mspec.record = l.record.is_some();
+    (mspec.suid, mspec.dev) = (true, true);
     let mut client = start_daemon(&home)?;
     let reply = client.call(&Request::Mount(Box::new(mspec)))?;
     cleanup.mounted = true;
