@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Where a prefetch is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PrefetchState {
     /// No prefetch asked for.
@@ -32,6 +32,18 @@ pub enum PrefetchState {
     Done,
     /// The mount went away first.
     Stopped,
+}
+
+impl std::fmt::Display for PrefetchState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PrefetchState::Idle => "idle",
+            PrefetchState::Running => "running",
+            PrefetchState::Retrying => "retrying",
+            PrefetchState::Done => "done",
+            PrefetchState::Stopped => "stopped",
+        })
+    }
 }
 
 impl PrefetchState {

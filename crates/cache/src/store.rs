@@ -31,7 +31,7 @@ use std::time::SystemTime;
 pub type ChunkDigest = [u8; 32];
 
 /// Usage figures of a store.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct StoreStats {
     /// Chunk files.
     pub chunks: u64,
@@ -52,7 +52,7 @@ pub struct StoreStats {
 }
 
 /// What a prune removed.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct PruneReport {
     /// Chunk files and views removed.
     pub removed: u64,
@@ -80,6 +80,9 @@ struct State {
     used: u64,
 }
 
+/// The directories of a store.
+const SUBDIRS: [&str; 4] = ["chunks", "meta", "tmp", "views"];
+
 fn hex_name(d: &ChunkDigest) -> String {
     hex::encode(d)
 }
@@ -88,7 +91,7 @@ impl ChunkStore {
     /// Opens (creating) a store at `root`; chunks beyond `max_bytes` that no mount pins
     /// are evicted, oldest first.
     pub fn open(root: &Path, max_bytes: u64) -> io::Result<ChunkStore> {
-        for sub in ["chunks", "meta", "tmp", "views"] {
+        for sub in SUBDIRS {
             fs::create_dir_all(root.join(sub))?;
         }
         // Leftovers of writes a crash interrupted.
@@ -189,9 +192,70 @@ impl ChunkStore {
     }
 
     fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
-        let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
-        tmp.write_all(data)?;
-        tmp.persist(path).map_err(|e| e.error)?;
+        let write = || -> io::Result<()> {
+            let mut tmp = self.temp_file()?;
+            tmp.write_all(data)?;
+            tmp.persist(path).map_err(|e| e.error)?;
+            Ok(())
+        };
+        match write() {
+            // The store's directories went away under it (removed by hand): made
+            // again, and the write tried once more.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent)?;
+                }
+                write()
+            }
+            r => r,
+        }
+    }
+
+    /// A temporary file in the store's `tmp/`, which is made again if it was removed.
+    pub(crate) fn temp_file(&self) -> io::Result<tempfile::NamedTempFile> {
+        let tmp = self.root.join("tmp");
+        match tempfile::NamedTempFile::new_in(&tmp) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.recreate()?;
+                tempfile::NamedTempFile::new_in(&tmp)
+            }
+            r => r,
+        }
+    }
+
+    /// Whether the store's directories are all there (false once its directory was
+    /// removed or emptied by hand).
+    pub fn is_intact(&self) -> bool {
+        SUBDIRS.iter().all(|sub| self.root.join(sub).is_dir())
+    }
+
+    /// Makes the store's directories again after they were removed under it, and
+    /// counts what is left: chunks known verified may be gone, so none is trusted
+    /// without a fresh check.
+    pub fn recreate(&self) -> io::Result<()> {
+        for sub in SUBDIRS {
+            fs::create_dir_all(self.root.join(sub)).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("making the chunk cache {} again: {e}", self.root.display()),
+                )
+            })?;
+        }
+        let used = scan(&self.root.join("chunks"))?
+            .iter()
+            .map(|c| c.size)
+            .sum::<u64>()
+            + scan_views(&self.root.join("views"))?
+                .iter()
+                .map(|v| v.1)
+                .sum::<u64>();
+        let mut st = self.lock();
+        st.used = used;
+        st.verified.clear();
+        tracing::warn!(
+            "the chunk cache {} was removed while in use; made again",
+            self.root.display()
+        );
         Ok(())
     }
 
@@ -519,6 +583,27 @@ mod tests {
     fn chunk(byte: u8, len: usize) -> (ChunkDigest, Vec<u8>) {
         let data = vec![byte; len];
         (hoist_codec::digest(&data), data)
+    }
+
+    #[test]
+    fn a_store_removed_while_open_is_made_again() {
+        // Issue 15: `rm -rf` of a cache directory under a running daemon failed every
+        // later write ("No such file or directory … tmp/.tmp…") until a restart.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        let store = ChunkStore::open(&root, 1 << 20).unwrap();
+        let (d1, c1) = chunk(1, 4096);
+        store.put_chunk(&d1, &c1).unwrap();
+        assert!(store.open_chunk(&d1, 4096).unwrap().is_some());
+        fs::remove_dir_all(&root).unwrap();
+        assert!(!store.is_intact());
+        assert!(store.open_chunk(&d1, 4096).unwrap().is_none());
+        let (d2, c2) = chunk(2, 4096);
+        store.put_chunk(&d2, &c2).unwrap();
+        assert!(store.open_chunk(&d2, 4096).unwrap().is_some());
+        store.put_meta("ab", b"meta").unwrap();
+        assert!(store.is_intact());
+        assert_eq!(store.stats().unwrap().chunks, 1);
     }
 
     #[test]

@@ -132,7 +132,7 @@ impl ChunkStore {
         if !self.has_room_for(bytes) {
             return Err(ViewError::NoRoom(bytes));
         }
-        let tmp = tempfile::NamedTempFile::new_in(self.root().join("tmp"))?;
+        let tmp = self.temp_file()?;
         tmp.as_file().set_len(view.len)?;
         for p in &view.pieces {
             if stop() {

@@ -1,7 +1,11 @@
-//! The daemon's local API: one JSON request per line on a unix socket, one JSON response
-//! line back. The socket is `$HOIST_HOME/daemon.sock`, mode 0600 (root only): requests
+//! The daemon's local API: one JSON request per line on a unix socket, one JSON answer
+//! line back. Requests ([`Request`]), replies ([`Reply`]), statistics ([`Stats`]) and
+//! errors ([`DaemonError`]) are Rust types shared by the daemon and its [`Client`]. The socket is `$HOIST_HOME/daemon.sock`, mode 0600 (root only): requests
 //! may carry registry credentials.
 
+use hoist_cache::prefetch::PrefetchState;
+use hoist_cache::{PruneReport, StoreStats};
+use hoist_reader::trace::Trace;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -68,7 +72,7 @@ pub struct MountSpec {
     pub registry: RegistryOptions,
     /// A start-up trace (or file list) to prefetch instead of the one the image carries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace: Option<hoist_reader::trace::Trace>,
+    pub trace: Option<Trace>,
     /// Record the chunks the workload reads (see [`Request::Trace`]); the mount keeps the
     /// kernel's default readahead window so the record holds what was read.
     #[serde(default)]
@@ -134,18 +138,220 @@ pub enum Request {
     Shutdown,
 }
 
-/// A response: `{"ok":true,"result":…}` or `{"ok":false,"error":"…"}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// The result.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
-    /// The error message.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+/// Shows the enums as they are written on the wire (lowercase).
+macro_rules! display_as_wire {
+    ($($t:ty { $($v:ident => $s:literal),* $(,)? })*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self { $(Self::$v => $s),* })
+            }
+        }
+    )*};
 }
+
+display_as_wire! {
+    Mode { Fuse => "fuse", Erofs => "erofs" }
+    MountState { Ready => "ready", Gone => "gone" }
+    Devices { None => "none", Loop => "loop", Views => "views", Files => "files" }
+    TraceSource { Image => "image", Mount => "mount", None => "none" }
+}
+
+/// What the daemon says of itself (`ping`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    /// Its process id.
+    pub pid: u32,
+    /// Seconds it has run.
+    pub uptime_secs: f64,
+    /// Its state root.
+    pub home: PathBuf,
+    /// The hoist version it runs.
+    pub version: String,
+}
+
+/// The answer to a mount request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Mounted {
+    /// The mount's statistics at the moment it became usable.
+    pub stats: Stats,
+    /// The image's config document (OCI image config: env, entrypoint, cmd, user…),
+    /// checked against its digest.
+    pub config: serde_json::Value,
+}
+
+/// Whether the kernel still has a mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MountState {
+    /// Served.
+    Ready,
+    /// The kernel mount went away without hoist (unmounted by hand).
+    Gone,
+}
+
+/// What the kernel reads an erofs mount's blobs through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Devices {
+    /// Not an erofs mount.
+    None,
+    /// Loop devices, each on its blob's view or on hoist's device file.
+    Loop,
+    /// The mount was made over the blobs' views on the local disk.
+    Views,
+    /// hoist's device files themselves (no loop devices could be had).
+    Files,
+}
+
+/// Where the start-up trace a mount prefetches came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceSource {
+    /// The image carries it.
+    Image,
+    /// The mount request gave it.
+    Mount,
+    /// There is none.
+    None,
+}
+
+/// What `hoist stat` shows of a mount.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stats {
+    /// Mount point.
+    pub mountpoint: PathBuf,
+    /// Image reference.
+    pub image: String,
+    /// Manifest digest.
+    pub manifest: String,
+    /// Serving mode.
+    pub mode: Mode,
+    /// Whether the kernel still has it.
+    pub state: MountState,
+    /// Seconds from the request to a usable mount.
+    pub mount_secs: f64,
+    /// Bytes of the metadata blob (read whole at mount).
+    pub meta_bytes: u64,
+    /// Compressed bytes of all data blobs.
+    pub blob_bytes: u64,
+    /// Chunks the image's files use.
+    pub chunks_total: u64,
+    /// Chunks in the local cache.
+    pub chunks_cached: u64,
+    /// Uncompressed bytes of all chunks.
+    pub bytes_total: u64,
+    /// Uncompressed bytes in the cache.
+    pub bytes_cached: u64,
+    /// Compressed bytes fetched by ranged reads.
+    pub bytes_fetched: u64,
+    /// Ranged reads sent.
+    pub requests: u64,
+    /// Chunk reads served from the cache.
+    pub cache_hits: u64,
+    /// Chunk reads that waited for a fetch.
+    pub cache_misses: u64,
+    /// Failed ranged reads or chunks.
+    pub fetch_errors: u64,
+    /// Reads that gave up waiting (EIO).
+    pub timeouts: u64,
+    /// Read requests that reached hoist.
+    pub reads: u64,
+    /// Bytes those returned.
+    pub read_bytes: u64,
+    /// Reads answered with EIO.
+    pub read_errors: u64,
+    /// Whether FUSE passthrough is on.
+    pub passthrough: bool,
+    /// Opens served by passthrough.
+    pub passthrough_opens: u64,
+    /// Views built (cached chunks copied into one file for the kernel).
+    pub views_built: u64,
+    /// erofs mode: whether the kernel reads every blob from its view on the local disk,
+    /// not through hoist: the image was fully cached when it was mounted, or every
+    /// blob's view has been swapped in behind its loop device since.
+    pub local_devices: bool,
+    /// erofs mode: what the kernel reads the blobs through.
+    pub devices: Devices,
+    /// erofs mode: blobs read from their views on the local disk.
+    pub devices_local: u64,
+    /// erofs mode: blobs (devices) of the image.
+    pub devices_total: u64,
+    /// Background prefetch.
+    pub prefetch: PrefetchStats,
+}
+
+/// Prefetch progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrefetchStats {
+    /// Where it is.
+    pub state: PrefetchState,
+    /// Chunks cached of the list.
+    pub done: u64,
+    /// Chunks in the list.
+    pub total: u64,
+    /// Chunks of the start-up trace, fetched first.
+    pub trace_chunks: u64,
+    /// Where the trace came from.
+    pub trace: TraceSource,
+    /// Views built after the chunks (`--prefetch all`).
+    pub views_done: u64,
+    /// Views to build.
+    pub views_total: u64,
+    /// Views that could not be built.
+    pub views_failed: u64,
+}
+
+/// A successful answer: one variant per request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", content = "value", rename_all = "snake_case")]
+pub enum Reply {
+    /// To [`Request::Ping`].
+    Pong(DaemonInfo),
+    /// To [`Request::Mount`].
+    Mounted(Box<Mounted>),
+    /// To [`Request::Umount`].
+    Unmounted,
+    /// To [`Request::Trace`].
+    Trace(Box<Trace>),
+    /// To [`Request::Stat`].
+    Stat(Box<Stats>),
+    /// To [`Request::List`].
+    List(Vec<Stats>),
+    /// To [`Request::CacheStat`].
+    CacheStat(StoreStats),
+    /// To [`Request::CachePrune`].
+    CachePruned(PruneReport),
+    /// To [`Request::Shutdown`].
+    ShuttingDown,
+}
+
+/// Why the daemon refused a request. The kinds are those a gRPC front end (the
+/// containerd snapshotter) maps to its status codes; the message names the object and,
+/// where there is one, the fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", content = "message", rename_all = "snake_case")]
+pub enum DaemonError {
+    /// The mount (or other object) named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// It exists already (the mount point is mounted).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is wrong: a bad reference, a mount point that is no directory,
+    /// privileges refused where they are not safe, an image hoist cannot serve.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Something the daemon depends on did not answer: the registry, the disk.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The daemon failed on its own (a kernel call, a bug): see its log.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The daemon's answer on the wire, one JSON line: `{"Ok":{"reply":…}}` or
+/// `{"Err":{"kind":…,"message":…}}`.
+pub type Response = Result<Reply, DaemonError>;
 
 /// Errors talking to the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -162,14 +368,28 @@ pub enum ClientError {
     /// The exchange failed.
     #[error("talking to the hoist daemon: {0}")]
     Io(#[from] std::io::Error),
+    /// The daemon answered with something this client does not understand (a daemon of
+    /// another version).
+    #[error("the hoist daemon answered {0} (a daemon of another version? `hoist daemon stop`)")]
+    Protocol(String),
     /// The daemon refused the request.
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] DaemonError),
 }
 
 /// A connection to the daemon.
 pub struct Client {
     stream: BufReader<UnixStream>,
+}
+
+/// Unwraps the reply variant a request expects, or says what came instead.
+macro_rules! expect {
+    ($reply:expr, $pat:pat => $out:expr) => {
+        match $reply {
+            $pat => Ok($out),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    };
 }
 
 impl Client {
@@ -184,8 +404,8 @@ impl Client {
         })
     }
 
-    /// Sends a request and waits for its response.
-    pub fn call(&mut self, req: &Request) -> Result<serde_json::Value, ClientError> {
+    /// Sends a request and waits for its answer.
+    pub fn call(&mut self, req: &Request) -> Result<Reply, ClientError> {
         let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
         line.push(b'\n');
         self.stream.get_mut().write_all(&line)?;
@@ -196,11 +416,102 @@ impl Client {
                 "the daemon closed the connection (see $HOIST_HOME/daemon.log)",
             )));
         }
-        let resp: Response = serde_json::from_str(&answer).map_err(std::io::Error::other)?;
-        if resp.ok {
-            Ok(resp.result.unwrap_or(serde_json::Value::Null))
-        } else {
-            Err(ClientError::Refused(resp.error.unwrap_or_default()))
+        let resp: Response = serde_json::from_str(&answer)
+            .map_err(|e| ClientError::Protocol(format!("{e}: {}", answer.trim())))?;
+        Ok(resp?)
+    }
+
+    /// The daemon's pid, uptime and version.
+    pub fn ping(&mut self) -> Result<DaemonInfo, ClientError> {
+        expect!(self.call(&Request::Ping)?, Reply::Pong(i) => i)
+    }
+
+    /// Mounts an image; returns once the mount is usable.
+    pub fn mount(&mut self, spec: MountSpec) -> Result<Mounted, ClientError> {
+        expect!(self.call(&Request::Mount(Box::new(spec)))?, Reply::Mounted(m) => *m)
+    }
+
+    /// Unmounts (lazily).
+    pub fn umount(&mut self, mountpoint: &Path) -> Result<(), ClientError> {
+        let req = Request::Umount {
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        expect!(self.call(&req)?, Reply::Unmounted => ())
+    }
+
+    /// What a recording mount read so far, as a start-up trace.
+    pub fn trace(&mut self, mountpoint: &Path) -> Result<Trace, ClientError> {
+        let req = Request::Trace {
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        expect!(self.call(&req)?, Reply::Trace(t) => *t)
+    }
+
+    /// Statistics of a mount.
+    pub fn stat(&mut self, mountpoint: &Path) -> Result<Stats, ClientError> {
+        let req = Request::Stat {
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        expect!(self.call(&req)?, Reply::Stat(s) => *s)
+    }
+
+    /// Every mount.
+    pub fn list(&mut self) -> Result<Vec<Stats>, ClientError> {
+        expect!(self.call(&Request::List)?, Reply::List(l) => l)
+    }
+
+    /// Usage of a chunk cache.
+    pub fn cache_stat(&mut self, cache_dir: &Path) -> Result<StoreStats, ClientError> {
+        let req = Request::CacheStat {
+            cache_dir: cache_dir.to_path_buf(),
+        };
+        expect!(self.call(&req)?, Reply::CacheStat(s) => s)
+    }
+
+    /// Evicts chunks no mount uses down to `max_bytes`.
+    pub fn cache_prune(
+        &mut self,
+        cache_dir: &Path,
+        max_bytes: u64,
+    ) -> Result<PruneReport, ClientError> {
+        let req = Request::CachePrune {
+            cache_dir: cache_dir.to_path_buf(),
+            max_bytes,
+        };
+        expect!(self.call(&req)?, Reply::CachePruned(r) => r)
+    }
+
+    /// Unmounts everything and stops the daemon.
+    pub fn shutdown(&mut self) -> Result<(), ClientError> {
+        expect!(self.call(&Request::Shutdown)?, Reply::ShuttingDown => ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_and_errors_round_trip_as_one_json_line() {
+        let answers: Vec<Response> = vec![
+            Ok(Reply::Unmounted),
+            Ok(Reply::List(vec![])),
+            Ok(Reply::Pong(DaemonInfo {
+                pid: 7,
+                uptime_secs: 1.5,
+                home: "/var/lib/hoist".into(),
+                version: "0.1.0".into(),
+            })),
+            Err(DaemonError::AlreadyExists("/mnt is already mounted".into())),
+        ];
+        for a in answers {
+            let line = serde_json::to_string(&a).unwrap();
+            assert!(!line.contains('\n'));
+            let back: Response = serde_json::from_str(&line).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{a:?}"));
         }
+        let e: Response =
+            serde_json::from_str(r#"{"Err":{"kind":"not_found","message":"/m"}}"#).unwrap();
+        assert_eq!(e.unwrap_err(), DaemonError::NotFound("/m".into()));
     }
 }

@@ -22,8 +22,13 @@
 //! detached at once and released by its last user).
 
 pub mod api;
+mod home;
+mod image;
+mod plan;
+mod record;
 mod served;
 mod server;
 
-pub use served::{Home, Served, Stats};
-pub use server::{detach_orphan, run, spawn_and_wait, Daemon};
+pub use home::Home;
+pub use served::Served;
+pub use server::{detach_orphan, forget, remember, run, spawn_and_wait, Daemon};

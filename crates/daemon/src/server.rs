@@ -1,7 +1,9 @@
 //! The daemon process: the API server and the table of mounts.
 
-use crate::api::{Client, Request, Response};
-use crate::served::{mount_id, Home, Served};
+use crate::api::{Client, DaemonError, DaemonInfo, Mounted, Reply, Request, Response};
+use crate::home::Home;
+use crate::image::mount_id;
+use crate::served::Served;
 use hoist_cache::{ChunkStore, Inflight};
 use hoist_fs::kernel;
 use serde::{Deserialize, Serialize};
@@ -11,6 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// What the daemon writes of each mount, to clean up after itself if it dies.
 #[derive(Debug, Serialize, Deserialize)]
@@ -26,6 +29,7 @@ type Stores = HashMap<PathBuf, (Arc<ChunkStore>, Arc<Inflight>)>;
 /// The daemon's state.
 pub struct Daemon {
     home: Home,
+    started: std::time::Instant,
     stores: Mutex<Stores>,
     mounts: Mutex<HashMap<PathBuf, Served>>,
     pending: Mutex<HashSet<PathBuf>>,
@@ -40,6 +44,7 @@ impl Daemon {
     pub fn new(home: Home) -> Daemon {
         Daemon {
             home,
+            started: std::time::Instant::now(),
             stores: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashSet::new()),
@@ -50,13 +55,17 @@ impl Daemon {
         &self,
         dir: &Path,
         max_bytes: u64,
-    ) -> Result<(Arc<ChunkStore>, Arc<Inflight>), String> {
+    ) -> Result<(Arc<ChunkStore>, Arc<Inflight>), DaemonError> {
         let mut stores = lock(&self.stores);
         if let Some(s) = stores.get(dir) {
+            // Removed or emptied by hand since: made again rather than failing every
+            // mount until a restart.
+            if !s.0.is_intact() {
+                s.0.recreate().map_err(|e| cache_error(dir, e))?;
+            }
             return Ok(s.clone());
         }
-        let store = ChunkStore::open(dir, max_bytes)
-            .map_err(|e| format!("opening the chunk cache {}: {e}", dir.display()))?;
+        let store = ChunkStore::open(dir, max_bytes).map_err(|e| cache_error(dir, e))?;
         let entry = (Arc::new(store), Arc::new(Inflight::default()));
         stores.insert(dir.to_path_buf(), entry.clone());
         Ok(entry)
@@ -64,13 +73,13 @@ impl Daemon {
 
     /// The store mounts use, or one opened for this request only (so that its size
     /// limit stays the one the first mount gives).
-    fn store_for_maintenance(&self, dir: &Path) -> Result<Arc<ChunkStore>, String> {
+    fn store_for_maintenance(&self, dir: &Path) -> Result<Arc<ChunkStore>, DaemonError> {
         if let Some((s, _)) = lock(&self.stores).get(dir) {
             return Ok(s.clone());
         }
         ChunkStore::open(dir, u64::MAX)
             .map(Arc::new)
-            .map_err(|e| format!("opening the chunk cache {}: {e}", dir.display()))
+            .map_err(|e| cache_error(dir, e))
     }
 
     fn record_path(&self, mountpoint: &Path) -> PathBuf {
@@ -80,82 +89,82 @@ impl Daemon {
     }
 
     /// Answers one request.
-    pub fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+    pub fn handle(&self, req: Request) -> Result<Reply, DaemonError> {
+        let not_mounted = |mp: &Path| {
+            DaemonError::NotFound(format!("{} is not mounted by this daemon", mp.display()))
+        };
         match req {
-            Request::Ping => Ok(serde_json::json!({"pid": std::process::id()})),
-            Request::Mount(spec) => {
-                let mp = spec.mountpoint.clone();
-                if lock(&self.mounts).contains_key(&mp) || !lock(&self.pending).insert(mp.clone()) {
-                    return Err(format!("{} is already mounted by hoist", mp.display()));
-                }
-                let result = (|| {
-                    let (store, inflight) = self.store(&spec.cache_dir, spec.cache_max_bytes)?;
-                    let served = Served::start(*spec, store, inflight, &self.home)?;
-                    let record = Record {
-                        mountpoint: mp.clone(),
-                        image: served.spec().image.clone(),
-                        devdir: served.devdir().map(Path::to_path_buf),
-                        pid: std::process::id(),
-                    };
-                    std::fs::create_dir_all(self.home.mounts())
-                        .and_then(|()| {
-                            std::fs::write(
-                                self.record_path(&mp),
-                                serde_json::to_vec(&record).unwrap_or_default(),
-                            )
-                        })
-                        .map_err(|e| format!("writing the mount record: {e}"))?;
-                    let mut reply =
-                        serde_json::to_value(served.stats()).map_err(|e| e.to_string())?;
-                    reply["config"] = served.config().clone();
-                    lock(&self.mounts).insert(mp.clone(), served);
-                    Ok(reply)
-                })();
-                lock(&self.pending).remove(&mp);
-                result
-            }
+            Request::Ping => Ok(Reply::Pong(DaemonInfo {
+                pid: std::process::id(),
+                uptime_secs: self.started.elapsed().as_secs_f64(),
+                home: self.home.root.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })),
+            Request::Mount(spec) => self.mount(*spec).map(|m| Reply::Mounted(Box::new(m))),
             Request::Umount { mountpoint } => {
                 let served = lock(&self.mounts).remove(&mountpoint);
                 let _ = std::fs::remove_file(self.record_path(&mountpoint));
                 match served {
-                    Some(s) => s.stop().map(|()| serde_json::Value::Null),
-                    None => Err(format!(
-                        "{} is not mounted by this daemon",
-                        mountpoint.display()
-                    )),
+                    Some(s) => s.stop().map(|()| Reply::Unmounted),
+                    None => Err(not_mounted(&mountpoint)),
                 }
             }
             Request::Trace { mountpoint } => lock(&self.mounts)
                 .get(&mountpoint)
-                .ok_or_else(|| format!("{} is not mounted by hoist", mountpoint.display()))?
+                .ok_or_else(|| not_mounted(&mountpoint))?
                 .trace()
-                .and_then(|t| serde_json::to_value(t).map_err(|e| e.to_string())),
+                .map(|t| Reply::Trace(Box::new(t))),
             Request::Stat { mountpoint } => lock(&self.mounts)
                 .get(&mountpoint)
-                .map(|s| serde_json::to_value(s.stats()).unwrap_or_default())
-                .ok_or_else(|| format!("{} is not mounted by hoist", mountpoint.display())),
-            Request::List => {
-                let list: Vec<_> = lock(&self.mounts).values().map(|s| s.stats()).collect();
-                serde_json::to_value(list).map_err(|e| e.to_string())
-            }
+                .map(|s| Reply::Stat(Box::new(s.stats())))
+                .ok_or_else(|| not_mounted(&mountpoint)),
+            Request::List => Ok(Reply::List(
+                lock(&self.mounts).values().map(|s| s.stats()).collect(),
+            )),
             Request::CacheStat { cache_dir } => {
                 let store = self.store_for_maintenance(&cache_dir)?;
-                let stats = store.stats().map_err(|e| e.to_string())?;
-                serde_json::to_value(stats).map_err(|e| e.to_string())
+                let stats = store.stats().map_err(|e| cache_error(&cache_dir, e))?;
+                Ok(Reply::CacheStat(stats))
             }
             Request::CachePrune {
                 cache_dir,
                 max_bytes,
             } => {
                 let store = self.store_for_maintenance(&cache_dir)?;
-                let report = store.evict_to(max_bytes).map_err(|e| e.to_string())?;
-                serde_json::to_value(report).map_err(|e| e.to_string())
+                let report = store
+                    .evict_to(max_bytes)
+                    .map_err(|e| cache_error(&cache_dir, e))?;
+                Ok(Reply::CachePruned(report))
             }
             Request::Shutdown => {
                 self.shutdown();
-                Ok(serde_json::Value::Null)
+                Ok(Reply::ShuttingDown)
             }
         }
+    }
+
+    /// Mounts `spec`, unless its mount point is mounted or being mounted.
+    fn mount(&self, spec: crate::api::MountSpec) -> Result<Mounted, DaemonError> {
+        let mp = spec.mountpoint.clone();
+        if lock(&self.mounts).contains_key(&mp) || !lock(&self.pending).insert(mp.clone()) {
+            return Err(DaemonError::AlreadyExists(format!(
+                "{} is already mounted by hoist",
+                mp.display()
+            )));
+        }
+        let result = (|| {
+            let (store, inflight) = self.store(&spec.cache_dir, spec.cache_max_bytes)?;
+            let served = Served::start(spec, store, inflight, &self.home)?;
+            remember(&self.home, &served)?;
+            let mounted = Mounted {
+                stats: served.stats(),
+                config: served.config().clone(),
+            };
+            lock(&self.mounts).insert(mp.clone(), served);
+            Ok(mounted)
+        })();
+        lock(&self.pending).remove(&mp);
+        result
     }
 
     /// Unmounts everything.
@@ -179,6 +188,34 @@ impl Daemon {
             forget_record(&e.path());
         }
     }
+}
+
+/// Writes the record of a mount: what `hoist umount` and the next daemon need to detach
+/// it if its server dies, and what tells hoist's mounts from others.
+pub fn remember(home: &Home, served: &Served) -> Result<(), DaemonError> {
+    let mp = &served.spec().mountpoint;
+    let record = Record {
+        mountpoint: mp.clone(),
+        image: served.spec().image.clone(),
+        devdir: served.devdir().map(Path::to_path_buf),
+        pid: std::process::id(),
+    };
+    let path = home.mounts().join(format!("{}.json", mount_id(mp)));
+    std::fs::create_dir_all(home.mounts())
+        .and_then(|()| std::fs::write(&path, serde_json::to_vec(&record).unwrap_or_default()))
+        .map_err(|e| {
+            DaemonError::Unavailable(format!("writing the mount record {}: {e}", path.display()))
+        })
+}
+
+/// Removes the record of the mount at `mountpoint`.
+pub fn forget(home: &Home, mountpoint: &Path) {
+    let _ = std::fs::remove_file(home.mounts().join(format!("{}.json", mount_id(mountpoint))));
+}
+
+/// A chunk cache that cannot be opened: its directory named, and the disk's fault.
+fn cache_error(dir: &Path, e: std::io::Error) -> DaemonError {
+    DaemonError::Unavailable(format!("the chunk cache {}: {e}", dir.display()))
 }
 
 /// Detaches the mount at `mountpoint` that a daemon of `home` which is no longer running
@@ -219,7 +256,8 @@ fn forget_record(path: &Path) {
 }
 
 /// Runs a daemon over `home` until a signal or a `shutdown` request. Prints `ready` on
-/// stdout once the socket accepts requests (what [`spawn_and_wait`] waits for).
+/// stdout once the socket accepts requests (what [`spawn_and_wait`] waits for), or
+/// `busy` if another daemon holds the root.
 pub fn run(home: Home) -> Result<(), String> {
     home.create()
         .map_err(|e| format!("creating hoist's state root: {e}"))?;
@@ -235,6 +273,8 @@ pub fn run(home: Home) -> Result<(), String> {
         rustix::fs::FlockOperation::NonBlockingLockExclusive,
     )
     .map_err(|_| {
+        // Tells a starting client to wait for that daemon instead ([`spawn_and_wait`]).
+        println!("busy");
         format!(
             "another hoist daemon serves {} (HOIST_HOME); stop it with `hoist daemon stop`",
             home.root.display()
@@ -298,24 +338,11 @@ fn serve_connection(daemon: &Daemon, conn: UnixStream) -> bool {
         let Ok(line) = line else { return false };
         let req: Result<Request, _> = serde_json::from_str(&line);
         let exit = matches!(req, Ok(Request::Shutdown));
-        let resp = match req {
-            Ok(req) => match daemon.handle(req) {
-                Ok(result) => Response {
-                    ok: true,
-                    result: Some(result),
-                    error: None,
-                },
-                Err(error) => Response {
-                    ok: false,
-                    result: None,
-                    error: Some(error),
-                },
-            },
-            Err(e) => Response {
-                ok: false,
-                result: None,
-                error: Some(format!("bad request: {e}")),
-            },
+        let resp: Response = match req {
+            Ok(req) => daemon.handle(req),
+            Err(e) => Err(DaemonError::InvalidArgument(format!(
+                "bad request (a client of another hoist version?): {e}"
+            ))),
         };
         let mut out = serde_json::to_vec(&resp).unwrap_or_default();
         out.push(b'\n');
@@ -329,15 +356,46 @@ fn serve_connection(daemon: &Daemon, conn: UnixStream) -> bool {
     false
 }
 
+/// How long a client waits for a daemon to start (its own, or one another client or
+/// the service manager is starting), at most.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Makes sure a daemon serves `home`: connects, or starts `exe daemon run` in the
 /// background (its own process group, so the terminal's signals do not reach it; its
-/// output in `daemon.log`) and waits until it is ready.
+/// output in `daemon.log`) and waits until it is ready. Clients that find no daemon at
+/// once take turns on `start.lock`: the first starts it, the others then find it
+/// running, so a node starting many containers at once starts one daemon and every
+/// client uses it.
 pub fn spawn_and_wait(home: &Home, exe: &Path) -> Result<Client, String> {
     if let Ok(c) = Client::connect(&home.socket()) {
         return Ok(c);
     }
     home.create()
         .map_err(|e| format!("creating hoist's state root: {e}"))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    let lock_path = home.root.join("start.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("opening {}: {e}", lock_path.display()))?;
+    // flock has no timeout of its own: tried until the deadline.
+    while rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "another hoist command has been starting the daemon of {} for {} s (see {})",
+                home.root.display(),
+                START_TIMEOUT.as_secs(),
+                home.log().display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Whoever held the lock may have started it.
+    if let Ok(c) = Client::connect(&home.socket()) {
+        return Ok(c);
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -353,21 +411,38 @@ pub fn spawn_and_wait(home: &Home, exe: &Path) -> Result<Client, String> {
         .process_group(0)
         .spawn()
         .map_err(|e| format!("starting {} daemon run: {e}", exe.display()))?;
-    let mut line = String::new();
-    let stdout = child.stdout.take();
-    if let Some(out) = stdout {
-        let _ = BufReader::new(out).read_line(&mut line);
+    // The daemon prints `ready` once its socket accepts; read on a thread so that the
+    // wait is bounded.
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
     }
-    if line.trim() != "ready" {
-        let _ = child.wait();
-        let tail = std::fs::read_to_string(home.log()).unwrap_or_default();
-        let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(format!(
-            "the hoist daemon did not start (log {}):\n{}",
-            home.log().display(),
-            tail.join("\n")
-        ));
+    let line = rx
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .unwrap_or_default();
+    if line.trim() == "ready" {
+        return Client::connect(&home.socket()).map_err(|e| e.to_string());
     }
-    Client::connect(&home.socket()).map_err(|e| e.to_string())
+    let _ = child.kill();
+    let _ = child.wait();
+    // `busy`: a daemon started another way (`hoist daemon run` by a service manager)
+    // holds the daemon lock and is about to listen.
+    while line.trim() == "busy" && Instant::now() < deadline {
+        if let Ok(c) = Client::connect(&home.socket()) {
+            return Ok(c);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let tail = std::fs::read_to_string(home.log()).unwrap_or_default();
+    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    Err(format!(
+        "the hoist daemon did not start (log {}):\n{}",
+        home.log().display(),
+        tail.join("\n")
+    ))
 }

@@ -745,3 +745,94 @@ fn a_file_open_through_the_page_cache_is_reopened_the_same_way() {
         );
     }
 }
+
+#[test]
+fn a_cache_directory_removed_under_the_daemon_is_made_again() {
+    // Issue 15: `rm -rf` of a --cache-dir between two mounts failed every later mount
+    // of that daemon ("…/meta/…: No such file or directory … tmp/.tmp…").
+    let Some(layout) = setup() else { return };
+    let image = convert(&layout, "tiny-v1", "conv-rmcache", &[]);
+    let reference = umoci_unpack(&layout, "tiny-v1", "rmcache-ref");
+    let want = read(&reference.join("rootfs/app/hello.txt")).unwrap();
+    let home = Home::new("rmcache");
+    let mp = home.mountpoint("root");
+    let cache = home.root.join("c");
+    let (m, c) = (mp.display().to_string(), cache.display().to_string());
+    for mode in MODES {
+        for round in 0..2 {
+            home.ok(&["mount", "--mode", mode, &image, &m, "--cache-dir", &c]);
+            assert_eq!(
+                read(&mp.join("app/hello.txt")).unwrap(),
+                want,
+                "{mode} {round}"
+            );
+            home.ok(&["umount", &m]);
+            std::fs::remove_dir_all(&cache).unwrap();
+        }
+    }
+}
+
+#[test]
+fn umount_refuses_a_mount_hoist_did_not_make() {
+    // Issue 19: `hoist umount` detached any mount point, a tmpfs for instance.
+    if !is_root() {
+        assert!(
+            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
+            "needs root"
+        );
+        return;
+    }
+    let home = Home::new("umount-foreign");
+    let mp = home.mountpoint("tmpfs");
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "none"])
+        .arg(&mp)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = home.run(&["umount", &mp.display().to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let still = hoist_fs::kernel::is_mountpoint(&mp);
+    let _ = Command::new("umount").arg(&mp).status();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("is not a mount of hoist's"), "{err}");
+    assert!(still, "the tmpfs was unmounted");
+}
+
+#[test]
+fn a_foreground_mount_is_unmounted_by_hoist_umount() {
+    let Some(layout) = setup() else { return };
+    let image = convert(&layout, "tiny-v1", "conv-foreground", &[]);
+    let home = Home::new("foreground");
+    let mp = home.mountpoint("root");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hoist"))
+        .args(["mount", "--foreground", &image])
+        .arg(&mp)
+        .env("HOIST_HOME", &home.root)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It says so on stderr once the mount is served.
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.starts_with("serving"), "{line}");
+    assert!(mp.join("app/hello.txt").exists());
+    let out = home.ok(&["umount", &mp.display().to_string()]);
+    assert!(out.contains("--foreground"), "{out}");
+    let status = run_bounded_child(&mut child, Duration::from_secs(30));
+    assert!(status.success());
+    assert!(!hoist_fs::kernel::is_mountpoint(&mp));
+}
+
+/// Waits for `child` at most `limit`.
+fn run_bounded_child(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "still running after {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

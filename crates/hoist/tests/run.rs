@@ -388,3 +388,55 @@ fn traces_are_recorded_stored_in_the_image_and_prefetched() {
         "{p}"
     );
 }
+
+#[test]
+fn many_runs_started_at_once_share_the_daemon_one_of_them_starts() {
+    // Issue 15: of 8 `hoist run`s started together with no daemon running, 3 failed
+    // with "another hoist daemon serves …" instead of using the one that won.
+    let Some(layout) = setup() else { return };
+    let (_, _, img) = image(&layout);
+    let home = Home::new("run-many");
+    let children: Vec<_> = (0..16)
+        .map(|i| {
+            home.cmd(&[
+                "run",
+                "--rm",
+                "--name",
+                &format!("c{i}"),
+                img,
+                "--",
+                "echo ok-$HOSTNAME",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut failed = Vec::new();
+    for (i, mut child) in children.into_iter().enumerate() {
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "run c{i} hangs");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !status.success() || stdout != format!("ok-c{i}\n") {
+            failed.push(format!(
+                "c{i}: {status:?} {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert!(home.containers().is_empty());
+    // One daemon started and served them all; the others waited for it.
+    let log = std::fs::read_to_string(home.0.join("daemon.log")).unwrap();
+    let started = log.lines().filter(|l| l.contains(" serving ")).count();
+    assert_eq!(started, 1, "{log}");
+    assert!(!log.contains("another hoist daemon serves"), "{log}");
+}

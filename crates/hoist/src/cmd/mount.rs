@@ -3,7 +3,10 @@
 use super::{human, Context};
 use crate::args::{CacheOp, DaemonOp, ModeArg, MountArgs, MountOptions, PrefetchArg, RegistryArgs};
 use anyhow::{anyhow, bail, Context as _};
-use hoist_daemon::api::{Client, ClientError, Mode, MountSpec, Prefetch, RegistryOptions, Request};
+use hoist_daemon::api::{
+    Client, ClientError, DaemonError, Devices, Mode, MountSpec, Prefetch, RegistryOptions,
+    TraceSource,
+};
 use hoist_daemon::{Home, Served};
 use hoist_fs::kernel;
 use std::path::{Path, PathBuf};
@@ -89,14 +92,14 @@ pub fn mount(cx: &Context, registry: &RegistryArgs, args: &MountArgs) -> anyhow:
         return foreground(&home, spec);
     }
     let mut client = start_daemon(&home)?;
-    let stats = client.call(&Request::Mount(Box::new(spec.clone())))?;
+    let stats = client.mount(spec.clone())?.stats;
     println!(
         "mounted {} on {} ({}, {} of metadata read in {:.2} s)",
         spec.image,
         spec.mountpoint.display(),
-        stats["mode"].as_str().unwrap_or("?"),
-        human(stats["meta_bytes"].as_u64().unwrap_or(0)),
-        stats["mount_secs"].as_f64().unwrap_or(0.0)
+        stats.mode,
+        human(stats.meta_bytes),
+        stats.mount_secs
     );
     Ok(())
 }
@@ -122,6 +125,7 @@ fn foreground(home: &Home, spec: MountSpec) -> anyhow::Result<()> {
         home,
     )
     .map_err(|e| anyhow!(e))?;
+    hoist_daemon::remember(home, &served)?;
     eprintln!(
         "serving {} on {}; stop with `hoist umount {}` or Ctrl-C",
         spec.image,
@@ -135,35 +139,41 @@ fn foreground(home: &Home, spec: MountSpec) -> anyhow::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    served.stop().map_err(|e| anyhow!(e))
+    let stopped = served.stop();
+    hoist_daemon::forget(home, &spec.mountpoint);
+    stopped.map_err(|e| anyhow!(e))
 }
 
 pub fn umount(cx: &Context, mountpoint: &Path) -> anyhow::Result<()> {
     let mp = absolute(mountpoint)?;
     if let Ok(mut client) = Client::connect(&home(cx).socket()) {
-        match client.call(&Request::Umount {
-            mountpoint: mp.clone(),
-        }) {
-            Ok(_) => {
+        match client.umount(&mp) {
+            Ok(()) => {
                 println!("unmounted {}", mp.display());
                 return Ok(());
             }
-            Err(ClientError::Refused(why)) if why.contains("not mounted by this daemon") => {}
+            Err(ClientError::Refused(DaemonError::NotFound(_))) => {}
             Err(e) => return Err(e.into()),
         }
     }
     // Not the daemon's: one whose daemon died (its record names its private mounts
     // too), or a foreground mount.
     if hoist_daemon::detach_orphan(&home(cx), &mp) {
-        println!("unmounted {} (left by a daemon that died)", mp.display());
+        println!(
+            "unmounted {} (served by `hoist mount --foreground`, or left by a daemon that died)",
+            mp.display()
+        );
         return Ok(());
     }
     if !kernel::is_mountpoint(&mp) {
         bail!("{} is not a mount point", mp.display());
     }
-    kernel::unmount_lazy(&mp).with_context(|| format!("unmounting {}", mp.display()))?;
-    println!("unmounted {} (detached)", mp.display());
-    Ok(())
+    bail!(
+        "{} is not a mount of hoist's: no hoist daemon or command of {} mounted it \
+         (HOIST_HOME selects another; umount(8) unmounts other mounts)",
+        mp.display(),
+        home(cx).root.display()
+    )
 }
 
 fn daemon_client(cx: &Context) -> anyhow::Result<Client> {
@@ -176,12 +186,11 @@ fn daemon_client(cx: &Context) -> anyhow::Result<Client> {
 
 pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
     let mp = absolute(mountpoint)?;
-    let s = daemon_client(cx)?.call(&Request::Stat { mountpoint: mp })?;
+    let s = daemon_client(cx)?.stat(&mp)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    let n = |k: &str| s[k].as_u64().unwrap_or(0);
     let pct = |a: u64, b: u64| {
         if b == 0 {
             100.0
@@ -191,76 +200,64 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
     };
     println!(
         "{} on {} ({}, {})",
-        s["image"].as_str().unwrap_or("?"),
-        s["mountpoint"].as_str().unwrap_or("?"),
-        s["mode"].as_str().unwrap_or("?"),
-        s["state"].as_str().unwrap_or("?")
+        s.image,
+        s.mountpoint.display(),
+        s.mode,
+        s.state
     );
     println!(
         "  fetched   {} in {} requests, plus {} of metadata ({:.1}% of the image's {})",
-        human(n("bytes_fetched")),
-        n("requests"),
-        human(n("meta_bytes")),
-        pct(
-            n("bytes_fetched") + n("meta_bytes"),
-            n("blob_bytes") + n("meta_bytes")
-        ),
-        human(n("blob_bytes") + n("meta_bytes"))
+        human(s.bytes_fetched),
+        s.requests,
+        human(s.meta_bytes),
+        pct(s.bytes_fetched + s.meta_bytes, s.blob_bytes + s.meta_bytes),
+        human(s.blob_bytes + s.meta_bytes)
     );
     println!(
         "  cached    {} of {} chunks ({} of {})",
-        n("chunks_cached"),
-        n("chunks_total"),
-        human(n("bytes_cached")),
-        human(n("bytes_total"))
+        s.chunks_cached,
+        s.chunks_total,
+        human(s.bytes_cached),
+        human(s.bytes_total)
     );
     println!(
         "  reads     {} chunk hits, {} misses, {} errors, {} timeouts; {} requests reached hoist ({} read errors)",
-        n("cache_hits"),
-        n("cache_misses"),
-        n("fetch_errors"),
-        n("timeouts"),
-        n("reads"),
-        n("read_errors")
+        s.cache_hits, s.cache_misses, s.fetch_errors, s.timeouts, s.reads, s.read_errors
     );
-    if s["passthrough"].as_bool() == Some(true) {
-        println!("  passthrough on: {} opens", n("passthrough_opens"));
+    if s.passthrough {
+        println!("  passthrough on: {} opens", s.passthrough_opens);
     }
-    match (s["devices"].as_str(), n("devices_local"), n("devices_total")) {
-        (Some("views"), ..) => {
+    let (local, total) = (s.devices_local, s.devices_total);
+    match s.devices {
+        Devices::Views => {
             println!("  devices   the blobs' views on the local disk (hoist serves no file data)")
         }
-        (Some("loop"), local, total) if local == total => println!(
+        Devices::Loop if local == total => println!(
             "  devices   loop devices, all {total} on the blobs' views on the local disk (hoist serves no file data)"
         ),
-        (Some("loop"), local, total) => println!(
+        Devices::Loop => println!(
             "  devices   loop devices: {local} of {total} on the blobs' views, the others on hoist's device files"
         ),
-        (Some("files"), ..) => println!(
+        Devices::Files => println!(
             "  devices   hoist's device files (no loop devices: see the daemon log); hoist serves every read"
         ),
-        _ => {}
+        Devices::None => {}
     }
-    let p = &s["prefetch"];
-    let trace = match p["trace"].as_str() {
-        Some(from @ ("image" | "mount")) => format!(
-            "; start-up trace from the {from}: {} chunks first",
-            p["trace_chunks"].as_u64().unwrap_or(0)
+    let p = &s.prefetch;
+    let trace = match p.trace {
+        TraceSource::Image | TraceSource::Mount => format!(
+            "; start-up trace from the {}: {} chunks first",
+            p.trace, p.trace_chunks
         ),
-        _ => String::new(),
+        TraceSource::None => String::new(),
     };
-    let views = match p["views_total"].as_u64() {
-        Some(total @ 1..) => format!(
-            "; then {} of {total} views",
-            p["views_done"].as_u64().unwrap_or(0)
-        ),
-        _ => String::new(),
+    let views = match p.views_total {
+        0 => String::new(),
+        total => format!("; then {} of {total} views", p.views_done),
     };
     println!(
         "  prefetch  {} ({} of {} chunks{trace}{views})",
-        p["state"].as_str().unwrap_or("?"),
-        p["done"].as_u64().unwrap_or(0),
-        p["total"].as_u64().unwrap_or(0)
+        p.state, p.done, p.total
     );
     Ok(())
 }
@@ -273,27 +270,22 @@ pub fn cache(cx: &Context, op: CacheOp) -> anyhow::Result<()> {
         CacheOp::Stat { cache_dir, json } => {
             let cache_dir = dir(cache_dir);
             let s = match client {
-                Some(mut c) => c.call(&Request::CacheStat {
-                    cache_dir: cache_dir.clone(),
-                })?,
-                None => serde_json::to_value(
-                    hoist_cache::ChunkStore::open(&cache_dir, u64::MAX)?.stats()?,
-                )?,
+                Some(mut c) => c.cache_stat(&cache_dir)?,
+                None => hoist_cache::ChunkStore::open(&cache_dir, u64::MAX)?.stats()?,
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                let n = |k: &str| s[k].as_u64().unwrap_or(0);
                 println!(
                     "{}: {} chunks, {}; {} views, {}; {} metadata blobs, {}; {} chunks in use by mounts",
                     cache_dir.display(),
-                    n("chunks"),
-                    human(n("chunk_bytes")),
-                    n("views"),
-                    human(n("view_bytes")),
-                    n("metas"),
-                    human(n("meta_bytes")),
-                    n("pinned")
+                    s.chunks,
+                    human(s.chunk_bytes),
+                    s.views,
+                    human(s.view_bytes),
+                    s.metas,
+                    human(s.meta_bytes),
+                    s.pinned
                 );
             }
         }
@@ -303,20 +295,14 @@ pub fn cache(cx: &Context, op: CacheOp) -> anyhow::Result<()> {
         } => {
             let cache_dir = dir(cache_dir);
             let r = match client {
-                Some(mut c) => c.call(&Request::CachePrune {
-                    cache_dir: cache_dir.clone(),
-                    max_bytes: max_size,
-                })?,
-                None => serde_json::to_value(
-                    hoist_cache::ChunkStore::open(&cache_dir, u64::MAX)?.evict_to(max_size)?,
-                )?,
+                Some(mut c) => c.cache_prune(&cache_dir, max_size)?,
+                None => hoist_cache::ChunkStore::open(&cache_dir, u64::MAX)?.evict_to(max_size)?,
             };
-            let n = |k: &str| r[k].as_u64().unwrap_or(0);
             println!(
                 "removed {} chunks and views ({}); {} left in {}",
-                n("removed"),
-                human(n("freed")),
-                human(n("left")),
+                r.removed,
+                human(r.freed),
+                human(r.left),
                 cache_dir.display()
             );
         }
@@ -330,7 +316,7 @@ pub fn daemon(cx: &Context, op: DaemonOp) -> anyhow::Result<()> {
         DaemonOp::Run => hoist_daemon::run(home).map_err(|e| anyhow!(e)),
         DaemonOp::Stop => match Client::connect(&home.socket()) {
             Ok(mut c) => {
-                c.call(&Request::Shutdown)?;
+                c.shutdown()?;
                 println!("stopped the hoist daemon of {}", home.root.display());
                 Ok(())
             }
@@ -341,16 +327,22 @@ pub fn daemon(cx: &Context, op: DaemonOp) -> anyhow::Result<()> {
         },
         DaemonOp::Status => match Client::connect(&home.socket()) {
             Ok(mut c) => {
-                let pid = c.call(&Request::Ping)?;
-                let list = c.call(&Request::List)?;
-                println!("hoist daemon {} serves {}", pid["pid"], home.root.display());
-                for m in list.as_array().into_iter().flatten() {
+                let info = c.ping()?;
+                let list = c.list()?;
+                println!(
+                    "hoist daemon {} (version {}, up {:.0} s) serves {}",
+                    info.pid,
+                    info.version,
+                    info.uptime_secs,
+                    home.root.display()
+                );
+                for m in list {
                     println!(
                         "  {} on {} ({}, {})",
-                        m["image"].as_str().unwrap_or("?"),
-                        m["mountpoint"].as_str().unwrap_or("?"),
-                        m["mode"].as_str().unwrap_or("?"),
-                        m["state"].as_str().unwrap_or("?")
+                        m.image,
+                        m.mountpoint.display(),
+                        m.mode,
+                        m.state
                     );
                 }
                 Ok(())

@@ -11,7 +11,7 @@ use super::mount::{home, mount_spec, start_daemon};
 use super::{human, Context};
 use crate::args::{MountOptions, RecordArgs, RegistryArgs, RunArgs};
 use anyhow::{anyhow, bail, Context as _};
-use hoist_daemon::api::{Client, Request};
+use hoist_daemon::api::Client;
 use hoist_fs::kernel;
 use hoist_runtime::{overlay, spec, user, ImageConfig};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -99,12 +99,7 @@ impl Drop for Cleanup {
         if self.mounted {
             let r = Client::connect(&self.home.socket())
                 .map_err(|e| anyhow!(e))
-                .and_then(|mut c| {
-                    c.call(&Request::Umount {
-                        mountpoint: self.image_mp.clone(),
-                    })
-                    .map_err(|e| anyhow!(e))
-                });
+                .and_then(|mut c| c.umount(&self.image_mp).map_err(|e| anyhow!(e)));
             if let Err(e) = r {
                 eprintln!("hoist: unmounting {}: {e}", self.image_mp.display());
                 let _ = kernel::unmount_lazy(&self.image_mp);
@@ -193,10 +188,10 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     mspec.record = l.record.is_some();
     (mspec.suid, mspec.dev) = (true, true);
     let mut client = start_daemon(&home)?;
-    let reply = client.call(&Request::Mount(Box::new(mspec)))?;
+    let mounted = client.mount(mspec)?;
     cleanup.mounted = true;
     interrupted(&mut signals)?;
-    let config = ImageConfig::from_json(&reply["config"])
+    let config = ImageConfig::from_json(&mounted.config)
         .with_context(|| format!("the config of {}", l.image))?;
     overlay::mount(&image_mp, &upper, &work, &rootfs)?;
     cleanup.overlaid = true;
@@ -224,10 +219,7 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     let run_secs = t1.elapsed().as_secs_f64();
 
     if let Some(out) = l.record {
-        let trace = client.call(&Request::Trace {
-            mountpoint: image_mp.clone(),
-        })?;
-        let t: hoist_reader::trace::Trace = serde_json::from_value(trace)?;
+        let t = client.trace(&image_mp)?;
         write_atomically(out, &t.to_json())?;
         eprintln!(
             "recorded {} chunks ({} compressed) of {} files to {}",
@@ -238,9 +230,7 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
         );
     }
     if let Some(out) = l.stats_json {
-        let stat = client.call(&Request::Stat {
-            mountpoint: image_mp.clone(),
-        })?;
+        let stat = client.stat(&image_mp)?;
         let report = serde_json::json!({
             "name": name,
             "image": l.image,

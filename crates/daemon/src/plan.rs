@@ -1,0 +1,84 @@
+//! What a mount prefetches: the start-up trace mapped onto the image, then (`--prefetch
+//! all`) every chunk and the views, started once the mount is usable.
+
+use crate::api::{DaemonError, Mode, Prefetch};
+use crate::image::{device_sizes, file_views};
+use crate::served::Served;
+use hoist_cache::prefetch::{self, Stage};
+use hoist_cache::{Priority, View};
+use hoist_reader::trace::{FileIndex, Trace};
+use std::sync::atomic::Ordering::Relaxed;
+
+impl Served {
+    /// Starts the prefetch the spec asks for, on a thread that first maps the trace
+    /// onto the image (a walk of the tree, done after the mount is usable).
+    pub(crate) fn start_prefetch(&self, trace: Option<Trace>) -> Result<(), DaemonError> {
+        let trace = match self.spec.prefetch {
+            Prefetch::None => return Ok(()),
+            Prefetch::Trace | Prefetch::All => trace,
+        };
+        if trace.is_none() && self.spec.prefetch == Prefetch::Trace {
+            return Ok(());
+        }
+        let all = self.spec.prefetch == Prefetch::All;
+        let (image, fetcher, progress) = (
+            self.image.clone(),
+            self.fetcher.clone(),
+            self.progress.clone(),
+        );
+        let counted = self.trace_chunks.clone();
+        let name = self.spec.image.clone();
+        let mode = self.spec.mode;
+        // erofs on loop devices: each blob moves to its view once it is built.
+        let on_view: Option<prefetch::OnView> = self.loops.clone().map(|loops| {
+            let store = fetcher.store().clone();
+            Box::new(move |blob: usize, view: &View| {
+                if let Err(e) = loops.use_view(blob, &store.view_path(view)) {
+                    tracing::warn!("blob {} stays on hoist's device file: {e}", blob + 1);
+                }
+            }) as prefetch::OnView
+        });
+        std::thread::Builder::new()
+            .name("hoist-trace".into())
+            .spawn(move || {
+                let mut stages = Vec::new();
+                if let Some(trace) = trace {
+                    match FileIndex::build(&image) {
+                        Ok(index) => {
+                            let chunks = trace.resolve(&image, &index);
+                            counted.store(chunks.len() as u64, Relaxed);
+                            stages.push(Stage {
+                                priority: Priority::Trace,
+                                chunks,
+                            });
+                        }
+                        Err(e) => tracing::warn!("{name}: mapping the start-up trace: {e}"),
+                    }
+                }
+                let mut views = Vec::new();
+                if all {
+                    stages.push(Stage {
+                        priority: Priority::Prefetch,
+                        chunks: prefetch::all_chunks(&fetcher),
+                    });
+                    // The whole image is wanted local: once it is, copy it into views
+                    // that the kernel reads without hoist (files of several chunks for
+                    // passthrough; blobs as devices for the next EROFS mount).
+                    views = match mode {
+                        Mode::Fuse => file_views(&image),
+                        Mode::Erofs => fetcher
+                            .blobs()
+                            .iter()
+                            .zip(device_sizes(&image))
+                            .map(|(b, size)| b.view(size))
+                            .collect(),
+                    };
+                }
+                if let Err(e) = prefetch::spawn(fetcher, stages, views, on_view, progress) {
+                    tracing::warn!("{name}: starting prefetch: {e}");
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| DaemonError::Internal(format!("starting prefetch: {e}")))
+    }
+}
