@@ -25,6 +25,23 @@ impl MetaCachingSource {
     }
 }
 
+impl MetaCachingSource {
+    /// Serves `bytes` as the manifest, without asking the source, once they are checked
+    /// against `digest` (the manifest a previous server of the mount read: a takeover
+    /// then needs no registry).
+    pub fn pin_manifest(&self, bytes: Vec<u8>, digest: Digest) -> Result<(), OciError> {
+        let got = Digest::of(&bytes);
+        if got != digest {
+            return Err(OciError::DigestMismatch {
+                digest: digest.to_string(),
+                why: format!("the manifest kept for it hashes to {got}"),
+            });
+        }
+        let _ = self.manifest.set((bytes, digest));
+        Ok(())
+    }
+}
+
 impl ImageSource for MetaCachingSource {
     fn describe(&self) -> String {
         self.inner.describe()

@@ -167,6 +167,10 @@ pub struct DaemonInfo {
     pub home: PathBuf,
     /// The hoist version it runs.
     pub version: String,
+    /// The holder keeping its mounts' connections, and its count of takeovers (none for
+    /// a server without one).
+    #[serde(default)]
+    pub holder: Option<crate::holder::HolderInfo>,
 }
 
 /// The answer to a mount request.
@@ -260,6 +264,10 @@ pub struct Stats {
     pub read_bytes: u64,
     /// Reads answered with EIO.
     pub read_errors: u64,
+    /// Requests the kernel sent this server again after its predecessor died without
+    /// answering them (a takeover).
+    #[serde(default)]
+    pub resent: u64,
     /// Whether FUSE passthrough is on.
     pub passthrough: bool,
     /// Opens served by passthrough.
@@ -501,6 +509,7 @@ mod tests {
                 uptime_secs: 1.5,
                 home: "/var/lib/hoist".into(),
                 version: "0.1.0".into(),
+                holder: None,
             })),
             Err(DaemonError::AlreadyExists("/mnt is already mounted".into())),
         ];

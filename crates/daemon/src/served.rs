@@ -13,11 +13,37 @@ use hoist_cache::{BlobChunks, ChunkStore, FetchConfig, Fetcher, Inflight, MetaCa
 use hoist_fs::{kernel, Backing, BlobDevFs, FsCounters, LoopDevices, TreeFs};
 use hoist_oci::{ImageRef, ImageSource};
 use hoist_reader::HoistImage;
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Threads serving each FUSE connection.
+const FUSE_THREADS: usize = 4;
+
+/// What the holder keeps of a mount for the next server (opaque to the holder).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct HeldMount {
+    /// The request it was mounted with.
+    pub spec: MountSpec,
+    /// The manifest as read (so a successor needs no registry to start).
+    pub manifest: String,
+    /// Its digest.
+    pub manifest_digest: String,
+    /// What the kernel offered at INIT.
+    pub init: hoist_fs::InitParams,
+    /// erofs mode: the blob devices' private mount.
+    pub devdir: Option<PathBuf>,
+    /// erofs mode: the mount reads the blobs' views directly.
+    pub local_devices: bool,
+    /// erofs mode: the loop devices.
+    pub loops: Vec<PathBuf>,
+    /// Seconds the first mount took.
+    pub mount_secs: f64,
+}
 
 /// A mounted image.
 pub struct Served {
@@ -36,6 +62,12 @@ pub struct Served {
     config: serde_json::Value,
     trace_source: TraceSource,
     pub(crate) trace_chunks: Arc<AtomicU64>,
+    /// The manifest as read, for a successor.
+    manifest: Vec<u8>,
+    /// The FUSE connection's `/dev/fuse` file, until the holder has a copy.
+    dev: Option<OwnedFd>,
+    /// This mount's private directory under `run/`.
+    rundir: Option<PathBuf>,
 }
 
 impl Served {
@@ -66,13 +98,88 @@ impl Served {
             kernel::check_private(mp)
                 .map_err(|e| DaemonError::InvalidArgument(format!("--suid/--dev: {e}")))?;
         }
+        let (mut served, trace) = Served::open(spec, store.clone(), inflight, None)?;
+        let name = format!("hoist:{}", served.spec.image.replace(',', "_"));
+        // On failure from here, dropping `served` undoes what was done.
+        match served.spec.mode {
+            Mode::Fuse => {
+                let fs = served.tree_fs(home, false)?;
+                let m = hoist_fs::mount_fuse(
+                    fs,
+                    &served.spec.mountpoint,
+                    &name,
+                    FUSE_THREADS,
+                    served.readahead_kib,
+                    hoist_fs::Contents::Tree(served.spec.privileges()),
+                )
+                .map_err(|e| {
+                    DaemonError::Internal(format!("FUSE mount on {}: {e}", mp_display(&served)))
+                })?;
+                served.session = Some(m.session);
+                served.dev = Some(m.dev);
+            }
+            Mode::Erofs => {
+                let meta = store.meta_path(served.image.meta_digest.hex());
+                let sizes = device_sizes(&served.image);
+                // A fully cached image whose blob views are built is read by the kernel
+                // from the local disk (direct I/O: no second copy in the page cache),
+                // never through hoist. Not when recording: the record needs the reads.
+                let views = (!served.spec.record)
+                    .then(|| served.local_views(&sizes))
+                    .flatten();
+                if let Some(views) = views {
+                    let (mp, ra) = (&served.spec.mountpoint, served.readahead_kib);
+                    let privileges = served.spec.privileges();
+                    match kernel::mount_erofs(&meta, &views, mp, true, ra, privileges) {
+                        Ok(()) => served.local_devices = true,
+                        // A view evicted since it was found: serve the blobs as usual.
+                        Err(e) => tracing::info!("mounting over the views: {e}"),
+                    }
+                }
+                if !served.local_devices {
+                    served.mount_blob_devices(home, &name, &meta, sizes)?;
+                }
+            }
+        }
+        if served.spec.record {
+            // The kernel's default window: the record holds what the workload read.
+            kernel::set_readahead(&served.spec.mountpoint, 128);
+            if let Some(d) = &served.devdir {
+                kernel::set_readahead(d, 128);
+            }
+        }
+        served.start_prefetch(trace)?;
+        served.mount_secs = t0.elapsed().as_secs_f64();
+        tracing::info!(
+            "mounted {} on {} ({:?}) in {:.3} s",
+            served.spec.image,
+            served.spec.mountpoint.display(),
+            served.spec.mode,
+            served.mount_secs
+        );
+        Ok(served)
+    }
+
+    /// Opens the image of `spec` (with `pinned`, the manifest a predecessor read, so
+    /// that a takeover asks the registry nothing): its metadata, config and trace, the
+    /// fetcher; mounts nothing. Returns the trace to prefetch.
+    fn open(
+        spec: MountSpec,
+        store: Arc<ChunkStore>,
+        inflight: Arc<Inflight>,
+        pinned: Option<(Vec<u8>, hoist_oci::Digest)>,
+    ) -> Result<(Served, Option<hoist_reader::trace::Trace>), DaemonError> {
         let cfg = crate::image::registry_config(&spec)?;
         let reference = ImageRef::parse(&spec.image).map_err(image_error)?;
         let src = hoist_registry::open_source(&reference, &cfg).map_err(image_error)?;
-        let source: Arc<dyn ImageSource> = Arc::new(MetaCachingSource::new(src, store.clone()));
+        let source = MetaCachingSource::new(src, store.clone());
+        if let Some((bytes, digest)) = pinned {
+            source.pin_manifest(bytes, digest).map_err(image_error)?;
+        }
+        let source: Arc<dyn ImageSource> = Arc::new(source);
         // The config and the trace are fetched while the metadata blob is.
-        let (manifest, _) = source.manifest().map_err(image_error)?;
-        let manifest: serde_json::Value = serde_json::from_slice(&manifest).map_err(|e| {
+        let (manifest_bytes, _) = source.manifest().map_err(image_error)?;
+        let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).map_err(|e| {
             DaemonError::InvalidArgument(format!("manifest of {}: {e}", spec.image))
         })?;
         let (image, config, image_trace) = std::thread::scope(|scope| {
@@ -129,7 +236,6 @@ impl Served {
         store.pin(&pins);
         let image = Arc::new(image);
         let counters = Arc::new(FsCounters::default());
-        let name = format!("hoist:{}", spec.image.replace(',', "_"));
         let mut served = Served {
             spec,
             image,
@@ -146,6 +252,9 @@ impl Served {
             config,
             trace_source: TraceSource::None,
             trace_chunks: Arc::new(AtomicU64::new(0)),
+            manifest: manifest_bytes,
+            dev: None,
+            rundir: None,
         };
         let trace = match (&served.spec.trace, image_trace) {
             (Some(t), _) => {
@@ -161,67 +270,127 @@ impl Served {
         if served.spec.record {
             served.fetcher.start_recording();
         }
-        // On failure from here, dropping `served` undoes what was done.
-        match served.spec.mode {
-            Mode::Fuse => {
-                let fs = TreeFs::new(
-                    served.image.clone(),
-                    served.fetcher.clone(),
-                    served.counters.clone(),
-                    served.spec.passthrough,
-                );
-                served.session = Some(
-                    hoist_fs::mount_fuse(
-                        fs,
-                        &served.spec.mountpoint,
-                        &name,
-                        4,
-                        served.readahead_kib,
-                        hoist_fs::Contents::Tree(served.spec.privileges()),
-                    )
-                    .map_err(|e| {
-                        DaemonError::Internal(format!("FUSE mount on {}: {e}", mp_display(&served)))
-                    })?,
-                );
-            }
-            Mode::Erofs => {
-                let meta = store.meta_path(served.image.meta_digest.hex());
-                let sizes = device_sizes(&served.image);
-                // A fully cached image whose blob views are built is read by the kernel
-                // from the local disk (direct I/O: no second copy in the page cache),
-                // never through hoist. Not when recording: the record needs the reads.
-                let views = (!served.spec.record)
-                    .then(|| served.local_views(&sizes))
-                    .flatten();
-                if let Some(views) = views {
-                    let (mp, ra) = (&served.spec.mountpoint, served.readahead_kib);
-                    let privileges = served.spec.privileges();
-                    match kernel::mount_erofs(&meta, &views, mp, true, ra, privileges) {
-                        Ok(()) => served.local_devices = true,
-                        // A view evicted since it was found: serve the blobs as usual.
-                        Err(e) => tracing::info!("mounting over the views: {e}"),
-                    }
-                }
-                if !served.local_devices {
-                    served.mount_blob_devices(home, &name, &meta, sizes)?;
-                }
-            }
+        Ok((served, trace))
+    }
+
+    /// This mount's private directory, `run/<id>` (0700 under a 0700 root), made if
+    /// need be.
+    fn rundir(&mut self, home: &Home) -> Result<PathBuf, DaemonError> {
+        let dir = home.run().join(mount_id(&self.spec.mountpoint));
+        home.private_dir(&home.run())
+            .and_then(|()| std::fs::create_dir_all(&dir))
+            .map_err(|e| {
+                DaemonError::Unavailable(format!("creating the private mount points: {e}"))
+            })?;
+        self.rundir = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// The tree filesystem of a fuse mount, recording its opens for a successor; with
+    /// `resume`, this process is that successor.
+    fn tree_fs(&mut self, home: &Home, resume: bool) -> Result<TreeFs, DaemonError> {
+        let opens = self.rundir(home)?.join("opens");
+        TreeFs::new(
+            self.image.clone(),
+            self.fetcher.clone(),
+            self.counters.clone(),
+            self.spec.passthrough,
+        )
+        .with_opens_record(&opens, resume)
+        .map_err(|e| DaemonError::Unavailable(format!("{}: {e}", opens.display())))
+    }
+
+    /// The FUSE connection's `/dev/fuse` file, for the holder (once).
+    pub fn take_dev(&mut self) -> Option<OwnedFd> {
+        self.dev.take()
+    }
+
+    /// What a successor needs to serve this mount again.
+    pub(crate) fn held(&self) -> HeldMount {
+        HeldMount {
+            spec: self.spec.clone(),
+            manifest: String::from_utf8_lossy(&self.manifest).into_owned(),
+            manifest_digest: self.image.manifest_digest.to_string(),
+            init: self.counters.init_params(),
+            devdir: self.devdir.clone(),
+            local_devices: self.local_devices,
+            loops: self.loops.as_ref().map(|l| l.paths()).unwrap_or_default(),
+            mount_secs: self.mount_secs,
         }
-        if served.spec.record {
-            // The kernel's default window: the record holds what the workload read.
-            kernel::set_readahead(&served.spec.mountpoint, 128);
-            if let Some(d) = &served.devdir {
-                kernel::set_readahead(d, 128);
+    }
+
+    /// Serves again a mount that a previous server made, over the FUSE connection whose
+    /// `/dev/fuse` file the holder kept (`fds`): no remount, no INIT, the kernel's node
+    /// ids, file handles and passthrough opens as they were; then the kernel resends what
+    /// the previous server left unanswered.
+    pub(crate) fn resume(
+        held: HeldMount,
+        mut fds: Vec<OwnedFd>,
+        store: Arc<ChunkStore>,
+        inflight: Arc<Inflight>,
+        home: &Home,
+    ) -> Result<Served, DaemonError> {
+        let digest = hoist_oci::Digest::parse(&held.manifest_digest)
+            .map_err(|e| DaemonError::Internal(format!("held manifest digest: {e}")))?;
+        let pinned = (held.manifest.into_bytes(), digest);
+        let (mut served, trace) = Served::open(held.spec, store, inflight, Some(pinned))?;
+        served.mount_secs = held.mount_secs;
+        served.local_devices = held.local_devices;
+        let contents = match served.spec.mode {
+            Mode::Fuse => hoist_fs::Contents::Tree(served.spec.privileges()),
+            Mode::Erofs => hoist_fs::Contents::Devices,
+        };
+        let dev = fds.pop();
+        let session = match (served.spec.mode, dev) {
+            (_, None) => None,
+            (Mode::Fuse, Some(dev)) => {
+                let fs = served.tree_fs(home, true)?;
+                Some(hoist_fs::resume_fuse(
+                    fs,
+                    dev,
+                    FUSE_THREADS,
+                    contents,
+                    held.init,
+                ))
             }
+            (Mode::Erofs, Some(dev)) => {
+                served.rundir(home)?;
+                served.devdir = held.devdir;
+                let sizes = device_sizes(&served.image);
+                let fs = BlobDevFs::new(served.fetcher.clone(), sizes, served.counters.clone());
+                Some(hoist_fs::resume_fuse(
+                    fs,
+                    dev,
+                    FUSE_THREADS,
+                    contents,
+                    held.init,
+                ))
+            }
+        };
+        if let Some(session) = session {
+            served.session = Some(session.map_err(|e| {
+                DaemonError::Internal(format!("taking {} over: {e}", mp_display(&served)))
+            })?);
+        }
+        // The kernel stays at INIT's parameters; the next successor needs them too.
+        served
+            .counters
+            .kernel_minor
+            .store(u64::from(held.init.minor), Relaxed);
+        served.counters.kernel_flags.store(held.init.flags, Relaxed);
+        if !held.loops.is_empty() {
+            tracing::info!(
+                "{}: EROFS stays on loop devices {:?}; blobs not yet on their views stay on hoist's device files until remounted",
+                mp_display(&served),
+                held.loops
+            );
         }
         served.start_prefetch(trace)?;
-        served.mount_secs = t0.elapsed().as_secs_f64();
         tracing::info!(
-            "mounted {} on {} ({:?}) in {:.3} s",
+            "took over {} on {} ({:?})",
             served.spec.image,
             served.spec.mountpoint.display(),
-            served.spec.mode,
-            served.mount_secs
+            served.spec.mode
         );
         Ok(served)
     }
@@ -242,10 +411,7 @@ impl Served {
         meta: &Path,
         sizes: Vec<u64>,
     ) -> Result<(), DaemonError> {
-        home.private_dir(&home.run()).map_err(|e| {
-            DaemonError::Unavailable(format!("creating the private mount points: {e}"))
-        })?;
-        let devdir = home.run().join(mount_id(&self.spec.mountpoint)).join("dev");
+        let devdir = self.rundir(home)?.join("dev");
         std::fs::create_dir_all(&devdir)
             .map_err(|e| DaemonError::Unavailable(format!("creating {}: {e}", devdir.display())))?;
         if kernel::is_mountpoint(&devdir) {
@@ -260,22 +426,22 @@ impl Served {
             false => self.built_views(&sizes),
         };
         let fs = BlobDevFs::new(self.fetcher.clone(), sizes, self.counters.clone());
-        self.session = Some(
-            hoist_fs::mount_fuse(
-                fs,
-                &devdir,
-                &format!("{name}-devices"),
-                4,
-                kernel::DEVICE_READAHEAD_KIB,
-                hoist_fs::Contents::Devices,
-            )
-            .map_err(|e| {
-                DaemonError::Internal(format!(
-                    "FUSE mount of the blob devices on {}: {e}",
-                    devdir.display()
-                ))
-            })?,
-        );
+        let m = hoist_fs::mount_fuse(
+            fs,
+            &devdir,
+            &format!("{name}-devices"),
+            FUSE_THREADS,
+            kernel::DEVICE_READAHEAD_KIB,
+            hoist_fs::Contents::Devices,
+        )
+        .map_err(|e| {
+            DaemonError::Internal(format!(
+                "FUSE mount of the blob devices on {}: {e}",
+                devdir.display()
+            ))
+        })?;
+        self.session = Some(m.session);
+        self.dev = Some(m.dev);
         self.devdir = Some(devdir);
         let backings: Vec<Backing> = devices
             .iter()
@@ -410,6 +576,7 @@ impl Served {
             reads: self.counters.reads.load(Relaxed),
             read_bytes: self.counters.read_bytes.load(Relaxed),
             read_errors: self.counters.read_errors.load(Relaxed),
+            resent: self.counters.resent.load(Relaxed),
             passthrough: self.counters.passthrough_available.load(Relaxed) == 1,
             passthrough_opens: self.counters.passthrough_opens.load(Relaxed),
             views_built: c.views_built.load(Relaxed),
@@ -477,9 +644,9 @@ impl Served {
             if kernel::is_mountpoint(&devdir) {
                 let _ = kernel::unmount_lazy(&devdir);
             }
-            if let Some(dir) = devdir.parent() {
-                let _ = std::fs::remove_dir_all(dir);
-            }
+        }
+        if let Some(dir) = self.rundir.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
         self.fetcher.store().unpin(&self.pins);
         self.pins.clear();

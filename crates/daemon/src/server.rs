@@ -1,16 +1,17 @@
 //! The daemon process: the API server and the table of mounts.
 
 use crate::api::{Client, DaemonError, DaemonInfo, Mounted, Reply, Request, Response};
+use crate::holder::HolderClient;
 use crate::home::Home;
 use crate::image::mount_id;
-use crate::served::Served;
+use crate::served::{HeldMount, Served};
 use hoist_cache::{ChunkStore, Inflight};
 use hoist_fs::kernel;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -30,6 +31,8 @@ type Stores = HashMap<PathBuf, (Arc<ChunkStore>, Arc<Inflight>)>;
 pub struct Daemon {
     home: Home,
     started: std::time::Instant,
+    /// The process keeping the mounts' connections (none for a foreground mount).
+    holder: Option<HolderClient>,
     stores: Mutex<Stores>,
     mounts: Mutex<HashMap<PathBuf, Served>>,
     pending: Mutex<HashSet<PathBuf>>,
@@ -40,10 +43,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Daemon {
-    /// A daemon over `home`, with no mounts.
-    pub fn new(home: Home) -> Daemon {
+    /// A daemon over `home`, with no mounts, whose mounts `holder` keeps.
+    pub fn new(home: Home, holder: Option<HolderClient>) -> Daemon {
         Daemon {
             home,
+            holder,
             started: std::time::Instant::now(),
             stores: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
@@ -99,11 +103,13 @@ impl Daemon {
                 uptime_secs: self.started.elapsed().as_secs_f64(),
                 home: self.home.root.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                holder: self.holder_status(),
             })),
             Request::Mount(spec) => self.mount(*spec).map(|m| Reply::Mounted(Box::new(m))),
             Request::Umount { mountpoint } => {
                 let served = lock(&self.mounts).remove(&mountpoint);
                 let _ = std::fs::remove_file(self.record_path(&mountpoint));
+                self.release(&mountpoint);
                 match served {
                     Some(s) => s.stop().map(|()| Reply::Unmounted),
                     None => Err(not_mounted(&mountpoint)),
@@ -156,6 +162,8 @@ impl Daemon {
             let (store, inflight) = self.store(&spec.cache_dir, spec.cache_max_bytes)?;
             let served = Served::start(spec, store, inflight, &self.home)?;
             remember(&self.home, &served)?;
+            let mut served = served;
+            self.hold(&mut served);
             let mounted = Mounted {
                 stats: served.stats(),
                 config: served.config().clone(),
@@ -175,17 +183,75 @@ impl Daemon {
                 tracing::warn!("{e}");
             }
             let _ = std::fs::remove_file(self.record_path(&mp));
+            self.release(&mp);
+        }
+    }
+
+    /// Hands the holder what a successor needs to serve `served` again.
+    fn hold(&self, served: &mut Served) {
+        let Some(holder) = &self.holder else { return };
+        let key = mount_id(&served.spec().mountpoint);
+        let dev = served.take_dev();
+        let record = serde_json::to_string(&served.held()).unwrap_or_default();
+        let fds: Vec<_> = dev.iter().map(|d| d.as_fd()).collect();
+        if let Err(e) = holder.hold(&key, record, &fds) {
+            tracing::warn!(
+                "{}: {e}; the mount will not survive this server",
+                served.spec().mountpoint.display()
+            );
+        }
+    }
+
+    /// Has the holder close what it keeps of the mount at `mountpoint`.
+    fn release(&self, mountpoint: &Path) {
+        if let Some(holder) = &self.holder {
+            if let Err(e) = holder.release(&mount_id(mountpoint)) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Serves again the mounts the holder kept from a previous server; a mount that
+    /// cannot be served again is detached and forgotten.
+    fn adopt(&self, held: Vec<(String, String, Vec<OwnedFd>)>) {
+        for (key, record, fds) in held {
+            let resumed = serde_json::from_str::<HeldMount>(&record)
+                .map_err(|e| DaemonError::Internal(format!("the held record of {key}: {e}")))
+                .and_then(|h| {
+                    let (store, inflight) =
+                        self.store(&h.spec.cache_dir, h.spec.cache_max_bytes)?;
+                    Served::resume(h, fds, store, inflight, &self.home)
+                });
+            match resumed {
+                Ok(served) => {
+                    let mp = served.spec().mountpoint.clone();
+                    lock(&self.mounts).insert(mp, served);
+                }
+                Err(e) => {
+                    tracing::warn!("mount {key} cannot be served again: {e}; detaching it");
+                    forget_record(&self.home.mounts().join(format!("{key}.json")));
+                    if let Some(holder) = &self.holder {
+                        let _ = holder.release(&key);
+                    }
+                }
+            }
         }
     }
 
     /// Detaches the mounts a daemon that died left behind (their FUSE servers are gone,
-    /// so they answer ENOTCONN), and forgets them.
+    /// so they answer ENOTCONN), and forgets them: those its holder did not keep.
     fn clean_up_after_predecessor(&self) {
         let Ok(dir) = std::fs::read_dir(self.home.mounts()) else {
             return;
         };
+        let live: HashSet<String> = lock(&self.mounts)
+            .keys()
+            .map(|mp| format!("{}.json", mount_id(mp)))
+            .collect();
         for e in dir.flatten() {
-            forget_record(&e.path());
+            if !live.contains(&e.file_name().to_string_lossy().into_owned()) {
+                forget_record(&e.path());
+            }
         }
     }
 }
@@ -255,38 +321,32 @@ fn forget_record(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
 
-/// Runs a daemon over `home` until a signal or a `shutdown` request. Prints `ready` on
-/// stdout once the socket accepts requests (what [`spawn_and_wait`] waits for), or
-/// `busy` if another daemon holds the root.
-pub fn run(home: Home) -> Result<(), String> {
-    home.create()
-        .map_err(|e| format!("creating hoist's state root: {e}"))?;
-    let lock_path = home.root.join("daemon.lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| format!("opening {}: {e}", lock_path.display()))?;
-    rustix::fs::flock(
-        &lock_file,
-        rustix::fs::FlockOperation::NonBlockingLockExclusive,
-    )
-    .map_err(|_| {
-        // Tells a starting client to wait for that daemon instead ([`spawn_and_wait`]).
-        println!("busy");
-        format!(
-            "another hoist daemon serves {} (HOIST_HOME); stop it with `hoist daemon stop`",
-            home.root.display()
-        )
-    })?;
-    let socket = home.socket();
-    let _ = std::fs::remove_file(&socket);
-    let listener =
-        UnixListener::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
-    let daemon = Arc::new(Daemon::new(home.clone()));
+/// Runs the server of `home` (`hoist daemon serve`, the holder's child): takes from the
+/// holder the API socket and the mounts a previous server left, serves them again,
+/// then answers requests until a signal or a `shutdown` request. Prints `ready` once
+/// it serves.
+pub fn serve(home: Home) -> Result<(), String> {
+    // The holder's death ends this server at once, and with it the mounts' connections:
+    // they fail closed (ENOTCONN), their records stay for `hoist umount` and the next
+    // daemon to clean up.
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::Kill))
+        .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    let (holder, inherited) = HolderClient::hello(&home)?;
+    let listener = inherited.listener;
+    let daemon = Arc::new(Daemon::new(home.clone(), Some(holder)));
+    if inherited.takeover {
+        let n = inherited.mounts.len();
+        let t0 = Instant::now();
+        daemon.adopt(inherited.mounts);
+        tracing::info!(
+            "server {} took {n} mounts over in {:.3} s",
+            std::process::id(),
+            t0.elapsed().as_secs_f64()
+        );
+    } else {
+        // A holder that just started holds nothing.
+        daemon.adopt(inherited.mounts);
+    }
     daemon.clean_up_after_predecessor();
 
     let mut signals = signal_hook::iterator::Signals::new([
@@ -296,20 +356,17 @@ pub fn run(home: Home) -> Result<(), String> {
     .map_err(|e| format!("installing signal handlers: {e}"))?;
     {
         let daemon = daemon.clone();
-        let socket = socket.clone();
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 tracing::info!("signal {sig}: unmounting everything");
-                daemon.shutdown();
-                let _ = std::fs::remove_file(&socket);
-                std::process::exit(0);
+                daemon.stop_for_good();
             }
         });
     }
     tracing::info!(
         "hoist daemon {} serving {}",
         std::process::id(),
-        socket.display()
+        home.socket().display()
     );
     println!("ready");
     let _ = std::io::stdout().flush();
@@ -317,16 +374,31 @@ pub fn run(home: Home) -> Result<(), String> {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let daemon = daemon.clone();
-        let socket = socket.clone();
         std::thread::spawn(move || {
             if serve_connection(&daemon, conn) {
-                let _ = std::fs::remove_file(&socket);
-                std::process::exit(0);
+                daemon.stop_for_good();
             }
         });
     }
-    drop(lock_file);
     Ok(())
+}
+
+impl Daemon {
+    /// Unmounts everything, tells the holder not to start another server, and exits.
+    fn stop_for_good(&self) -> ! {
+        self.shutdown();
+        if let Some(holder) = &self.holder {
+            if let Err(e) = holder.stopping() {
+                tracing::warn!("{e}");
+            }
+        }
+        std::process::exit(0)
+    }
+
+    /// The holder's status, if this server has one.
+    pub fn holder_status(&self) -> Option<crate::holder::HolderInfo> {
+        self.holder.as_ref().and_then(|h| h.status().ok())
+    }
 }
 
 /// Serves one connection; true when it asked the daemon to exit.

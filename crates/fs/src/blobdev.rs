@@ -9,7 +9,8 @@ use crate::session::{negotiate, FsCounters, TTL};
 use crate::tree::READAHEAD_CHUNKS;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    Request,
 };
 use hoist_cache::Fetcher;
 use std::ffi::OsStr;
@@ -124,7 +125,7 @@ impl BlobDevFs {
 
 impl fuser::Filesystem for BlobDevFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        negotiate(config, false, false);
+        negotiate(config, &self.counters, false, false);
         Ok(())
     }
 
@@ -156,7 +157,7 @@ impl fuser::Filesystem for BlobDevFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -165,11 +166,25 @@ impl fuser::Filesystem for BlobDevFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.counters.note(req);
         let Some(blob) = self.blob_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
         self.counters
             .reply_read(size, reply, |buf| self.read_blob(blob, offset, buf));
+    }
+
+    /// ENOSYS: nothing to flush on a read-only filesystem, and the kernel sends no
+    /// flush again.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS)
     }
 
     fn readdir(

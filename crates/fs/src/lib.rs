@@ -20,6 +20,10 @@
 //!   are all built when it is mounted needs no loop devices: a file-backed EROFS mount
 //!   reads the views directly ([`kernel::mount_erofs`] with direct I/O).
 //!
+//! A connection outlives the process serving it when another holds its `/dev/fuse` file
+//! ([`FuseMount::dev`]); a successor serves it again without a second INIT and has the
+//! kernel resend what was in flight ([`takeover`]).
+//!
 //! In both, a read that hoist cannot serve in time fails with EIO: each chunk it needs waits
 //! at most the fetcher's read timeout (so a read spanning several uncached chunks can wait
 //! that long for each).
@@ -27,11 +31,14 @@
 mod blobdev;
 mod devices;
 pub mod kernel;
+mod opens;
 mod session;
+pub mod takeover;
 mod tree;
 
 pub use blobdev::BlobDevFs;
 pub use devices::{Backing, LoopDevices, SwapError};
 pub use kernel::Privileges;
-pub use session::{mount_fuse, Contents, FsCounters};
+pub use session::{mount_fuse, Contents, FsCounters, FuseMount};
+pub use takeover::{resume_fuse, InitParams};
 pub use tree::{file_view, TreeFs};

@@ -21,6 +21,31 @@ pub struct FsCounters {
     pub passthrough_opens: AtomicU64,
     /// Whether the kernel offered passthrough (1) or not (0).
     pub passthrough_available: AtomicU64,
+    /// Requests the kernel sent again after a server died without answering them.
+    pub resent: AtomicU64,
+    /// The kernel's protocol minor version, from INIT.
+    #[serde(skip)]
+    pub kernel_minor: AtomicU64,
+    /// The capabilities the kernel offered at INIT.
+    #[serde(skip)]
+    pub kernel_flags: AtomicU64,
+}
+
+impl FsCounters {
+    /// What the kernel offered at INIT (zero before it), for a successor.
+    pub fn init_params(&self) -> crate::takeover::InitParams {
+        crate::takeover::InitParams {
+            minor: self.kernel_minor.load(Relaxed) as u32,
+            flags: self.kernel_flags.load(Relaxed),
+        }
+    }
+
+    /// Counts `req` if the kernel resent it to this server after its predecessor died.
+    pub(crate) fn note(&self, req: &fuser::Request) {
+        if req.unique().0 & crate::takeover::UNIQUE_RESEND != 0 {
+            self.resent.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 impl FsCounters {
@@ -69,9 +94,18 @@ const MAX_READ: usize = 16 << 20;
 /// heuristic, which reads a directory's later batches without attributes and then looks
 /// up each of their entries: 3,293 `LOOKUP`s in one `tar` of debian-python's tree after
 /// dropping caches, gone when every batch carries its entries' attributes).
-pub(crate) fn negotiate(config: &mut KernelConfig, passthrough: bool, readdirplus: bool) -> bool {
+pub(crate) fn negotiate(
+    config: &mut KernelConfig,
+    counters: &FsCounters,
+    passthrough: bool,
+    readdirplus: bool,
+) -> bool {
     use fuser::InitFlags as F;
     let caps = config.capabilities();
+    counters
+        .kernel_minor
+        .store(u64::from(config.kernel_abi().1), Relaxed);
+    counters.kernel_flags.store(caps.bits(), Relaxed);
     let mut wanted =
         F::FUSE_CACHE_SYMLINKS | F::FUSE_PARALLEL_DIROPS | F::FUSE_MAX_PAGES | F::FUSE_ASYNC_READ;
     if readdirplus {
@@ -108,24 +142,29 @@ pub enum Contents {
     Devices,
 }
 
-/// Mounts `fs` read-only at `mountpoint`, served by `threads` threads, reading ahead
-/// `readahead_kib` ([`crate::kernel::readahead_kib`]); dropping the session unmounts it
-/// (lazily).
-pub fn mount_fuse<FS: fuser::Filesystem>(
-    fs: FS,
-    mountpoint: &Path,
-    name: &str,
-    threads: usize,
-    readahead_kib: u32,
-    contents: Contents,
-) -> std::io::Result<fuser::BackgroundSession> {
+/// A FUSE mount of hoist's being served.
+pub struct FuseMount {
+    /// The session serving it; dropping it unmounts (lazily).
+    pub session: fuser::BackgroundSession,
+    /// A duplicate of the connection's `/dev/fuse` file, to hand to the holder so that
+    /// the connection outlives this process ([`crate::takeover`]).
+    pub dev: std::os::fd::OwnedFd,
+}
+
+/// fuser's configuration of a hoist mount named `name` with `threads` threads.
+///
+/// The threads share the connection's one `/dev/fuse` file (no `FUSE_DEV_IOC_CLONE`):
+/// requests in flight on a cloned file end with ECONNABORTED when its last holder dies,
+/// even if the connection lives on, while those on the shared file wait for the next
+/// server ([`crate::takeover`]).
+pub(crate) fn fuse_config(name: String, threads: usize, contents: Contents) -> Config {
     let (privileges, exec) = match contents {
         Contents::Tree(p) => (p, MountOption::Exec),
         Contents::Devices => (Privileges::NONE, MountOption::NoExec),
     };
     let mut config = Config::default();
     config.mount_options = vec![
-        MountOption::FSName(name.to_string()),
+        MountOption::FSName(name),
         MountOption::Subtype("hoist".into()),
         MountOption::RO,
         MountOption::DefaultPermissions,
@@ -146,8 +185,24 @@ pub fn mount_fuse<FS: fuser::Filesystem>(
     // the kernel checks permissions from the image's modes (default_permissions).
     config.acl = SessionACL::All;
     config.n_threads = Some(threads.max(1));
-    config.clone_fd = true;
-    let session = fuser::Session::new(fs, mountpoint, &config)?.spawn()?;
+    config.clone_fd = false;
+    config
+}
+
+/// Mounts `fs` read-only at `mountpoint`, served by `threads` threads, reading ahead
+/// `readahead_kib` ([`crate::kernel::readahead_kib`]).
+pub fn mount_fuse<FS: fuser::Filesystem>(
+    fs: FS,
+    mountpoint: &Path,
+    name: &str,
+    threads: usize,
+    readahead_kib: u32,
+    contents: Contents,
+) -> std::io::Result<FuseMount> {
+    let config = fuse_config(name.to_string(), threads, contents);
+    let session = fuser::Session::new(fs, mountpoint, &config)?;
+    let dev = rustix::io::fcntl_dupfd_cloexec(std::os::fd::AsFd::as_fd(&session), 0)?;
+    let session = session.spawn()?;
     crate::kernel::set_readahead(mountpoint, readahead_kib);
-    Ok(session)
+    Ok(FuseMount { session, dev })
 }

@@ -1,6 +1,8 @@
 //! The FUSE filesystem of an image's tree (`--mode fuse`).
 
+use crate::opens::{self, Journal};
 use crate::session::{negotiate, FsCounters, TTL};
+use crate::takeover;
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
@@ -33,8 +35,9 @@ pub struct TreeFs {
     fetcher: Arc<Fetcher>,
     counters: Arc<FsCounters>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
-    /// How each open inode is open, with its open count (when passthrough is on).
-    opens: Mutex<HashMap<u64, Opened>>,
+    /// How each open inode is open, with its open count (when passthrough is on), and
+    /// the record of it a successor reads ([`crate::opens`]).
+    opens: Mutex<(HashMap<u64, Opened>, Option<Journal>)>,
     want_passthrough: bool,
     passthrough: bool,
 }
@@ -45,10 +48,20 @@ pub struct TreeFs {
 /// open is released: a file opened before its chunk was cached stays on the page cache
 /// path while it is open.
 enum Opened {
-    /// By FUSE passthrough, on this backing file.
-    Passthrough(BackingId, usize),
+    /// By FUSE passthrough, on this backing id: held here, or (registered by the
+    /// previous server of the connection) not yet.
+    Passthrough(Option<BackingId>, u32, usize),
     /// Through hoist and the page cache.
     Cached(usize),
+}
+
+impl Opened {
+    fn state(&self) -> (opens::Mode, usize) {
+        match self {
+            Opened::Passthrough(_, raw, n) => (opens::Mode::Passthrough(*raw), *n),
+            Opened::Cached(n) => (opens::Mode::Cached, *n),
+        }
+    }
 }
 
 /// File handles: which kind of open a release ends.
@@ -75,10 +88,29 @@ impl TreeFs {
             fetcher,
             counters,
             dirs: Mutex::new(HashMap::new()),
-            opens: Mutex::new(HashMap::new()),
+            opens: Mutex::new((HashMap::new(), None)),
             want_passthrough: passthrough,
             passthrough: false,
         }
+    }
+
+    /// Records how inodes are open in the file at `path`, for a server that takes the
+    /// mount over. With `resume`, this server is that successor: it first reads the
+    /// record the previous server left, and opens those inodes again the same way.
+    pub fn with_opens_record(self, path: &std::path::Path, resume: bool) -> std::io::Result<Self> {
+        let (journal, state) = Journal::open(path, resume)?;
+        {
+            let mut opens = lock(&self.opens);
+            for (ino, (mode, count)) in state {
+                let o = match mode {
+                    opens::Mode::Passthrough(raw) => Opened::Passthrough(None, raw, count),
+                    opens::Mode::Cached => Opened::Cached(count),
+                };
+                opens.0.insert(ino, o);
+            }
+            opens.1 = Some(journal);
+        }
+        Ok(self)
     }
 
     fn ino(&self, nid: u64) -> INodeNo {
@@ -268,41 +300,58 @@ impl TreeFs {
 
     fn open_passthrough(&self, ino: INodeNo, inode: &Inode, reply: ReplyOpen) {
         // Looked for outside the lock (a view costs a stat per chunk): other opens go on.
-        let known = lock(&self.opens).contains_key(&ino.0);
+        let known = lock(&self.opens).0.contains_key(&ino.0);
         let backing = if known {
             None
         } else {
             self.backing_file(inode)
         };
-        let mut opens = lock(&self.opens);
-        match opens.get_mut(&ino.0) {
-            Some(Opened::Passthrough(id, count)) => {
-                *count += 1;
-                self.counters.passthrough_opens.fetch_add(1, Relaxed);
-                return reply.opened_passthrough(
-                    FileHandle(FH_PASSTHROUGH),
-                    FopenFlags::empty(),
-                    id,
-                );
+        let mut guard = lock(&self.opens);
+        let (opens, journal) = &mut *guard;
+        // The record is written before the kernel hears of the open.
+        let mut record = |ino: u64, o: &Opened| {
+            if let Some(j) = journal.as_mut() {
+                j.record(ino, Some(o.state()));
             }
-            Some(Opened::Cached(count)) => {
-                *count += 1;
-                return reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
+        };
+        if let Some(o) = opens.get_mut(&ino.0) {
+            match o {
+                Opened::Passthrough(held, raw, count) => {
+                    *count += 1;
+                    if held.is_none() {
+                        *held = Some(takeover::adopt_backing(&reply, *raw));
+                    }
+                }
+                Opened::Cached(count) => *count += 1,
             }
-            None => {}
+            record(ino.0, o);
+            return match o {
+                Opened::Passthrough(Some(id), ..) => {
+                    self.counters.passthrough_opens.fetch_add(1, Relaxed);
+                    reply.opened_passthrough(FileHandle(FH_PASSTHROUGH), FopenFlags::empty(), id)
+                }
+                _ => reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE),
+            };
         }
         if let Some(file) = backing {
             match reply.open_backing(&file) {
                 Ok(id) => {
+                    // The raw id is what a successor needs; this process keeps owning it.
+                    let raw = id.into_raw();
+                    let id = takeover::adopt_backing(&reply, raw);
+                    let o = Opened::Passthrough(None, raw, 1);
+                    record(ino.0, &o);
                     self.counters.passthrough_opens.fetch_add(1, Relaxed);
                     reply.opened_passthrough(FileHandle(FH_PASSTHROUGH), FopenFlags::empty(), &id);
-                    opens.insert(ino.0, Opened::Passthrough(id, 1));
+                    opens.insert(ino.0, Opened::Passthrough(Some(id), raw, 1));
                     return;
                 }
                 Err(e) => tracing::debug!("passthrough for inode {}: {e}", ino.0),
             }
         }
-        opens.insert(ino.0, Opened::Cached(1));
+        let o = Opened::Cached(1);
+        record(ino.0, &o);
+        opens.insert(ino.0, o);
         reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -396,21 +445,23 @@ pub(crate) fn seek(
 
 impl fuser::Filesystem for TreeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        self.passthrough = negotiate(config, self.want_passthrough, true);
+        self.passthrough = negotiate(config, &self.counters, self.want_passthrough, true);
         self.counters
             .passthrough_available
             .store(u64::from(self.passthrough), Relaxed);
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.counters.note(req);
         match self.lookup_child(parent, name) {
             Ok(inode) => reply.entry(&TTL, &self.attr(&inode), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.counters.note(req);
         match self.inode(ino) {
             Ok(inode) => reply.attr(&TTL, &self.attr(&inode)),
             Err(e) => reply.error(e),
@@ -430,7 +481,8 @@ impl fuser::Filesystem for TreeFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.counters.note(req);
         if flags.0 & (rustix::fs::OFlags::ACCMODE.bits() as i32) != 0 {
             return reply.error(Errno::EROFS);
         }
@@ -446,7 +498,7 @@ impl fuser::Filesystem for TreeFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -455,6 +507,7 @@ impl fuser::Filesystem for TreeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.counters.note(req);
         let inode = match self.inode(ino) {
             Ok(i) => i,
             Err(e) => return reply.error(e),
@@ -465,7 +518,7 @@ impl fuser::Filesystem for TreeFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -473,20 +526,44 @@ impl fuser::Filesystem for TreeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.counters.note(req);
         if fh.0 == FH_PASSTHROUGH || fh.0 == FH_CACHED {
-            let mut opens = lock(&self.opens);
-            let last = match opens.get_mut(&ino.0) {
-                Some(Opened::Passthrough(_, count) | Opened::Cached(count)) => {
-                    *count = count.saturating_sub(1);
-                    *count == 0
+            let mut guard = lock(&self.opens);
+            let (opens, journal) = &mut *guard;
+            let state = opens.get_mut(&ino.0).map(|o| {
+                match o {
+                    Opened::Passthrough(_, _, count) | Opened::Cached(count) => {
+                        *count = count.saturating_sub(1)
+                    }
                 }
-                None => false,
-            };
-            if last {
-                opens.remove(&ino.0);
+                o.state()
+            });
+            if let Some((_, count)) = state {
+                let left = if count > 0 { state } else { None };
+                if left.is_none() {
+                    // Dropping a held backing id closes it; one inherited and never
+                    // held by this server stays registered until the unmount.
+                    opens.remove(&ino.0);
+                }
+                if let Some(j) = journal.as_mut() {
+                    j.record(ino.0, left);
+                }
             }
         }
         reply.ok();
+    }
+
+    /// ENOSYS: nothing to flush on a read-only filesystem, and the kernel sends no
+    /// flush again.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS)
     }
 
     /// ENOSYS: the kernel then opens directories without asking (no `OPENDIR` and no

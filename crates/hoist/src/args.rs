@@ -323,12 +323,24 @@ pub enum CacheOp {
 /// `hoist daemon` operations.
 #[derive(Debug, Subcommand)]
 pub enum DaemonOp {
-    /// Run the daemon in this process (what `hoist mount` starts in the background).
+    /// Run the daemon in this process (what `hoist mount` starts in the background): the
+    /// holder, which keeps the mounts' FUSE connections and runs the server as its child,
+    /// starting another at once if it dies.
     Run,
+    /// The server the holder runs (not for use by hand).
+    #[command(hide = true)]
+    Serve,
+    /// Replace the server by a new one (the binary at the same path: an upgraded hoist
+    /// takes over this way), without unmounting anything: readers see a pause.
+    Restart,
     /// Unmount everything the daemon serves and stop it.
     Stop,
-    /// Whether a daemon runs, and its mounts.
-    Status,
+    /// Whether a daemon runs: its holder and server (pids, uptimes, takeovers) and mounts.
+    Status {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The arguments of `hoist convert`.

@@ -10,11 +10,13 @@ fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
     // Diagnostics (retries, cache decisions) go to stderr at the level HOIST_LOG names,
     // e.g. HOIST_LOG=debug; warnings by default, and mounts too in the daemon's log.
+    // fuser's own warnings (an unmount of a mount detached already, requests hoist
+    // leaves to the kernel's defaults) are noise there.
     let default = match cli.command {
         args::Command::Daemon {
-            op: args::DaemonOp::Run,
-        } => "info",
-        _ => "warn",
+            op: args::DaemonOp::Run | args::DaemonOp::Serve,
+        } => "info,fuser=error",
+        _ => "warn,fuser=error",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

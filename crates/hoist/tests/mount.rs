@@ -63,13 +63,6 @@ impl Home {
         let out = self.ok(&["stat", "--json", &mp.display().to_string()]);
         serde_json::from_str(&out).unwrap()
     }
-    fn daemon_pid(&self) -> i32 {
-        let out = self.ok(&["daemon", "status"]);
-        out.split_whitespace()
-            .nth(2)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no pid in {out}"))
-    }
 }
 
 impl Drop for Home {
@@ -546,23 +539,29 @@ cat "$MP/app/data.bin" > "$ROOT/data.bin"
 
 /// Kills the daemon of `home` with SIGKILL and waits for it to be gone (its FUSE
 /// connections close with it).
+/// Kills the whole daemon of `home` with SIGKILL: its holder, and so its server (which
+/// dies with it); waits for both to be gone (their FUSE connections close with them).
 fn kill_daemon(home: &Home) {
-    let pid = home.daemon_pid();
+    let out = home.ok(&["daemon", "status", "--json"]);
+    let s: Value = serde_json::from_str(&out).unwrap();
+    let holder = s["daemon"]["holder"]["pid"].as_i64().expect("a holder") as i32;
+    let server = s["daemon"]["pid"].as_i64().unwrap() as i32;
     rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Pid::from_raw(holder).unwrap(),
         rustix::process::Signal::Kill,
     )
     .unwrap();
     let t = Instant::now();
-    while Path::new(&format!("/proc/{pid}/status")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/status"))
+    for pid in [holder, server] {
+        while std::fs::read_to_string(format!("/proc/{pid}/status"))
             .is_ok_and(|s| !s.contains("State:\tZ"))
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "daemon {pid} survived SIGKILL"
-        );
-        std::thread::yield_now();
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "daemon process {pid} survived the holder's SIGKILL"
+            );
+            std::thread::yield_now();
+        }
     }
 }
 

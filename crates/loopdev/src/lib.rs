@@ -13,7 +13,7 @@
 //! (`loopdev-3` and its forks) generate their bindings with bindgen at build time (a
 //! libclang dependency) and offer neither `LOOP_CONFIGURE` nor `LOOP_CHANGE_FD`. The
 //! structures and request numbers come from `linux-raw-sys`, the calls go through
-//! `rustix::ioctl`. These calls are the only `unsafe` code in hoist; each says why it is
+//! `rustix::ioctl`. These calls and two in `hoist-fs` (`takeover.rs`) are the only `unsafe` code in hoist; each says why it is
 //! sound.
 
 #![allow(unsafe_code)]

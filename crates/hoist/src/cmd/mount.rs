@@ -313,7 +313,11 @@ pub fn cache(cx: &Context, op: CacheOp) -> anyhow::Result<()> {
 pub fn daemon(cx: &Context, op: DaemonOp) -> anyhow::Result<()> {
     let home = home(cx);
     match op {
-        DaemonOp::Run => hoist_daemon::run(home).map_err(|e| anyhow!(e)),
+        DaemonOp::Run => {
+            let exe = std::env::current_exe().context("finding the hoist executable")?;
+            hoist_daemon::run(home, exe).map_err(|e| anyhow!(e))
+        }
+        DaemonOp::Serve => hoist_daemon::serve(home).map_err(|e| anyhow!(e)),
         DaemonOp::Stop => match Client::connect(&home.socket()) {
             Ok(mut c) => {
                 c.shutdown()?;
@@ -325,29 +329,88 @@ pub fn daemon(cx: &Context, op: DaemonOp) -> anyhow::Result<()> {
                 Ok(())
             }
         },
-        DaemonOp::Status => match Client::connect(&home.socket()) {
-            Ok(mut c) => {
-                let info = c.ping()?;
-                let list = c.list()?;
-                println!(
-                    "hoist daemon {} (version {}, up {:.0} s) serves {}",
-                    info.pid,
-                    info.version,
-                    info.uptime_secs,
-                    home.root.display()
-                );
-                for m in list {
-                    println!(
-                        "  {} on {} ({}, {})",
-                        m.image,
-                        m.mountpoint.display(),
-                        m.mode,
-                        m.state
-                    );
-                }
-                Ok(())
+        DaemonOp::Restart => restart(&home),
+        DaemonOp::Status { json } => {
+            let Ok(mut c) = Client::connect(&home.socket()) else {
+                bail!("no hoist daemon runs for {}", home.root.display());
+            };
+            let info = c.ping()?;
+            let list = c.list()?;
+            if json {
+                let out = serde_json::json!({ "daemon": info, "mounts": list });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
             }
-            Err(_) => bail!("no hoist daemon runs for {}", home.root.display()),
-        },
+            println!(
+                "hoist daemon {} (version {}, up {:.0} s) serves {}",
+                info.pid,
+                info.version,
+                info.uptime_secs,
+                home.root.display()
+            );
+            if let Some(h) = &info.holder {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                println!(
+                    "  holder {} (up {:.0} s), server {} (up {:.0} s), {} takeovers",
+                    h.pid,
+                    now - h.started_unix,
+                    h.server_pid,
+                    now - h.server_started_unix,
+                    h.takeovers
+                );
+            }
+            for m in list {
+                println!(
+                    "  {} on {} ({}, {})",
+                    m.image,
+                    m.mountpoint.display(),
+                    m.mode,
+                    m.state
+                );
+            }
+            Ok(())
+        }
     }
+}
+
+/// `hoist daemon restart`: the holder replaces its server; returns once the new one
+/// answers (30 s at most).
+fn restart(home: &Home) -> anyhow::Result<()> {
+    let mut c = Client::connect(&home.socket())
+        .map_err(|_| anyhow!("no hoist daemon runs for {}", home.root.display()))?;
+    let before = c.ping()?;
+    let Some(holder) = before.holder else {
+        bail!(
+            "the daemon of {} has no holder to restart it",
+            home.root.display()
+        );
+    };
+    let pid = rustix::process::Pid::from_raw(holder.pid as i32)
+        .ok_or_else(|| anyhow!("the holder's pid {} is not a pid", holder.pid))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::Hup)
+        .with_context(|| format!("signalling the holder {}", holder.pid))?;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(30) {
+        // The API socket stays bound: a request waits in its backlog for the new server.
+        if let Ok(info) = Client::connect(&home.socket()).and_then(|mut c| c.ping()) {
+            if info.pid != before.pid {
+                println!(
+                    "the hoist daemon of {} restarted: server {} replaced {} ({} mounts kept)",
+                    home.root.display(),
+                    info.pid,
+                    before.pid,
+                    info.holder.map_or(0, |h| h.mounts)
+                );
+                return Ok(());
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    bail!(
+        "the daemon of {} did not restart within 30 s (see {})",
+        home.root.display(),
+        home.log().display()
+    )
 }

@@ -1,0 +1,280 @@
+//! Issue 15: the serving process dies (SIGKILL) or is restarted under a running
+//! container, again and again, while the image is still being fetched from a slow
+//! registry; the holder keeps the FUSE connections, the next server takes them over
+//! and has the kernel resend what was in flight. The container's reads see pauses,
+//! never an error, and every file hashes as `umoci unpack` of the image does.
+
+mod common;
+
+use common::*;
+use hoist_testkit::{Auth, Fault, FaultProxy, Registry};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Needs fixtures, root, FUSE, runc and docker-registry.
+fn setup() -> Option<PathBuf> {
+    let layout = fixtures()?;
+    let runc = Command::new("runc").arg("--version").output().is_ok();
+    if !(is_root() && Path::new("/dev/fuse").exists() && Registry::available() && runc) {
+        assert!(
+            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
+            "takeover tests need root, /dev/fuse, runc and docker-registry"
+        );
+        eprintln!("SKIPPED: takeover tests need root, /dev/fuse, runc and docker-registry");
+        return None;
+    }
+    Some(layout)
+}
+
+/// sha256 of every regular file under `dirs` of the reference rootfs, by path.
+fn reference_hashes(rootfs: &Path, dirs: &[&str]) -> BTreeMap<String, String> {
+    use sha2::Digest as _;
+    let mut out = BTreeMap::new();
+    let mut stack: Vec<PathBuf> = dirs.iter().map(|d| rootfs.join(d)).collect();
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        } else if meta.is_file() {
+            let mut h = sha2::Sha256::new();
+            let mut f = std::fs::File::open(&p).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            let rel = format!("/{}", p.strip_prefix(rootfs).unwrap().display());
+            out.insert(rel, format!("{:x}", h.finalize()));
+        }
+    }
+    out
+}
+
+fn hoist_in(home: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hoist"))
+        .args(args)
+        .env("HOIST_HOME", home)
+        .output()
+        .unwrap()
+}
+
+/// The daemon's status (`hoist daemon status --json`), if it answers.
+fn status(home: &Path) -> Option<Value> {
+    let out = hoist_in(home, &["daemon", "status", "--json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn server_pid(home: &Path) -> Option<i32> {
+    status(home)?["daemon"]["pid"].as_i64().map(|p| p as i32)
+}
+
+/// Requests the current server got again from the kernel, on `mp`.
+fn resent(home: &Path, mp: &Path) -> u64 {
+    let out = hoist_in(home, &["stat", "--json", &mp.display().to_string()]);
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["resent"].as_u64())
+        .unwrap_or(0)
+}
+
+/// A pseudo-random delay in `lo..hi` ms, from the clock (the moments need only vary).
+fn random_ms(lo: u64, hi: u64) -> u64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    lo + n % (hi - lo)
+}
+
+/// What one round of disruptions did.
+#[derive(Debug, Default)]
+struct Disruptions {
+    done: u32,
+    resent: u64,
+}
+
+/// Runs a container hashing every file under /usr and /app of `image` (mode `mode`,
+/// `--prefetch all`) while `disrupt` is done to the daemon `times` times at random
+/// moments; checks every hash against the reference and that no read failed.
+fn hash_under_disruption(
+    image: &str,
+    reference: &BTreeMap<String, String>,
+    mode: &str,
+    name: &str,
+    times: u32,
+    disrupt: fn(&Path, i32),
+) -> Disruptions {
+    let home = scratch().join(name);
+    std::fs::create_dir_all(&home).unwrap();
+    let script = "find /usr /app -type f | while read -r f; do sha256sum \"$f\"; done";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hoist"))
+        .args(["--plain-http", "run", "--rm", "--name", "h", "--mode", mode])
+        .args(["--prefetch", "all"])
+        .args(["--entrypoint", "/bin/sh", image, "--", "-c", script])
+        .env("HOIST_HOME", &home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).unwrap();
+        s
+    });
+    let mp = home.join("containers/h/image");
+    let mut d = Disruptions::default();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // Wait for the container's mount.
+    while !(mp.join("app").exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "the container's image never mounted"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "hoist run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..times {
+        std::thread::sleep(Duration::from_millis(random_ms(150, 700)));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        let Some(pid) = server_pid(&home) else {
+            continue;
+        };
+        d.resent += resent(&home, &mp);
+        disrupt(&home, pid);
+        d.done += 1;
+        // The next server: a new pid answers.
+        while server_pid(&home).is_none_or(|p| p == pid) {
+            assert!(Instant::now() < deadline, "no server took over from {pid}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let mut last = 0;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        last = resent(&home, &mp).max(last);
+        assert!(Instant::now() < deadline, "the container hangs");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    d.resent += last;
+    let out = reader.join().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let _ = hoist_in(&home, &["daemon", "stop"]);
+    assert!(status.success(), "{mode}: {status:?}\n{err}");
+    assert!(
+        !err.contains("Input/output error") && !err.contains("not connected"),
+        "{mode}: {err}"
+    );
+    let got: BTreeMap<String, String> = out
+        .lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(h, p)| (p.to_string(), h.to_string()))
+        .collect();
+    assert_eq!(got.len(), reference.len(), "{mode}: files hashed");
+    for (path, want) in reference {
+        assert_eq!(got.get(path), Some(want), "{mode}: {path}");
+    }
+    d
+}
+
+fn kill(_home: &Path, pid: i32) {
+    let pid = rustix::process::Pid::from_raw(pid).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::Kill).unwrap();
+}
+
+fn restart(home: &Path, _pid: i32) {
+    let out = hoist_in(home, &["daemon", "restart"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// tiny-v1 in a registry behind a proxy that sends blobs at 1 MB/s: the image is still
+/// being fetched for the whole run.
+fn slow_image(layout: &Path) -> (Registry, FaultProxy, String) {
+    let reg = Registry::start(&Auth::None);
+    let proxy = FaultProxy::start(&reg.addr);
+    let home = scratch().join("convert-home").display().to_string();
+    let src = format!("oci:{}:tiny-v1", layout.display());
+    let dst = format!("docker://{}/hoist/tiny:v1", reg.addr);
+    hoist_env_ok(
+        &["--plain-http", "convert", &src, &dst],
+        &[("HOIST_HOME", &home)],
+    );
+    proxy.on(
+        "GET",
+        "/blobs/",
+        u64::MAX,
+        Fault::Throttle {
+            bytes_per_sec: 1_000_000,
+        },
+    );
+    let image = format!("docker://{}/hoist/tiny:v1", proxy.addr);
+    (reg, proxy, image)
+}
+
+#[test]
+fn a_container_reads_on_through_ten_server_kills_in_both_modes() {
+    let Some(layout) = setup() else { return };
+    let (_reg, _proxy, image) = slow_image(&layout);
+    let bundle = umoci_unpack(&layout, "tiny-v1", "takeover-ref");
+    let reference = reference_hashes(&bundle.join("rootfs"), &["usr", "app"]);
+    assert!(reference.len() > 100, "{}", reference.len());
+    let mut resent = 0;
+    for mode in ["fuse", "erofs"] {
+        let d = hash_under_disruption(&image, &reference, mode, &format!("kill-{mode}"), 10, kill);
+        eprintln!("{mode}: {d:?}");
+        assert!(d.done >= 5, "{mode}: only {} kills before the end", d.done);
+        resent += d.resent;
+    }
+    // Requests really were in flight at a kill: the kernel sent them again.
+    assert!(resent > 0, "no request was resent");
+}
+
+#[test]
+fn a_container_reads_on_through_ten_planned_restarts_in_both_modes() {
+    let Some(layout) = setup() else { return };
+    let (_reg, _proxy, image) = slow_image(&layout);
+    let bundle = umoci_unpack(&layout, "tiny-v1", "restart-ref");
+    let reference = reference_hashes(&bundle.join("rootfs"), &["usr", "app"]);
+    for mode in ["fuse", "erofs"] {
+        let d = hash_under_disruption(
+            &image,
+            &reference,
+            mode,
+            &format!("restart-{mode}"),
+            10,
+            restart,
+        );
+        eprintln!("{mode}: {d:?}");
+        assert!(
+            d.done >= 5,
+            "{mode}: only {} restarts before the end",
+            d.done
+        );
+    }
+}
