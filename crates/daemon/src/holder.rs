@@ -37,7 +37,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 /// A message between the server and the holder. One per datagram (`SOCK_SEQPACKET`);
 /// file descriptors travel beside it (`SCM_RIGHTS`).
@@ -349,7 +349,6 @@ pub fn run(home: Home, exe: PathBuf) -> Result<(), String> {
     let mut first = true;
     let mut quick_deaths = 0u32;
     loop {
-        let started = Instant::now();
         let mut child = std::process::Command::new(&exe)
             .args(["daemon", "serve"])
             .env("HOIST_HOME", &home.root)
@@ -364,22 +363,31 @@ pub fn run(home: Home, exe: PathBuf) -> Result<(), String> {
             h.info.server_started_unix = now_unix();
         }
         // The server says `ready` once it serves; the first time, so does the holder
-        // (what a client that started it waits for). Its other output is passed on.
+        // (what a client that started it waits for).
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut said = None;
         if let Some(out) = child.stdout.take() {
-            let tell = first;
-            std::thread::spawn(move || {
+            let (tell, ready) = (first, ready.clone());
+            said = Some(std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if line == "ready" && tell {
-                        println!("ready");
-                        let _ = std::io::stdout().flush();
+                    if line == "ready" {
+                        ready.store(true, SeqCst);
+                        if tell {
+                            println!("ready");
+                            let _ = std::io::stdout().flush();
+                        }
                     }
                 }
-            });
+            }));
         }
         first = false;
         let status = child
             .wait()
             .map_err(|e| format!("waiting for the server: {e}"))?;
+        // Its output ends with it: whether it said `ready` is known once read to the end.
+        if let Some(t) = said {
+            let _ = t.join();
+        }
         if stopping.load(SeqCst) {
             tracing::info!("the server stopped ({status}); the holder exits");
             break;
@@ -392,12 +400,13 @@ pub fn run(home: Home, exe: PathBuf) -> Result<(), String> {
             let mut h = holding.lock().unwrap_or_else(|e| e.into_inner());
             h.info.takeovers += 1;
         }
-        // A server that dies at once, again and again, is restarted less often.
-        if started.elapsed() < Duration::from_secs(1) {
+        // A server that fails to start, again and again, is restarted less often (up
+        // to every 3.2 s); one that served is replaced at once, however soon it died.
+        if ready.load(SeqCst) {
+            quick_deaths = 0;
+        } else {
             quick_deaths += 1;
             std::thread::sleep(Duration::from_millis(100 << quick_deaths.min(5)));
-        } else {
-            quick_deaths = 0;
         }
     }
     let _ = std::fs::remove_file(home.socket());

@@ -278,3 +278,115 @@ fn a_container_reads_on_through_ten_planned_restarts_in_both_modes() {
         );
     }
 }
+
+/// What a daemon holds across takeovers: mounts and loop devices under its root, and
+/// the descriptors and threads of its holder. (Each server is a new process, so nothing
+/// of its own accumulates; a snapshot of one still starting varies with its progress.)
+#[derive(Debug, PartialEq, Eq)]
+struct Census {
+    mounts: usize,
+    loops: usize,
+    holder_fds: usize,
+    holder_threads: usize,
+}
+
+fn count_dir(path: &str) -> usize {
+    std::fs::read_dir(path).map_or(0, |d| d.count())
+}
+
+fn census(home: &Path) -> Census {
+    let root = home.to_string_lossy().into_owned();
+    let s = status(home).expect("the daemon answers");
+    let holder = s["daemon"]["holder"]["pid"].as_i64().unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root))
+        .count();
+    let loops = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("loop/backing_file"))
+                .is_ok_and(|b| b.starts_with(&root))
+        })
+        .count();
+    Census {
+        mounts,
+        loops,
+        holder_fds: count_dir(&format!("/proc/{holder}/fd")),
+        holder_threads: count_dir(&format!("/proc/{holder}/task")),
+    }
+}
+
+/// Kills the server and waits for the next one to answer.
+fn kill_and_wait(home: &Path) {
+    let pid = server_pid(home).expect("a server");
+    kill(home, pid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server_pid(home).is_none_or(|p| p == pid) {
+        assert!(Instant::now() < deadline, "no server took over from {pid}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn fifty_kills_leak_no_mount_loop_device_descriptor_or_thread() {
+    let Some(layout) = setup() else { return };
+    let image = convert(&layout, "tiny-v1", "conv-leak", &[]);
+    let reference = umoci_unpack(&layout, "tiny-v1", "leak-ref");
+    let want = std::fs::read(reference.join("rootfs/app/data.bin")).unwrap();
+    let home = scratch().join("leak");
+    let mps: Vec<PathBuf> = ["fuse", "erofs"]
+        .iter()
+        .map(|mode| {
+            let mp = home.join(format!("mnt-{mode}"));
+            std::fs::create_dir_all(&mp).unwrap();
+            let out = hoist_in(
+                &home,
+                &["mount", "--mode", mode, &image, &mp.display().to_string()],
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            mp
+        })
+        .collect();
+    // One file held open across every takeover, and reads after each.
+    let held = std::fs::File::open(mps[0].join("app/hello.txt")).unwrap();
+    let check = |i: usize| {
+        for mp in &mps {
+            let got = std::fs::read(mp.join("app/data.bin")).unwrap();
+            assert!(
+                got == want,
+                "{}: app/data.bin differs after kill {i}",
+                mp.display()
+            );
+        }
+    };
+    check(0);
+    kill_and_wait(&home);
+    check(1);
+    let before = census(&home);
+    for i in 2..=50 {
+        kill_and_wait(&home);
+        check(i);
+    }
+    let after = census(&home);
+    assert_eq!(before, after, "after 50 kills");
+    let s = status(&home).unwrap();
+    assert_eq!(s["daemon"]["holder"]["takeovers"], 50, "{s}");
+    drop(held);
+    let out = hoist_in(&home, &["daemon", "stop"]);
+    assert!(out.status.success());
+    let root = home.to_string_lossy().into_owned();
+    let left: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root))
+        .map(String::from)
+        .collect();
+    assert!(left.is_empty(), "left mounted: {left:?}");
+}
