@@ -337,6 +337,7 @@ fn fifty_kills_leak_no_mount_loop_device_descriptor_or_thread() {
     let reference = umoci_unpack(&layout, "tiny-v1", "leak-ref");
     let want = std::fs::read(reference.join("rootfs/app/data.bin")).unwrap();
     let home = scratch().join("leak");
+    let _stop = StopDaemon(home.clone());
     let mps: Vec<PathBuf> = ["fuse", "erofs"]
         .iter()
         .map(|mode| {
@@ -389,4 +390,14 @@ fn fifty_kills_leak_no_mount_loop_device_descriptor_or_thread() {
         .map(String::from)
         .collect();
     assert!(left.is_empty(), "left mounted: {left:?}");
+}
+
+/// Stops the daemon of a state root when dropped, so that a failed assertion leaves no
+/// daemon running.
+struct StopDaemon(PathBuf);
+
+impl Drop for StopDaemon {
+    fn drop(&mut self) {
+        let _ = hoist_in(&self.0, &["daemon", "stop"]);
+    }
 }
