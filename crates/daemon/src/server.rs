@@ -334,18 +334,15 @@ pub fn serve(home: Home) -> Result<(), String> {
     let (holder, inherited) = HolderClient::hello(&home)?;
     let listener = inherited.listener;
     let daemon = Arc::new(Daemon::new(home.clone(), Some(holder)));
+    // A holder that just started holds nothing; one whose server died holds its mounts.
+    let (n, t0) = (inherited.mounts.len(), Instant::now());
+    daemon.adopt(inherited.mounts);
     if inherited.takeover {
-        let n = inherited.mounts.len();
-        let t0 = Instant::now();
-        daemon.adopt(inherited.mounts);
         tracing::info!(
             "server {} took {n} mounts over in {:.3} s",
             std::process::id(),
             t0.elapsed().as_secs_f64()
         );
-    } else {
-        // A holder that just started holds nothing.
-        daemon.adopt(inherited.mounts);
     }
     daemon.clean_up_after_predecessor();
 
