@@ -68,6 +68,8 @@ pub struct ChunkStore {
     root: PathBuf,
     max_bytes: u64,
     state: Mutex<State>,
+    /// Held while room is made on a full disk, so that one writer evicts at a time.
+    room: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +115,7 @@ impl ChunkStore {
                 used,
                 ..State::default()
             }),
+            room: Mutex::new(()),
         })
     }
 
@@ -177,7 +180,37 @@ impl ChunkStore {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent)?;
         }
-        self.write_atomic(&path, data)?;
+        match self.write_atomic(&path, data) {
+            // The disk is full before the cache reached its own limit (other files
+            // share it, or the limit is larger than the disk): evict the least recently
+            // written quarter of the cache, live mounts' chunks too (they are fetched
+            // again when read), and try once more. If nothing could be freed, only the
+            // read that needed this chunk fails; serving goes on.
+            Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+                let _one = self.room.lock().unwrap_or_else(|p| p.into_inner());
+                if self.write_atomic(&path, data).is_err() {
+                    let used = self.lock().used;
+                    let report = self.evict(used / 4 * 3, true, false)?;
+                    tracing::warn!(
+                        "{}: disk full; evicted {} cache files ({} bytes) to store a chunk",
+                        self.root.display(),
+                        report.removed,
+                        report.freed
+                    );
+                    self.write_atomic(&path, data).map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!(
+                                "{}: {e} (the disk is full, and evicting cache files freed {} bytes; free space on it or give the cache another disk with --cache-dir)",
+                                self.root.display(),
+                                report.freed
+                            ),
+                        )
+                    })?;
+                }
+            }
+            r => r?,
+        }
         let over = {
             let mut st = self.lock();
             st.verified.insert(*d);
@@ -294,7 +327,7 @@ impl ChunkStore {
             st.used > self.max_bytes
         };
         if over {
-            self.evict(self.max_bytes / 10 * 9, false)?;
+            self.evict(self.max_bytes / 10 * 9, false, true)?;
         }
         Ok(())
     }
@@ -309,10 +342,12 @@ impl ChunkStore {
     /// most `target` bytes are left (or only pinned chunks are). Views go first: they
     /// are copies, built again from the chunks when needed.
     pub fn evict_to(&self, target: u64) -> io::Result<PruneReport> {
-        self.evict(target, true)
+        self.evict(target, true, true)
     }
 
-    fn evict(&self, target: u64, chunks_too: bool) -> io::Result<PruneReport> {
+    /// Removes views and chunks, least recently written first, until at most `target`
+    /// bytes are left, and `spare_pinned` keeps live mounts' chunks.
+    fn evict(&self, target: u64, chunks_too: bool, spare_pinned: bool) -> io::Result<PruneReport> {
         let mut views = scan_views(&self.root.join("views"))?;
         views.sort_by_key(|v| v.2);
         let mut files = scan(&self.root.join("chunks"))?;
@@ -334,11 +369,8 @@ impl ChunkStore {
             if used <= target || !chunks_too {
                 break;
             }
-            {
-                let st = self.lock();
-                if st.pinned.contains_key(&c.digest) {
-                    continue;
-                }
+            if spare_pinned && self.lock().pinned.contains_key(&c.digest) {
+                continue;
             }
             if fs::remove_file(&c.path).is_ok() {
                 used -= c.size;

@@ -379,11 +379,7 @@ impl Served {
             .store(u64::from(held.init.minor), Relaxed);
         served.counters.kernel_flags.store(held.init.flags, Relaxed);
         if !held.loops.is_empty() {
-            tracing::info!(
-                "{}: EROFS stays on loop devices {:?}; blobs not yet on their views stay on hoist's device files until remounted",
-                mp_display(&served),
-                held.loops
-            );
+            served.reopen_loops(&held.loops);
         }
         served.start_prefetch(trace)?;
         tracing::info!(
@@ -393,6 +389,47 @@ impl Served {
             served.spec.mode
         );
         Ok(served)
+    }
+
+    /// Takes back the loop devices of an erofs mount a predecessor made, so that blobs
+    /// still on hoist's device files move to their views once built. A device that no
+    /// longer reads what the record says is left alone, and its blobs stay on the device
+    /// files until the image is mounted again.
+    fn reopen_loops(&mut self, paths: &[PathBuf]) {
+        let Some(devdir) = self.devdir.clone() else {
+            return;
+        };
+        let store = self.fetcher.store();
+        let meta = store.meta_path(self.image.meta_digest.hex());
+        let blobs: Vec<(PathBuf, PathBuf)> = self
+            .fetcher
+            .blobs()
+            .iter()
+            .zip(device_sizes(&self.image))
+            .enumerate()
+            .map(|(k, (blob, size))| {
+                (
+                    devdir.join((k + 1).to_string()),
+                    store.view_path(&blob.view(size)),
+                )
+            })
+            .collect();
+        match LoopDevices::reopen(paths, &meta, &blobs) {
+            Ok(loops) => {
+                tracing::info!(
+                    "{}: took back loop devices {:?}, {} of {} blobs on their views",
+                    mp_display(self),
+                    paths,
+                    loops.local(),
+                    loops.len()
+                );
+                self.loops = Some(Arc::new(loops));
+            }
+            Err(e) => tracing::warn!(
+                "{}: the loop devices cannot be taken back ({e}); blobs not yet on their views stay on hoist's device files until remounted",
+                mp_display(self)
+            ),
+        }
     }
 
     /// The local files of the image's blob views, in device order, if all are built.

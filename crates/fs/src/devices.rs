@@ -86,6 +86,55 @@ impl LoopDevices {
         Ok(LoopDevices { meta, blobs })
     }
 
+    /// Opens again the devices that an earlier process bound and mounted EROFS on
+    /// (`paths`, as [`LoopDevices::paths`] gave them), so that blobs still on their
+    /// device files can move to their views. Each device must still read the file it was
+    /// given: `meta`, or blob k's device file `blobs[k].0` or its view `blobs[k].1`
+    /// (then the blob is local already). A device reading anything else is not this
+    /// mount's, and nothing is changed.
+    pub fn reopen(
+        paths: &[PathBuf],
+        meta: &Path,
+        blobs: &[(PathBuf, PathBuf)],
+    ) -> Result<LoopDevices, String> {
+        if paths.len() != blobs.len() + 1 {
+            return Err(format!(
+                "{} loop devices recorded for 1 metadata file and {} blobs",
+                paths.len(),
+                blobs.len()
+            ));
+        }
+        let open = |path: &PathBuf, wanted: &[&Path]| -> Result<(LoopDevice, usize), String> {
+            let (dev, backing) = LoopDevice::open_bound(path).map_err(|e| e.to_string())?;
+            wanted
+                .iter()
+                .position(|w| same_file_name(w, &backing))
+                .map(|k| (dev, k))
+                .ok_or_else(|| {
+                    format!(
+                        "{} reads {}, not {}",
+                        path.display(),
+                        backing.display(),
+                        wanted[0].display()
+                    )
+                })
+        };
+        let (meta, _) = open(&paths[0], &[meta])?;
+        let blobs = paths[1..]
+            .iter()
+            .zip(blobs)
+            .map(|(path, (file, view))| {
+                let (dev, k) = open(path, &[file, view])?;
+                Ok(BlobDevice {
+                    dev,
+                    local: AtomicBool::new(k == 1),
+                    swap: Mutex::new(()),
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(LoopDevices { meta, blobs })
+    }
+
     /// Mounts EROFS on the devices at `target`, read-only, with a readahead window of
     /// `readahead_kib`, granting `privileges`.
     pub fn mount(
@@ -151,4 +200,17 @@ impl LoopDevices {
             .map(LoopDevice::path)
             .collect()
     }
+}
+
+/// Whether `expected` names the file the kernel reports as `reported` (an absolute path
+/// with symbolic links resolved): compared after resolving `expected`'s directory, so
+/// that the file itself (on a FUSE mount) is never looked up.
+fn same_file_name(expected: &Path, reported: &Path) -> bool {
+    if expected == reported {
+        return true;
+    }
+    let (Some(dir), Some(name)) = (expected.parent(), expected.file_name()) else {
+        return false;
+    };
+    std::fs::canonicalize(dir).is_ok_and(|d| d.join(name) == reported)
 }

@@ -835,3 +835,89 @@ fn run_bounded_child(child: &mut std::process::Child, limit: Duration) -> std::p
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The cache on a disk too small for the image, then on a full one (issue 15: a full
+/// disk fails only the reads that need space, and serving goes on). On a 4 MiB tmpfs,
+/// smaller than the image's 10 MB of data, the whole tree reads exact: the store makes
+/// room by evicting its oldest files when a write finds the disk full. With the disk
+/// filled by another file and nothing of the cache to evict, a read that needs a fetch
+/// fails at once, the server stays the same, and once space is freed the same read
+/// works without a restart.
+#[test]
+fn a_full_cache_disk_fails_only_the_reads_that_need_space() {
+    let Some(layout) = setup() else { return };
+    let tag = "tiny-v1";
+    let image = convert(&layout, tag, "conv-full", &[]);
+    let want = read(&umoci_unpack(&layout, tag, "full-ref").join("rootfs/app/data.bin")).unwrap();
+    for mode in MODES {
+        let home = Home::new(&format!("full-{mode}"));
+        let small = home.root.join("small");
+        std::fs::create_dir_all(&small).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
+            .arg(&small)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs on {}", small.display());
+        let cache = small.join("cache").display().to_string();
+        let mp = home.mountpoint("root");
+        let mps = mp.display().to_string();
+        let mount = || {
+            home.ok(&[
+                "mount",
+                "--mode",
+                mode,
+                "--prefetch",
+                "none",
+                "--cache-dir",
+                &cache,
+                &image,
+                &mps,
+            ])
+        };
+        mount();
+        assert_same_tree(&layout, tag, &mp, &format!("{mode}: cache on a 4 MiB disk"));
+        let s = home.stat(&mp);
+        assert!(
+            s["bytes_fetched"].as_u64().unwrap() > 4 << 20,
+            "{mode}: more than the disk holds went through the cache: {s}"
+        );
+        home.ok(&["umount", &mps]);
+
+        // A fresh cache (only the metadata), then the disk filled by another file.
+        let _ = std::fs::remove_dir_all(small.join("cache/chunks"));
+        mount();
+        let server = |home: &Home| {
+            let s: Value = serde_json::from_str(&home.ok(&["daemon", "status", "--json"])).unwrap();
+            s["daemon"]["pid"].as_i64().unwrap()
+        };
+        let pid = server(&home);
+        let filler = small.join("filler");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let block = vec![0x5a; 64 << 10];
+            while f.write_all(&block).is_ok() {}
+            let _ = f.sync_all();
+        }
+        drop_caches();
+        let data = mp.join("app/data.bin");
+        let out = run_bounded(Command::new("cat").arg(&data), Duration::from_secs(40));
+        assert!(
+            !out.status.success(),
+            "{mode}: a read needing space on a full disk succeeded"
+        );
+        // Serving goes on: the same server answers, and what needs no space (the tree's
+        // metadata, in the cache already) reads.
+        assert_eq!(server(&home), pid, "{mode}: the server changed");
+        let names = std::fs::read_dir(mp.join("app")).unwrap().count();
+        assert!(names > 0, "{mode}: app/ lists nothing");
+        std::fs::remove_file(&filler).unwrap();
+        assert!(
+            read(&data).unwrap() == want,
+            "{mode}: app/data.bin after space was freed"
+        );
+        assert_eq!(server(&home), pid, "{mode}: the server changed");
+        home.ok(&["umount", &mps]);
+    }
+}

@@ -110,12 +110,7 @@ impl LoopDevice {
             let number = u32::try_from(number).map_err(|_| {
                 LoopError::NoFree(io::Error::other(format!("the driver answered {number}")))
             })?;
-            let device = device_path(number);
-            let file = File::open(&device).map_err(|source| LoopError::Device {
-                device: device.clone(),
-                op: "open",
-                source,
-            })?;
+            let (file, device) = open_number(number)?;
             // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which `config` is
             // (the binding's layout); the kernel copies it before returning.
             let configured =
@@ -136,6 +131,31 @@ impl LoopDevice {
             }
         }
         Err(LoopError::Contended)
+    }
+
+    /// Opens a device that is bound already (one a filesystem is mounted on, set up by
+    /// an earlier process), to change its file later. Returns it with the file behind it
+    /// (per sysfs), for the caller to check that the device is the one it expects.
+    pub fn open_bound(path: &Path) -> Result<(LoopDevice, PathBuf), LoopError> {
+        let number = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("loop"))
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| LoopError::Device {
+                device: path.to_path_buf(),
+                op: "parsing its name",
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not /dev/loopN"),
+            })?;
+        let (file, _) = open_number(number)?;
+        let dev = LoopDevice { file, number };
+        let backing = dev.backing_file().ok_or_else(|| {
+            dev.error(
+                "reading its file (sysfs backing_file)",
+                io::Error::new(io::ErrorKind::NotFound, "the device is not bound"),
+            )
+        })?;
+        Ok((dev, backing))
     }
 
     /// The device's path, `/dev/loopN`.
@@ -193,6 +213,19 @@ impl LoopDevice {
             op,
             source,
         }
+    }
+}
+
+/// Opens `/dev/loop<number>`.
+fn open_number(number: u32) -> Result<(File, PathBuf), LoopError> {
+    let device = device_path(number);
+    match File::open(&device) {
+        Ok(file) => Ok((file, device)),
+        Err(source) => Err(LoopError::Device {
+            device,
+            op: "open",
+            source,
+        }),
     }
 }
 
