@@ -33,7 +33,7 @@ pub struct ConvertOptions {
     /// The conversion cache that makes conversions incremental; `None` disables it.
     pub cache: Option<ConvertCache>,
     /// A start-up trace (JSON, checked by the caller) to store in the image as a layer of
-    /// media type `application/vnd.hoist.trace.v1+json`, after the metadata blob.
+    /// media type `application/vnd.oci.image.layer.hoist.trace.v1+json`, after the metadata blob.
     pub trace: Option<Vec<u8>>,
 }
 
@@ -164,7 +164,7 @@ pub fn convert(
     let mut layers = Vec::new();
     for (i, l) in layers_json.iter().enumerate() {
         let (digest, size, media_type) = descriptor(l, &format!("layer {i} of {name}"))?;
-        if media_type == media::HOIST_META || media_type == media::HOIST_BLOB {
+        if media::is_hoist_meta(&media_type) || media::is_hoist_blob(&media_type) {
             return Err(BuildError::Invalid(format!(
                 "{name} is already a hoist image"
             )));
@@ -403,6 +403,10 @@ pub fn convert(
                 media::ANNOTATION_CHUNKS.to_string(),
                 info.chunks.entries.len().to_string(),
             ),
+            (
+                media::ANNOTATION_SNAPSHOT_LAYER.to_string(),
+                "blob".to_string(),
+            ),
         ]);
         if let Some(source) = source {
             annotations.insert(media::ANNOTATION_SOURCE_LAYER.to_string(), source);
@@ -418,7 +422,10 @@ pub fn convert(
         "mediaType": media::HOIST_META,
         "digest": meta_desc.0.as_str(),
         "size": meta_desc.1,
-        "annotations": { media::ANNOTATION_META_VERSION: "1" },
+        "annotations": {
+            media::ANNOTATION_META_VERSION: "1",
+            media::ANNOTATION_SNAPSHOT_LAYER: "meta",
+        },
     }));
     let mut trace_bytes = 0;
     if let Some(trace) = &opts.trace {
@@ -428,6 +435,7 @@ pub fn convert(
             "mediaType": media::HOIST_TRACE,
             "digest": digest.as_str(),
             "size": size,
+            "annotations": { media::ANNOTATION_SNAPSHOT_LAYER: "trace" },
         }));
     }
     let diff_ids: Vec<Value> = layer_descs.iter().map(|d| d["digest"].clone()).collect();
@@ -536,7 +544,10 @@ pub fn load_meta(src: &dyn ImageSource) -> Result<meta::Meta, BuildError> {
     let manifest = parse_manifest(&bytes, &src.describe())?;
     let layer = manifest["layers"]
         .as_array()
-        .and_then(|ls| ls.iter().find(|l| l["mediaType"] == media::HOIST_META))
+        .and_then(|ls| {
+            ls.iter()
+                .find(|l| l["mediaType"].as_str().is_some_and(media::is_hoist_meta))
+        })
         .ok_or_else(|| {
             BuildError::Invalid(format!(
                 "{} (manifest {digest}) is not a hoist image: no metadata layer",

@@ -94,9 +94,10 @@ pub(crate) fn read_trace(
     source: &dyn ImageSource,
     manifest: &serde_json::Value,
 ) -> Result<Option<Trace>, DaemonError> {
-    let layer = manifest["layers"]
-        .as_array()
-        .and_then(|ls| ls.iter().find(|l| l["mediaType"] == media::HOIST_TRACE));
+    let layer = manifest["layers"].as_array().and_then(|ls| {
+        ls.iter()
+            .find(|l| l["mediaType"].as_str().is_some_and(media::is_hoist_trace))
+    });
     let Some(layer) = layer else {
         return Ok(None);
     };

@@ -142,12 +142,34 @@ pub enum Command {
         #[command(subcommand)]
         op: CacheOp,
     },
+    /// Serve containerd's snapshots API, so that containerd (and Kubernetes through it)
+    /// starts hoist images lazily.
+    ///
+    /// Plug it into containerd as a proxy plugin (`[proxy_plugins.hoist] type =
+    /// "snapshot" address = SOCKET`) and set the CRI plugin's `snapshotter = "hoist"` and
+    /// `disable_snapshot_annotations = false`. A hoist image's layers are never
+    /// downloaded: its snapshot mounts the image through the hoist daemon (started on
+    /// demand), with the mount options below. Other images (the sandbox image too) are
+    /// unpacked by containerd into overlayfs snapshots. Snapshots live in
+    /// $HOIST_HOME/snapshots and survive restarts of the snapshotter and of containerd.
+    Snapshotter(SnapshotterArgs),
     /// Control the hoist daemon.
     Daemon {
         /// What to do.
         #[command(subcommand)]
         op: DaemonOp,
     },
+}
+
+/// The arguments of `hoist snapshotter`.
+#[derive(Debug, clap::Args)]
+pub struct SnapshotterArgs {
+    /// The unix socket to serve on [default: $HOIST_HOME/snapshotter.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// How hoist images are served and fetched.
+    #[command(flatten)]
+    pub opts: MountOptions,
 }
 
 /// The arguments of `hoist mount`.
@@ -378,7 +400,7 @@ pub struct ConvertArgs {
     pub json: bool,
     /// Store this start-up trace (written by `hoist record`) in the image: mounts fetch
     /// its chunks first, in order. It is kept as a layer of media type
-    /// application/vnd.hoist.trace.v1+json after the metadata blob.
+    /// application/vnd.oci.image.layer.hoist.trace.v1+json after the metadata blob.
     #[arg(long, value_name = "FILE", conflicts_with = "prefetch_files")]
     pub prefetch_trace: Option<PathBuf>,
     /// Store a list of files (one path per line) as the image's start-up trace: mounts

@@ -15,7 +15,8 @@ fn main() -> std::process::ExitCode {
     let default = match cli.command {
         args::Command::Daemon {
             op: args::DaemonOp::Run | args::DaemonOp::Serve,
-        } => "info,fuser=error",
+        }
+        | args::Command::Snapshotter(_) => "info,fuser=error",
         _ => "warn,fuser=error",
     };
     tracing_subscriber::fmt()

@@ -210,7 +210,7 @@ fn a_corrupted_byte_in_any_data_blob_is_caught_by_check() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|l| l["mediaType"] == "application/vnd.hoist.blob.v1")
+        .filter(|l| l["mediaType"] == "application/vnd.oci.image.layer.hoist.blob.v1")
         .map(|l| {
             (
                 l["digest"]

@@ -339,7 +339,7 @@ fn traces_are_recorded_stored_in_the_image_and_prefetched() {
     let layers = inspect["layers"].as_array().expect("layers in inspect");
     assert_eq!(
         layers.last().unwrap()["media_type"],
-        "application/vnd.hoist.trace.v1+json",
+        "application/vnd.oci.image.layer.hoist.trace.v1+json",
         "{inspect}"
     );
     hoist_ok(&["check", &traced]);

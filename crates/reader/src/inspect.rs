@@ -149,7 +149,7 @@ pub fn inspect(image: &HoistImage) -> Result<InspectReport, ReadError> {
     let meta_size = image
         .layers
         .iter()
-        .find(|l| l.media_type == media::HOIST_META)
+        .find(|l| media::is_hoist_meta(&l.media_type))
         .map_or(0, |l| l.size);
     let reused_blob_bytes = blobs
         .iter()

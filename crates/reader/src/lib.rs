@@ -136,7 +136,7 @@ impl HoistImage {
             .unwrap_or_default();
         let meta_layer = layers
             .iter()
-            .find(|l| l.media_type == media::HOIST_META)
+            .find(|l| media::is_hoist_meta(&l.media_type))
             .ok_or_else(|| {
                 ReadError::Invalid(format!(
                     "{} is not a hoist image (no {} layer); convert it with `hoist convert`",

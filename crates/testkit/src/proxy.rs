@@ -88,6 +88,8 @@ struct Shared {
     /// `Authorization` value added to upstream requests that have none.
     inject_auth: Mutex<Option<String>>,
     stop: AtomicBool,
+    /// `METHOD PATH` of every request, in arrival order.
+    log: Mutex<Vec<String>>,
 }
 
 /// A running proxy.
@@ -108,6 +110,7 @@ impl FaultProxy {
             counters: Counters::default(),
             inject_auth: Mutex::new(None),
             stop: AtomicBool::new(false),
+            log: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -123,6 +126,11 @@ impl FaultProxy {
             }
         });
         FaultProxy { addr, shared }
+    }
+
+    /// `METHOD PATH` of every request so far, in arrival order, and forgets them.
+    pub fn take_log(&self) -> Vec<String> {
+        std::mem::take(&mut *self.shared.log.lock().unwrap())
     }
 
     /// Adds a rule (rules are tried in order).
@@ -220,6 +228,10 @@ fn handle(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         .next()
         .unwrap_or_default()
         .to_string();
+    s.log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(format!("{} {path}", head.method));
     let fault = take_fault(s, &head.method, &path);
     let send = |bytes: &[u8], out: &mut TcpStream| -> std::io::Result<()> {
         s.counters

@@ -5,6 +5,7 @@ mod export;
 mod mount;
 mod read;
 mod run;
+mod snapshotter;
 
 use crate::args::{Command, RegistryArgs};
 use hoist_oci::ImageRef;
@@ -72,6 +73,7 @@ pub fn run(command: Command, registry: &RegistryArgs) -> anyhow::Result<()> {
         Command::Stat { mountpoint, json } => mount::stat(&cx, &mountpoint, json),
         Command::Cache { op } => mount::cache(&cx, op),
         Command::Daemon { op } => mount::daemon(&cx, op),
+        Command::Snapshotter(args) => snapshotter::run(&cx, registry, &args),
     }
 }
 

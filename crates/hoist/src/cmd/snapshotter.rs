@@ -1,0 +1,120 @@
+//! `hoist snapshotter`: containerd's snapshots API, with hoist images mounted by the
+//! daemon.
+
+use super::mount::{home, mount_spec, start_daemon};
+use super::Context;
+use crate::args::{RegistryArgs, SnapshotterArgs};
+use anyhow::{anyhow, Context as _};
+use hoist_daemon::api::{ClientError, DaemonError, MountSpec};
+use hoist_daemon::Home;
+use hoist_snapshotter::{Error, ImageMounter, Snapshotter};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Mounts images through the hoist daemon of a state root, with one set of options.
+struct Daemon {
+    home: Home,
+    template: MountSpec,
+}
+
+fn error(e: ClientError) -> Error {
+    match e {
+        ClientError::Refused(DaemonError::NotFound(m)) => Error::NotFound(m),
+        ClientError::Refused(DaemonError::AlreadyExists(m)) => Error::AlreadyExists(m),
+        ClientError::Refused(DaemonError::InvalidArgument(m)) => Error::InvalidArgument(m),
+        ClientError::Refused(DaemonError::Unavailable(m)) => Error::Unavailable(m),
+        ClientError::Refused(DaemonError::Internal(m)) => Error::Internal(m),
+        other => Error::Unavailable(other.to_string()),
+    }
+}
+
+impl Daemon {
+    fn client(&self) -> Result<hoist_daemon::api::Client, Error> {
+        start_daemon(&self.home).map_err(|e| Error::Unavailable(format!("{e:#}")))
+    }
+}
+
+impl ImageMounter for Daemon {
+    fn mount(&self, image: &str, mountpoint: &Path) -> Result<(), Error> {
+        let spec = MountSpec {
+            image: image.to_string(),
+            mountpoint: mountpoint.to_path_buf(),
+            // A container's image: its setuid files and device nodes work, under the
+            // snapshotter's root-only directory.
+            suid: true,
+            dev: true,
+            ..self.template.clone()
+        };
+        self.client()?
+            .mount(spec)
+            .map(|_| ())
+            .map_err(|e| match error(e) {
+                Error::NotFound(m) => Error::NotFound(format!("image {image}: {m}")),
+                Error::Unavailable(m) => Error::Unavailable(format!("image {image}: {m}")),
+                other => other,
+            })
+    }
+
+    fn umount(&self, mountpoint: &Path) -> Result<(), Error> {
+        if !hoist_fs::kernel::is_mountpoint(mountpoint) {
+            return Ok(());
+        }
+        match self.client()?.umount(mountpoint) {
+            Ok(()) | Err(ClientError::Refused(DaemonError::NotFound(_))) => Ok(()),
+            Err(e) => Err(error(e)),
+        }
+    }
+
+    fn is_mounted(&self, mountpoint: &Path) -> bool {
+        hoist_fs::kernel::is_mountpoint(mountpoint)
+            && hoist_daemon::api::Client::connect(&self.home.socket())
+                .and_then(|mut c| c.list())
+                .is_ok_and(|l| l.iter().any(|s| s.mountpoint == mountpoint))
+    }
+}
+
+pub fn run(cx: &Context, registry: &RegistryArgs, args: &SnapshotterArgs) -> anyhow::Result<()> {
+    let home = home(cx);
+    home.create()
+        .with_context(|| format!("creating {}", home.root.display()))?;
+    let root = home.root.join("snapshots");
+    let socket: PathBuf = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| home.root.join("snapshotter.sock"));
+    let template = mount_spec(&home, registry, "", PathBuf::new(), &args.opts)?;
+    let images = Daemon {
+        home: Home {
+            root: home.root.clone(),
+        },
+        template,
+    };
+    let snapshotter = Arc::new(
+        Snapshotter::open(&root, Box::new(images))
+            .map_err(|e| anyhow!("opening the snapshots in {}: {e}", root.display()))?,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("a SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("stopping: the mounts stay, served by the hoist daemon");
+        };
+        tracing::info!(
+            "serving containerd's snapshots API on {} (snapshots in {})",
+            socket.display(),
+            root.display()
+        );
+        hoist_snapshotter::serve(&socket, snapshotter, shutdown)
+            .await
+            .map_err(|e| anyhow!(e))
+    })
+}

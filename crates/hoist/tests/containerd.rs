@@ -1,0 +1,706 @@
+//! Issue 16: the real containerd (Debian's 1.6, CRI plugin built in), driven through
+//! CRI as kubelet drives it, with `hoist snapshotter` as its snapshotter. The test starts
+//! its own containerd (own config, root, state and socket), a registry behind a proxy
+//! that logs every request, and the snapshotter, then:
+//!
+//! - pulls a hoist image: the registry serves the manifest, the config and the metadata
+//!   blob, never a data blob; a container on it prints the right bytes, read lazily;
+//! - runs an ordinary image the same way (containerd unpacks it; the sandbox image too);
+//! - restarts containerd, then the snapshotter, under a running container that keeps
+//!   reading, and starts one more container afterwards;
+//! - removes the image: its snapshots and its lazy mount are gone;
+//! - gives clear errors, leaving nothing behind, for an unknown key, a missing parent
+//!   and a hoist image whose metadata blob the registry cannot serve.
+
+mod common;
+
+use common::*;
+use hoist_testkit::{Auth, Fault, FaultProxy, Registry};
+use k8s_cri::v1 as cri;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Needs fixtures, root, containerd, runc, skopeo and docker-registry.
+fn setup() -> Option<PathBuf> {
+    let layout = fixtures()?;
+    let have = |cmd: &str| Command::new(cmd).arg("--version").output().is_ok();
+    if !(is_root() && Registry::available() && have("containerd") && have("runc") && have("skopeo"))
+    {
+        assert!(
+            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
+            "containerd tests need root, containerd, runc, skopeo and docker-registry (apt-get install containerd runc skopeo docker-registry)"
+        );
+        eprintln!(
+            "SKIPPED: containerd tests need root, containerd, runc, skopeo and docker-registry"
+        );
+        return None;
+    }
+    Some(layout)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn channel(socket: PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connecting")
+}
+
+/// Waits (bounded) for `what` to hold, polling.
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A process killed when dropped.
+struct Proc(Child, &'static str);
+
+impl Proc {
+    fn stop(&mut self) {
+        let pid = rustix::process::Pid::from_raw(self.0.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Term);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.0.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            eprintln!("stopping {}", self.1);
+            self.stop();
+        }
+    }
+}
+
+struct Node {
+    dir: PathBuf,
+    home: PathBuf,
+    registry_host: String,
+}
+
+impl Node {
+    fn containerd_socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+    fn snapshotter_socket(&self) -> PathBuf {
+        self.dir.join("snapshotter.sock")
+    }
+
+    fn start_snapshotter(&self) -> Proc {
+        let log = std::fs::File::create(self.dir.join("snapshotter.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hoist"))
+            .args(["--plain-http", "snapshotter", "--socket"])
+            .arg(self.snapshotter_socket())
+            .env("HOIST_HOME", &self.home)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let sock = self.snapshotter_socket();
+        wait_for("the snapshotter's socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        Proc(child, "the snapshotter")
+    }
+
+    fn start_containerd(&self) -> Proc {
+        let log = std::fs::File::create(self.dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let rt = rt();
+        let sock = self.containerd_socket();
+        wait_for("containerd's CRI service", Duration::from_secs(60), || {
+            sock.exists()
+                && rt.block_on(async {
+                    let mut c = cri::runtime_service_client::RuntimeServiceClient::new(
+                        channel(sock.clone()).await,
+                    );
+                    c.version(cri::VersionRequest::default()).await.is_ok()
+                })
+        });
+        Proc(child, "containerd")
+    }
+
+    fn write_config(&self, sandbox_image: &str) {
+        let certs = self.dir.join("certs.d").join(&self.registry_host);
+        std::fs::create_dir_all(&certs).unwrap();
+        std::fs::write(
+            certs.join("hosts.toml"),
+            format!(
+                "server = \"http://{h}\"\n[host.\"http://{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                h = self.registry_host
+            ),
+        )
+        .unwrap();
+        let d = self.dir.display();
+        let config = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[proxy_plugins.hoist]
+  type = "snapshot"
+  address = "{d}/snapshotter.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  # Containers may not lower their OOM score below containerd's own (this machine's
+  # sandbox forbids it, as unprivileged hosts do).
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "hoist"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{d}/certs.d"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/conf"
+"#
+        );
+        std::fs::write(self.dir.join("config.toml"), config).unwrap();
+    }
+
+    fn hoist(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_hoist"))
+            .args(args)
+            .env("HOIST_HOME", &self.home)
+            .output()
+            .unwrap()
+    }
+
+    /// The lazy mounts of hoist images under the snapshotter's root.
+    fn image_mounts(&self) -> Vec<PathBuf> {
+        let root = self.home.join("snapshots");
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|mp| mp.starts_with(&*root.to_string_lossy()) && mp.ends_with("/image"))
+            .map(PathBuf::from)
+            .collect()
+    }
+}
+
+/// An image holding only a static busybox, whose entrypoint sleeps: the pod sandbox.
+fn pause_layout(dir: &Path, busybox: &Path) {
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append_path_with_name(busybox, "bin/busybox").unwrap();
+    let layer = tar.into_inner().unwrap();
+    make_layout(dir, "pause", &[layer]);
+    // The sandbox must keep running: its entrypoint sleeps.
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let md = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = |d: &str| {
+        dir.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(blob(&md)).unwrap()).unwrap();
+    let cd = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let mut config: Value = serde_json::from_slice(&std::fs::read(blob(&cd)).unwrap()).unwrap();
+    config["config"] = serde_json::json!({
+        "Entrypoint": ["/bin/busybox", "sleep", "2147483647"],
+    });
+    use sha2::Digest as _;
+    let put = |bytes: Vec<u8>| {
+        let d = format!("sha256:{:x}", sha2::Sha256::digest(&bytes));
+        std::fs::write(blob(&d), &bytes).unwrap();
+        (d, bytes.len())
+    };
+    let (cd, cs) = put(serde_json::to_vec(&config).unwrap());
+    manifest["config"]["digest"] = cd.into();
+    manifest["config"]["size"] = cs.into();
+    let (md, ms) = put(serde_json::to_vec(&manifest).unwrap());
+    let mut index = index;
+    index["manifests"][0]["digest"] = md.into();
+    index["manifests"][0]["size"] = ms.into();
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+fn sandbox_config(dir: &Path, name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "hoist-test".into(),
+            attempt: 0,
+        }),
+        log_directory: dir.join("logs").display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    pid: cri::NamespaceMode::Container as i32,
+                    ipc: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+struct Cri {
+    rt: tokio::runtime::Runtime,
+    socket: PathBuf,
+}
+
+impl Cri {
+    fn images(&self) -> cri::image_service_client::ImageServiceClient<tonic::transport::Channel> {
+        cri::image_service_client::ImageServiceClient::new(
+            self.rt.block_on(channel(self.socket.clone())),
+        )
+    }
+    fn runtime(
+        &self,
+    ) -> cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel> {
+        cri::runtime_service_client::RuntimeServiceClient::new(
+            self.rt.block_on(channel(self.socket.clone())),
+        )
+    }
+
+    fn pull(&self, image: &str) -> Result<String, tonic::Status> {
+        let mut c = self.images();
+        self.rt
+            .block_on(c.pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }))
+            .map(|r| r.into_inner().image_ref)
+    }
+
+    fn run_pod(&self, config: &cri::PodSandboxConfig) -> String {
+        let mut c = self.runtime();
+        self.rt
+            .block_on(c.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            }))
+            .expect("RunPodSandbox")
+            .into_inner()
+            .pod_sandbox_id
+    }
+
+    /// Creates and starts a container running `sh -c script` from `image`; returns its id.
+    /// containerd answers Unavailable while it reconnects to a restarted snapshotter (its
+    /// gRPC backoff, at most 3 s): retried for up to 20 s, as kubelet retries.
+    fn start(
+        &self,
+        pod: &str,
+        sandbox: &cri::PodSandboxConfig,
+        name: &str,
+        image: &str,
+        script: &str,
+    ) -> String {
+        let mut c = self.runtime();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let id = loop {
+            let r = self
+                .rt
+                .block_on(c.create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: pod.into(),
+                    config: Some(cri::ContainerConfig {
+                        metadata: Some(cri::ContainerMetadata {
+                            name: name.into(),
+                            attempt: 0,
+                        }),
+                        image: Some(cri::ImageSpec {
+                            image: image.into(),
+                            ..Default::default()
+                        }),
+                        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                        log_path: format!("{name}.log"),
+                        ..Default::default()
+                    }),
+                    sandbox_config: Some(sandbox.clone()),
+                }));
+            match r {
+                Ok(r) => break r.into_inner().container_id,
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("CreateContainer {name}: {e}"),
+            }
+        };
+        self.rt
+            .block_on(c.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            }))
+            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+        id
+    }
+
+    fn remove_container(&self, id: &str) {
+        let mut c = self.runtime();
+        let _ = self
+            .rt
+            .block_on(c.stop_container(cri::StopContainerRequest {
+                container_id: id.into(),
+                timeout: 5,
+            }));
+        self.rt
+            .block_on(c.remove_container(cri::RemoveContainerRequest {
+                container_id: id.into(),
+            }))
+            .expect("RemoveContainer");
+    }
+}
+
+/// The container's log (CRI's format: one `TIME STREAM TAG TEXT` line per line).
+fn log_text(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join("logs").join(format!("{name}.log"))).unwrap_or_default()
+}
+
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest as _;
+    format!("{:x}", sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+#[test]
+fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
+    let Some(layout) = setup() else { return };
+    let dir = scratch().join("containerd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let reg = Registry::start(&Auth::None);
+    let proxy = FaultProxy::start(&reg.addr);
+    let _stop = StopDaemon(dir.join("hoist"));
+    let node = Node {
+        dir: dir.clone(),
+        home: dir.join("hoist"),
+        registry_host: proxy.addr.clone(),
+    };
+
+    // The images: tiny-v1 converted, tiny-v1 as it is, and a sandbox image.
+    let reference = umoci_unpack(&layout, "tiny-v1", "containerd-ref");
+    let want = sha256_hex(&reference.join("rootfs/app/data.bin"));
+    let hello = std::fs::read_to_string(reference.join("rootfs/app/hello.txt")).unwrap();
+    let hoist_image = format!("{}/hoist/tiny:v1", proxy.addr);
+    hoist_env_ok(
+        &[
+            "--plain-http",
+            "convert",
+            &format!("oci:{}:tiny-v1", layout.display()),
+            &format!("docker://{hoist_image}"),
+        ],
+        &[(
+            "HOIST_HOME",
+            &dir.join("convert-home").display().to_string(),
+        )],
+    );
+    reg.push_with_skopeo(&layout, "tiny-v1", "plain/tiny", None);
+    let plain_image = format!("{}/plain/tiny:tiny-v1", proxy.addr);
+    let pause = dir.join("pause-layout");
+    pause_layout(&pause, &reference.join("rootfs/bin/busybox"));
+    reg.push_with_skopeo(&pause, "pause", "pause", None);
+    node.write_config(&format!("{}/pause:pause", proxy.addr));
+
+    // The data blobs of the hoist image, which a lazy pull never downloads.
+    let manifest: Value = serde_json::from_slice(
+        &Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{hoist_image}"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let data_blobs: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == hoist_oci_media_blob())
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!data_blobs.is_empty());
+
+    let mut snapshotter = node.start_snapshotter();
+    let mut containerd = node.start_containerd();
+    let cri = Cri {
+        rt: rt(),
+        socket: node.containerd_socket(),
+    };
+
+    // 1. A lazy pull: the manifest, the config and the metadata blob; no data blob.
+    proxy.take_log();
+    cri.pull(&hoist_image)
+        .expect("PullImage of the hoist image");
+    let pulled = proxy.take_log();
+    let fetched: Vec<&String> = pulled
+        .iter()
+        .filter(|l| data_blobs.iter().any(|d| l.contains(d.as_str())))
+        .collect();
+    assert!(
+        fetched.is_empty(),
+        "data blobs fetched by the pull: {fetched:?}\n{pulled:?}"
+    );
+    assert!(
+        pulled.iter().any(|l| l.contains("/manifests/")),
+        "{pulled:?}"
+    );
+    let mounts = node.image_mounts();
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    let image_mp = mounts[0].clone();
+
+    // 2. A pod (the sandbox image goes through the fallback) and a container that reads.
+    let sandbox = sandbox_config(&dir, "pod");
+    let pod = cri.run_pod(&sandbox);
+    let script = "cat /app/hello.txt; sha256sum /app/data.bin; i=0; while true; do echo tick $i $(head -c 100 /app/hello.txt | wc -c); i=$((i+1)); sleep 0.2; done";
+    let lazy = cri.start(&pod, &sandbox, "lazy", &hoist_image, script);
+    wait_for(
+        "the hoist container's output",
+        Duration::from_secs(120),
+        || log_text(&dir, "lazy").contains("tick 1 "),
+    );
+    let out = log_text(&dir, "lazy");
+    assert!(out.contains(&want), "data.bin's hash not in {out}");
+    assert!(out.contains(hello.trim()), "{out}");
+    // Read lazily: what the container read was fetched, not the whole image.
+    let stat: Value = serde_json::from_slice(
+        &node
+            .hoist(&["stat", "--json", &image_mp.display().to_string()])
+            .stdout,
+    )
+    .unwrap();
+    let (fetched, total) = (
+        stat["bytes_fetched"].as_u64().unwrap(),
+        stat["blob_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        fetched > 0 && fetched < total,
+        "fetched {fetched} of {total}: {stat}"
+    );
+
+    // 3. An ordinary image: containerd unpacks it into overlayfs snapshots.
+    cri.pull(&plain_image)
+        .expect("PullImage of the ordinary image");
+    let plain = cri.start(
+        &pod,
+        &sandbox,
+        "plain",
+        &plain_image,
+        "sha256sum /app/data.bin",
+    );
+    wait_for(
+        "the ordinary container's output",
+        Duration::from_secs(60),
+        || log_text(&dir, "plain").contains(&want),
+    );
+
+    // 4. containerd restarted, then the snapshotter: the container reads on, and a new
+    //    container starts from the persisted snapshots.
+    let ticks = |s: &str| s.matches(" tick ").count();
+    for what in ["containerd", "the snapshotter"] {
+        if what == "containerd" {
+            containerd.stop();
+            containerd = node.start_containerd();
+        } else {
+            snapshotter.stop();
+            snapshotter = node.start_snapshotter();
+        }
+        let before = ticks(&log_text(&dir, "lazy"));
+        wait_for(
+            &format!("ticks after restarting {what}"),
+            Duration::from_secs(30),
+            || ticks(&log_text(&dir, "lazy")) >= before + 3,
+        );
+        let out = log_text(&dir, "lazy");
+        let read = format!(" {}", hello.len().min(100));
+        let bad: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains(" tick ") && !l.ends_with(&read))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "reads failed after restarting {what}: {bad:?}"
+        );
+    }
+    let again = cri.start(
+        &pod,
+        &sandbox,
+        "again",
+        &hoist_image,
+        "sha256sum /app/data.bin",
+    );
+    wait_for(
+        "a container started after the restarts",
+        Duration::from_secs(60),
+        || log_text(&dir, "again").contains(&want),
+    );
+
+    // 5. Bad input straight to the snapshotter: clear errors, nothing left behind.
+    bad_input(&cri.rt, &node);
+
+    // 6. The image removed: containers, pod, then RemoveImage; its snapshots and its
+    //    lazy mount go.
+    for id in [&lazy, &plain, &again] {
+        cri.remove_container(id);
+    }
+    let mut rtc = cri.runtime();
+    cri.rt
+        .block_on(rtc.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        }))
+        .expect("StopPodSandbox");
+    cri.rt
+        .block_on(rtc.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        }))
+        .expect("RemovePodSandbox");
+    let mut imc = cri.images();
+    cri.rt
+        .block_on(imc.remove_image(cri::RemoveImageRequest {
+            image: Some(cri::ImageSpec {
+                image: hoist_image.clone(),
+                ..Default::default()
+            }),
+        }))
+        .expect("RemoveImage");
+    wait_for(
+        "the image's lazy mount to go",
+        Duration::from_secs(60),
+        || node.image_mounts().is_empty(),
+    );
+    let records = std::fs::read_to_string(node.home.join("snapshots/snapshots.json")).unwrap();
+    assert!(
+        !records.contains("hoist_image") && !records.contains("hoist_layer"),
+        "{records}"
+    );
+    let status: Value =
+        serde_json::from_slice(&node.hoist(&["daemon", "status", "--json"]).stdout).unwrap();
+    assert_eq!(
+        status["mounts"].as_array().map_or(0, |m| m.len()),
+        0,
+        "{status}"
+    );
+
+    // 7. A hoist image whose metadata blob the registry cannot serve: the pull fails
+    //    with the reason, and nothing is left.
+    let meta = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["mediaType"] == hoist_oci_media_meta())
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    proxy.on("GET", &meta, u64::MAX, Fault::Status(503));
+    // The node's cache has it from the first pull: empty it.
+    std::fs::remove_dir_all(node.home.join("cache/meta")).unwrap();
+    let e = cri
+        .pull(&hoist_image)
+        .expect_err("a pull without the metadata blob");
+    assert!(
+        e.message().contains("hoist") || e.message().contains("503"),
+        "{e}"
+    );
+    eprintln!("pull with the metadata blob unavailable: {}", e.message());
+    assert!(node.image_mounts().is_empty());
+    let records = std::fs::read_to_string(node.home.join("snapshots/snapshots.json")).unwrap();
+    assert!(!records.contains("hoist_image"), "{records}");
+    proxy.clear();
+
+    drop(containerd);
+    drop(snapshotter);
+}
+
+/// Stops the hoist daemon of a state root when dropped, pass or fail.
+struct StopDaemon(PathBuf);
+
+impl Drop for StopDaemon {
+    fn drop(&mut self) {
+        let _ = Command::new(env!("CARGO_BIN_EXE_hoist"))
+            .args(["daemon", "stop"])
+            .env("HOIST_HOME", &self.0)
+            .output();
+    }
+}
+
+fn hoist_oci_media_blob() -> &'static str {
+    "application/vnd.oci.image.layer.hoist.blob.v1"
+}
+
+fn hoist_oci_media_meta() -> &'static str {
+    "application/vnd.oci.image.layer.hoist.meta.v1.erofs"
+}
+
+/// An unknown key, a parent that does not exist: the snapshotter's gRPC errors.
+fn bad_input(rt: &tokio::runtime::Runtime, node: &Node) {
+    use containerd_client::services::v1::snapshots as pb;
+    let mut c =
+        pb::snapshots_client::SnapshotsClient::new(rt.block_on(channel(node.snapshotter_socket())));
+    let e = rt
+        .block_on(c.stat(pb::StatSnapshotRequest {
+            snapshotter: "hoist".into(),
+            key: "no-such-key".into(),
+        }))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    assert!(e.message().contains("no-such-key"), "{e}");
+    let e = rt
+        .block_on(c.prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "hoist".into(),
+            key: "k".into(),
+            parent: "no-such-parent".into(),
+            labels: Default::default(),
+        }))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    assert!(e.message().contains("no-such-parent"), "{e}");
+    let e = rt
+        .block_on(c.stat(pb::StatSnapshotRequest {
+            snapshotter: "hoist".into(),
+            key: "k".into(),
+        }))
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::NotFound,
+        "a failed Prepare left k behind"
+    );
+}
