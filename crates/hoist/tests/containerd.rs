@@ -576,7 +576,14 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
     bad_input(&cri.rt, &node);
 
     // 6. The image removed: containers, pod, then RemoveImage; its snapshots and its
-    //    lazy mount go.
+    //    lazy mount go, and its chunks are unpinned (the cache can shrink).
+    let pinned = || -> u64 {
+        let out = node.hoist(&["cache", "stat", "--json"]);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["pinned"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(pinned() > 0, "the lazy image pins no chunk");
     for id in [&lazy, &plain, &again] {
         cri.remove_container(id);
     }
@@ -605,6 +612,7 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
         Duration::from_secs(60),
         || node.image_mounts().is_empty(),
     );
+    assert_eq!(pinned(), 0, "chunks still pinned after RemoveImage");
     let records = std::fs::read_to_string(node.home.join("snapshots/snapshots.json")).unwrap();
     assert!(
         !records.contains("hoist_image") && !records.contains("hoist_layer"),
