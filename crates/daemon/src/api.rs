@@ -45,6 +45,9 @@ pub struct RegistryOptions {
     pub retries: u32,
     /// Stall timeout, seconds.
     pub timeout_secs: u64,
+    /// containerd's registry host files (mirrors, CAs, client certificates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts_dir: Option<PathBuf>,
 }
 
 /// A mount request.

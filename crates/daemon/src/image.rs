@@ -61,6 +61,7 @@ pub(crate) fn registry_config(spec: &MountSpec) -> Result<RegistryConfig, Daemon
         connect_timeout: Duration::from_secs(10).min(read_timeout),
         retries: spec.registry.retries,
         retry_budget: read_timeout,
+        hosts_dir: spec.registry.hosts_dir.clone(),
         ..RegistryConfig::default()
     })
 }

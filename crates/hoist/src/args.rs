@@ -38,6 +38,17 @@ pub struct RegistryArgs {
     /// abandoned (and retried).
     #[arg(long, value_name = "SECONDS", default_value_t = 30, global = true)]
     pub timeout: u64,
+    /// containerd's registry host files, one `HOST[:PORT]/hosts.toml` per registry (as
+    /// containerd's `config_path`): mirrors tried first, a registry's own CA, client
+    /// certificates, `skip_verify`, plain HTTP for an `http://` host. A directory that
+    /// does not exist reads as empty.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/etc/containerd/certs.d",
+        global = true
+    )]
+    pub hosts_dir: PathBuf,
 }
 
 /// Chunk compressor.

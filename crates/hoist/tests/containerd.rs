@@ -103,6 +103,8 @@ struct Node {
     dir: PathBuf,
     home: PathBuf,
     registry_host: String,
+    /// hoist's registry options for the snapshotter.
+    registry_args: Vec<String>,
 }
 
 impl Node {
@@ -116,7 +118,8 @@ impl Node {
     fn start_snapshotter(&self) -> Proc {
         let log = std::fs::File::create(self.dir.join("snapshotter.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_hoist"))
-            .args(["--plain-http", "snapshotter", "--socket"])
+            .args(&self.registry_args)
+            .args(["snapshotter", "--socket"])
             .arg(self.snapshotter_socket())
             .env("HOIST_HOME", &self.home)
             .stdout(Stdio::null())
@@ -153,17 +156,12 @@ impl Node {
         Proc(child, "containerd")
     }
 
-    fn write_config(&self, sandbox_image: &str) {
+    /// containerd's config, with `hosts_toml` as the registry's host file (read by
+    /// containerd and, with `--hosts-dir`, by hoist).
+    fn write_config(&self, sandbox_image: &str, hosts_toml: &str) {
         let certs = self.dir.join("certs.d").join(&self.registry_host);
         std::fs::create_dir_all(&certs).unwrap();
-        std::fs::write(
-            certs.join("hosts.toml"),
-            format!(
-                "server = \"http://{h}\"\n[host.\"http://{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                h = self.registry_host
-            ),
-        )
-        .unwrap();
+        std::fs::write(certs.join("hosts.toml"), hosts_toml).unwrap();
         let d = self.dir.display();
         let config = format!(
             r#"version = 2
@@ -413,6 +411,7 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
         dir: dir.clone(),
         home: dir.join("hoist"),
         registry_host: proxy.addr.clone(),
+        registry_args: vec!["--plain-http".into()],
     };
 
     // The images: tiny-v1 converted, tiny-v1 as it is, and a sandbox image.
@@ -437,7 +436,13 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
     let pause = dir.join("pause-layout");
     pause_layout(&pause, &reference.join("rootfs/bin/busybox"));
     reg.push_with_skopeo(&pause, "pause", "pause", None);
-    node.write_config(&format!("{}/pause:pause", proxy.addr));
+    node.write_config(
+        &format!("{}/pause:pause", proxy.addr),
+        &format!(
+            "server = \"http://{h}\"\n[host.\"http://{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            h = proxy.addr
+        ),
+    );
 
     // The data blobs of the hoist image, which a lazy pull never downloads.
     let manifest: Value = serde_json::from_slice(
@@ -711,4 +716,128 @@ fn bad_input(rt: &tokio::runtime::Runtime, node: &Node) {
         tonic::Code::NotFound,
         "a failed Prepare left k behind"
     );
+}
+
+/// A registry behind TLS with a CA of its own, and two mirrors in front of it, one down
+/// and one without the image, configured only in containerd's host file (`certs.d/HOST/hosts.toml`): `hoist convert`
+/// pushes to it, `hoist mount` reads from it, and containerd with the snapshotter runs a
+/// container from it. Without the file, hoist's error says the certificate is not
+/// trusted and how to trust it.
+#[test]
+fn a_tls_registry_and_a_dead_mirror_from_certs_d_serve_convert_mount_and_containerd() {
+    let Some(layout) = setup() else { return };
+    let dir = scratch().join("containerd-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tls = hoist_testkit::TlsFiles::generate(&dir.join("tls"));
+    let reg = Registry::start_tls(&Auth::None, &tls);
+    let _stop = StopDaemon(dir.join("hoist"));
+    // A port nothing listens on: the mirror is down.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    // A mirror that is up but has nothing: it answers 404, and the next one is asked.
+    let empty = Registry::start(&Auth::None);
+    let certs = dir.join("certs.d");
+    let node = Node {
+        dir: dir.clone(),
+        home: dir.join("hoist"),
+        registry_host: reg.addr.clone(),
+        registry_args: vec!["--hosts-dir".into(), certs.display().to_string()],
+    };
+    let reference = umoci_unpack(&layout, "tiny-v1", "tls-ref");
+    let want = sha256_hex(&reference.join("rootfs/app/data.bin"));
+    let pause = dir.join("pause-layout");
+    pause_layout(&pause, &reference.join("rootfs/bin/busybox"));
+    reg.push_with_skopeo(&pause, "pause", "pause", None);
+    node.write_config(
+        &format!("{}/pause:pause", reg.addr),
+        &format!(
+            "server = \"https://{r}\"\nca = \"{ca}\"\n[host.\"http://{dead_addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n[host.\"http://{empty}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            r = reg.addr,
+            ca = tls.ca.display(),
+            empty = empty.addr
+        ),
+    );
+    let image = format!("{}/hoist/tiny:v1", reg.addr);
+    let src = format!("oci:{}:tiny-v1", layout.display());
+    let convert_home = dir.join("convert-home").display().to_string();
+    let env = [("HOIST_HOME", convert_home.as_str())];
+
+    // Without the host file: the certificate is not trusted, and the error says how.
+    let err = hoist_err(
+        &[
+            "--hosts-dir",
+            "/nonexistent",
+            "convert",
+            &src,
+            &format!("docker://{image}"),
+        ],
+        &env,
+    );
+    assert!(
+        err.contains("not trusted") && err.contains("hosts.toml"),
+        "{err}"
+    );
+    // With it: convert pushes, over TLS.
+    let certs_s = certs.display().to_string();
+    hoist_env_ok(
+        &[
+            "--hosts-dir",
+            &certs_s,
+            "convert",
+            &src,
+            &format!("docker://{image}"),
+        ],
+        &env,
+    );
+
+    // hoist mount reads through the host file: one mirror is down, the other answers
+    // 404, the registry serves.
+    let mp = dir.join("mnt");
+    std::fs::create_dir_all(&mp).unwrap();
+    let out = node.hoist(&[
+        "--hosts-dir",
+        &certs_s,
+        "mount",
+        &format!("docker://{image}"),
+        &mp.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256_hex(&mp.join("app/data.bin")), want);
+    assert!(node
+        .hoist(&["umount", &mp.display().to_string()])
+        .status
+        .success());
+
+    // containerd and the snapshotter, both configured by the same file.
+    let _snapshotter = node.start_snapshotter();
+    let _containerd = node.start_containerd();
+    let cri = Cri {
+        rt: rt(),
+        socket: node.containerd_socket(),
+    };
+    cri.pull(&image)
+        .expect("PullImage over TLS through a dead mirror");
+    let sandbox = sandbox_config(&dir, "tls-pod");
+    let pod = cri.run_pod(&sandbox);
+    let id = cri.start(&pod, &sandbox, "tls", &image, "sha256sum /app/data.bin");
+    wait_for("the container's output", Duration::from_secs(60), || {
+        log_text(&dir, "tls").contains(&want)
+    });
+    cri.remove_container(&id);
+    let mut rtc = cri.runtime();
+    let _ = cri
+        .rt
+        .block_on(rtc.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        }));
+    let _ = cri
+        .rt
+        .block_on(rtc.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        }));
 }

@@ -23,6 +23,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod hosts;
 pub mod remote;
 
 pub use auth::Credentials;
@@ -54,6 +55,9 @@ pub struct RegistryConfig {
     pub backoff: Duration,
     /// Bytes per `PATCH` of a chunked upload.
     pub upload_chunk: usize,
+    /// containerd's host files (`HOST[:PORT]/hosts.toml`: mirrors, CAs, client
+    /// certificates), as in containerd's `config_path`; `None` reads none.
+    pub hosts_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RegistryConfig {
@@ -67,6 +71,7 @@ impl Default for RegistryConfig {
             retry_budget: Duration::from_secs(60),
             backoff: Duration::from_millis(200),
             upload_chunk: 16 << 20,
+            hosts_dir: None,
         }
     }
 }
@@ -92,16 +97,16 @@ pub enum RegistryError {
         /// Why, and what to do.
         why: String,
     },
-    /// The connection failed, timed out or was reset, after all retries.
-    #[error("{what}: {source} (after {attempts} attempts)")]
+    /// The connection failed, timed out or was reset, after all retries; or the
+    /// registry's TLS certificate is not trusted.
+    #[error("{what}: {}", transport_message(cause, *attempts))]
     Transport {
         /// Operation and repository.
         what: String,
         /// Attempts made.
         attempts: u32,
-        /// The last failure.
-        #[source]
-        source: reqwest::Error,
+        /// The last failure (its causes are in the message).
+        cause: reqwest::Error,
     },
     /// Reading a response body failed.
     #[error("{what}: {source}")]
@@ -123,6 +128,26 @@ pub enum RegistryError {
     /// The client could not be set up.
     #[error("{0}")]
     Config(String),
+}
+
+/// The message of a transport error: for a certificate hoist does not trust, what it
+/// was and how to trust it; otherwise the error and its causes, and the attempts made.
+fn transport_message(e: &reqwest::Error, attempts: u32) -> String {
+    let detail = client::describe_transport(e);
+    if client::is_tls(e) {
+        let host = e
+            .url()
+            .and_then(|u| {
+                u.host_str()
+                    .map(|h| u.port().map_or(h.to_string(), |p| format!("{h}:{p}")))
+            })
+            .unwrap_or_else(|| "HOST".into());
+        format!(
+            "the registry's TLS certificate is not trusted ({detail}). Trust its CA: write `ca = \"/path/to/ca.pem\"` in /etc/containerd/certs.d/{host}/hosts.toml (containerd reads the same file; `--hosts-dir` names another directory), or add the CA to the system's store (update-ca-certificates); use --plain-http for a registry without TLS"
+        )
+    } else {
+        format!("{detail} (after {attempts} attempts)")
+    }
 }
 
 /// Opens an image reference (`oci:` or `docker://`) for reading.

@@ -13,7 +13,7 @@ mod registry;
 pub mod token;
 
 pub use proxy::{Fault, FaultProxy, Rule};
-pub use registry::{Auth, Registry};
+pub use registry::{Auth, Registry, TlsFiles};
 pub use token::TokenServer;
 
 use std::io::{BufRead, BufReader, Read};

@@ -31,6 +31,90 @@ pub enum Auth {
     },
 }
 
+/// A test CA and a server certificate it signed for 127.0.0.1 (PEM files).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA's certificate: what a client must trust.
+    pub ca: PathBuf,
+    /// The server's certificate.
+    pub cert: PathBuf,
+    /// The server's key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes a CA and a certificate for `127.0.0.1` in `dir`, with `openssl`.
+    pub fn generate(dir: &Path) -> TlsFiles {
+        std::fs::create_dir_all(dir).expect("TLS directory");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("running openssl (apt-get install openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("extension file");
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=hoist test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        }
+    }
+}
+
 /// A running registry; killed when dropped.
 pub struct Registry {
     child: Child,
@@ -48,6 +132,15 @@ impl Registry {
     /// Starts a registry storing into a new temporary directory, and waits until it
     /// answers.
     pub fn start(auth: &Auth) -> Registry {
+        Self::start_with(auth, None)
+    }
+
+    /// Starts a registry that serves HTTPS with `tls`'s certificate (signed by its CA).
+    pub fn start_tls(auth: &Auth, tls: &TlsFiles) -> Registry {
+        Self::start_with(auth, Some(tls))
+    }
+
+    fn start_with(auth: &Auth, tls: Option<&TlsFiles>) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("hoist-registry-")
             .tempdir_in("/var/tmp")
@@ -75,8 +168,15 @@ impl Registry {
                 cert.display()
             ),
         };
+        let tls_yaml = tls.map_or(String::new(), |t| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                t.cert.display(),
+                t.key.display()
+            )
+        });
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_yaml}",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_yaml}{auth_yaml}",
             dir.path().join("data").display()
         );
         let config_path = dir.path().join("config.yml");
@@ -126,7 +226,8 @@ impl Registry {
                 let mut buf = [0u8; 12];
                 if s.write_all(req.as_bytes()).is_ok()
                     && s.read_exact(&mut buf).is_ok()
-                    && buf.starts_with(b"HTTP/1.1")
+                    // HTTP/1.0 400 from a TLS listener: it is up.
+                    && buf.starts_with(b"HTTP/1.")
                 {
                     return;
                 }

@@ -36,6 +36,7 @@ impl Context {
                 creds,
                 stall_timeout: Duration::from_secs(args.timeout.max(1)),
                 retries: args.retries,
+                hosts_dir: Some(args.hosts_dir.clone()),
                 ..RegistryConfig::default()
             },
             home,

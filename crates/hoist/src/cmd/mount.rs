@@ -69,6 +69,7 @@ pub(super) fn mount_spec(
             creds: registry.creds.clone(),
             retries: registry.retries,
             timeout_secs: registry.timeout,
+            hosts_dir: Some(registry.hosts_dir.clone()),
         },
         trace: super::trace_arg(
             opts.prefetch_trace.as_deref(),
