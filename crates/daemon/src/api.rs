@@ -289,6 +289,20 @@ pub struct Stats {
     pub devices_total: u64,
     /// Background prefetch.
     pub prefetch: PrefetchStats,
+    /// How long the read requests that reached hoist took to answer.
+    #[serde(default)]
+    pub read_latency: LatencyStats,
+}
+
+/// A latency histogram.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LatencyStats {
+    /// Upper bounds of the buckets, seconds.
+    pub bounds_secs: Vec<f64>,
+    /// Requests per bucket (not cumulative); one more than the bounds: longer ones.
+    pub counts: Vec<u64>,
+    /// Sum of all latencies, seconds.
+    pub sum_secs: f64,
 }
 
 /// Prefetch progress.

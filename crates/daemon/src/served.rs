@@ -614,6 +614,14 @@ impl Served {
             read_bytes: self.counters.read_bytes.load(Relaxed),
             read_errors: self.counters.read_errors.load(Relaxed),
             resent: self.counters.resent.load(Relaxed),
+            read_latency: {
+                let (counts, sum_secs) = self.counters.read_latency.snapshot();
+                crate::api::LatencyStats {
+                    bounds_secs: hoist_fs::LATENCY_BOUNDS.to_vec(),
+                    counts,
+                    sum_secs,
+                }
+            },
             passthrough: self.counters.passthrough_available.load(Relaxed) == 1,
             passthrough_opens: self.counters.passthrough_opens.load(Relaxed),
             views_built: c.views_built.load(Relaxed),

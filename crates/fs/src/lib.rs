@@ -39,6 +39,6 @@ mod tree;
 pub use blobdev::BlobDevFs;
 pub use devices::{Backing, LoopDevices, SwapError};
 pub use kernel::Privileges;
-pub use session::{mount_fuse, Contents, FsCounters, FuseMount};
+pub use session::{mount_fuse, Contents, FsCounters, FuseMount, Latency, LATENCY_BOUNDS};
 pub use takeover::{resume_fuse, InitParams};
 pub use tree::{file_view, TreeFs};

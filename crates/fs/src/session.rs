@@ -29,6 +29,45 @@ pub struct FsCounters {
     /// The capabilities the kernel offered at INIT.
     #[serde(skip)]
     pub kernel_flags: AtomicU64,
+    /// How long read requests took to answer.
+    #[serde(skip)]
+    pub read_latency: Latency,
+}
+
+/// Upper bounds of the read-latency buckets, in seconds: from a page-cache-speed answer
+/// to a fetch that waits on a slow registry (the read bound is 30 s).
+pub const LATENCY_BOUNDS: [f64; 12] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0,
+];
+
+/// A histogram of latencies over [`LATENCY_BOUNDS`] (one more bucket for longer ones).
+#[derive(Debug, Default)]
+pub struct Latency {
+    counts: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Latency {
+    /// Counts one latency.
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let k = LATENCY_BOUNDS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.counts[k].fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// The count of each bucket (not cumulative; the last is beyond the bounds) and the
+    /// sum, in seconds.
+    pub fn snapshot(&self) -> (Vec<u64>, f64) {
+        (
+            self.counts.iter().map(|c| c.load(Relaxed)).collect(),
+            self.sum_nanos.load(Relaxed) as f64 / 1e9,
+        )
+    }
 }
 
 impl FsCounters {
@@ -63,12 +102,15 @@ impl FsCounters {
         }
         // The kernel asks for at most max_read (1 MiB); bound it all the same.
         let size = (size as usize).min(MAX_READ);
+        let t0 = std::time::Instant::now();
         BUF.with(|b| {
             let mut b = b.borrow_mut();
             if b.len() < size {
                 b.resize(size, 0);
             }
-            match fill(&mut b[..size]) {
+            let filled = fill(&mut b[..size]);
+            self.read_latency.observe(t0.elapsed());
+            match filled {
                 Ok(n) => {
                     self.reads.fetch_add(1, Relaxed);
                     self.read_bytes.fetch_add(n as u64, Relaxed);

@@ -178,6 +178,11 @@ pub struct SnapshotterArgs {
     /// The unix socket to serve on [default: $HOIST_HOME/snapshotter.sock].
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9110): per mount,
+    /// the counters of `hoist stat` and a read-latency histogram; snapshots by kind; the
+    /// daemon's takeovers. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// How hoist images are served and fetched.
     #[command(flatten)]
     pub opts: MountOptions,

@@ -105,6 +105,8 @@ struct Node {
     registry_host: String,
     /// hoist's registry options for the snapshotter.
     registry_args: Vec<String>,
+    /// More options for the snapshotter.
+    snapshotter_args: Vec<String>,
 }
 
 impl Node {
@@ -121,6 +123,7 @@ impl Node {
             .args(&self.registry_args)
             .args(["snapshotter", "--socket"])
             .arg(self.snapshotter_socket())
+            .args(&self.snapshotter_args)
             .env("HOIST_HOME", &self.home)
             .stdout(Stdio::null())
             .stderr(log)
@@ -389,6 +392,23 @@ impl Cri {
     }
 }
 
+/// `GET /metrics` from `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
 /// The container's log (CRI's format: one `TIME STREAM TAG TEXT` line per line).
 fn log_text(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join("logs").join(format!("{name}.log"))).unwrap_or_default()
@@ -407,11 +427,13 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
     let reg = Registry::start(&Auth::None);
     let proxy = FaultProxy::start(&reg.addr);
     let _stop = StopDaemon(dir.join("hoist"));
+    let metrics_addr = format!("127.0.0.1:{}", hoist_testkit::free_port());
     let node = Node {
         dir: dir.clone(),
         home: dir.join("hoist"),
         registry_host: proxy.addr.clone(),
         registry_args: vec!["--plain-http".into()],
+        snapshotter_args: vec!["--metrics-address".into(), metrics_addr.clone()],
     };
 
     // The images: tiny-v1 converted, tiny-v1 as it is, and a sandbox image.
@@ -519,6 +541,47 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
         fetched > 0 && fetched < total,
         "fetched {fetched} of {total}: {stat}"
     );
+
+    // The metrics endpoint reports the counters `hoist stat` shows.
+    let labels = format!(
+        "{{image=\"{}\",mountpoint=\"{}\",mode=\"fuse\"}}",
+        stat["image"].as_str().unwrap(),
+        image_mp.display()
+    );
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
+    };
+    let before = scrape(&metrics_addr);
+    let stat: Value = serde_json::from_slice(
+        &node
+            .hoist(&["stat", "--json", &image_mp.display().to_string()])
+            .stdout,
+    )
+    .unwrap();
+    let after = scrape(&metrics_addr);
+    for (metric, field) in [
+        ("hoist_fetched_bytes_total", "bytes_fetched"),
+        ("hoist_fetch_requests_total", "requests"),
+        ("hoist_cache_misses_total", "cache_misses"),
+        ("hoist_reads_total", "reads"),
+    ] {
+        let name = format!("{metric}{labels}");
+        let (lo, hi) = (value(&before, &name), value(&after, &name));
+        let s = stat[field].as_f64().unwrap();
+        assert!(lo <= s && s <= hi, "{metric}: {lo} / stat {s} / {hi}");
+    }
+    assert!(value(&after, &format!("hoist_read_latency_seconds_count{labels}")) > 0.0);
+    assert_eq!(
+        value(
+            &after,
+            "hoist_snapshots{kind=\"committed\",content=\"hoist_image\"}"
+        ),
+        1.0
+    );
+    assert_eq!(value(&after, "hoist_mounts"), 1.0);
+    assert_eq!(value(&after, "hoist_daemon_takeovers_total"), 0.0);
 
     // 3. An ordinary image: containerd unpacks it into overlayfs snapshots.
     cri.pull(&plain_image)
@@ -743,6 +806,7 @@ fn a_tls_registry_and_a_dead_mirror_from_certs_d_serve_convert_mount_and_contain
         home: dir.join("hoist"),
         registry_host: reg.addr.clone(),
         registry_args: vec!["--hosts-dir".into(), certs.display().to_string()],
+        snapshotter_args: Vec::new(),
     };
     let reference = umoci_unpack(&layout, "tiny-v1", "tls-ref");
     let want = sha256_hex(&reference.join("rootfs/app/data.bin"));

@@ -19,6 +19,7 @@
 //! tonic 0.9, and one current tonic serves this and the CRI client of the tests.
 
 pub mod filter;
+pub mod metrics;
 pub mod service;
 pub mod snapshotter;
 pub mod store;

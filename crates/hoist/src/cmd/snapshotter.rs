@@ -93,12 +93,27 @@ pub fn run(cx: &Context, registry: &RegistryArgs, args: &SnapshotterArgs) -> any
         Snapshotter::open(&root, Box::new(images))
             .map_err(|e| anyhow!("opening the snapshots in {}: {e}", root.display()))?,
     );
+    let metrics = args.metrics_address.map(|addr| {
+        let view = DaemonStats {
+            home: Home {
+                root: home.root.clone(),
+            },
+        };
+        (
+            addr,
+            Arc::new(hoist_snapshotter::metrics::Metrics::new(
+                snapshotter.clone(),
+                Box::new(view),
+            )),
+        )
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let shutdown = async {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .expect("a SIGTERM handler");
@@ -107,14 +122,42 @@ pub fn run(cx: &Context, registry: &RegistryArgs, args: &SnapshotterArgs) -> any
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::info!("stopping: the mounts stay, served by the hoist daemon");
+            let _ = stop.send(true);
+        });
+        let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
         };
+        if let Some((addr, metrics)) = metrics {
+            let rx = stopped.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    hoist_snapshotter::metrics::serve(addr, metrics, until_stopped(rx)).await
+                {
+                    tracing::error!("{e}");
+                }
+            });
+        }
         tracing::info!(
             "serving containerd's snapshots API on {} (snapshots in {})",
             socket.display(),
             root.display()
         );
-        hoist_snapshotter::serve(&socket, snapshotter, shutdown)
+        hoist_snapshotter::serve(&socket, snapshotter, until_stopped(stopped))
             .await
             .map_err(|e| anyhow!(e))
     })
+}
+
+/// The daemon's mounts and takeovers, for the metrics endpoint; never starts a daemon.
+#[derive(Debug)]
+struct DaemonStats {
+    home: Home,
+}
+
+impl hoist_snapshotter::metrics::DaemonView for DaemonStats {
+    fn mounts(&self) -> Option<(Vec<hoist_daemon::api::Stats>, u64)> {
+        let mut c = hoist_daemon::api::Client::connect(&self.home.socket()).ok()?;
+        let takeovers = c.ping().ok()?.holder.map_or(0, |h| h.takeovers);
+        Some((c.list().ok()?, takeovers))
+    }
 }
