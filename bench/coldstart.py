@@ -43,6 +43,17 @@ the page cache dropped first (sync; echo 3 >/proc/sys/vm/drop_caches):
   hoist-trace   the same on python:hoist-trace-WORKLOAD with --prefetch trace
   hoist-all     the same on python:hoist-trace-WORKLOAD with --prefetch all (trace first,
                 then everything)
+  cri-overlayfs containerd (the system's binary, its own config, root, state and socket in the
+                run's scratch directory) driven through CRI as kubelet drives it
+                (target/release/examples/cri): PullImage of python:v1 with containerd's
+                overlayfs snapshotter (a full pull: every layer downloaded and unpacked),
+                RunPodSandbox (host network), CreateContainer + StartContainer of the
+                workload; ready = the first log line equal to the warm run's. The sandbox
+                (pause) image, a static busybox that sleeps, is pulled before the clock starts,
+                as a node has it. pull/mount = PullImage; run = ready - pull/mount.
+  cri-hoist     the same through `hoist snapshotter` (mode M, --prefetch trace) on
+                python:hoist-trace-WORKLOAD: containerd downloads the manifest and config,
+                the snapshotter mounts the image lazily, fetching the trace first.
   bound         computed, not run: (meta_bytes + the compressed size of the distinct chunks
                 in the workload's trace) * 8 / rate + K * RTT + warm run, with K = 4
                 (--bound-rtts) round trips no method can avoid (TCP connect, manifest,
@@ -65,6 +76,9 @@ resolv.conf). Ready = when the container's stdout shows the first line the warm 
 (or its first line, if that never comes: then a warning); the exit time is recorded too.
 The runs are interleaved (each of the N rounds runs every workload x method once) and the
 medians are reported.
+
+The containerd rows' targets (issue 16): cri-hoist >= 4x faster than cri-overlayfs to a
+ready container, and within 1.3x of hoist-trace on the same image and mode.
 
 The table shows, per method and workload, pull/mount s, run s, ready s, full-pull ready /
 method ready ("x", > 1 = faster than a full pull) and MB moved over the link, the bound
@@ -98,7 +112,10 @@ WORKLOADS = {
     "main": ["python3", "/app/main.py"],
     "readmost": ["sh", "-c", "tar -cf - /usr /app 2>/dev/null | wc -c"],
 }
-METHODS = ["full-pull", "hoist-lazy", "hoist-trace", "hoist-all", "bound"]
+METHODS = ["full-pull", "hoist-lazy", "hoist-trace", "hoist-all", "cri-overlayfs", "cri-hoist", "bound"]
+CRI_METHODS = {"cri-overlayfs": "overlayfs", "cri-hoist": "hoist"}
+CRI = ROOT / "target/release/examples/cri"
+PAUSE = "pause:1"
 HOIST_METHODS = {"hoist-lazy": ("lazy", "none"), "hoist-trace": ("trace", "trace"), "hoist-all": ("trace", "all")}
 
 CHILDREN = set()  # Popen objects in their own sessions, killed on the way out
@@ -614,6 +631,140 @@ def run_hoist(port, d, image, prefetch, mode, argv, expect, timeout, log):
     return out
 
 
+def containerd_config(d, port, snapshotter):
+    """containerd's config for one run: everything under d; the registry over plain HTTP
+    through the relay (certs.d), restrict_oom_score_adj as on an unprivileged host."""
+    certs = d / "certs.d" / f"127.0.0.1:{port}"
+    certs.mkdir(parents=True)
+    (certs / "hosts.toml").write_text(
+        f'server = "http://127.0.0.1:{port}"\n[host."http://127.0.0.1:{port}"]\n'
+        f'  capabilities = ["pull", "resolve"]\n')
+    config = d / "containerd.toml"
+    config.write_text(f"""version = 2
+root = "{d}/containerd/root"
+state = "{d}/containerd/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[proxy_plugins.hoist]
+  type = "snapshot"
+  address = "{d}/snapshotter.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "127.0.0.1:{port}/{PAUSE}"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{snapshotter}"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{d}/certs.d"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/conf"
+""")
+    return config
+
+
+def wait_socket(sock, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sock.exists() and subprocess.run([str(CRI), "version", str(sock)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.05)
+    raise RunError(f"{what} did not answer on {sock} within {timeout} s")
+
+
+def run_cri(port, d, method, image, mode, argv, expect, timeout, log):
+    """One containerd run: the snapshotter (cri-hoist) and containerd started, the pause
+    image pulled, caches dropped; then the timed CRI pull + pod + container."""
+    snapshotter = CRI_METHODS[method]
+    config = containerd_config(d, port, snapshotter)
+    home, procs = d / "home", []
+    try:
+        if snapshotter == "hoist":
+            p = subprocess.Popen([str(HOIST), "--hosts-dir", str(d / "certs.d"), "snapshotter", "--socket",
+                                  str(d / "snapshotter.sock"), "--mode", mode, "--prefetch", "trace"],
+                                 env=hoist_env(home), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=open(d / "snapshotter.log", "w"), start_new_session=True)
+            CHILDREN.add(p)
+            procs.append(p)
+            deadline = time.monotonic() + 30
+            while not (d / "snapshotter.sock").exists():
+                if time.monotonic() > deadline or p.poll() is not None:
+                    raise RunError(f"hoist snapshotter did not start: {why((d / 'snapshotter.log').read_text().splitlines())}")
+                time.sleep(0.02)
+        p = subprocess.Popen(["containerd", "--config", str(config)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=open(d / "containerd.log", "w"), start_new_session=True)
+        CHILDREN.add(p)
+        procs.append(p)
+        wait_socket(d / "containerd.sock", "containerd")
+        attempt([str(CRI), "pull", str(d / "containerd.sock"), f"127.0.0.1:{port}/{PAUSE}"], timeout=timeout)
+        drop_caches()
+        logs = d / "logs"
+        logs.mkdir()
+        _, out = attempt([str(CRI), "start", str(d / "containerd.sock"), f"127.0.0.1:{port}/{image}", str(logs),
+                          expect, str(timeout), "--", *argv], timeout=timeout + 60)
+        r = json.loads(out)
+        if r["ready_s"] is None:
+            raise RunError(f"{method}: no output line {expect!r} (first: {r['first_line']!r})")
+        r.update(pull_mount_s=r["pull_s"], run_s=r["ready_s"] - r["pull_s"])
+        return r
+    finally:
+        for p in reversed(procs):
+            kill_child(p, signal.SIGTERM)
+        # Shims of containers the client could not remove.
+        sh(["pkill", "-KILL", "-f", f"{d}/containerd"], check=False)
+        stop_home(home, log)
+
+
+def push_pause(fixtures, scratch):
+    """An image holding only tiny-v1's static busybox, whose entrypoint sleeps: the pod
+    sandbox of the containerd rows. Pushed as pause:1."""
+    import gzip, hashlib, io, tarfile
+    layout = scratch / "pause-layout"
+    blobs = layout / "blobs/sha256"
+    blobs.mkdir(parents=True)
+    src = manifest(fixtures, "tiny-v1")
+    busybox = None
+    for l in src["layers"]:
+        with tarfile.open(fixtures / "blobs/sha256" / l["digest"].split(":")[1]) as t:
+            for m in t.getmembers():
+                if m.name.lstrip("./") == "bin/busybox" and m.isfile():
+                    busybox = (m, t.extractfile(m).read())
+    if busybox is None:
+        sys.exit("no bin/busybox in tiny-v1")
+
+    def put(data):
+        h = hashlib.sha256(data).hexdigest()
+        (blobs / h).write_bytes(data)
+        return {"digest": f"sha256:{h}", "size": len(data)}
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as t:
+        info = busybox[0]
+        info.name = "bin/busybox"
+        t.addfile(info, io.BytesIO(busybox[1]))
+    layer = raw.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    layer_desc = put(gzip.compress(layer))
+    config = put(json.dumps({"architecture": "amd64", "os": "linux",
+                             "config": {"Entrypoint": ["/bin/busybox", "sleep", "2147483647"]},
+                             "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode())
+    man = put(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                          "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                          "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer_desc}]}
+                         ).encode())
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", **man,
+         "annotations": {"org.opencontainers.image.ref.name": "1"}}]}))
+    sh(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:1", f"docker://{REGISTRY}/{PAUSE}"])
+
+
 def one_run(row, wl, ctx):
     """One timed run of a row on a workload, from empty local state; adds link bytes and connections."""
     method, mode = row
@@ -628,6 +779,11 @@ def one_run(row, wl, ctx):
     try:
         if method == "full-pull":
             r = run_full_pull(ctx["port"], d, WORKLOADS[wl], expect, ctx["timeout"])
+        elif method in CRI_METHODS:
+            image = f"{REPO}:v1" if method == "cri-overlayfs" else ctx["traces"][wl]["image"]
+            ctx["n"] = ctx.get("n", 0) + 1
+            log = ctx["scratch"] / "logs" / f"{ctx['n']:03d}-{method}-{mode}-{wl}.log"
+            r = run_cri(ctx["port"], d, method, image, mode, WORKLOADS[wl], expect, ctx["timeout"], log)
         else:
             kind, prefetch = HOIST_METHODS[method]
             image = f"{REPO}:hoist" if kind == "lazy" else ctx["traces"][wl]["image"]
@@ -657,8 +813,13 @@ def row_name(row):
 def setup_error(row, wl, ctx):
     """Why a row cannot run on a workload at all, or None."""
     method, _ = row
-    if method == "full-pull":
+    if method in ("full-pull", "cri-overlayfs"):
         return None
+    if method == "cri-hoist":
+        if ctx["hoist_error"]:
+            return ctx["hoist_error"]
+        t = ctx["traces"][wl]
+        return t["error"] or t["convert_error"]
     if ctx["hoist_error"]:
         return ctx["hoist_error"]
     if HOIST_METHODS[method][0] == "trace":
@@ -805,11 +966,16 @@ def main():
     for tool in ("skopeo", "umoci", "runc", "docker-registry", "ip", "tc"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed")
-    hoist_rows = [m for m in methods if m in HOIST_METHODS]
+    hoist_rows = [m for m in methods if m in HOIST_METHODS or m == "cri-hoist"]
+    if any(m in CRI_METHODS for m in methods):
+        if not shutil.which("containerd"):
+            sys.exit("containerd is not installed (apt-get install containerd)")
+        if not CRI.exists():
+            subprocess.run(["cargo", "build", "--release", "-p", "hoist", "--example", "cri"], cwd=ROOT, check=True)
     if (hoist_rows or "bound" in methods) and not HOIST.exists():
         sys.exit(f"{HOIST} does not exist (cargo build --release -p hoist)")
-    rows = [(m, None) if m == "full-pull" else (m, mode) for m in methods if m != "bound"
-            for mode in ([None] if m == "full-pull" else modes)]
+    rows = [(m, mode) for m in methods if m != "bound"
+            for mode in ([None] if m in ("full-pull", "cri-overlayfs") else modes)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
 
     clean_leftovers(scratch)
@@ -834,7 +1000,10 @@ def main():
             print(f"  {err}" if err else f"  {secs:.1f} s", flush=True)
         print(f"warm runs under runc ({args.runs} + 1 each)", flush=True)
         ctx["warm"] = warm_runs(fixtures, scratch, workloads, args.runs, args.run_timeout)
-        if any(HOIST_METHODS[m][0] == "trace" for m in hoist_rows) or "bound" in methods:
+        if any(m in CRI_METHODS for m in methods):
+            print("pushing pause:1 (the pod sandbox image)", flush=True)
+            push_pause(fixtures, scratch)
+        if any(m == "cri-hoist" or HOIST_METHODS[m][0] == "trace" for m in hoist_rows) or "bound" in methods:
             if ctx["hoist_error"] and not given:
                 ctx["traces"] = {wl: {"error": ctx["hoist_error"], "convert_error": None} for wl in workloads}
             else:
@@ -929,6 +1098,18 @@ def main():
             if r and "bound_s" in b:
                 trace_vs_bound[f"{wl} ({mode})"] = r["ready_s"] / b["bound_s"]
                 print(f"hoist-trace vs bound: {r['ready_s'] / b['bound_s']:.2f}x ({wl}, {mode})")
+    cri_targets = {}
+    for mode in modes:
+        for wl in workloads:
+            ch = results.get(f"cri-hoist ({mode})", {}).get(wl, {}).get("median")
+            co = results.get("cri-overlayfs", {}).get(wl, {}).get("median")
+            ht = results.get(f"hoist-trace ({mode})", {}).get(wl, {}).get("median")
+            if ch and co:
+                cri_targets[f"{wl} ({mode}) cri-overlayfs / cri-hoist"] = co["ready_s"] / ch["ready_s"]
+                print(f"cri-hoist vs cri-overlayfs: {co['ready_s'] / ch['ready_s']:.2f}x faster ({wl}, {mode}; target >= 4)")
+            if ch and ht:
+                cri_targets[f"{wl} ({mode}) cri-hoist / hoist-trace"] = ch["ready_s"] / ht["ready_s"]
+                print(f"cri-hoist vs hoist-trace: {ch['ready_s'] / ht['ready_s']:.2f}x the time ({wl}, {mode}; target <= 1.3)")
     for wl, b in (bounds or {}).items():
         if "bound_s" in b:
             print(f"bound {wl}: ({b['meta_bytes']} meta + {b['chunk_bytes']} chunk bytes) * 8 / "
@@ -942,7 +1123,7 @@ def main():
               "workloads": {wl: WORKLOADS[wl] for wl in workloads}, "hoist_modes": modes,
               "convert_s": ctx.get("convert_s"), "hoist_error": ctx["hoist_error"],
               "warm": ctx["warm"], "traces": traces, "bound": bounds, "results": results,
-              "trace_vs_bound": trace_vs_bound}
+              "trace_vs_bound": trace_vs_bound, "cri_targets": cri_targets}
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2))

@@ -360,17 +360,23 @@ impl Fetcher {
                     .inner
                     .failed(blob, index, "the mount is shutting down".into()));
             }
+            // The kernel's second request for data whose read just timed out (the read
+            // after its readahead) gets the same answer at once.
+            if self.inner.inflight.timed_out_lately(&e.digest) {
+                c.timeouts.fetch_add(1, Relaxed);
+                return Err(self.timeout(blob, index));
+            }
             let slot = self.inner.request(blob, index, Priority::Demand);
+            // A reader that joins a fetch under way waits no longer than the first one:
+            // one read(2) that the kernel splits into several requests is bounded once.
+            let deadline = deadline.min(slot.first_demand() + self.inner.cfg.read_timeout);
             match slot.wait(deadline) {
                 Some(Ok(())) => {}
                 Some(Err(why)) => return Err(self.inner.failed(blob, index, why)),
                 None => {
                     c.timeouts.fetch_add(1, Relaxed);
-                    return Err(FetchError::Timeout {
-                        blob: self.inner.blobs[blob].digest.to_string(),
-                        index,
-                        secs: self.inner.cfg.read_timeout.as_secs(),
-                    });
+                    self.inner.inflight.note_timeout(&e.digest);
+                    return Err(self.timeout(blob, index));
                 }
             }
         }
@@ -379,6 +385,14 @@ impl Fetcher {
             index,
             "the chunk left the cache right after each fetch (is the cache too small?)".into(),
         ))
+    }
+
+    fn timeout(&self, blob: usize, index: usize) -> FetchError {
+        FetchError::Timeout {
+            blob: self.inner.blobs[blob].digest.to_string(),
+            index,
+            secs: self.inner.cfg.read_timeout.as_secs(),
+        }
     }
 
     /// Reads `buf.len()` bytes of chunk `index` of blob `blob` from `offset` within the

@@ -509,11 +509,23 @@ pub struct Slot {
 struct SlotState {
     result: Option<Result<(), Arc<str>>>,
     urgent: bool,
+    /// When a reader first asked for the chunk (a prefetch may have queued it long
+    /// before).
+    demanded: Option<std::time::Instant>,
 }
 
 impl Slot {
     fn lock(&self) -> MutexGuard<'_, SlotState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When a reader first asked for the chunk (now, if this is the first): a reader
+    /// that joins a fetch late waits no longer than the first reader's bound.
+    pub fn first_demand(&self) -> std::time::Instant {
+        *self
+            .lock()
+            .demanded
+            .get_or_insert_with(std::time::Instant::now)
     }
 
     /// Marks the chunk as wanted by a reader (a prefetch job holding it goes first).
@@ -563,11 +575,19 @@ pub enum Claim {
     Theirs(Arc<Slot>),
 }
 
+/// How long a read that timed out answers for its chunk: the kernel asks again at once
+/// after an EIO (a readahead request fails, then the read itself is sent), and that
+/// request gets the same answer instead of waiting out a bound of its own. Only
+/// timeouts are remembered: a fetch that failed quickly (a refused connection, damaged
+/// data, a full disk) is tried again by the next read.
+pub const TIMEOUT_MEMORY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Chunks being fetched, by digest, so that no chunk is fetched twice at once, whichever
-/// mount or image wants it.
+/// mount or image wants it; and the reads of them that just timed out.
 #[derive(Debug, Default)]
 pub struct Inflight {
     map: Mutex<HashMap<ChunkDigest, Arc<Slot>>>,
+    timed_out: Mutex<HashMap<ChunkDigest, std::time::Instant>>,
 }
 
 impl Inflight {
@@ -605,6 +625,20 @@ impl Inflight {
         }
         drop(map);
         slot.complete(r);
+    }
+
+    /// Notes that a read of the chunk gave up waiting for it.
+    pub fn note_timeout(&self, d: &ChunkDigest) {
+        let mut t = self.timed_out.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        t.retain(|_, at| now.duration_since(*at) < TIMEOUT_MEMORY);
+        t.insert(*d, now);
+    }
+
+    /// Whether a read of the chunk timed out within [`TIMEOUT_MEMORY`].
+    pub fn timed_out_lately(&self, d: &ChunkDigest) -> bool {
+        let t = self.timed_out.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(d).is_some_and(|at| at.elapsed() < TIMEOUT_MEMORY)
     }
 }
 

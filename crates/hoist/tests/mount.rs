@@ -921,3 +921,50 @@ fn a_full_cache_disk_fails_only_the_reads_that_need_space() {
         home.ok(&["umount", &mps]);
     }
 }
+
+/// Issue 19: with the registry stalling, one 4 KiB `pread` of uncached data fails with
+/// EIO within `--read-timeout` plus 2 s, in both modes. The kernel turns it into several
+/// requests (readahead, then the read itself): each used to wait a bound of its own
+/// (60 s in fuse mode, 90 s in erofs mode, for a 30 s bound).
+#[test]
+fn a_stalled_registry_fails_one_read_within_the_bound() {
+    use std::os::unix::fs::FileExt;
+    let Some(layout) = setup() else { return };
+    let tag = "tiny-v1";
+    let (_reg, proxy, base) = registry_with(&layout, &[tag]);
+    let image = format!("{base}/{tag}:latest");
+    for mode in MODES {
+        let home = Home::new(&format!("stall-{mode}"));
+        let mp = home.mountpoint("root");
+        let mps = mp.display().to_string();
+        home.ok(&[
+            "--plain-http",
+            "mount",
+            "--mode",
+            mode,
+            "--prefetch",
+            "none",
+            "--read-timeout",
+            "5",
+            &image,
+            &mps,
+        ]);
+        proxy.on("GET", "/blobs/", u64::MAX, Fault::Stall { after: 0 });
+        let f = std::fs::File::open(mp.join("app/data.bin")).unwrap();
+        let mut buf = [0u8; 4096];
+        let t = Instant::now();
+        let err = f
+            .read_at(&mut buf, 4 << 20)
+            .expect_err("a read of uncached data with the registry stalling");
+        let took = t.elapsed();
+        eprintln!("{mode}: EIO after {took:?}");
+        assert_eq!(err.raw_os_error(), Some(5), "{mode}: {err}");
+        assert!(
+            took < Duration::from_secs(7),
+            "{mode}: one pread waited {took:?} for a 5 s bound"
+        );
+        proxy.clear();
+        drop(f);
+        home.ok(&["umount", &mps]);
+    }
+}
