@@ -15,8 +15,8 @@
 mod common;
 
 use common::*;
+use hoist_testkit::cri::{channel, sandbox_config, Cri};
 use hoist_testkit::{Auth, Fault, FaultProxy, Registry};
-use k8s_cri::v1 as cri;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,21 +45,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-async fn channel(socket: PathBuf) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connecting")
 }
 
 /// Waits (bounded) for `what` to hold, polling.
@@ -145,16 +130,10 @@ impl Node {
             .stderr(log)
             .spawn()
             .unwrap();
-        let rt = rt();
         let sock = self.containerd_socket();
+        let cri = Cri::new(&sock);
         wait_for("containerd's CRI service", Duration::from_secs(60), || {
-            sock.exists()
-                && rt.block_on(async {
-                    let mut c = cri::runtime_service_client::RuntimeServiceClient::new(
-                        channel(sock.clone()).await,
-                    );
-                    c.version(cri::VersionRequest::default()).await.is_ok()
-                })
+            sock.exists() && cri.version().is_ok()
         });
         Proc(child, "containerd")
     }
@@ -258,140 +237,6 @@ fn pause_layout(dir: &Path, busybox: &Path) {
     std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
 }
 
-fn sandbox_config(dir: &Path, name: &str) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "hoist-test".into(),
-            attempt: 0,
-        }),
-        log_directory: dir.join("logs").display().to_string(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Node as i32,
-                    pid: cri::NamespaceMode::Container as i32,
-                    ipc: cri::NamespaceMode::Node as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-struct Cri {
-    rt: tokio::runtime::Runtime,
-    socket: PathBuf,
-}
-
-impl Cri {
-    fn images(&self) -> cri::image_service_client::ImageServiceClient<tonic::transport::Channel> {
-        cri::image_service_client::ImageServiceClient::new(
-            self.rt.block_on(channel(self.socket.clone())),
-        )
-    }
-    fn runtime(
-        &self,
-    ) -> cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel> {
-        cri::runtime_service_client::RuntimeServiceClient::new(
-            self.rt.block_on(channel(self.socket.clone())),
-        )
-    }
-
-    fn pull(&self, image: &str) -> Result<String, tonic::Status> {
-        let mut c = self.images();
-        self.rt
-            .block_on(c.pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: image.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }))
-            .map(|r| r.into_inner().image_ref)
-    }
-
-    fn run_pod(&self, config: &cri::PodSandboxConfig) -> String {
-        let mut c = self.runtime();
-        self.rt
-            .block_on(c.run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: String::new(),
-            }))
-            .expect("RunPodSandbox")
-            .into_inner()
-            .pod_sandbox_id
-    }
-
-    /// Creates and starts a container running `sh -c script` from `image`; returns its id.
-    /// containerd answers Unavailable while it reconnects to a restarted snapshotter (its
-    /// gRPC backoff, at most 3 s): retried for up to 20 s, as kubelet retries.
-    fn start(
-        &self,
-        pod: &str,
-        sandbox: &cri::PodSandboxConfig,
-        name: &str,
-        image: &str,
-        script: &str,
-    ) -> String {
-        let mut c = self.runtime();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let id = loop {
-            let r = self
-                .rt
-                .block_on(c.create_container(cri::CreateContainerRequest {
-                    pod_sandbox_id: pod.into(),
-                    config: Some(cri::ContainerConfig {
-                        metadata: Some(cri::ContainerMetadata {
-                            name: name.into(),
-                            attempt: 0,
-                        }),
-                        image: Some(cri::ImageSpec {
-                            image: image.into(),
-                            ..Default::default()
-                        }),
-                        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                        log_path: format!("{name}.log"),
-                        ..Default::default()
-                    }),
-                    sandbox_config: Some(sandbox.clone()),
-                }));
-            match r {
-                Ok(r) => break r.into_inner().container_id,
-                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => panic!("CreateContainer {name}: {e}"),
-            }
-        };
-        self.rt
-            .block_on(c.start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            }))
-            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
-        id
-    }
-
-    fn remove_container(&self, id: &str) {
-        let mut c = self.runtime();
-        let _ = self
-            .rt
-            .block_on(c.stop_container(cri::StopContainerRequest {
-                container_id: id.into(),
-                timeout: 5,
-            }));
-        self.rt
-            .block_on(c.remove_container(cri::RemoveContainerRequest {
-                container_id: id.into(),
-            }))
-            .expect("RemoveContainer");
-    }
-}
-
 /// `GET /metrics` from `addr`.
 fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};
@@ -410,6 +255,11 @@ fn scrape(addr: &str) -> String {
 }
 
 /// The container's log (CRI's format: one `TIME STREAM TAG TEXT` line per line).
+/// `sh -c script`.
+fn sh(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
 fn log_text(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join("logs").join(format!("{name}.log"))).unwrap_or_default()
 }
@@ -487,10 +337,7 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
 
     let mut snapshotter = node.start_snapshotter();
     let mut containerd = node.start_containerd();
-    let cri = Cri {
-        rt: rt(),
-        socket: node.containerd_socket(),
-    };
+    let cri = Cri::new(&node.containerd_socket());
 
     // 1. A lazy pull: the manifest, the config and the metadata blob; no data blob.
     proxy.take_log();
@@ -514,10 +361,12 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
     let image_mp = mounts[0].clone();
 
     // 2. A pod (the sandbox image goes through the fallback) and a container that reads.
-    let sandbox = sandbox_config(&dir, "pod");
-    let pod = cri.run_pod(&sandbox);
+    let sandbox = sandbox_config(&dir.join("logs"), "pod");
+    let pod = cri.run_pod(&sandbox).expect("RunPodSandbox");
     let script = "cat /app/hello.txt; sha256sum /app/data.bin; i=0; while true; do echo tick $i $(head -c 100 /app/hello.txt | wc -c); i=$((i+1)); sleep 0.2; done";
-    let lazy = cri.start(&pod, &sandbox, "lazy", &hoist_image, script);
+    let lazy = cri
+        .start(&pod, &sandbox, "lazy", &hoist_image, &sh(script))
+        .expect("starting the lazy container");
     wait_for(
         "the hoist container's output",
         Duration::from_secs(120),
@@ -586,13 +435,15 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
     // 3. An ordinary image: containerd unpacks it into overlayfs snapshots.
     cri.pull(&plain_image)
         .expect("PullImage of the ordinary image");
-    let plain = cri.start(
-        &pod,
-        &sandbox,
-        "plain",
-        &plain_image,
-        "sha256sum /app/data.bin",
-    );
+    let plain = cri
+        .start(
+            &pod,
+            &sandbox,
+            "plain",
+            &plain_image,
+            &sh("sha256sum /app/data.bin"),
+        )
+        .expect("starting the plain container");
     wait_for(
         "the ordinary container's output",
         Duration::from_secs(60),
@@ -627,13 +478,15 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
             "reads failed after restarting {what}: {bad:?}"
         );
     }
-    let again = cri.start(
-        &pod,
-        &sandbox,
-        "again",
-        &hoist_image,
-        "sha256sum /app/data.bin",
-    );
+    let again = cri
+        .start(
+            &pod,
+            &sandbox,
+            "again",
+            &hoist_image,
+            &sh("sha256sum /app/data.bin"),
+        )
+        .expect("starting the again container");
     wait_for(
         "a container started after the restarts",
         Duration::from_secs(60),
@@ -641,7 +494,7 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
     );
 
     // 5. Bad input straight to the snapshotter: clear errors, nothing left behind.
-    bad_input(&cri.rt, &node);
+    bad_input(&node);
 
     // 6. The image removed: containers, pod, then RemoveImage; its snapshots and its
     //    lazy mount go, and its chunks are unpinned (the cache can shrink).
@@ -653,28 +506,10 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
     };
     assert!(pinned() > 0, "the lazy image pins no chunk");
     for id in [&lazy, &plain, &again] {
-        cri.remove_container(id);
+        cri.remove_container(id).expect("RemoveContainer");
     }
-    let mut rtc = cri.runtime();
-    cri.rt
-        .block_on(rtc.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        }))
-        .expect("StopPodSandbox");
-    cri.rt
-        .block_on(rtc.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        }))
-        .expect("RemovePodSandbox");
-    let mut imc = cri.images();
-    cri.rt
-        .block_on(imc.remove_image(cri::RemoveImageRequest {
-            image: Some(cri::ImageSpec {
-                image: hoist_image.clone(),
-                ..Default::default()
-            }),
-        }))
-        .expect("RemoveImage");
+    cri.remove_pod(&pod).expect("removing the pod");
+    cri.remove_image(&hoist_image).expect("RemoveImage");
     wait_for(
         "the image's lazy mount to go",
         Duration::from_secs(60),
@@ -746,10 +581,12 @@ fn hoist_oci_media_meta() -> &'static str {
 }
 
 /// An unknown key, a parent that does not exist: the snapshotter's gRPC errors.
-fn bad_input(rt: &tokio::runtime::Runtime, node: &Node) {
+fn bad_input(node: &Node) {
+    let rt = rt();
     use containerd_client::services::v1::snapshots as pb;
-    let mut c =
-        pb::snapshots_client::SnapshotsClient::new(rt.block_on(channel(node.snapshotter_socket())));
+    let mut c = pb::snapshots_client::SnapshotsClient::new(
+        rt.block_on(channel(node.snapshotter_socket())).unwrap(),
+    );
     let e = rt
         .block_on(c.stat(pb::StatSnapshotRequest {
             snapshotter: "hoist".into(),
@@ -880,28 +717,23 @@ fn a_tls_registry_and_a_dead_mirror_from_certs_d_serve_convert_mount_and_contain
     // containerd and the snapshotter, both configured by the same file.
     let _snapshotter = node.start_snapshotter();
     let _containerd = node.start_containerd();
-    let cri = Cri {
-        rt: rt(),
-        socket: node.containerd_socket(),
-    };
+    let cri = Cri::new(&node.containerd_socket());
     cri.pull(&image)
         .expect("PullImage over TLS through a dead mirror");
-    let sandbox = sandbox_config(&dir, "tls-pod");
-    let pod = cri.run_pod(&sandbox);
-    let id = cri.start(&pod, &sandbox, "tls", &image, "sha256sum /app/data.bin");
+    let sandbox = sandbox_config(&dir.join("logs"), "tls-pod");
+    let pod = cri.run_pod(&sandbox).expect("RunPodSandbox");
+    let id = cri
+        .start(
+            &pod,
+            &sandbox,
+            "tls",
+            &image,
+            &sh("sha256sum /app/data.bin"),
+        )
+        .expect("starting the tls container");
     wait_for("the container's output", Duration::from_secs(60), || {
         log_text(&dir, "tls").contains(&want)
     });
-    cri.remove_container(&id);
-    let mut rtc = cri.runtime();
-    let _ = cri
-        .rt
-        .block_on(rtc.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        }));
-    let _ = cri
-        .rt
-        .block_on(rtc.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
-        }));
+    cri.remove_container(&id).expect("RemoveContainer");
+    cri.remove_pod(&pod).expect("removing the pod");
 }

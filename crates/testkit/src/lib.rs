@@ -12,6 +12,7 @@ mod proxy;
 mod registry;
 pub mod token;
 
+pub mod cri;
 pub use proxy::{Fault, FaultProxy, Rule};
 pub use registry::{Auth, Registry, TlsFiles};
 pub use token::TokenServer;
