@@ -127,6 +127,18 @@ impl<'a> Applier<'a> {
                     || kind.is_gnu_sparse()
                 {
                     let size = entry.size();
+                    if kind.is_gnu_sparse() {
+                        // The archive stores only the data; the holes cost reading zeros,
+                        // so a header may not make that cost unbounded.
+                        let stored = entry.header().entry_size().unwrap_or(0);
+                        let holes = size.saturating_sub(stored);
+                        if holes > MAX_SPARSE_HOLES {
+                            return Err(err(format!(
+                                "a GNU sparse file of {size} bytes holding {stored} bytes of data: {holes} bytes of holes, more than the {} GiB hoist accepts",
+                                MAX_SPARSE_HOLES >> 30
+                            )));
+                        }
+                    }
                     let chunks = read_chunks(&mut entry, size, self.chunk_size, sink, &err)?;
                     stats.file_bytes += size;
                     NodeKind::File { size, chunks }
@@ -294,6 +306,11 @@ fn parse_pax_time(s: &str) -> Option<(u64, u32)> {
     let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
     Some((secs, digits.parse().ok()?))
 }
+
+/// The most bytes of holes a GNU sparse file may declare. Holes are read as zeros
+/// (about 10 s for this much); a layer of a few KiB could otherwise declare terabytes
+/// and keep a conversion busy for hours.
+pub const MAX_SPARSE_HOLES: u64 = 64 << 30;
 
 fn read_chunks<R: Read>(
     entry: &mut tar::Entry<R>,

@@ -301,3 +301,109 @@ fn a_failed_conversion_leaves_no_blob_behind() {
         "{stored:?}"
     );
 }
+
+/// A GNU sparse entry (old GNU format, type `S`): `regions` are (offset, length) of the
+/// data stored, `real_size` the file's size (base-256 encoded, as GNU tar writes sizes
+/// beyond 8 GiB).
+fn gnu_sparse(path: &[u8], real_size: u64, regions: &[(u64, u64)], data: &[u8]) -> Vec<u8> {
+    let mut out = raw_entry(path, b'S', b"", data);
+    let h = &mut out[..512];
+    // GNU's magic, not POSIX's.
+    h[257..263].copy_from_slice(b"ustar ");
+    h[263..265].copy_from_slice(b" \0");
+    // A 12-byte number: octal, or base-256 (0x80, then big-endian) beyond 8 GiB.
+    let num = |field: &mut [u8], v: u64| {
+        if v < 1 << 33 {
+            field.copy_from_slice(format!("{v:011o}\0").as_bytes());
+        } else {
+            field.fill(0);
+            field[0] = 0x80;
+            field[4..12].copy_from_slice(&v.to_be_bytes());
+        }
+    };
+    // The map ends with an empty region at the real size, as GNU tar writes it.
+    let map: Vec<(u64, u64)> = regions.iter().copied().chain([(real_size, 0)]).collect();
+    assert!(map.len() <= 4, "no extension headers here");
+    for (k, (off, len)) in map.iter().enumerate() {
+        let at = 386 + k * 24;
+        num(&mut h[at..at + 12], *off);
+        num(&mut h[at + 12..at + 24], *len);
+    }
+    num(&mut h[483..495], real_size);
+    set_checksum(h);
+    out
+}
+
+/// Issue 19: a 2 KiB layer whose GNU sparse entry declares 4 TiB kept `hoist convert`
+/// busy for hours (its time grew with the declared size). It is refused at once, with
+/// the sizes; a sparse file of sane size converts to the right bytes.
+#[test]
+fn a_sparse_file_declaring_terabytes_is_refused_at_once() {
+    let huge = gzip(&tar_of(&[gnu_sparse(
+        b"huge",
+        4 << 40,
+        &[(0, 512)],
+        &[7u8; 512],
+    )]));
+    assert!(huge.len() < 4096, "{} bytes", huge.len());
+    let t = std::time::Instant::now();
+    assert_rejected(
+        "sparse-4tib",
+        &[huge],
+        &["huge", "GNU sparse", "4398046511104 bytes", "holes"],
+    );
+    eprintln!("refused in {:?}", t.elapsed());
+
+    // 3 MiB with 512 bytes of data at 1 MiB: converts, and unpacks to the same bytes.
+    let sparse = tar_of(&[gnu_sparse(b"s", 3 << 20, &[(1 << 20, 512)], &[9u8; 512])]);
+    let (ok, stderr, dst) = convert_crafted("sparse-small", &[sparse]);
+    assert!(ok, "{stderr}");
+    let out = scratch().join("sparse-small-unpacked");
+    let unpack = hoist(&[
+        "unpack",
+        &format!("oci:{}:t", dst.display()),
+        &out.display().to_string(),
+    ]);
+    assert!(
+        unpack.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unpack.stderr)
+    );
+    let got = std::fs::read(out.join("s")).unwrap();
+    let mut want = vec![0u8; 3 << 20];
+    want[1 << 20..(1 << 20) + 512].fill(9);
+    assert!(got == want, "the sparse file's bytes differ");
+}
+
+/// Issue 19: a conversion killed mid-write left a `.tmp-*` file in the destination's
+/// blobs directory that nothing removed. Temporary files carry their writer's pid; the
+/// next writer to the layout removes those of processes that are gone.
+#[test]
+fn a_killed_writers_temporary_files_are_removed_by_the_next_conversion() {
+    let good = gzip(&tar_of(&[raw_entry(b"ok", b'0', b"", b"fine")]));
+    let (ok, stderr, dst) = convert_crafted("stale-tmp", &[good]);
+    assert!(ok, "{stderr}");
+    // A pid that is not running: one past the kernel's limit.
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stale = dst.join(format!("blobs/sha256/.tmp-{}-abc123", max + 1));
+    let live = dst.join(format!("blobs/sha256/.tmp-{}-def456", std::process::id()));
+    std::fs::write(&stale, b"partial").unwrap();
+    std::fs::write(&live, b"in progress").unwrap();
+    let src = scratch().join("bad-src-stale-tmp");
+    let out = hoist(&[
+        "convert",
+        &format!("oci:{}:t", src.display()),
+        &format!("oci:{}:t2", dst.display()),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stale.exists(), "the dead writer's temporary file stayed");
+    assert!(live.exists(), "a live writer's temporary file was removed");
+}

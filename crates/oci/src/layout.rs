@@ -41,6 +41,8 @@ impl LayoutImage {
     pub fn create(dir: &Path, tag: String) -> Result<Self, OciError> {
         let blobs = dir.join("blobs/sha256");
         fs::create_dir_all(&blobs).map_err(|e| OciError::io(blobs.display(), e))?;
+        remove_stale_temp_files(&blobs);
+        remove_stale_temp_files(dir);
         let marker = dir.join("oci-layout");
         if !marker.exists() {
             write_atomic(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
@@ -135,10 +137,38 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, OciError> {
     Ok(out)
 }
 
+/// The prefix of this process's temporary files: `.tmp-PID-`, so that a later writer
+/// can tell the files of a process that was killed (which nothing else will remove)
+/// from those of a writer still at work.
+fn temp_prefix() -> String {
+    format!(".tmp-{}-", std::process::id())
+}
+
+/// Removes the temporary files under `dir` of processes that no longer exist.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".tmp-"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OciError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
+        .prefix(&temp_prefix())
         .tempfile_in(dir)
         .map_err(|e| OciError::io(dir.display(), e))?;
     tmp.write_all(bytes)
@@ -257,7 +287,7 @@ impl ImageSink for LayoutImage {
     fn blob_writer(&self) -> Result<Box<dyn BlobWriter>, OciError> {
         let blobs = self.dir.join("blobs/sha256");
         let tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(&temp_prefix())
             .tempfile_in(&blobs)
             .map_err(|e| OciError::io(blobs.display(), e))?;
         Ok(Box::new(LayoutBlobWriter {
