@@ -89,6 +89,8 @@ pub struct ConvertReport {
     pub source_manifest: String,
     /// Digest of the new manifest.
     pub manifest: String,
+    /// Its size in bytes.
+    pub manifest_size: u64,
     /// Per source layer.
     pub layers: Vec<LayerReport>,
     /// Digest and size of the metadata blob.
@@ -470,6 +472,7 @@ pub fn convert(
     Ok(ConvertReport {
         source_manifest: manifest_digest.to_string(),
         manifest: digest.to_string(),
+        manifest_size: manifest_out.len() as u64,
         layers: reports,
         meta: (meta_desc.0.to_string(), meta_desc.1),
         dict_blobs,

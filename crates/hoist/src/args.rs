@@ -423,6 +423,19 @@ pub struct ConvertArgs {
     /// fetch those files first, in the order listed.
     #[arg(long, value_name = "FILE")]
     pub prefetch_files: Option<PathBuf>,
+    /// For an image index (a multi-platform image): the platforms to convert, as
+    /// `os/arch[/variant]`, comma-separated or repeated (default: every platform). The
+    /// destination gets an index of the converted manifests.
+    #[arg(long, value_name = "OS/ARCH", value_delimiter = ',')]
+    pub platform: Vec<String>,
+    /// For an image index: write one index holding the original manifests first and the
+    /// hoist manifests after them (marked with the OS feature `hoist` and the annotation
+    /// `dev.hoist.source.manifest`). Plain nodes (containerd's platform matching takes the
+    /// first entry of a platform) pull the original; hoist's snapshotter finds the hoist
+    /// manifest of the original it is asked for and serves it lazily. The original
+    /// manifests and their blobs are copied to the destination if it lacks them.
+    #[arg(long)]
+    pub merge_platform: bool,
 }
 
 /// Parses `4096`, `64K`, `1M`.

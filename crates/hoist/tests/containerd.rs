@@ -141,6 +141,11 @@ impl Node {
     /// containerd's config, with `hosts_toml` as the registry's host file (read by
     /// containerd and, with `--hosts-dir`, by hoist).
     fn write_config(&self, sandbox_image: &str, hosts_toml: &str) {
+        self.write_config_with(sandbox_image, hosts_toml, "hoist");
+    }
+
+    /// The config with another snapshotter (`overlayfs`: a node without hoist).
+    fn write_config_with(&self, sandbox_image: &str, hosts_toml: &str, snapshotter: &str) {
         let certs = self.dir.join("certs.d").join(&self.registry_host);
         std::fs::create_dir_all(&certs).unwrap();
         std::fs::write(certs.join("hosts.toml"), hosts_toml).unwrap();
@@ -163,7 +168,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   # sandbox forbids it, as unprivileged hosts do).
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "hoist"
+    snapshotter = "{snapshotter}"
     disable_snapshot_annotations = false
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
@@ -326,13 +331,7 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
             .stdout,
     )
     .unwrap();
-    let data_blobs: Vec<String> = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["mediaType"] == hoist_oci_media_blob())
-        .map(|l| l["digest"].as_str().unwrap().to_string())
-        .collect();
+    let data_blobs = hoist_data_blobs(&manifest);
     assert!(!data_blobs.is_empty());
 
     let mut snapshotter = node.start_snapshotter();
@@ -572,6 +571,17 @@ impl Drop for StopDaemon {
     }
 }
 
+/// The data blobs of a hoist manifest.
+fn hoist_data_blobs(manifest: &Value) -> Vec<String> {
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == hoist_oci_media_blob())
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn hoist_oci_media_blob() -> &'static str {
     "application/vnd.oci.image.layer.hoist.blob.v1"
 }
@@ -734,6 +744,274 @@ fn a_tls_registry_and_a_dead_mirror_from_certs_d_serve_convert_mount_and_contain
     wait_for("the container's output", Duration::from_secs(60), || {
         log_text(&dir, "tls").contains(&want)
     });
+    cri.remove_container(&id).expect("RemoveContainer");
+    cri.remove_pod(&pod).expect("removing the pod");
+}
+
+/// Writes a two-platform image at `oci:DIR:multi`: tiny-v1 as linux/amd64, and the same
+/// layers under an arm64 config as linux/arm64 (nothing runs it). Returns the layer
+/// digests of tiny-v1.
+fn two_platform_layout(layout: &Path, dir: &Path) -> Vec<String> {
+    use sha2::Digest as _;
+    let out = Command::new("skopeo")
+        .args(["copy", "-q"])
+        .arg(format!("oci:{}:tiny-v1", layout.display()))
+        .arg(format!("oci:{}:amd", dir.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blob = |d: &str| {
+        dir.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let put = |bytes: Vec<u8>| {
+        let d = format!("sha256:{:x}", sha2::Sha256::digest(&bytes));
+        std::fs::write(blob(&d), &bytes).unwrap();
+        (d, bytes.len())
+    };
+    let mut index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let amd = index["manifests"][0].clone();
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(blob(amd["digest"].as_str().unwrap())).unwrap())
+            .unwrap();
+    let mut config: Value = serde_json::from_slice(
+        &std::fs::read(blob(manifest["config"]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    config["architecture"] = "arm64".into();
+    config["variant"] = "v8".into();
+    let (cd, cs) = put(serde_json::to_vec(&config).unwrap());
+    let mut arm = manifest.clone();
+    arm["config"]["digest"] = cd.into();
+    arm["config"]["size"] = cs.into();
+    let (ad, asize) = put(serde_json::to_vec(&arm).unwrap());
+    let entry = |d: &Value, size: &Value, arch: &str, variant: Option<&str>| {
+        let mut p = serde_json::json!({ "os": "linux", "architecture": arch });
+        if let Some(v) = variant {
+            p["variant"] = v.into();
+        }
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": d, "size": size, "platform": p,
+        })
+    };
+    let multi = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            entry(&amd["digest"], &amd["size"], "amd64", None),
+            entry(&ad.into(), &asize.into(), "arm64", Some("v8")),
+        ],
+    });
+    let (id, isize) = put(serde_json::to_vec(&multi).unwrap());
+    index["manifests"] = serde_json::json!([{
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": id, "size": isize,
+        "annotations": { "org.opencontainers.image.ref.name": "multi" },
+    }]);
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `skopeo inspect --raw` of a registry image.
+fn raw(image: &str) -> Value {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{image}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Issue 16: `hoist convert` of a two-platform index converts both platforms and writes
+/// an index (`--platform` chooses); with `--merge-platform` one tag holds the originals
+/// and the hoist manifests. Through CRI, a node with hoist's snapshotter runs the merged
+/// tag lazily (no layer of either kind is downloaded by the pull), and a node with
+/// containerd's overlayfs snapshotter runs the original.
+#[test]
+fn a_multi_platform_index_converts_whole_and_a_merged_tag_serves_both_kinds_of_node() {
+    let Some(layout) = setup() else { return };
+    let dir = scratch().join("containerd-multi");
+    std::fs::create_dir_all(&dir).unwrap();
+    let multi = dir.join("multi-layout");
+    let original_layers = two_platform_layout(&layout, &multi);
+    let reg = Registry::start(&Auth::None);
+    let proxy = FaultProxy::start(&reg.addr);
+    let _stop = StopDaemon(dir.join("hoist"));
+    let reference = umoci_unpack(&layout, "tiny-v1", "multi-ref");
+    let want = sha256_hex(&reference.join("rootfs/app/data.bin"));
+    let src = format!("oci:{}:multi", multi.display());
+    let convert_home = dir.join("convert-home").display().to_string();
+    let convert = |dst: &str, extra: &[&str]| {
+        let mut args = vec!["--plain-http", "convert", &src, dst];
+        args.extend_from_slice(extra);
+        hoist_env_ok(&args, &[("HOIST_HOME", convert_home.as_str())])
+    };
+    let platforms = |index: &Value| -> Vec<String> {
+        index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let p = &m["platform"];
+                format!(
+                    "{}/{}",
+                    p["os"].as_str().unwrap(),
+                    p["architecture"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let repo = format!("{}/multi", proxy.addr);
+
+    // Every platform, into an index of hoist manifests.
+    convert(&format!("docker://{repo}:hoist"), &[]);
+    let index = raw(&format!("{repo}:hoist"));
+    assert_eq!(platforms(&index), ["linux/amd64", "linux/arm64"], "{index}");
+    for m in index["manifests"].as_array().unwrap() {
+        let manifest = raw(&format!("{repo}@{}", m["digest"].as_str().unwrap()));
+        assert!(
+            manifest["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["mediaType"].as_str().unwrap().contains(".hoist.")),
+            "{manifest}"
+        );
+    }
+    // One platform.
+    convert(
+        &format!("docker://{repo}:arm"),
+        &["--platform", "linux/arm64"],
+    );
+    assert_eq!(platforms(&raw(&format!("{repo}:arm"))), ["linux/arm64"]);
+    // Merged: the originals first, then the hoist manifests, marked.
+    convert(&format!("docker://{repo}:merged"), &["--merge-platform"]);
+    let merged = raw(&format!("{repo}:merged"));
+    assert_eq!(
+        platforms(&merged),
+        ["linux/amd64", "linux/arm64", "linux/amd64", "linux/arm64"],
+        "{merged}"
+    );
+    let entries = merged["manifests"].as_array().unwrap();
+    for (k, hoist) in entries[2..].iter().enumerate() {
+        assert_eq!(
+            hoist["platform"]["os.features"],
+            serde_json::json!(["hoist"]),
+            "{hoist}"
+        );
+        assert_eq!(
+            hoist["annotations"]["dev.hoist.source.manifest"], entries[k]["digest"],
+            "{hoist}"
+        );
+    }
+    let hoist_amd = raw(&format!(
+        "{repo}@{}",
+        entries[2]["digest"].as_str().unwrap()
+    ));
+    let hoist_blobs = hoist_data_blobs(&hoist_amd);
+
+    // A node with hoist: the merged tag is served lazily.
+    let pause = dir.join("pause-layout");
+    pause_layout(&pause, &reference.join("rootfs/bin/busybox"));
+    reg.push_with_skopeo(&pause, "pause", "pause", None);
+    let hosts = format!(
+        "server = \"http://{h}\"\n[host.\"http://{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        h = proxy.addr
+    );
+    let node = Node {
+        dir: dir.join("node-hoist"),
+        home: dir.join("hoist"),
+        registry_host: proxy.addr.clone(),
+        registry_args: vec!["--plain-http".into()],
+        snapshotter_args: Vec::new(),
+    };
+    std::fs::create_dir_all(&node.dir).unwrap();
+    node.write_config(&format!("{}/pause:pause", proxy.addr), &hosts);
+    let image = format!("{repo}:merged");
+    {
+        let _snapshotter = node.start_snapshotter();
+        let _containerd = node.start_containerd();
+        let cri = Cri::new(&node.containerd_socket());
+        cri.pull(&format!("{}/pause:pause", proxy.addr))
+            .expect("the pause image");
+        proxy.take_log();
+        cri.pull(&image).expect("PullImage of the merged tag");
+        let log = proxy.take_log();
+        let fetched: Vec<&String> = log
+            .iter()
+            .filter(|l| {
+                l.contains("/blobs/")
+                    && (original_layers
+                        .iter()
+                        .chain(&hoist_blobs)
+                        .any(|d| l.contains(d.as_str())))
+            })
+            .collect();
+        assert!(
+            fetched.is_empty(),
+            "layers fetched by the pull: {fetched:?}"
+        );
+        assert_eq!(node.image_mounts().len(), 1, "the hoist image's lazy mount");
+        let sandbox = sandbox_config(&node.dir.join("logs"), "multi-pod");
+        let pod = cri.run_pod(&sandbox).expect("RunPodSandbox");
+        let id = cri
+            .start(&pod, &sandbox, "m", &image, &sh("sha256sum /app/data.bin"))
+            .expect("starting the container");
+        wait_for("the container's output", Duration::from_secs(60), || {
+            log_text(&node.dir, "m").contains(&want)
+        });
+        cri.remove_container(&id).expect("RemoveContainer");
+        cri.remove_pod(&pod).expect("removing the pod");
+    }
+
+    // A node without hoist: containerd's overlayfs snapshotter gets the original.
+    let plain = Node {
+        dir: dir.join("node-plain"),
+        home: dir.join("hoist-plain"),
+        registry_host: proxy.addr.clone(),
+        registry_args: Vec::new(),
+        snapshotter_args: Vec::new(),
+    };
+    std::fs::create_dir_all(&plain.dir).unwrap();
+    plain.write_config_with(&format!("{}/pause:pause", proxy.addr), &hosts, "overlayfs");
+    let _containerd = plain.start_containerd();
+    let cri = Cri::new(&plain.containerd_socket());
+    proxy.take_log();
+    cri.pull(&image)
+        .expect("PullImage of the merged tag on a plain node");
+    let log = proxy.take_log();
+    assert!(
+        original_layers
+            .iter()
+            .all(|d| log.iter().any(|l| l.contains(d.as_str()))),
+        "the plain node did not download the original layers: {log:?}"
+    );
+    let sandbox = sandbox_config(&plain.dir.join("logs"), "plain-pod");
+    let pod = cri.run_pod(&sandbox).expect("RunPodSandbox");
+    let id = cri
+        .start(&pod, &sandbox, "p", &image, &sh("sha256sum /app/data.bin"))
+        .expect("starting the container");
+    wait_for(
+        "the plain node's container output",
+        Duration::from_secs(60),
+        || log_text(&plain.dir, "p").contains(&want),
+    );
     cri.remove_container(&id).expect("RemoveContainer");
     cri.remove_pod(&pod).expect("removing the pod");
 }

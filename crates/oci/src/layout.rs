@@ -186,6 +186,17 @@ impl ImageSource for LayoutImage {
         self.name()
     }
 
+    fn top(&self) -> Result<(Vec<u8>, Digest, String), OciError> {
+        let entry = self.index_entry()?;
+        let (digest, size, media_type) = crate::descriptor(&entry, &self.name())?;
+        let bytes = self.read_blob(&digest, size, MAX_MANIFEST_SIZE)?;
+        let media_type = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|d| d["mediaType"].as_str().map(String::from))
+            .unwrap_or(media_type);
+        Ok((bytes, digest, media_type))
+    }
+
     fn manifest(&self) -> Result<(Vec<u8>, Digest), OciError> {
         let mut entry = self.index_entry()?;
         // Follow image indexes to the manifest of this host's platform.
@@ -302,11 +313,16 @@ impl ImageSink for LayoutImage {
         self.blob_path(digest).is_file()
     }
 
-    fn put_manifest(&self, bytes: &[u8], media_type: &str) -> Result<Digest, OciError> {
+    fn put_manifest_untagged(&self, bytes: &[u8], _media_type: &str) -> Result<Digest, OciError> {
         let mut w = self.blob_writer()?;
         w.write_all(bytes)
             .map_err(|e| OciError::io(self.dir.display(), e))?;
-        let (digest, size) = w.commit()?;
+        Ok(w.commit()?.0)
+    }
+
+    fn put_manifest(&self, bytes: &[u8], media_type: &str) -> Result<Digest, OciError> {
+        let digest = self.put_manifest_untagged(bytes, media_type)?;
+        let size = bytes.len() as u64;
         let tag = self.tag.clone().unwrap_or_default();
         let path = self.dir.join("index.json");
         let mut index = self.read_json(&path)?;

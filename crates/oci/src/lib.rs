@@ -91,6 +91,18 @@ pub trait ImageSource: Send + Sync {
     /// Reads `len` bytes of a blob from `offset`, unverified (callers verify chunks).
     fn read_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, OciError>;
 
+    /// The document the reference names, as stored: an image index or a manifest, with
+    /// its digest and media type. [`ImageSource::manifest`] follows an index to this
+    /// host's platform; this does not.
+    fn top(&self) -> Result<(Vec<u8>, Digest, String), OciError> {
+        let (bytes, digest) = self.manifest()?;
+        Ok((bytes, digest, media::OCI_MANIFEST.to_string()))
+    }
+    /// A manifest of the image's index, by digest, checked against it.
+    fn manifest_at(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, OciError> {
+        self.read_blob(digest, size, MAX_MANIFEST)
+    }
+
     /// Reads a whole blob of at most `limit` bytes and checks its digest and size.
     fn read_blob(&self, digest: &Digest, size: u64, limit: u64) -> Result<Vec<u8>, OciError> {
         if size > limit {
@@ -127,6 +139,77 @@ impl<T: ImageSource + ?Sized> ImageSource for std::sync::Arc<T> {
     fn read_blob(&self, digest: &Digest, size: u64, limit: u64) -> Result<Vec<u8>, OciError> {
         (**self).read_blob(digest, size, limit)
     }
+    fn top(&self) -> Result<(Vec<u8>, Digest, String), OciError> {
+        (**self).top()
+    }
+    fn manifest_at(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, OciError> {
+        (**self).manifest_at(digest, size)
+    }
+}
+
+/// The largest manifest or index read, in bytes.
+pub const MAX_MANIFEST: u64 = 4 << 20;
+
+/// One platform's image of a multi-platform source: its manifest pinned, everything
+/// else read from the source.
+pub struct Pinned<'a> {
+    /// The source.
+    pub inner: &'a dyn ImageSource,
+    /// The manifest, as stored.
+    pub manifest: Vec<u8>,
+    /// Its digest.
+    pub digest: Digest,
+}
+
+impl ImageSource for Pinned<'_> {
+    fn describe(&self) -> String {
+        format!("{}@{}", self.inner.describe(), self.digest)
+    }
+    fn registry_repository(&self) -> Option<(String, String)> {
+        self.inner.registry_repository()
+    }
+    fn manifest(&self) -> Result<(Vec<u8>, Digest), OciError> {
+        Ok((self.manifest.clone(), self.digest.clone()))
+    }
+    fn open_blob(&self, digest: &Digest, size: u64) -> Result<Box<dyn Read + Send>, OciError> {
+        self.inner.open_blob(digest, size)
+    }
+    fn read_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
+        self.inner.read_blob_range(digest, offset, len)
+    }
+    fn read_blob(&self, digest: &Digest, size: u64, limit: u64) -> Result<Vec<u8>, OciError> {
+        self.inner.read_blob(digest, size, limit)
+    }
+}
+
+/// A sink whose manifests are stored untagged: the manifests of an index being written,
+/// tagged once as the index.
+pub struct Untagged<'a>(pub &'a dyn ImageSink);
+
+impl ImageSink for Untagged<'_> {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn blob_writer(&self) -> Result<Box<dyn BlobWriter>, OciError> {
+        self.0.blob_writer()
+    }
+    fn has_blob(&self, digest: &Digest) -> bool {
+        self.0.has_blob(digest)
+    }
+    fn copy_blob_from(
+        &self,
+        source: &dyn ImageSource,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), OciError> {
+        self.0.copy_blob_from(source, digest, size)
+    }
+    fn put_manifest(&self, bytes: &[u8], media_type: &str) -> Result<Digest, OciError> {
+        self.0.put_manifest_untagged(bytes, media_type)
+    }
+    fn put_manifest_untagged(&self, bytes: &[u8], media_type: &str) -> Result<Digest, OciError> {
+        self.0.put_manifest_untagged(bytes, media_type)
+    }
 }
 
 /// Write access to one image destination.
@@ -152,6 +235,8 @@ pub trait ImageSink: Send + Sync {
     /// Stores the manifest and points the destination's tag at it. This is the commit
     /// point of a conversion: before it, the destination shows no new image.
     fn put_manifest(&self, bytes: &[u8], media_type: &str) -> Result<Digest, OciError>;
+    /// Stores a manifest without pointing the tag at it (one an index will name).
+    fn put_manifest_untagged(&self, bytes: &[u8], media_type: &str) -> Result<Digest, OciError>;
 }
 
 /// A blob being written. Dropping it without [`BlobWriter::commit`] discards it.

@@ -262,6 +262,26 @@ impl ImageSource for RemoteImage {
         Some((self.client.registry.clone(), self.client.repository.clone()))
     }
 
+    fn top(&self) -> Result<(Vec<u8>, Digest, String), OciError> {
+        let (bytes, digest, media_type) = self.fetch_manifest(&self.reference())?;
+        Ok((bytes, digest, media_type))
+    }
+
+    fn manifest_at(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, OciError> {
+        let (bytes, got, _) = self.fetch_manifest(digest.as_str())?;
+        if &got != digest || bytes.len() as u64 != size {
+            return Err(OciError::DigestMismatch {
+                digest: digest.to_string(),
+                why: format!(
+                    "{} answered {} bytes hashing to {got}",
+                    ImageSource::describe(self),
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
     fn manifest(&self) -> Result<(Vec<u8>, Digest), OciError> {
         let mut reference = self.reference();
         for _ in 0..4 {
@@ -481,9 +501,25 @@ impl ImageSink for RemoteImage {
         hoist_oci::copy_blob(self, source, digest, size)
     }
 
+    fn put_manifest_untagged(&self, bytes: &[u8], media_type: &str) -> Result<Digest, OciError> {
+        self.push_manifest(bytes, media_type, None)
+    }
+
     fn put_manifest(&self, bytes: &[u8], media_type: &str) -> Result<Digest, OciError> {
+        self.push_manifest(bytes, media_type, self.tag.clone())
+    }
+}
+
+impl RemoteImage {
+    /// PUTs a manifest under `tag`, or under its digest.
+    fn push_manifest(
+        &self,
+        bytes: &[u8],
+        media_type: &str,
+        tag: Option<String>,
+    ) -> Result<Digest, OciError> {
         let digest = Digest::of(bytes);
-        let reference = self.tag.clone().unwrap_or_else(|| digest.to_string());
+        let reference = tag.unwrap_or_else(|| digest.to_string());
         let url = self.client.url(&format!("manifests/{reference}"));
         let what = format!("pushing manifest {digest} as {reference}");
         let resp = self.client.send(&what, Idempotent::Yes, |h| {

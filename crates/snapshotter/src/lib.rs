@@ -35,7 +35,7 @@ pub mod grpc {
     ));
 }
 
-pub use snapshotter::{Error, ImageMounter, Snapshotter};
+pub use snapshotter::{Counterpart, Error, ImageMounter, Snapshotter};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -31,6 +31,18 @@ pub const LAYER_LABEL: &str = "containerd.io/snapshot/hoist.layer";
 pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 /// The image's manifest digest, as CRI passes it.
 pub const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// The digest of the layer being prepared, as CRI passes it.
+pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+
+/// The hoist image an index lists beside an ordinary manifest (`hoist convert
+/// --merge-platform`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counterpart {
+    /// The hoist image, `docker://REPO@DIGEST`.
+    pub image: String,
+    /// The ordinary manifest's layer digests, in order.
+    pub layers: Vec<String>,
+}
 
 /// Why a request failed; each maps to the gRPC code containerd understands.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +83,16 @@ pub trait ImageMounter: Send + Sync + 'static {
     fn umount(&self, mountpoint: &Path) -> Result<(), Error>;
     /// Whether `mountpoint` is served.
     fn is_mounted(&self, mountpoint: &Path) -> bool;
+    /// The hoist image that the index of `image_ref` lists for its ordinary manifest
+    /// `manifest_digest`, if any.
+    fn counterpart(
+        &self,
+        image_ref: &str,
+        manifest_digest: &str,
+    ) -> Result<Option<Counterpart>, Error> {
+        let _ = (image_ref, manifest_digest);
+        Ok(None)
+    }
 }
 
 /// A mount that makes a snapshot's tree, for containerd to perform.
@@ -99,6 +121,8 @@ pub struct Snapshotter {
     images: Box<dyn ImageMounter>,
     /// Held while a hoist image is mounted, so that two pulls of one image mount it once.
     mounting: Mutex<()>,
+    /// Ordinary manifests looked up for a hoist counterpart, by digest.
+    counterparts: Mutex<std::collections::HashMap<String, Option<Counterpart>>>,
 }
 
 impl Snapshotter {
@@ -121,6 +145,7 @@ impl Snapshotter {
             store: Mutex::new(store),
             images,
             mounting: Mutex::new(()),
+            counterparts: Mutex::default(),
         })
     }
 
@@ -138,9 +163,61 @@ impl Snapshotter {
     ) -> Result<Vec<Mount>, Error> {
         if let (Some(part), Some(target)) = (labels.get(LAYER_LABEL), labels.get(REF_LABEL)) {
             let (part, target) = (part.clone(), target.clone());
-            return Err(self.hoist_layer(&part, &target, parent, labels));
+            return Err(self.hoist_layer(&part, &target, parent, labels, None));
+        }
+        // A layer of an ordinary manifest that an index pairs with a hoist image: its
+        // layers are placeholders, and the last one mounts the hoist image.
+        if let (Some(target), Some(cp), Some(layer)) = (
+            labels.get(REF_LABEL),
+            self.counterpart_of(&labels),
+            labels.get(CRI_LAYER_DIGEST),
+        ) {
+            let target = target.clone();
+            let last = cp.layers.last() == Some(layer);
+            let part = if last { "meta" } else { "blob" };
+            let image = last.then_some(cp.image);
+            return Err(self.hoist_layer(part, &target, parent, labels, image));
         }
         self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// The hoist counterpart of the image whose layer CRI prepares, looked up once per
+    /// manifest. A lookup that fails is logged and the layer unpacked as usual.
+    fn counterpart_of(&self, labels: &BTreeMap<String, String>) -> Option<Counterpart> {
+        let (Some(reference), Some(manifest)) =
+            (labels.get(CRI_IMAGE_REF), labels.get(CRI_MANIFEST_DIGEST))
+        else {
+            return None;
+        };
+        if let Some(known) = self
+            .counterparts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(manifest)
+        {
+            return known.clone();
+        }
+        match self.images.counterpart(reference, manifest) {
+            Ok(found) => {
+                if let Some(cp) = &found {
+                    tracing::info!(
+                        "{reference} ({manifest}): serving its hoist image {}",
+                        cp.image
+                    );
+                }
+                self.counterparts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(manifest.clone(), found.clone());
+                found
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{reference}: looking for a hoist image beside {manifest}: {e}; unpacking it"
+                );
+                None
+            }
+        }
     }
 
     /// A read-only snapshot `key` of committed `parent`.
@@ -199,6 +276,7 @@ impl Snapshotter {
         target: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
+        image: Option<String>,
     ) -> Error {
         let _one = self.mounting.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = check_key(target) {
@@ -212,13 +290,14 @@ impl Snapshotter {
             if let Err(e) = committed_parent(&store, parent) {
                 return e;
             }
-            let image = match part {
-                "meta" => match image_of(&labels) {
+            let image = match (part, image) {
+                ("meta", Some(image)) => Some(image),
+                ("meta", None) => match image_of(&labels) {
                     Ok(image) => Some(image),
                     Err(e) => return e,
                 },
-                "blob" | "trace" => None,
-                other => {
+                ("blob" | "trace", _) => None,
+                (other, _) => {
                     return Error::InvalidArgument(format!(
                         "layer {target}: unknown hoist layer part {other:?} in label {LAYER_LABEL} (blob, meta or trace)"
                     ))

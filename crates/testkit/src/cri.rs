@@ -236,20 +236,30 @@ impl Cri {
         Ok(s.is_some_and(|s| s.state == cri::ContainerState::ContainerExited as i32))
     }
 
-    /// StopContainer (5 s) and RemoveContainer.
+    /// StopContainer (5 s) and RemoveContainer. containerd may still report a container
+    /// that just exited as running: the removal is retried until it has seen the exit
+    /// (at most 10 s).
     pub fn remove_container(&self, id: &str) -> Result<(), tonic::Status> {
         let mut c = self.runtime()?;
-        let _ = self
-            .rt
+        self.rt
             .block_on(c.stop_container(cri::StopContainerRequest {
                 container_id: id.into(),
                 timeout: 5,
-            }));
-        self.rt
-            .block_on(c.remove_container(cri::RemoveContainerRequest {
-                container_id: id.into(),
             }))
-            .map(|_| ())
-            .map_err(|e| named("RemoveContainer", e))
+            .map_err(|e| named("StopContainer", e))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self
+                .rt
+                .block_on(c.remove_container(cri::RemoveContainerRequest {
+                    container_id: id.into(),
+                })) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.message().contains("still running") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(named("RemoveContainer", e)),
+            }
+        }
     }
 }

@@ -92,6 +92,66 @@ pub fn run(cx: &Context, a: &ConvertArgs) -> anyhow::Result<()> {
             "reusing the conversion of {count} layer(s) from the cache"
         )),
     };
+    let (top, top_digest, top_type) = source.top()?;
+    let top_doc: serde_json::Value = serde_json::from_slice(&top)
+        .map_err(|e| anyhow::anyhow!("{src}: manifest {top_digest} is not JSON: {e}"))?;
+    if hoist_oci::is_index(&top_doc, &top_type) {
+        let convert_one = |pinned: &hoist_oci::Pinned<'_>| {
+            hoist_builder::convert(
+                pinned,
+                &hoist_oci::Untagged(sink.as_ref()),
+                dict.as_deref(),
+                &opts,
+                &on_progress,
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "converting {} to {dst}: {e}",
+                    hoist_oci::ImageSource::describe(pinned)
+                )
+            })
+        };
+        let out = convert_index(a, source.as_ref(), sink.as_ref(), &top_doc, &convert_one)?;
+        bar.finish_and_clear();
+        let secs = started.elapsed().as_secs_f64();
+        if a.json {
+            let reports: Vec<serde_json::Value> = out
+                .reports
+                .iter()
+                .map(|(p, r)| {
+                    let mut v = serde_json::to_value(r).unwrap_or_default();
+                    v["platform"] = p.clone();
+                    v
+                })
+                .collect();
+            let v =
+                serde_json::json!({ "index": out.index, "platforms": reports, "seconds": secs });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            for (p, r) in &out.reports {
+                println!(
+                    "{}",
+                    summary(&format!("{src} ({})", platform_name(p)), dst, r, secs)
+                );
+            }
+            println!(
+                "{src} -> {dst}: index {} of {} platform(s){}",
+                out.index,
+                out.reports.len(),
+                if a.merge_platform {
+                    " with the original manifests first"
+                } else {
+                    ""
+                }
+            );
+        }
+        return Ok(());
+    }
+    if !a.platform.is_empty() || a.merge_platform {
+        anyhow::bail!(
+            "{src} is a single-platform image (manifest {top_digest}); --platform and --merge-platform apply to image indexes"
+        );
+    }
     let report = hoist_builder::convert(
         source.as_ref(),
         sink.as_ref(),
@@ -136,4 +196,123 @@ fn summary(src: &str, dst: &str, r: &ConvertReport, secs: f64) -> String {
         human(holes),
         r.manifest
     )
+}
+
+/// What converting an index produced.
+struct IndexOut {
+    index: String,
+    reports: Vec<(serde_json::Value, ConvertReport)>,
+}
+
+/// `os/arch[/variant]` of an index entry's platform.
+fn platform_name(p: &serde_json::Value) -> String {
+    let mut s = format!(
+        "{}/{}",
+        p["os"].as_str().unwrap_or("?"),
+        p["architecture"].as_str().unwrap_or("?")
+    );
+    if let Some(v) = p["variant"].as_str() {
+        s.push('/');
+        s.push_str(v);
+    }
+    s
+}
+
+/// Whether `--platform` wants an index entry's platform (all when none is given).
+fn wanted(wanted: &[String], p: &serde_json::Value) -> bool {
+    let name = platform_name(p);
+    wanted.is_empty()
+        || wanted.iter().any(|w| {
+            name == *w || (w.matches('/').count() == 1 && name.starts_with(&format!("{w}/")))
+        })
+}
+
+/// Converts the wanted platforms of the index `doc` of `source`, each manifest stored
+/// untagged; then tags an index of them (after the originals, with --merge-platform).
+fn convert_index(
+    a: &ConvertArgs,
+    source: &dyn hoist_oci::ImageSource,
+    sink: &dyn hoist_oci::ImageSink,
+    doc: &serde_json::Value,
+    convert_one: &dyn Fn(&hoist_oci::Pinned<'_>) -> anyhow::Result<ConvertReport>,
+) -> anyhow::Result<IndexOut> {
+    use hoist_oci::media;
+    let src = &a.src;
+    let entries = doc["manifests"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("{src}: an index without manifests"))?;
+    let chosen: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|m| m["platform"].is_object() && wanted(&a.platform, &m["platform"]))
+        .collect();
+    if chosen.is_empty() {
+        let offered: Vec<String> = entries
+            .iter()
+            .map(|m| platform_name(&m["platform"]))
+            .collect();
+        anyhow::bail!(
+            "{src}: no platform of its index matches --platform {} (it offers {})",
+            a.platform.join(","),
+            offered.join(", ")
+        );
+    }
+    let mut originals = Vec::new();
+    let mut converted = Vec::new();
+    let mut reports = Vec::new();
+    for m in chosen {
+        let (digest, size, media_type) = hoist_oci::descriptor(m, &format!("index of {src}"))?;
+        let bytes = source.manifest_at(&digest, size)?;
+        let doc: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow::anyhow!("{src}: manifest {digest} is not JSON: {e}"))?;
+        if hoist_oci::is_index(&doc, &media_type) {
+            anyhow::bail!(
+                "{src}: manifest {digest} is itself an index; nested indexes are not converted"
+            );
+        }
+        let pinned = hoist_oci::Pinned {
+            inner: source,
+            manifest: bytes.clone(),
+            digest: digest.clone(),
+        };
+        let report = convert_one(&pinned)?;
+        let mut platform = m["platform"].clone();
+        if a.merge_platform {
+            // The original: its manifest, config and layers, unless the destination
+            // has them.
+            for d in std::iter::once(&doc["config"])
+                .chain(doc["layers"].as_array().into_iter().flatten())
+            {
+                let (bd, bs, _) = hoist_oci::descriptor(d, &format!("manifest {digest}"))?;
+                sink.copy_blob_from(source, &bd, bs)?;
+            }
+            sink.put_manifest_untagged(&bytes, &media_type)?;
+            originals.push(m.clone());
+            let features = platform["os.features"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let mut features = features;
+            features.push(serde_json::json!("hoist"));
+            platform["os.features"] = serde_json::Value::Array(features);
+        }
+        converted.push(serde_json::json!({
+            "mediaType": media::OCI_MANIFEST,
+            "digest": report.manifest,
+            "size": report.manifest_size,
+            "platform": platform,
+            "annotations": { media::ANNOTATION_SOURCE_MANIFEST: digest.as_str() },
+        }));
+        reports.push((m["platform"].clone(), report));
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_INDEX,
+        "manifests": originals.into_iter().chain(converted).collect::<Vec<_>>(),
+    });
+    let bytes = serde_json::to_vec(&index)?;
+    let digest = sink.put_manifest(&bytes, media::OCI_INDEX)?;
+    Ok(IndexOut {
+        index: digest.to_string(),
+        reports,
+    })
 }

@@ -65,6 +65,78 @@ impl ImageMounter for Daemon {
         }
     }
 
+    fn counterpart(
+        &self,
+        image_ref: &str,
+        manifest_digest: &str,
+    ) -> Result<Option<hoist_snapshotter::Counterpart>, Error> {
+        use hoist_oci::{media, ImageSource};
+        let bad = |e: String| Error::Unavailable(format!("{image_ref}: {e}"));
+        let reference = hoist_oci::ImageRef::parse(&format!("docker://{image_ref}"))
+            .map_err(|e| bad(e.to_string()))?;
+        let hoist_oci::ImageRef::Registry {
+            registry,
+            repository,
+            ..
+        } = &reference
+        else {
+            return Ok(None);
+        };
+        let r = &self.template.registry;
+        let cfg = hoist_registry::RegistryConfig {
+            plain_http: r.plain_http,
+            creds: r
+                .creds
+                .as_deref()
+                .map(hoist_registry::Credentials::parse)
+                .transpose()
+                .map_err(|e| bad(e.to_string()))?,
+            retries: r.retries,
+            stall_timeout: std::time::Duration::from_secs(r.timeout_secs.max(1)),
+            hosts_dir: r.hosts_dir.clone(),
+            ..hoist_registry::RegistryConfig::default()
+        };
+        let image = hoist_registry::open_remote(&reference, "pull", &cfg)
+            .map_err(|e| bad(e.to_string()))?;
+        let (top, _, media_type) = image.top().map_err(|e| bad(e.to_string()))?;
+        let doc: serde_json::Value =
+            serde_json::from_slice(&top).map_err(|e| bad(e.to_string()))?;
+        if !hoist_oci::is_index(&doc, &media_type) {
+            return Ok(None);
+        }
+        let entries = doc["manifests"].as_array().cloned().unwrap_or_default();
+        let Some(hoist) = entries.iter().find(|m| {
+            m["annotations"][media::ANNOTATION_SOURCE_MANIFEST].as_str() == Some(manifest_digest)
+        }) else {
+            return Ok(None);
+        };
+        let Some(original) = entries
+            .iter()
+            .find(|m| m["digest"].as_str() == Some(manifest_digest))
+        else {
+            return Ok(None);
+        };
+        let (digest, size, _) =
+            hoist_oci::descriptor(original, "index entry").map_err(|e| bad(e.to_string()))?;
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &image
+                .manifest_at(&digest, size)
+                .map_err(|e| bad(e.to_string()))?,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        let layers = manifest["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["digest"].as_str().map(String::from))
+            .collect();
+        let hoist_digest = hoist["digest"].as_str().unwrap_or_default();
+        Ok(Some(hoist_snapshotter::Counterpart {
+            image: format!("docker://{registry}/{repository}@{hoist_digest}"),
+            layers,
+        }))
+    }
+
     fn is_mounted(&self, mountpoint: &Path) -> bool {
         hoist_fs::kernel::is_mountpoint(mountpoint)
             && hoist_daemon::api::Client::connect(&self.home.socket())
