@@ -376,6 +376,7 @@ impl Fetcher {
                 None => {
                     c.timeouts.fetch_add(1, Relaxed);
                     self.inner.inflight.note_timeout(&e.digest);
+                    slot.reset_demand();
                     return Err(self.timeout(blob, index));
                 }
             }

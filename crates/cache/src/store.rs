@@ -528,6 +528,13 @@ impl Slot {
             .get_or_insert_with(std::time::Instant::now)
     }
 
+    /// Forgets the first reader's time once its bound has passed: a later read (the
+    /// kernel's retry is answered by [`Inflight::timed_out_lately`]) gets a bound of its
+    /// own even if this fetch is still stalled.
+    pub fn reset_demand(&self) {
+        self.lock().demanded = None;
+    }
+
     /// Marks the chunk as wanted by a reader (a prefetch job holding it goes first).
     pub fn make_urgent(&self) {
         self.lock().urgent = true;

@@ -432,8 +432,9 @@ pub struct ConvertArgs {
     /// hoist manifests after them (marked with the OS feature `hoist` and the annotation
     /// `dev.hoist.source.manifest`). Plain nodes (containerd's platform matching takes the
     /// first entry of a platform) pull the original; hoist's snapshotter finds the hoist
-    /// manifest of the original it is asked for and serves it lazily. The original
-    /// manifests and their blobs are copied to the destination if it lacks them.
+    /// manifest of the original it is asked for and serves it lazily. Every entry of the
+    /// source index is kept (platforms not chosen with --platform, attestations), copied
+    /// to the destination with its blobs if it lacks them.
     #[arg(long)]
     pub merge_platform: bool,
 }

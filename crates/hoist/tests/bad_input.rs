@@ -377,7 +377,8 @@ fn a_sparse_file_declaring_terabytes_is_refused_at_once() {
 
 /// Issue 19: a conversion killed mid-write left a `.tmp-*` file in the destination's
 /// blobs directory that nothing removed. Temporary files carry their writer's pid; the
-/// next writer to the layout removes those of processes that are gone.
+/// next writer to the layout removes those of processes that are gone, once untouched
+/// for an hour (a pid it cannot see may be a writer in another pid namespace).
 #[test]
 fn a_killed_writers_temporary_files_are_removed_by_the_next_conversion() {
     let good = gzip(&tar_of(&[raw_entry(b"ok", b'0', b"", b"fine")]));
@@ -393,6 +394,16 @@ fn a_killed_writers_temporary_files_are_removed_by_the_next_conversion() {
     let live = dst.join(format!("blobs/sha256/.tmp-{}-def456", std::process::id()));
     std::fs::write(&stale, b"partial").unwrap();
     std::fs::write(&live, b"in progress").unwrap();
+    // Both untouched for two hours: only the dead writer's goes.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    for f in [&stale, &live] {
+        std::fs::File::options()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
     let src = scratch().join("bad-src-stale-tmp");
     let out = hoist(&[
         "convert",

@@ -841,7 +841,7 @@ fn run_bounded_child(child: &mut std::process::Child, limit: Duration) -> std::p
 /// smaller than the image's 10 MB of data, the whole tree reads exact: the store makes
 /// room by evicting its oldest files when a write finds the disk full. With the disk
 /// filled by another file and nothing of the cache to evict, a read that needs a fetch
-/// fails at once, the server stays the same, and once space is freed the same read
+/// fails with EIO, the server stays the same, and once space is freed the same read
 /// works without a restart.
 #[test]
 fn a_full_cache_disk_fails_only_the_reads_that_need_space() {
@@ -907,6 +907,8 @@ fn a_full_cache_disk_fails_only_the_reads_that_need_space() {
             !out.status.success(),
             "{mode}: a read needing space on a full disk succeeded"
         );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("Input/output error"), "{mode}: {err}");
         // Serving goes on: the same server answers, and what needs no space (the tree's
         // metadata, in the cache already) reads.
         assert_eq!(server(&home), pid, "{mode}: the server changed");

@@ -427,8 +427,9 @@ fn wait_stat(home: &Path, mp: &Path, what: &str, done: impl Fn(&Value) -> bool) 
 }
 
 /// erofs mode, `--prefetch all`: the server is killed while the image is still being
-/// fetched, then again as soon as every chunk is cached (while the blobs' views are
-/// built and swapped in behind the loop devices). Each successor takes the loop devices
+/// fetched, then again as soon as every chunk is cached: before, while or after the
+/// blobs' views are built and swapped in behind the loop devices (it prints which; the
+/// swap itself is one ioctl). Each successor takes the loop devices
 /// back from the record and finishes the move: in the end every blob is read from its
 /// view, no read reaches hoist, and the tree is exact, through one more kill.
 #[test]

@@ -144,6 +144,9 @@ fn temp_prefix() -> String {
     format!(".tmp-{}-", std::process::id())
 }
 
+/// How long a temporary file must have been left alone before it counts as abandoned.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Removes the temporary files under `dir` of processes that no longer exist.
 fn remove_stale_temp_files(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
@@ -159,7 +162,15 @@ fn remove_stale_temp_files(dir: &Path) {
         else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        // A pid this namespace cannot see may be a writer in another one sharing the
+        // directory: only files untouched for an hour go.
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_AFTER);
+        if old && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = fs::remove_file(e.path());
         }
     }

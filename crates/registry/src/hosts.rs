@@ -287,7 +287,7 @@ mod tests {
             r#"
 server = "https://reg.example:5000"
 ca = "/c/reg.pem"
-[host."http://127.0.0.1:1"]
+[host."http://z-first.example:1"]
   capabilities = ["pull", "resolve"]
 [host."https://mirror.example/base"]
   ca = ["/c/m1.pem", "/c/m2.pem"]
@@ -303,7 +303,7 @@ ca = "/c/reg.pem"
         assert_eq!(
             apis,
             [
-                "http://127.0.0.1:1/v2",
+                "http://z-first.example:1/v2",
                 "https://mirror.example/base/v2",
                 "https://push.example",
                 "https://reg.example:5000/v2"

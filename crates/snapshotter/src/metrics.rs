@@ -118,7 +118,17 @@ fn histogram(
 
 impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (mounts, takeovers) = self.daemon.mounts().unwrap_or_default();
+        let daemon = self.daemon.mounts();
+        family(
+            &mut encoder,
+            "hoist_daemon_up",
+            "Whether the hoist daemon answered this scrape (its counters are left out when not)",
+            MetricType::Gauge,
+            &[(Vec::new(), if daemon.is_some() { 1.0 } else { 0.0 })],
+        )?;
+        let Some((mounts, takeovers)) = daemon else {
+            return self.encode_snapshots(&mut encoder);
+        };
         let per_mount = |f: fn(&Stats) -> u64| -> Vec<(Labels, f64)> {
             mounts
                 .iter()
@@ -221,6 +231,12 @@ impl Collector for Metrics {
             Counter,
             &[(Vec::new(), takeovers as f64)],
         )?;
+        self.encode_snapshots(&mut encoder)
+    }
+}
+
+impl Metrics {
+    fn encode_snapshots(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut snapshots: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for info in self.snapshotter.list(&[]).unwrap_or_default() {
             let kind = match info.snapshot.kind {
@@ -245,10 +261,10 @@ impl Collector for Metrics {
             })
             .collect();
         family(
-            &mut encoder,
+            encoder,
             "hoist_snapshots",
             "containerd snapshots, by kind and by what they hold",
-            Gauge,
+            MetricType::Gauge,
             &values,
         )
     }

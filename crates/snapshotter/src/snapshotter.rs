@@ -34,6 +34,12 @@ pub const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-diges
 /// The digest of the layer being prepared, as CRI passes it.
 pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 
+/// How long an image found to have no hoist counterpart is not asked about again.
+const MISS_MEMORY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A counterpart lookup: when, and what it found.
+type Lookup = (std::time::Instant, Option<Counterpart>);
+
 /// The hoist image an index lists beside an ordinary manifest (`hoist convert
 /// --merge-platform`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,8 +127,9 @@ pub struct Snapshotter {
     images: Box<dyn ImageMounter>,
     /// Held while a hoist image is mounted, so that two pulls of one image mount it once.
     mounting: Mutex<()>,
-    /// Ordinary manifests looked up for a hoist counterpart, by digest.
-    counterparts: Mutex<std::collections::HashMap<String, Option<Counterpart>>>,
+    /// Ordinary manifests looked up for a hoist counterpart, by image reference and
+    /// manifest digest, with when they were looked up.
+    counterparts: Mutex<std::collections::HashMap<(String, String), Lookup>>,
 }
 
 impl Snapshotter {
@@ -167,16 +174,16 @@ impl Snapshotter {
         }
         // A layer of an ordinary manifest that an index pairs with a hoist image: its
         // layers are placeholders, and the last one mounts the hoist image.
-        if let (Some(target), Some(cp), Some(layer)) = (
-            labels.get(REF_LABEL),
-            self.counterpart_of(&labels),
-            labels.get(CRI_LAYER_DIGEST),
+        if let (Some(target), Some(layer)) = (
+            labels.get(REF_LABEL).cloned(),
+            labels.get(CRI_LAYER_DIGEST).cloned(),
         ) {
-            let target = target.clone();
-            let last = cp.layers.last() == Some(layer);
-            let part = if last { "meta" } else { "blob" };
-            let image = last.then_some(cp.image);
-            return Err(self.hoist_layer(part, &target, parent, labels, image));
+            if let Some(cp) = self.counterpart_of(&labels) {
+                let last = cp.layers.last() == Some(&layer);
+                let part = if last { "meta" } else { "blob" };
+                let image = last.then_some(cp.image);
+                return Err(self.hoist_layer(part, &target, parent, labels, image));
+            }
         }
         self.create(Kind::Active, key, parent, labels)
     }
@@ -189,15 +196,20 @@ impl Snapshotter {
         else {
             return None;
         };
-        if let Some(known) = self
+        let key = (reference.clone(), manifest.clone());
+        if let Some((when, known)) = self
             .counterparts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(manifest)
+            .get(&key)
         {
-            return known.clone();
+            // A hoist image found stays found; a miss is asked again after a while (the
+            // index may have been converted since).
+            if known.is_some() || when.elapsed() < MISS_MEMORY {
+                return known.clone();
+            }
         }
-        match self.images.counterpart(reference, manifest) {
+        let found = match self.images.counterpart(reference, manifest) {
             Ok(found) => {
                 if let Some(cp) = &found {
                     tracing::info!(
@@ -205,19 +217,22 @@ impl Snapshotter {
                         cp.image
                     );
                 }
-                self.counterparts
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(manifest.clone(), found.clone());
                 found
             }
             Err(e) => {
+                // Remembered as a miss too, so that the image's other layers do not each
+                // wait on an unreachable registry.
                 tracing::warn!(
                     "{reference}: looking for a hoist image beside {manifest}: {e}; unpacking it"
                 );
                 None
             }
-        }
+        };
+        self.counterparts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (std::time::Instant::now(), found.clone()));
+        found
     }
 
     /// A read-only snapshot `key` of committed `parent`.
@@ -264,7 +279,16 @@ impl Snapshotter {
             );
             Ok::<_, Error>(())
         })?;
-        mounts_of(&store, key)
+        mounts_of(&store, key).inspect_err(|_| {
+            // A chain that cannot be mounted leaves nothing behind.
+            if let Some(id) = store.get(key).map(|s| s.id) {
+                let _ = store.change(|c| {
+                    c.remove(key);
+                    Ok::<_, Error>(())
+                });
+                let _ = std::fs::remove_dir_all(store.dir(id));
+            }
+        })
     }
 
     /// Commits hoist layer `target` (a `blob`, `meta` or `trace` part) over `parent`;
@@ -406,8 +430,11 @@ impl Snapshotter {
 
     /// Removes snapshot `key`, which no other has as its parent; unmounts its image.
     pub fn remove(&self, key: &str) -> Result<(), Error> {
+        // The record goes first, under the same lock as the check for children, so no
+        // child can be prepared on a snapshot that is going away; then its mount and
+        // its files (Cleanup takes what a failure here leaves).
         let (snap, dir) = {
-            let store = self.store();
+            let mut store = self.store();
             let snap = store
                 .get(key)
                 .cloned()
@@ -417,15 +444,19 @@ impl Snapshotter {
                     "snapshot {key} has children; remove them first"
                 )));
             }
-            (snap.clone(), store.dir(snap.id))
+            store.change(|c| {
+                c.remove(key);
+                Ok::<_, Error>(())
+            })?;
+            let dir = store.dir(snap.id);
+            (snap, dir)
         };
-        if let Content::HoistImage { .. } = snap.content {
-            self.images.umount(&dir.join("image"))?;
+        if let Content::HoistImage { image } = &snap.content {
+            if let Err(e) = self.images.umount(&dir.join("image")) {
+                tracing::warn!("{key}: unmounting {image}: {e} (Cleanup tries again)");
+                return Ok(());
+            }
         }
-        self.store().change(|c| {
-            c.remove(key);
-            Ok::<_, Error>(())
-        })?;
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("removing {}: {e} (Cleanup tries again)", dir.display());
@@ -525,6 +556,8 @@ impl Snapshotter {
     /// Removes directories under the root that no snapshot owns (left by a crash
     /// between a record's removal and its directory's).
     pub fn cleanup(&self) -> Result<(), Error> {
+        // Not while an image is being mounted: its directory is not recorded yet.
+        let _one = self.mounting.lock().unwrap_or_else(|p| p.into_inner());
         let store = self.store();
         let owned: std::collections::HashSet<String> =
             store.all().map(|(_, s)| s.id.to_string()).collect();
@@ -623,16 +656,29 @@ fn mounts_of(store: &Store, key: &str) -> Result<Vec<Mount>, Error> {
             "snapshot {key} is committed: it has no mounts (prepare or view a child)"
         )));
     }
-    let lowers: Vec<String> = store
-        .ancestors(snap)
-        .into_iter()
-        .filter_map(|a| match a.content {
-            Content::Dir => Some(store.dir(a.id).join("fs")),
-            Content::HoistLayer => None,
-            Content::HoistImage { .. } => Some(image_dir(store, a.id)),
-        })
-        .map(|p| p.display().to_string())
-        .collect();
+    // Nearest first. A hoist image's mount holds its whole tree: nothing below it is a
+    // lower directory. A placeholder with no image above it is a layer some hoist image
+    // claimed (an index pairing an ordinary manifest with a hoist one) that this chain
+    // shares without that image: it has no files to give.
+    let mut lowers: Vec<String> = Vec::new();
+    let mut placeholder = None;
+    let mut image = false;
+    for a in store.ancestors(snap) {
+        match &a.content {
+            Content::Dir => lowers.push(store.dir(a.id).join("fs").display().to_string()),
+            Content::HoistImage { .. } => {
+                lowers.push(image_dir(store, a.id).display().to_string());
+                image = true;
+                break;
+            }
+            Content::HoistLayer => placeholder = placeholder.or(a.labels.get(REF_LABEL)),
+        }
+    }
+    if let (Some(layer), false) = (placeholder, image) {
+        return Err(Error::FailedPrecondition(format!(
+            "snapshot {key} stacks on layer {layer}, which a hoist image serves lazily, without that image: the layer has no files of its own. Remove the images that share it and pull this one again"
+        )));
+    }
     let dir = store.dir(snap.id);
     let fs = dir.join("fs").display().to_string();
     let bind = |source: String, rw: &str| Mount {

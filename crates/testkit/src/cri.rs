@@ -241,12 +241,24 @@ impl Cri {
     /// (at most 10 s).
     pub fn remove_container(&self, id: &str) -> Result<(), tonic::Status> {
         let mut c = self.runtime()?;
-        self.rt
+        // A container that exits while it is being stopped may fail the stop (its shim
+        // goes away): that is no error once it has exited.
+        if let Err(e) = self
+            .rt
             .block_on(c.stop_container(cri::StopContainerRequest {
                 container_id: id.into(),
                 timeout: 5,
             }))
-            .map_err(|e| named("StopContainer", e))?;
+        {
+            // containerd records the exit a moment later: wait for it (10 s at most).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.exited(id).unwrap_or(false) {
+                if Instant::now() > deadline {
+                    return Err(named("StopContainer", e));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self

@@ -218,6 +218,35 @@ fn platform_name(p: &serde_json::Value) -> String {
     s
 }
 
+/// The manifest an index entry names: its digest, bytes and document. Nested indexes
+/// are refused.
+fn read_entry(
+    source: &dyn hoist_oci::ImageSource,
+    m: &serde_json::Value,
+    src: &str,
+) -> anyhow::Result<(hoist_oci::Digest, Vec<u8>, serde_json::Value)> {
+    let (digest, size, media_type) = hoist_oci::descriptor(m, &format!("index of {src}"))?;
+    let bytes = source.manifest_at(&digest, size)?;
+    let doc: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("{src}: manifest {digest} is not JSON: {e}"))?;
+    if hoist_oci::is_index(&doc, &media_type) {
+        anyhow::bail!(
+            "{src}: manifest {digest} is itself an index; nested indexes are not converted"
+        );
+    }
+    Ok((digest, bytes, doc))
+}
+
+/// Whether an index entry is an image of a platform: not an attestation or another
+/// artifact (buildx lists those as `unknown/unknown`, with a reference-type annotation).
+fn is_image(m: &serde_json::Value) -> bool {
+    let p = &m["platform"];
+    p.is_object()
+        && p["os"].as_str().is_some_and(|os| os != "unknown")
+        && p["architecture"].as_str().is_some_and(|a| a != "unknown")
+        && m["annotations"]["vnd.docker.reference.type"].is_null()
+}
+
 /// Whether `--platform` wants an index entry's platform (all when none is given).
 fn wanted(wanted: &[String], p: &serde_json::Value) -> bool {
     let name = platform_name(p);
@@ -243,7 +272,7 @@ fn convert_index(
         .ok_or_else(|| anyhow::anyhow!("{src}: an index without manifests"))?;
     let chosen: Vec<&serde_json::Value> = entries
         .iter()
-        .filter(|m| m["platform"].is_object() && wanted(&a.platform, &m["platform"]))
+        .filter(|m| is_image(m) && wanted(&a.platform, &m["platform"]))
         .collect();
     if chosen.is_empty() {
         let offered: Vec<String> = entries
@@ -256,19 +285,11 @@ fn convert_index(
             offered.join(", ")
         );
     }
-    let mut originals = Vec::new();
+    let mut originals: Vec<serde_json::Value> = Vec::new();
     let mut converted = Vec::new();
     let mut reports = Vec::new();
     for m in chosen {
-        let (digest, size, media_type) = hoist_oci::descriptor(m, &format!("index of {src}"))?;
-        let bytes = source.manifest_at(&digest, size)?;
-        let doc: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| anyhow::anyhow!("{src}: manifest {digest} is not JSON: {e}"))?;
-        if hoist_oci::is_index(&doc, &media_type) {
-            anyhow::bail!(
-                "{src}: manifest {digest} is itself an index; nested indexes are not converted"
-            );
-        }
+        let (digest, bytes, _doc) = read_entry(source, m, src)?;
         let pinned = hoist_oci::Pinned {
             inner: source,
             manifest: bytes.clone(),
@@ -277,16 +298,6 @@ fn convert_index(
         let report = convert_one(&pinned)?;
         let mut platform = m["platform"].clone();
         if a.merge_platform {
-            // The original: its manifest, config and layers, unless the destination
-            // has them.
-            for d in std::iter::once(&doc["config"])
-                .chain(doc["layers"].as_array().into_iter().flatten())
-            {
-                let (bd, bs, _) = hoist_oci::descriptor(d, &format!("manifest {digest}"))?;
-                sink.copy_blob_from(source, &bd, bs)?;
-            }
-            sink.put_manifest_untagged(&bytes, &media_type)?;
-            originals.push(m.clone());
             let features = platform["os.features"]
                 .as_array()
                 .cloned()
@@ -303,6 +314,23 @@ fn convert_index(
             "annotations": { media::ANNOTATION_SOURCE_MANIFEST: digest.as_str() },
         }));
         reports.push((m["platform"].clone(), report));
+    }
+    if a.merge_platform {
+        // Every entry of the source, converted or not (other platforms, attestations),
+        // so that a plain node finds what it found before; copied unless the
+        // destination has it.
+        for m in entries {
+            let (digest, bytes, doc) = read_entry(source, m, src)?;
+            let media_type = m["mediaType"].as_str().unwrap_or(media::OCI_MANIFEST);
+            for d in std::iter::once(&doc["config"])
+                .chain(doc["layers"].as_array().into_iter().flatten())
+            {
+                let (bd, bs, _) = hoist_oci::descriptor(d, &format!("manifest {digest}"))?;
+                sink.copy_blob_from(source, &bd, bs)?;
+            }
+            sink.put_manifest_untagged(&bytes, media_type)?;
+            originals.push(m.clone());
+        }
     }
     let index = serde_json::json!({
         "schemaVersion": 2,

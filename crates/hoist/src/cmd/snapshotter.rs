@@ -130,7 +130,8 @@ impl ImageMounter for Daemon {
             .flatten()
             .filter_map(|l| l["digest"].as_str().map(String::from))
             .collect();
-        let hoist_digest = hoist["digest"].as_str().unwrap_or_default();
+        let (hoist_digest, _, _) =
+            hoist_oci::descriptor(hoist, "hoist index entry").map_err(|e| bad(e.to_string()))?;
         Ok(Some(hoist_snapshotter::Counterpart {
             image: format!("docker://{registry}/{repository}@{hoist_digest}"),
             layers,

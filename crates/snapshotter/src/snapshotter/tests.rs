@@ -286,3 +286,44 @@ fn image_references_from_cri_labels() {
         assert_eq!(image_of(&l).unwrap(), want, "{r}");
     }
 }
+
+#[test]
+fn a_hoist_image_hides_what_is_below_it_and_a_bare_placeholder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sn, _) = open(dir.path());
+    // An ordinary base layer, then a hoist image over it (an index pairing an ordinary
+    // manifest that shares that base with a hoist one).
+    sn.prepare("u", "", labels(&[])).unwrap();
+    sn.commit("base", "u", labels(&[])).unwrap();
+    let e = sn
+        .prepare("x", "base", hoist_labels("meta", "sha256:img"))
+        .unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists(_)), "{e}");
+    let m = sn.prepare("ctr", "sha256:img", labels(&[])).unwrap();
+    let lower: Vec<&String> = m[0]
+        .options
+        .iter()
+        .filter(|o| o.starts_with("lowerdir="))
+        .collect();
+    assert_eq!(lower.len(), 1);
+    assert!(
+        lower[0].ends_with("/image"),
+        "the base leaked under the image: {m:?}"
+    );
+    // A placeholder shared by a chain with no hoist image: refused, with the layer named.
+    let e = sn
+        .prepare("y", "", hoist_labels("blob", "sha256:shared"))
+        .unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists(_)), "{e}");
+    let e = sn
+        .prepare("plain", "sha256:shared", labels(&[]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::FailedPrecondition(m) if m.contains("sha256:shared")),
+        "{e}"
+    );
+    assert!(
+        sn.stat("plain").is_err(),
+        "the refused snapshot was recorded"
+    );
+}
