@@ -56,8 +56,9 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A process killed when dropped.
-struct Proc(Child, &'static str);
+/// A process killed when dropped; for containerd, its CRI socket, whose pods are
+/// removed first (a test that failed half-way leaves no shim or container behind).
+struct Proc(Child, &'static str, Option<PathBuf>);
 
 impl Proc {
     fn stop(&mut self) {
@@ -79,6 +80,9 @@ impl Drop for Proc {
     fn drop(&mut self) {
         if self.0.try_wait().ok().flatten().is_none() {
             eprintln!("stopping {}", self.1);
+            if let Some(sock) = &self.2 {
+                Cri::new(sock).remove_all_pods();
+            }
             self.stop();
         }
     }
@@ -118,7 +122,7 @@ impl Node {
         wait_for("the snapshotter's socket", Duration::from_secs(30), || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
-        Proc(child, "the snapshotter")
+        Proc(child, "the snapshotter", None)
     }
 
     fn start_containerd(&self) -> Proc {
@@ -135,7 +139,7 @@ impl Node {
         wait_for("containerd's CRI service", Duration::from_secs(60), || {
             sock.exists() && cri.version().is_ok()
         });
-        Proc(child, "containerd")
+        Proc(child, "containerd", Some(sock))
     }
 
     /// containerd's config, with `hosts_toml` as the registry's host file (read by

@@ -619,22 +619,6 @@ fn drop_caches() {
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
 }
 
-/// The loop devices bound to a file under `dir`.
-fn loops_under(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            backing
-                .starts_with(&*dir.to_string_lossy())
-                .then(|| format!("{:?}: {}", e.file_name(), backing.trim()))
-        })
-        .collect()
-}
-
 /// erofs mode: the mount that fetches the image moves each blob to its view behind the
 /// same loop device once the view is built, while mounted: files opened before read on,
 /// nothing reaches hoist any more, and the mount outlives a killed daemon.

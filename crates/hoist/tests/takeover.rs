@@ -290,18 +290,6 @@ fn count_dir(path: &str) -> usize {
     std::fs::read_dir(path).map_or(0, |d| d.count())
 }
 
-/// How many loop devices read a file under `dir`, per sysfs.
-fn loops_reading(dir: &str) -> usize {
-    std::fs::read_dir("/sys/block")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("loop/backing_file"))
-                .is_ok_and(|b| b.starts_with(dir))
-        })
-        .count()
-}
-
 fn census(home: &Path) -> Census {
     let root = home.to_string_lossy().into_owned();
     let s = status(home).expect("the daemon answers");
@@ -313,7 +301,7 @@ fn census(home: &Path) -> Census {
         .count();
     Census {
         mounts,
-        loops: loops_reading(&root),
+        loops: loops_under(Path::new(&root)).len(),
         holder_fds: count_dir(&format!("/proc/{holder}/fd")),
         holder_threads: count_dir(&format!("/proc/{holder}/task")),
     }
@@ -490,7 +478,7 @@ fn an_erofs_mount_finishes_moving_to_its_views_under_a_successor() {
     // Every device now reads a view, per the kernel.
     let views = home.join("cache/views").display().to_string();
     assert_eq!(
-        loops_reading(&views) as u64,
+        loops_under(Path::new(&views)).len() as u64,
         blobs,
         "loop devices reading views"
     );
@@ -514,7 +502,7 @@ fn an_erofs_mount_finishes_moving_to_its_views_under_a_successor() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        loops_reading(&home.to_string_lossy()),
+        loops_under(&home).len(),
         0,
         "loop devices left after umount"
     );

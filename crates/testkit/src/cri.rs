@@ -172,6 +172,23 @@ impl Cri {
             .map_err(|e| named("RemovePodSandbox", e))
     }
 
+    /// Stops and removes every pod (and so its containers), ignoring errors: the
+    /// cleanup of a test that failed half-way, so that no shim or container outlives it.
+    pub fn remove_all_pods(&self) {
+        let Ok(mut c) = self.runtime() else {
+            return;
+        };
+        let Ok(pods) = self
+            .rt
+            .block_on(c.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }))
+        else {
+            return;
+        };
+        for pod in pods.into_inner().items {
+            let _ = self.remove_pod(&pod.id);
+        }
+    }
+
     /// CreateContainer and StartContainer of `argv` from `image` in `pod`, logging to
     /// `NAME.log` in the pod's log directory; its id. containerd answers Unavailable while
     /// it reconnects to a restarted snapshotter (its gRPC backoff, at most 3 s): retried

@@ -268,3 +268,19 @@ pub fn tar_of(entries: &[Vec<u8>]) -> Vec<u8> {
     out.extend_from_slice(&[0u8; 1024]);
     out
 }
+
+/// The loop devices bound to a file under `dir`.
+pub fn loops_under(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            backing
+                .starts_with(&*dir.to_string_lossy())
+                .then(|| format!("{:?}: {}", e.file_name(), backing.trim()))
+        })
+        .collect()
+}
