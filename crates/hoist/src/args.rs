@@ -132,6 +132,31 @@ pub enum Command {
     /// covers the whole run of the command: give it the start-up to record (e.g. a
     /// command that exits once the service is ready).
     Record(RecordArgs),
+    /// List the containers `hoist run` made: running, detached, and stopped ones whose
+    /// writable layer is kept (run without --rm). Containers whose `hoist run` was killed
+    /// are stopped and unmounted first (and removed if run with --rm).
+    Ps {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove containers: their writable layer and state. A running container is
+    /// refused unless --force, which stops it first.
+    Rm {
+        /// The containers' names.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Stop running containers (SIGKILL) and remove them.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Started by `hoist run` beside itself: waits until the run's process is gone, then
+    /// stops and unmounts the container if the run could not.
+    #[command(hide = true)]
+    WatchContainer {
+        /// The container.
+        name: String,
+    },
     /// Unmount a hoist mount. Succeeds on a busy mount (it is detached and goes away with
     /// its last user) and on a mount whose daemon died.
     Umount {
@@ -280,6 +305,12 @@ pub struct RunArgs {
     /// Give the container a terminal (stdin and stdout must be one).
     #[arg(short, long)]
     pub tty: bool,
+    /// Start the container and return, printing its name: it outlives this command, its
+    /// output goes to $HOIST_HOME/containers/NAME/log, and `hoist rm --force NAME` stops
+    /// it. Without it, a container never outlives its `hoist run`: if the command is
+    /// killed, the container is stopped and unmounted (and removed with --rm).
+    #[arg(short, long, conflicts_with = "tty")]
+    pub detach: bool,
     /// Extra environment, NAME=VALUE (repeatable), over the image's.
     #[arg(short, long, value_name = "NAME=VALUE")]
     pub env: Vec<String>,

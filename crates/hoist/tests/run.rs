@@ -440,3 +440,179 @@ fn many_runs_started_at_once_share_the_daemon_one_of_them_starts() {
     assert_eq!(started, 1, "{log}");
     assert!(!log.contains("another hoist daemon serves"), "{log}");
 }
+
+/// The mount points under `dir`, from this process's mount table.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|mp| Path::new(mp).starts_with(&dir))
+        .map(String::from)
+        .collect()
+}
+
+/// runc's status of container `name` in `home`, or None when runc does not know it.
+fn runc_status(home: &Home, name: &str) -> Option<String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(home.0.join("runc"))
+        .args(["state", name])
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| json_of(&out.stdout)["status"].as_str().unwrap().to_string())
+}
+
+fn json_of(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+/// Polls `cond` until it holds, or fails naming `what` after `secs`.
+fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what} (after {secs} s)");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pid of the `hoist watch-container NAME` of `home`.
+fn watcher_of(home: &Home, name: &str) -> rustix::process::Pid {
+    let want = format!("HOIST_HOME={}", home.0.display());
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let (Ok(cmdline), Ok(environ)) = (
+            std::fs::read(e.path().join("cmdline")),
+            std::fs::read(e.path().join("environ")),
+        ) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.len() >= 3
+            && args[1] == b"watch-container"
+            && args[2] == name.as_bytes()
+            && environ.split(|b| *b == 0).any(|v| v == want.as_bytes())
+        {
+            return rustix::process::Pid::from_raw(pid).unwrap();
+        }
+    }
+    panic!("no watcher of container {name}");
+}
+
+#[test]
+fn a_killed_hoist_run_leaves_no_container_and_ps_shows_the_rest() {
+    // Issue 19: after `kill -9` of `hoist run`, its container kept running and its image
+    // and overlay stayed mounted, even with --rm; nothing listed or removed them.
+    let Some(layout) = setup() else { return };
+    let (_, _, img) = image(&layout);
+    let home = Home::new("run-reap");
+    let start = |name: &str, rm: bool| {
+        let mut args = vec!["run", "--name", name];
+        if rm {
+            args.push("--rm");
+        }
+        args.extend([img.as_str(), "--", "sleep 1000"]);
+        home.cmd(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut runs = [
+        ("ra", start("ra", true)),
+        ("rb", start("rb", false)),
+        ("rc", start("rc", true)),
+    ];
+    for (name, _) in &runs {
+        wait_until(60, &format!("{name} runs"), || {
+            runc_status(&home, name).as_deref() == Some("running")
+        });
+    }
+    let containers = home.0.join("containers");
+    // rb and rc lose their watchers too: only the next hoist command can reap them.
+    for name in ["rb", "rc"] {
+        rustix::process::kill_process(watcher_of(&home, name), rustix::process::Signal::Kill)
+            .unwrap();
+    }
+    for (_, child) in &mut runs {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // ra's watcher stops, unmounts and removes it.
+    wait_until(30, "ra is reaped by its watcher", || {
+        !containers.join("ra").exists()
+    });
+    assert_eq!(runc_status(&home, "ra"), None);
+    assert!(mounts_under(&containers.join("ra")).is_empty());
+    // Without watchers, rb and rc still run: the leak the next command must clean.
+    for name in ["rb", "rc"] {
+        assert_eq!(runc_status(&home, name).as_deref(), Some("running"));
+    }
+    let (code, out, err) = home.run(&["ps"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert!(
+        rows[0].starts_with("rb ") && rows[0].contains("stopped (its hoist run died)"),
+        "{out}"
+    );
+    for name in ["rb", "rc"] {
+        assert_eq!(runc_status(&home, name), None, "{name} still known to runc");
+    }
+    assert!(!containers.join("rc").exists(), "--rm: rc is removed");
+    assert!(
+        containers.join("rb/upper").is_dir(),
+        "rb's writable layer is kept"
+    );
+    assert!(
+        mounts_under(&containers).is_empty(),
+        "{:?}",
+        mounts_under(&containers)
+    );
+    let (code, out, err) = home.run(&["rm", "rb"]);
+    assert_eq!((code, out.as_str()), (0, "rb\n"), "{err}");
+    assert!(home.containers().is_empty());
+
+    // A detached container outlives its `hoist run`, and only `rm --force` stops it.
+    let (code, out, err) =
+        home.run(&["run", "-d", "--rm", "--name", "rd", img, "--", "sleep 1000"]);
+    assert_eq!((code, out.as_str()), (0, "rd\n"), "{err}");
+    assert_eq!(runc_status(&home, "rd").as_deref(), Some("running"));
+    let (_, out, _) = home.run(&["ps", "--json"]);
+    let listed = json_of(out.as_bytes());
+    assert_eq!(listed[0]["name"], "rd");
+    assert_eq!(listed[0]["status"]["state"], "running");
+    assert_eq!(listed[0]["detached"], true);
+    let (code, _, err) = home.run(&["rm", "rd"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("container rd is running (detached)"), "{err}");
+    assert_eq!(runc_status(&home, "rd").as_deref(), Some("running"));
+    let (code, _, err) = home.run(&["rm", "--force", "rd"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(runc_status(&home, "rd"), None);
+    assert!(home.containers().is_empty());
+    assert!(mounts_under(&containers).is_empty());
+
+    // A detached container that exits is unmounted by its watcher; its log is kept.
+    let (code, _, err) = home.run(&["run", "-d", "--name", "re", img, "--", "echo bye; exit 7"]);
+    assert_eq!(code, 0, "{err}");
+    wait_until(30, "re is unmounted once it exits", || {
+        let rec = std::fs::read(containers.join("re/state.json")).unwrap_or_default();
+        !rec.is_empty()
+            && json_of(&rec)["status"]["state"] == "exited"
+            && mounts_under(&containers.join("re")).is_empty()
+    });
+    assert_eq!(
+        std::fs::read_to_string(containers.join("re/log")).unwrap(),
+        "bye\n"
+    );
+    let (code, _, err) = home.run(&["rm", "re", "nothing-here"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no container nothing-here"), "{err}");
+    assert!(home.containers().is_empty());
+}

@@ -14,8 +14,13 @@
 //!   defaults of the `oci-spec` crate (runc's defaults: namespaces, mounts, masked
 //!   paths) with docker's default capabilities and the host's network.
 //! - [`overlay`] puts an overlayfs writable layer on top of the read-only image mount.
+//! - [`containers`] keeps a record of each container that outlives the command, with
+//!   ownership held as a lock, so that a container whose `hoist run` died is found and
+//!   reaped; [`runc`] queries, signals and deletes containers.
 
+pub mod containers;
 pub mod overlay;
+pub mod runc;
 pub mod spec;
 pub mod user;
 

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod containers;
 mod convert;
 mod export;
 mod mount;
@@ -7,7 +8,7 @@ mod read;
 mod run;
 mod snapshotter;
 
-use crate::args::{Command, RegistryArgs};
+use crate::args::{Command, DaemonOp, RegistryArgs};
 use hoist_oci::ImageRef;
 use hoist_registry::{Credentials, RegistryConfig};
 use std::path::PathBuf;
@@ -61,6 +62,22 @@ impl Context {
 /// Runs a subcommand.
 pub fn run(command: Command, registry: &RegistryArgs) -> anyhow::Result<()> {
     let cx = Context::new(registry)?;
+    // Any command that works on hoist's state first reaps the containers whose `hoist
+    // run` died (its watcher normally has already); `run`, `ps` and `rm` do it themselves.
+    if matches!(
+        command,
+        Command::Mount(_)
+            | Command::Umount { .. }
+            | Command::Stat { .. }
+            | Command::Daemon {
+                op: DaemonOp::Stop | DaemonOp::Status { .. } | DaemonOp::Restart
+            }
+            | Command::Cache { .. }
+    ) {
+        containers::reap_all(&hoist_daemon::Home {
+            root: cx.home.clone(),
+        });
+    }
     match command {
         Command::Convert(args) => convert::run(&cx, &args),
         Command::Unpack { image, dir } => read::unpack(&cx, &image, &dir),
@@ -70,6 +87,9 @@ pub fn run(command: Command, registry: &RegistryArgs) -> anyhow::Result<()> {
         Command::Mount(args) => mount::mount(&cx, registry, &args),
         Command::Run(args) => run::run(&cx, registry, &args),
         Command::Record(args) => run::record(&cx, registry, &args),
+        Command::Ps { json } => containers::ps(&cx, json),
+        Command::Rm { names, force } => containers::rm(&cx, &names, force),
+        Command::WatchContainer { name } => containers::watch(&cx, &name),
         Command::Umount { mountpoint } => mount::umount(&cx, &mountpoint),
         Command::Stat { mountpoint, json } => mount::stat(&cx, &mountpoint, json),
         Command::Cache { op } => mount::cache(&cx, op),

@@ -5,7 +5,9 @@
 //! to `…/config.json`, and `runc run` runs the container in the foreground with this
 //! process's stdio, its state under `$HOIST_HOME/runc`. Signals hoist receives are passed
 //! to runc, which passes them to the container; runc's exit status is the container's,
-//! and hoist exits with it.
+//! and hoist exits with it. The container is this process's (a lock it holds): if it
+//! dies without cleaning up, its watcher or the next hoist command reaps the container
+//! (see `containers`), unless it was started `--detach`.
 
 use super::mount::{home, mount_spec, start_daemon};
 use super::{human, Context};
@@ -13,6 +15,7 @@ use crate::args::{MountOptions, RecordArgs, RegistryArgs, RunArgs};
 use anyhow::{anyhow, bail, Context as _};
 use hoist_daemon::api::Client;
 use hoist_fs::kernel;
+use hoist_runtime::containers::{Held, Record, Status};
 use hoist_runtime::{overlay, spec, user, ImageConfig};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -27,6 +30,7 @@ struct Launch<'a> {
     env: &'a [String],
     name: Option<&'a str>,
     tty: bool,
+    detach: bool,
     rm: bool,
     opts: &'a MountOptions,
     record: Option<&'a Path>,
@@ -44,6 +48,7 @@ pub fn run(cx: &Context, registry: &RegistryArgs, a: &RunArgs) -> anyhow::Result
             env: &a.env,
             name: a.name.as_deref(),
             tty: a.tty,
+            detach: a.detach,
             rm: a.rm,
             opts: &a.opts,
             record: None,
@@ -64,6 +69,7 @@ pub fn record(cx: &Context, registry: &RegistryArgs, a: &RecordArgs) -> anyhow::
             env: &a.env,
             name: None,
             tty: false,
+            detach: false,
             rm: true,
             opts: &a.opts,
             record: Some(&a.trace_out),
@@ -86,11 +92,20 @@ struct Cleanup {
     overlaid: bool,
     /// runc ran: the writable layer may hold something to keep.
     started: bool,
+    /// The container's exit code, once runc returned.
+    code: Option<i32>,
     rm: bool,
+    /// Detached and started: the container outlives this command, nothing is undone.
+    detached: bool,
+    /// The container's record, with its lock; dropped last, once everything is undone.
+    held: Held,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         if self.overlaid {
             if let Err(e) = overlay::unmount(&self.rootfs) {
                 eprintln!("hoist: {e}");
@@ -111,10 +126,16 @@ impl Drop for Cleanup {
             if let Err(e) = std::fs::remove_dir_all(&self.dir) {
                 eprintln!("hoist: removing {}: {e}", self.dir.display());
             }
-        } else if !remove {
+            return;
+        }
+        if let Err(e) = self.held.set_status(Status::Exited { code: self.code }) {
+            eprintln!("hoist: {e}");
+        }
+        if !remove {
             eprintln!(
-                "hoist: the container's writable layer is kept in {} (remove it, or run with --rm)",
-                self.dir.display()
+                "hoist: the container's writable layer is kept in {} (`hoist rm {}` removes it, --rm does at exit)",
+                self.dir.display(),
+                self.held.name
             );
         }
     }
@@ -140,25 +161,30 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     };
     // Signals before runc runs end the launch through the cleanup, not halfway.
     let mut signals = signal_hook::iterator::Signals::new(forwarded_signals(l.tty))?;
+    if l.detach && l.tty {
+        bail!("--detach and --tty together are not supported: a detached container has no terminal (its output goes to its log)");
+    }
     // Only root may enter the containers' directories: the image is mounted there with
     // its setuid files and device nodes working, as the container needs them.
-    let containers = home.root.join("containers");
-    home.private_dir(&containers)
+    let containers = super::containers::containers(&home);
+    home.private_dir(containers.dir())
         .context("creating the containers' directory")?;
-    // Creating the directory claims the name, also against a concurrent run.
-    let dir = containers.join(&name);
-    let created = {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)
-    };
-    match created {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
-            "container {name} exists ({}); remove that directory or choose another --name",
-            dir.display()
-        ),
-        r => r.with_context(|| format!("creating {}", dir.display()))?,
-    }
-    let dir = dir.canonicalize()?;
+    // Containers whose `hoist run` died and whose watcher died too.
+    super::containers::reap_all(&home);
+    // Claiming the name makes the directory, with its record, owned by this process
+    // (also against a concurrent run) until it exits, however it exits.
+    let held = containers.claim(
+        &name,
+        &Record {
+            image: l.image.to_string(),
+            created: hoist_runtime::containers::now(),
+            rm: l.rm,
+            detach: l.detach,
+            owner: std::process::id(),
+            status: Status::Created,
+        },
+    )?;
+    let dir = held.dir.canonicalize()?;
     let (image_mp, upper, work, rootfs) = (
         dir.join("image"),
         dir.join("upper"),
@@ -173,8 +199,12 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
         mounted: false,
         overlaid: false,
         started: false,
+        code: None,
         rm: l.rm,
+        detached: false,
+        held,
     };
+    start_watcher(&home, &name);
     for d in [&image_mp, &upper, &work, &rootfs] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
@@ -215,7 +245,15 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
 
     let t1 = Instant::now();
     cleanup.started = true;
+    cleanup.held.set_status(Status::Running)?;
+    if l.detach {
+        run_detached(&home.root.join("runc"), &dir, &name)?;
+        cleanup.detached = true;
+        println!("{name}");
+        return Ok(0);
+    }
     let code = run_runc(&home.root.join("runc"), &dir, &name, l.tty, signals)?;
+    cleanup.code = Some(code);
     let run_secs = t1.elapsed().as_secs_f64();
 
     if let Some(out) = l.record {
@@ -243,6 +281,58 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     }
     drop(cleanup);
     Ok(code)
+}
+
+/// Starts `hoist watch-container NAME` beside this process, in a process group of its
+/// own, to reap the container if this process dies without cleaning up.
+fn start_watcher(home: &hoist_daemon::Home, name: &str) {
+    use std::process::Stdio;
+    let started = std::env::current_exe().and_then(|exe| {
+        Command::new(exe)
+            .args(["watch-container", name])
+            .env("HOIST_HOME", &home.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+    });
+    if let Err(e) = started {
+        eprintln!(
+            "hoist: starting the watcher of container {name}: {e} (if this command dies, the next hoist command reaps the container)"
+        );
+    }
+}
+
+/// Starts the bundle with `runc run --detach`: the container's stdout and stderr go to
+/// `log` in its directory, its stdin is empty.
+fn run_detached(root: &Path, bundle: &Path, name: &str) -> anyhow::Result<()> {
+    use std::process::Stdio;
+    let log_path = bundle.join("log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["run", "--detach", "--bundle"])
+        .arg(bundle)
+        .arg(name)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .output()
+        .context("starting runc (install the runc package)")?;
+    if !out.status.success() {
+        let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+        bail!(
+            "runc could not start container {name}: {}",
+            tail.lines().last().unwrap_or("see its log")
+        );
+    }
+    Ok(())
 }
 
 /// Runs the bundle with `runc run` in the foreground, passing signals on; returns the
