@@ -18,7 +18,7 @@
 //! so fetching resumes by itself when the registry is back.
 
 use crate::store::{ChunkStore, Claim, Inflight, Slot};
-use crate::views::{Piece, View};
+use crate::views::{Built, Piece, View};
 use hoist_format::chunk::ChunkEntry;
 use hoist_oci::{Digest, ImageSource};
 use std::collections::{HashSet, VecDeque};
@@ -162,6 +162,29 @@ pub struct Counters {
     pub timeouts: AtomicU64,
     /// Views built (see [`crate::View`]).
     pub views_built: AtomicU64,
+    /// Views found on disk and verified before first use.
+    pub views_verified: AtomicU64,
+    /// Views found damaged on disk, removed and built again (never served).
+    pub views_damaged: AtomicU64,
+}
+
+impl Counters {
+    /// Counts what [`ChunkStore::build_view`] did.
+    pub fn count_view(&self, built: Built) {
+        match built {
+            Built::Known => {}
+            Built::Verified => {
+                self.views_verified.fetch_add(1, Relaxed);
+            }
+            Built::Built => {
+                self.views_built.fetch_add(1, Relaxed);
+            }
+            Built::Repaired => {
+                self.views_damaged.fetch_add(1, Relaxed);
+                self.views_built.fetch_add(1, Relaxed);
+            }
+        }
+    }
 }
 
 struct Job {
@@ -285,9 +308,7 @@ impl Fetcher {
                             break;
                         }
                         match inner.store.build_view(&view, &|| inner.stop.load(Relaxed)) {
-                            Ok(()) => {
-                                inner.counters.views_built.fetch_add(1, Relaxed);
-                            }
+                            Ok(built) => inner.counters.count_view(built),
                             Err(e) => tracing::debug!("view {}: {e}", view.key()),
                         }
                         lock(&inner.views).1.remove(&view.key());

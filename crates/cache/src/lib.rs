@@ -27,4 +27,4 @@ mod views;
 pub use fetch::{BlobChunks, Counters, FetchConfig, FetchError, Fetcher, Priority};
 pub use meta::MetaCachingSource;
 pub use store::{ChunkDigest, ChunkStore, Claim, Inflight, PruneReport, Slot, StoreStats};
-pub use views::{Piece, View, ViewError};
+pub use views::{Built, Piece, View, ViewError};

@@ -147,8 +147,8 @@ pub fn spawn(
                 }
                 // A view whose chunk was evicted meanwhile is left for its next open.
                 match fetcher.store().build_view(view, &|| fetcher.stopping()) {
-                    Ok(()) => {
-                        fetcher.counters().views_built.fetch_add(1, Relaxed);
+                    Ok(built) => {
+                        fetcher.counters().count_view(built);
                         if let Some(f) = &on_view {
                             f(k, view);
                         }

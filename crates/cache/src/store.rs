@@ -76,10 +76,21 @@ pub struct ChunkStore {
 struct State {
     /// Chunks hashed by this process since it opened the store.
     verified: HashSet<ChunkDigest>,
+    /// Views built or verified by this process, by key, with the identity of the file
+    /// that was verified (a file put in its place is verified again).
+    views: HashMap<String, FileId>,
     /// Pin counts of chunks that live mounts use.
     pinned: HashMap<ChunkDigest, usize>,
     /// Bytes of chunk files and views (counted at open, then kept up to date).
     used: u64,
+}
+
+/// Which file a path held: device, inode and change time.
+type FileId = (u64, u64, i64, i64);
+
+fn file_id(md: &fs::Metadata) -> FileId {
+    use std::os::unix::fs::MetadataExt;
+    (md.dev(), md.ino(), md.ctime(), md.ctime_nsec())
 }
 
 /// The directories of a store.
@@ -333,6 +344,16 @@ impl ChunkStore {
     }
 
     /// Uncounts a removed view's bytes.
+    /// Whether this process built or verified view `key` as the file `md` describes.
+    pub(crate) fn is_verified_view(&self, key: &str, md: &fs::Metadata) -> bool {
+        self.lock().views.get(key) == Some(&file_id(md))
+    }
+
+    /// Remembers that view `key`, the file `md` describes, holds what it should.
+    pub(crate) fn note_verified_view(&self, key: String, md: &fs::Metadata) {
+        self.lock().views.insert(key, file_id(md));
+    }
+
     pub(crate) fn sub_view_bytes(&self, bytes: u64) {
         let mut st = self.lock();
         st.used = st.used.saturating_sub(bytes);
@@ -363,6 +384,9 @@ impl ChunkStore {
                 used -= size;
                 report.removed += 1;
                 report.freed += size;
+                if let Some(key) = path.file_name().and_then(|n| n.to_str()) {
+                    self.lock().views.remove(key);
+                }
             }
         }
         for c in files {

@@ -12,9 +12,19 @@
 //!
 //! The key is the BLAKE3 digest of the view's length and pieces, so the same file in two
 //! images is one view, and a view is found again after a restart. A view is written in
-//! `tmp/`, flushed to disk (`fsync`) and only then renamed into place: unlike a chunk
-//! file, a named view never has lost contents after a crash, so it is trusted without
-//! hashing it again (hashing a whole blob at every mount would cost more than it saves).
+//! `tmp/`, flushed to disk (`fsync`) and only then renamed into place.
+//!
+//! A view found on disk is not trusted: the kernel reads it without hoist (FUSE
+//! passthrough, EROFS on a loop device or file), so a damaged one would be served as it
+//! is. Each process verifies a view before it first hands it out: every piece is hashed
+//! against its chunk's digest and every byte between pieces must read as zero (holes are
+//! skipped with `SEEK_DATA`). A view that fails is removed and built again from verified
+//! chunks. Views this process built or verified are remembered with their inode, so a
+//! file put in the place of one is verified again. This costs a read of the view once
+//! per daemon (not per mount or open), in the background: until then the data is served
+//! by hoist from verified chunks. (fs-verity would let the kernel check every page
+//! instead; it needs a kernel and filesystem built with it, and the machines hoist runs
+//! on often have neither.)
 //!
 //! Views are derived data: they count against the cache size and are evicted first.
 //! Evicting one that the kernel holds open is safe (the open file keeps its data).
@@ -42,6 +52,19 @@ pub struct View {
     pub len: u64,
     /// Its pieces, by offset; the bytes between them are zeros.
     pub pieces: Vec<Piece>,
+}
+
+/// What [`ChunkStore::build_view`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Built {
+    /// Nothing: this process had verified or built it already.
+    Known,
+    /// It was on disk, and its contents were verified.
+    Verified,
+    /// It was built from its chunks.
+    Built,
+    /// It was on disk but damaged: removed, and built again from its chunks.
+    Repaired,
 }
 
 /// Why a view cannot be built.
@@ -96,34 +119,58 @@ impl ChunkStore {
         self.root().join("views").join(view.key())
     }
 
-    /// Opens a view if it is built.
+    /// Opens a view if it is built and this process has built or verified it. A view
+    /// on disk that is not verified yet gives None: [`ChunkStore::build_view`] verifies
+    /// it (or builds it again).
     pub fn open_view(&self, view: &View) -> io::Result<Option<File>> {
-        match File::open(self.view_path(view)) {
-            Ok(f) if f.metadata()?.len() == view.len => Ok(Some(f)),
-            // A file of another length is not this view (its name is a hash of the
-            // layout, so only tampering gets here): build it again.
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        let f = match File::open(self.view_path(view)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let md = f.metadata()?;
+        Ok((md.len() == view.len && self.is_verified_view(&view.key(), &md)).then_some(f))
     }
 
-    /// Builds a view from its cached chunks (each verified as it is opened), unless it
-    /// is built already. Fails with [`ViewError::Missing`] when a chunk is not cached,
-    /// and with [`ViewError::Stopped`] as soon as `stop` says so (checked between
-    /// chunks: a blob's view can take seconds).
-    pub fn build_view(&self, view: &View, stop: &dyn Fn() -> bool) -> Result<(), ViewError> {
+    /// Whether a view's file is on disk, verified or not.
+    pub fn has_view_file(&self, view: &View) -> bool {
+        fs::metadata(self.view_path(view)).is_ok_and(|m| m.len() == view.len)
+    }
+
+    /// Makes sure a verified view is built: one this process built or verified is kept;
+    /// one on disk is verified, and removed and built again from its cached chunks
+    /// (each verified as it is opened) if it is damaged; a missing one is built. Fails
+    /// with [`ViewError::Missing`] when a chunk is not cached, and with
+    /// [`ViewError::Stopped`] as soon as `stop` says so (checked between chunks: a
+    /// blob's view can take seconds).
+    pub fn build_view(&self, view: &View, stop: &dyn Fn() -> bool) -> Result<Built, ViewError> {
         if !view.is_well_formed() {
             return Err(ViewError::Layout);
         }
-        let path = self.view_path(view);
+        let (path, key) = (self.view_path(view), view.key());
+        let mut damaged = false;
         match File::open(&path) {
-            Ok(f) if f.metadata()?.len() == view.len => return Ok(()),
-            // Another length: not this view (only tampering gets here); replace it.
             Ok(f) => {
-                let old = allocated(&f.metadata()?);
+                let md = f.metadata()?;
+                if md.len() == view.len && self.is_verified_view(&key, &md) {
+                    return Ok(Built::Known);
+                }
+                if md.len() == view.len {
+                    match first_difference(&f, view, stop)? {
+                        None => {
+                            self.note_verified_view(key, &md);
+                            return Ok(Built::Verified);
+                        }
+                        Some(at) => tracing::warn!(
+                            "view {} is damaged at byte {at}; building it again from verified chunks",
+                            path.display()
+                        ),
+                    }
+                }
+                // Another length (only tampering gets here) or damaged: replace it.
+                damaged = true;
                 fs::remove_file(&path)?;
-                self.sub_view_bytes(old);
+                self.sub_view_bytes(allocated(&md));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
@@ -144,15 +191,83 @@ impl ChunkStore {
             copy_range(&chunk, tmp.as_file(), p.offset, u64::from(p.size))?;
         }
         tmp.as_file().sync_all()?;
-        let on_disk = allocated(&tmp.as_file().metadata()?);
+        let md = tmp.as_file().metadata()?;
         match tmp.persist_noclobber(&path) {
-            Ok(_) => self.add_view_bytes(on_disk)?,
-            // Built meanwhile by another builder: counted by it.
+            Ok(file) => {
+                self.add_view_bytes(allocated(&md))?;
+                // After the rename, which changed its ctime.
+                self.note_verified_view(key, &file.metadata()?);
+            }
+            // Built meanwhile by another builder: counted (and verified) by it.
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e.error.into()),
         }
-        Ok(())
+        Ok(if damaged {
+            Built::Repaired
+        } else {
+            Built::Built
+        })
     }
+}
+
+/// Where `f` first differs from what `view` says it holds, or None if it holds exactly
+/// that: each piece's bytes hash to the piece's digest, and the rest reads as zeros.
+fn first_difference(
+    f: &File,
+    view: &View,
+    stop: &dyn Fn() -> bool,
+) -> Result<Option<u64>, ViewError> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = Vec::new();
+    let mut pos = 0u64;
+    for p in &view.pieces {
+        if stop() {
+            return Err(ViewError::Stopped);
+        }
+        if let Some(at) = nonzero_between(f, pos, p.offset)? {
+            return Ok(Some(at));
+        }
+        buf.resize(p.size as usize, 0);
+        f.read_exact_at(&mut buf, p.offset)?;
+        if hoist_codec::digest(&buf) != p.digest {
+            return Ok(Some(p.offset));
+        }
+        pos = p.offset + u64::from(p.size);
+    }
+    Ok(nonzero_between(f, pos, view.len)?)
+}
+
+/// The first byte in `from..to` of `f` that is not zero, skipping holes.
+fn nonzero_between(f: &File, from: u64, to: u64) -> io::Result<Option<u64>> {
+    use rustix::fs::{seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let mut at = from;
+    let mut buf = vec![0u8; 64 * 1024];
+    while at < to {
+        let data = match seek(f, SeekFrom::Data(i64::try_from(at).unwrap_or(i64::MAX))) {
+            Ok(d) => d,
+            // No data after `at`: holes to the end.
+            Err(rustix::io::Errno::NXIO) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if data >= to {
+            return Ok(None);
+        }
+        let end = seek(f, SeekFrom::Hole(i64::try_from(data).unwrap_or(i64::MAX)))?.min(to);
+        let mut pos = data;
+        while pos < end {
+            let n = usize::try_from(end - pos)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            f.read_exact_at(&mut buf[..n], pos)?;
+            if let Some(i) = buf[..n].iter().position(|b| *b != 0) {
+                return Ok(Some(pos + i as u64));
+            }
+            pos += n as u64;
+        }
+        at = end;
+    }
+    Ok(None)
 }
 
 /// Bytes a file takes on disk (a view is sparse).
@@ -200,26 +315,9 @@ mod tests {
     #[test]
     fn a_view_holds_its_pieces_at_their_offsets_and_zeros_between() {
         let (_d, store) = store();
-        let a = put(&store, &[1u8; 5000]);
-        let b = put(&store, b"tail");
-        let view = View {
-            len: 1_000_000,
-            pieces: vec![
-                Piece { offset: 0, ..a },
-                Piece {
-                    offset: 999_996,
-                    ..b
-                },
-            ],
-        };
+        let (view, want) = two_piece_view(&store, 1_000_000);
         store.build_view(&view, &|| false).unwrap();
-        let mut f = store.open_view(&view).unwrap().expect("built");
-        let mut got = Vec::new();
-        io::Read::read_to_end(&mut f, &mut got).unwrap();
-        let mut want = vec![1u8; 5000];
-        want.resize(999_996, 0);
-        want.extend_from_slice(b"tail");
-        assert_eq!(got, want);
+        assert_eq!(contents(&store, &view), want);
         // Sparse: the zeros take no room, and the store counts what the file takes.
         let on_disk = allocated(&fs::metadata(store.view_path(&view)).unwrap());
         assert!(on_disk < 100_000, "{on_disk} bytes on disk");
@@ -319,5 +417,92 @@ mod tests {
         assert_eq!((report.removed, report.freed, report.left), (1, 8192, 4096));
         assert!(store.open_view(&view).unwrap().is_none());
         assert!(store.contains(&a.digest));
+    }
+
+    /// A view and its expected contents: a piece, a hole, a piece.
+    fn two_piece_view(store: &ChunkStore, len: u64) -> (View, Vec<u8>) {
+        let a = put(store, &[1u8; 5000]);
+        let b = put(store, b"tail");
+        let view = View {
+            len,
+            pieces: vec![
+                Piece { offset: 0, ..a },
+                Piece {
+                    offset: len - 4,
+                    ..b
+                },
+            ],
+        };
+        let mut want = vec![1u8; 5000];
+        want.resize(len as usize - 4, 0);
+        want.extend_from_slice(b"tail");
+        (view, want)
+    }
+
+    fn contents(store: &ChunkStore, view: &View) -> Vec<u8> {
+        let mut f = store.open_view(view).unwrap().expect("a verified view");
+        let mut got = Vec::new();
+        io::Read::read_to_end(&mut f, &mut got).unwrap();
+        got
+    }
+
+    #[test]
+    fn a_view_found_on_disk_is_verified_before_it_is_handed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 1 << 30).unwrap();
+        let (view, want) = two_piece_view(&store, 300_000);
+        assert_eq!(store.build_view(&view, &|| false).unwrap(), Built::Built);
+        assert_eq!(store.build_view(&view, &|| false).unwrap(), Built::Known);
+        drop(store);
+        // Another process (a restarted daemon): found, but not handed out unverified.
+        let store = ChunkStore::open(dir.path(), 1 << 30).unwrap();
+        assert!(store.has_view_file(&view));
+        assert!(store.open_view(&view).unwrap().is_none());
+        assert_eq!(store.build_view(&view, &|| false).unwrap(), Built::Verified);
+        assert_eq!(contents(&store, &view), want);
+    }
+
+    #[test]
+    fn a_damaged_view_is_built_again_and_never_handed_out() {
+        use std::os::unix::fs::FileExt;
+        // A byte flipped in a piece, and a byte written into a hole.
+        for at in [4321u64, 150_000] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ChunkStore::open(dir.path(), 1 << 30).unwrap();
+            let (view, want) = two_piece_view(&store, 300_000);
+            store.build_view(&view, &|| false).unwrap();
+            drop(store);
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join("views").join(view.key()))
+                .unwrap();
+            f.write_all_at(&[0x5a], at).unwrap();
+            drop(f);
+            let store = ChunkStore::open(dir.path(), 1 << 30).unwrap();
+            assert!(store.open_view(&view).unwrap().is_none(), "byte {at}");
+            assert_eq!(
+                store.build_view(&view, &|| false).unwrap(),
+                Built::Repaired,
+                "byte {at}"
+            );
+            assert_eq!(contents(&store, &view), want, "byte {at}");
+            // Still sparse, and counted once.
+            assert_eq!(store.stats().unwrap().views, 1);
+        }
+    }
+
+    #[test]
+    fn a_file_put_in_the_place_of_a_verified_view_is_verified_again() {
+        let (_d, store) = store();
+        let (view, want) = two_piece_view(&store, 300_000);
+        store.build_view(&view, &|| false).unwrap();
+        let path = store.view_path(&view);
+        let mut bad = want.clone();
+        bad[10] = 0;
+        fs::write(path.with_extension("new"), &bad).unwrap();
+        fs::rename(path.with_extension("new"), &path).unwrap();
+        assert!(store.open_view(&view).unwrap().is_none());
+        assert_eq!(store.build_view(&view, &|| false).unwrap(), Built::Repaired);
+        assert_eq!(contents(&store, &view), want);
     }
 }

@@ -277,6 +277,12 @@ pub struct Stats {
     pub passthrough_opens: u64,
     /// Views built (cached chunks copied into one file for the kernel).
     pub views_built: u64,
+    /// Views found on disk and verified before the kernel first read them.
+    #[serde(default)]
+    pub views_verified: u64,
+    /// Views found damaged on disk: removed and built again, never served.
+    #[serde(default)]
+    pub views_damaged: u64,
     /// erofs mode: whether the kernel reads every blob from its view on the local disk,
     /// not through hoist: the image was fully cached when it was mounted, or every
     /// blob's view has been swapped in behind its loop device since.

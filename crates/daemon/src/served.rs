@@ -9,7 +9,9 @@ use crate::image::{
     device_sizes, image_error, joined, mount_id, read_config, read_error, read_trace,
 };
 use hoist_cache::prefetch::Progress;
-use hoist_cache::{BlobChunks, ChunkStore, FetchConfig, Fetcher, Inflight, MetaCachingSource};
+use hoist_cache::{
+    BlobChunks, ChunkStore, FetchConfig, Fetcher, Inflight, MetaCachingSource, View, ViewError,
+};
 use hoist_fs::{kernel, Backing, BlobDevFs, FsCounters, LoopDevices, TreeFs};
 use hoist_oci::{ImageRef, ImageSource};
 use hoist_reader::HoistImage;
@@ -424,6 +426,10 @@ impl Served {
                     loops.len()
                 );
                 self.loops = Some(Arc::new(loops));
+                // Views of blobs still on hoist's device files, built meanwhile.
+                if !self.spec.record {
+                    self.verify_views_later(&device_sizes(&self.image));
+                }
             }
             Err(e) => tracing::warn!(
                 "{}: the loop devices cannot be taken back ({e}); blobs not yet on their views stay on hoist's device files until remounted",
@@ -462,7 +468,7 @@ impl Served {
             true => vec![None; sizes.len()],
             false => self.built_views(&sizes),
         };
-        let fs = BlobDevFs::new(self.fetcher.clone(), sizes, self.counters.clone());
+        let fs = BlobDevFs::new(self.fetcher.clone(), sizes.clone(), self.counters.clone());
         let m = hoist_fs::mount_fuse(
             fs,
             &devdir,
@@ -505,6 +511,9 @@ impl Served {
                     loops.len()
                 );
                 self.loops = Some(Arc::new(loops));
+                if !self.spec.record {
+                    self.verify_views_later(&sizes);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -516,6 +525,56 @@ impl Served {
                 kernel::mount_erofs(meta, &devices, mp, false, ra, privileges)
                     .map_err(|e| DaemonError::Internal(e.to_string()))
             }
+        }
+    }
+
+    /// Verifies, in the background, the blob views on disk that this process has not
+    /// verified (a daemon restarted over a warm cache), and moves each blob whose view
+    /// holds what it should to it; a damaged view is built again from the cached chunks
+    /// first, or, if some are missing, left to the prefetch or the next mount.
+    fn verify_views_later(&self, sizes: &[u64]) {
+        let (Some(loops), fetcher) = (self.loops.clone(), self.fetcher.clone()) else {
+            return;
+        };
+        let store = fetcher.store().clone();
+        let todo: Vec<(usize, View)> = fetcher
+            .blobs()
+            .iter()
+            .zip(sizes)
+            .map(|(blob, size)| blob.view(*size))
+            .enumerate()
+            .filter(|(k, v)| {
+                !loops.is_local(*k)
+                    && store.has_view_file(v)
+                    && store.open_view(v).ok().flatten().is_none()
+            })
+            .collect();
+        if todo.is_empty() {
+            return;
+        }
+        let mp = self.spec.mountpoint.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hoist-verify".into())
+            .spawn(move || {
+                for (k, view) in todo {
+                    match store.build_view(&view, &|| fetcher.stopping()) {
+                        Ok(built) => {
+                            fetcher.counters().count_view(built);
+                            if let Err(e) = loops.use_view(k, &store.view_path(&view)) {
+                                tracing::warn!("blob {} stays on hoist's device file: {e}", k + 1);
+                            }
+                        }
+                        Err(ViewError::Stopped) => return,
+                        Err(e) => tracing::info!(
+                            "{}: blob {} stays on hoist's device file: its view: {e}",
+                            mp.display(),
+                            k + 1
+                        ),
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("starting the verification of views: {e}");
         }
     }
 
@@ -625,6 +684,8 @@ impl Served {
             passthrough: self.counters.passthrough_available.load(Relaxed) == 1,
             passthrough_opens: self.counters.passthrough_opens.load(Relaxed),
             views_built: c.views_built.load(Relaxed),
+            views_verified: c.views_verified.load(Relaxed),
+            views_damaged: c.views_damaged.load(Relaxed),
             local_devices: self.all_local(),
             devices: match (self.spec.mode, &self.loops) {
                 (Mode::Fuse, _) => Devices::None,

@@ -178,6 +178,11 @@ impl LoopDevices {
         Ok(true)
     }
 
+    /// Whether blob `blob` is read from its view.
+    pub fn is_local(&self, blob: usize) -> bool {
+        self.blobs.get(blob).is_some_and(|b| b.local.load(Relaxed))
+    }
+
     /// How many blobs are read from their views.
     pub fn local(&self) -> usize {
         self.blobs.iter().filter(|b| b.local.load(Relaxed)).count()

@@ -266,8 +266,9 @@ impl TreeFs {
     }
 
     /// A local file holding all of a file's data, for passthrough: its one cached chunk,
-    /// or its built view. A file of several chunks, all cached, whose view is not built
-    /// gets it built in the background (for its next opens). None while recording: a
+    /// or its built and verified view. A file of several chunks, all cached, whose view
+    /// is not built, or not verified by this process, gets it built or verified in the
+    /// background (for its next opens). None while recording: a
     /// view would hide which of its chunks the workload reads.
     fn backing_file(&self, inode: &Inode) -> Option<std::fs::File> {
         let chunks = self.chunk_refs(inode).ok()?;
@@ -277,7 +278,9 @@ impl TreeFs {
             if let Some(f) = store.open_view(&view).ok().flatten() {
                 return Some(f);
             }
-            if view.pieces.iter().all(|p| store.contains(&p.digest)) {
+            // Built but not verified by this process yet (verified in the background,
+            // served by hoist until then), or buildable.
+            if store.has_view_file(&view) || view.pieces.iter().all(|p| store.contains(&p.digest)) {
                 self.fetcher.build_view_later(view);
             }
             return None;

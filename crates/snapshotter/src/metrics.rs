@@ -136,7 +136,7 @@ impl Collector for Metrics {
                 .collect()
         };
         use MetricType::{Counter, Gauge};
-        let counters: [Field; 9] = [
+        let counters: [Field; 11] = [
             (
                 "hoist_fetched_bytes",
                 "Bytes fetched from the registry",
@@ -171,6 +171,16 @@ impl Collector for Metrics {
                 "hoist_read_timeouts",
                 "Reads that waited past the read bound",
                 |s| s.timeouts,
+            ),
+            (
+                "hoist_views_verified",
+                "Views found on disk and hashed before first use",
+                |s| s.views_verified,
+            ),
+            (
+                "hoist_views_damaged",
+                "Views found damaged on disk and rebuilt from verified chunks",
+                |s| s.views_damaged,
             ),
         ];
         for (name, help, f) in counters {

@@ -228,6 +228,12 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
     if s.passthrough {
         println!("  passthrough on: {} opens", s.passthrough_opens);
     }
+    if s.views_verified + s.views_damaged > 0 {
+        println!(
+            "  views     {} found on disk and verified, {} found damaged and rebuilt",
+            s.views_verified, s.views_damaged
+        );
+    }
     let (local, total) = (s.devices_local, s.devices_total);
     match s.devices {
         Devices::Views => {
