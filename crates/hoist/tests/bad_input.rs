@@ -418,3 +418,63 @@ fn a_killed_writers_temporary_files_are_removed_by_the_next_conversion() {
     assert!(!stale.exists(), "the dead writer's temporary file stayed");
     assert!(live.exists(), "a live writer's temporary file was removed");
 }
+
+/// Issue 19: `convert` accepted trees 5,000 and 10,000 directories deep that `check` and
+/// `mount` then refused ("nested too deep") and `unpack` failed half-way through.
+/// Convert refuses them, naming the entry and the limit; the deepest tree the readers
+/// walk (4,095 levels) converts and checks.
+#[test]
+fn a_tree_deeper_than_check_and_mount_read_is_refused_by_convert() {
+    for levels in [5000usize, 10_000] {
+        let path = "d/".repeat(levels);
+        let layer = tar_of(&[
+            pax_header(&[("path", path.as_bytes())]),
+            raw_entry(b"deep/", b'5', b"", b""),
+        ]);
+        assert_rejected(
+            &format!("deep-{levels}"),
+            &[gzip(&layer)],
+            &[
+                "entry \"d/d/d/",
+                &format!("nested {levels} levels deep"),
+                "at most 4095",
+            ],
+        );
+    }
+    let deepest = "d/".repeat(4095);
+    let layer = tar_of(&[
+        pax_header(&[("path", deepest.as_bytes())]),
+        raw_entry(b"deepest/", b'5', b"", b""),
+        pax_header(&[("path", format!("{deepest}f").as_bytes())]),
+        raw_entry(b"f", b'0', b"", b"at the bottom\n"),
+    ]);
+    let (ok, stderr, dst) = convert_crafted("deepest", &[gzip(&layer)]);
+    assert!(ok, "the deepest tree check reads was refused: {stderr}");
+    hoist_ok(&["check", &format!("oci:{}:t", dst.display())]);
+}
+
+/// Issue 19: a PAX `size` of -1, or one that overflows, or one that is not a number,
+/// was ignored and the ustar header's size used; GNU tar refuses such archives. Convert
+/// refuses them too, naming the entry.
+#[test]
+fn pax_sizes_gnu_tar_refuses_are_refused() {
+    for (name, value, why) in [
+        ("pax-size-negative", "-1", "is not a size in bytes"),
+        (
+            "pax-size-overflow",
+            "99999999999999999999999",
+            "overflows 64 bits",
+        ),
+        ("pax-size-nan", "12abc", "is not a size in bytes"),
+    ] {
+        let layer = tar_of(&[
+            pax_header(&[("size", value.as_bytes())]),
+            raw_entry(b"victim", b'0', b"", b"hello"),
+        ]);
+        assert_rejected(
+            name,
+            &[gzip(&layer)],
+            &["entry \"victim\"", &format!("PAX size \"{value}\" {why}")],
+        );
+    }
+}

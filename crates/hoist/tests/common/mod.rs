@@ -255,6 +255,23 @@ pub fn raw_entry(path: &[u8], kind: u8, link: &[u8], data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A PAX extended header (type `x`) holding `key=value` records, which apply to the
+/// entry that follows it.
+pub fn pax_header(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (key, value) in records {
+        // "LEN key=value\n", LEN counting itself.
+        let body = [b" ", key.as_bytes(), b"=", value, b"\n"].concat();
+        let mut len = body.len() + 1;
+        while len.to_string().len() + body.len() != len {
+            len = len.to_string().len() + body.len();
+        }
+        data.extend_from_slice(len.to_string().as_bytes());
+        data.extend_from_slice(&body);
+    }
+    raw_entry(b"PaxHeaders/entry", b'x', b"", &data)
+}
+
 /// Writes the checksum of a tar header (after changing its fields).
 pub fn set_checksum(h: &mut [u8]) {
     h[148..156].copy_from_slice(b"        ");
