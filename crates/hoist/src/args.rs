@@ -75,7 +75,9 @@ pub enum Command {
     /// Writes one data blob per layer (deduplicated, compressed chunks), a metadata blob
     /// (an EROFS image of the merged tree plus the chunk tables), the original config, and
     /// a manifest tagged in DST. The source config is kept (env, cmd, entrypoint, history);
-    /// only its `rootfs.diff_ids` name the new layers. Prints a one-line summary; `--json` prints a report.
+    /// only its `rootfs.diff_ids` name the new layers (the source's are checked against the
+    /// uncompressed layers first). Trees that `check` and `mount` would refuse (nested 4096
+    /// directories deep) are refused. Prints a one-line summary; `--json` prints a report.
     Convert(ConvertArgs),
     /// Materialise the root filesystem of a hoist image in a new or empty directory.
     Unpack {

@@ -453,6 +453,70 @@ fn a_tree_deeper_than_check_and_mount_read_is_refused_by_convert() {
     hoist_ok(&["check", &format!("oci:{}:t", dst.display())]);
 }
 
+/// Issue 19: wrong or empty `rootfs.diff_ids` in the config were accepted (and replaced
+/// in the converted config). They are checked against the uncompressed layers, as the
+/// OCI image spec requires, also when the layers come from the conversion cache; the
+/// error names the layer, the expected and the actual digest.
+#[test]
+fn config_diff_ids_are_checked_against_the_uncompressed_layers() {
+    let layer = gzip(&tar_of(&[raw_entry(
+        b"diff-id-check",
+        b'0',
+        b"",
+        b"a layer of this test only\n",
+    )]));
+    let actual = diff_id(&layer);
+    let convert = |name: &str, diff_ids: &[String]| {
+        let src = scratch().join(format!("diffid-src-{name}"));
+        let digests = make_layout_full(&src, "t", &[layer.clone()], false, diff_ids);
+        let out = hoist(&[
+            "convert",
+            &format!("oci:{}:t", src.display()),
+            &format!(
+                "oci:{}:t",
+                scratch().join(format!("diffid-dst-{name}")).display()
+            ),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (out.status.success(), stderr, digests[0].clone())
+    };
+    // The digest of the compressed blob (a common mistake) in place of the diff_id.
+    let compressed = format!("sha256:{}", hex_sha256(&layer));
+    let wrong = |name: &str| {
+        let (ok, stderr, layer_digest) = convert(name, std::slice::from_ref(&compressed));
+        assert!(!ok, "{name}: a wrong diff_id was accepted");
+        for want in [
+            layer_digest.as_str(),
+            &compressed,
+            &actual,
+            "rootfs.diff_ids[0]",
+        ] {
+            assert!(
+                stderr.contains(want),
+                "{name}: {stderr:?} does not name {want}"
+            );
+        }
+    };
+    wrong("wrong");
+    let (ok, stderr, _) = convert("empty", &[]);
+    assert!(!ok, "empty diff_ids were accepted");
+    assert!(
+        stderr.contains("rootfs.diff_ids lists 0 digests for 1 layers"),
+        "{stderr}"
+    );
+    // The right one converts (and fills the conversion cache); the wrong one is still
+    // refused when the layer would come from that cache.
+    let (ok, stderr, _) = convert("right", std::slice::from_ref(&actual));
+    assert!(ok, "{stderr}");
+    wrong("wrong-cached");
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("{:x}", sha2::Sha256::digest(data))
+}
+
 /// Issue 19: a PAX `size` of -1, or one that overflows, or one that is not a number,
 /// was ignored and the ustar header's size used; GNU tar refuses such archives. Convert
 /// refuses them too, naming the entry.
