@@ -468,7 +468,7 @@ fn config_diff_ids_are_checked_against_the_uncompressed_layers() {
     let actual = diff_id(&layer);
     let convert = |name: &str, diff_ids: &[String]| {
         let src = scratch().join(format!("diffid-src-{name}"));
-        let digests = make_layout_full(&src, "t", &[layer.clone()], false, diff_ids);
+        let digests = make_layout_full(&src, "t", std::slice::from_ref(&layer), false, diff_ids);
         let out = hoist(&[
             "convert",
             &format!("oci:{}:t", src.display()),
@@ -541,4 +541,90 @@ fn pax_sizes_gnu_tar_refuses_are_refused() {
             &["entry \"victim\"", &format!("PAX size \"{value}\" {why}")],
         );
     }
+}
+
+/// Converts a crafted layer that must convert; returns the image reference.
+fn converted(name: &str, layer: &[u8]) -> String {
+    let (ok, stderr, dst) = convert_crafted(name, &[gzip(layer)]);
+    assert!(ok, "{name}: {stderr}");
+    format!("oci:{}:t", dst.display())
+}
+
+/// Issue 19: `hoist unpack` of an xattr the target filesystem cannot hold said "No space
+/// left on device", and of a malformed `security.capability` "Invalid argument", naming
+/// neither the file nor the xattr, and left a partial tree. The error names both and
+/// says what to do; a failed unpack leaves nothing (a directory it made is removed, an
+/// empty one the user gave is emptied again).
+#[test]
+fn an_xattr_the_target_refuses_is_named_and_no_partial_tree_stays() {
+    let with_xattr = |name: &str, value: &[u8]| {
+        tar_of(&[
+            raw_entry(b"a-first", b'0', b"", b"written before the failure\n"),
+            raw_entry(b"app/", b'5', b"", b""),
+            pax_header(&[(&format!("SCHILY.xattr.{name}"), value)]),
+            raw_entry(b"app/victim", b'0', b"", b"data\n"),
+        ])
+    };
+    let unpack = |image: &str, dir: &std::path::Path| {
+        let out = hoist(&["unpack", image, &dir.display().to_string()]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (out.status.success(), stderr)
+    };
+
+    // 8 KiB: more than ext4 holds, less than EROFS and the VFS do.
+    let big = vec![b'x'; 8192];
+    let image = converted("xattr-big", &with_xattr("user.big", &big));
+    let probe = scratch().join("xattr-probe");
+    std::fs::write(&probe, b"").unwrap();
+    let fits = rustix::fs::setxattr(&probe, "user.big", &big, rustix::fs::XattrFlags::empty());
+    let dir = scratch().join("unpack-xattr-big");
+    let (ok, stderr) = unpack(&image, &dir);
+    if fits.is_ok() {
+        // This filesystem holds it: the value comes out whole.
+        assert!(ok, "{stderr}");
+        let mut value = vec![0u8; 16384];
+        let n = rustix::fs::getxattr(dir.join("app/victim"), "user.big", &mut value).unwrap();
+        assert_eq!(&value[..n], &big[..]);
+    } else {
+        assert!(!ok, "unpack succeeded where setxattr fails: {fits:?}");
+        for want in [
+            &format!("{}/app/victim", dir.display()),
+            "setting xattr user.big",
+            "cannot hold an xattr of 8192 bytes",
+            "filesystem with larger xattrs",
+        ] {
+            assert!(stderr.contains(want), "{stderr:?} does not say {want:?}");
+        }
+        assert!(!dir.exists(), "a partial tree stayed in {}", dir.display());
+    }
+
+    // A malformed file capability: the kernel refuses it (EINVAL), or refuses anyone
+    // but root to set it (EPERM).
+    let image = converted("xattr-cap", &with_xattr("security.capability", b"bad"));
+    let dir = scratch().join("unpack-xattr-cap/new/dir");
+    let (ok, stderr) = unpack(&image, &dir);
+    assert!(!ok, "a malformed security.capability was set");
+    let hint = if is_root() {
+        "file capability (3 bytes) is malformed"
+    } else {
+        "run hoist unpack as root"
+    };
+    for want in [
+        &format!("{}/app/victim", dir.display()),
+        "setting xattr security.capability",
+        hint,
+    ] {
+        assert!(stderr.contains(want), "{stderr:?} does not say {want:?}");
+    }
+    assert!(
+        !scratch().join("unpack-xattr-cap").exists(),
+        "the directories made for the unpack stayed"
+    );
+    // Into an empty directory the user made: it stays, empty.
+    let given = scratch().join("unpack-xattr-given");
+    std::fs::create_dir(&given).unwrap();
+    let (ok, _) = unpack(&image, &given);
+    assert!(!ok);
+    assert_eq!(std::fs::read_dir(&given).unwrap().count(), 0, "left behind");
 }
