@@ -80,6 +80,9 @@ pub enum Command {
     /// directories deep) are refused. Prints a one-line summary; `--json` prints a report.
     Convert(ConvertArgs),
     /// Materialise the root filesystem of a hoist image in a new or empty directory.
+    ///
+    /// A failed unpack leaves nothing behind: a directory it made is removed, an empty
+    /// one it was given is emptied again.
     Unpack {
         /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
         image: String,
@@ -106,6 +109,7 @@ pub enum Command {
     /// DIR receives `meta.erofs` (the metadata blob) and `NNN-<digest>.img` per data blob, NNN
     /// being its device number (1-based; pass them as device= in that order), holding its
     /// uncompressed address space, sparse). Prints a mount command using loop devices.
+    /// A failed export leaves nothing new behind.
     Export {
         /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
         image: String,

@@ -628,3 +628,73 @@ fn an_xattr_the_target_refuses_is_named_and_no_partial_tree_stays() {
     assert!(!ok);
     assert_eq!(std::fs::read_dir(&given).unwrap().count(), 0, "left behind");
 }
+
+/// Issue 19: a failed `hoist export` left `meta.erofs` and an empty `.img` behind. It
+/// writes temporary names, renames them when all is written, and on failure leaves
+/// nothing new: no files, and no directory it made.
+#[test]
+fn a_failed_export_leaves_nothing_behind() {
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let image = converted(
+        "export-fail",
+        &tar_of(&[raw_entry(b"data", b'0', b"", &data)]),
+    );
+    let dst = scratch().join("bad-dst-export-fail");
+    // The control: it exports.
+    let good = scratch().join("export-good");
+    hoist_ok(&["export", &image, &good.display().to_string()]);
+    let names: Vec<String> = std::fs::read_dir(&good)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n == "meta.erofs"), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with(".img")), "{names:?}");
+    assert!(names.iter().all(|n| !n.starts_with(".tmp")), "{names:?}");
+    // Corrupt the data blob's first chunk: export fails after the metadata is written.
+    let blob = dst.join("blobs/sha256").join(data_blob_hex(&dst));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    for (dir, made) in [
+        (scratch().join("export-fail/new"), false),
+        (scratch().join("export-fail-given"), true),
+    ] {
+        if made {
+            std::fs::create_dir(&dir).unwrap();
+        }
+        let err = hoist_err(&["export", &image, &dir.display().to_string()], &[]);
+        assert!(err.contains("chunk 0 of blob sha256:"), "{err}");
+        if made {
+            let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+            assert!(
+                left.is_empty(),
+                "left behind in {}: {left:?}",
+                dir.display()
+            );
+        } else {
+            assert!(
+                !scratch().join("export-fail").exists(),
+                "the directories made for the export stayed"
+            );
+        }
+    }
+}
+
+/// The hex digest of the one data blob of the single image of a converted layout.
+fn data_blob_hex(layout: &std::path::Path) -> String {
+    let read = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let index = read(layout.join("index.json"));
+    let digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest = read(layout.join("blobs/sha256").join(&digest[7..]));
+    let blobs: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == "application/vnd.oci.image.layer.hoist.blob.v1")
+        .map(|l| &l["digest"].as_str().unwrap()[7..])
+        .collect();
+    assert_eq!(blobs.len(), 1, "{manifest}");
+    blobs[0].to_string()
+}
