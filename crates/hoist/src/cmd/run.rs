@@ -196,9 +196,17 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     overlay::mount(&image_mp, &upper, &work, &rootfs)?;
     cleanup.overlaid = true;
     let user = user::resolve(&rootfs, &config.user)?;
+    let env = hoist_runtime::environment(&config.env, l.env, &user.home, l.tty);
+    for e in &env.dropped {
+        tracing::warn!(
+            "environment entry {e:?} (of the config of {} or -e) has no '=': not passed to \
+             the container (it unsets {e}, as with docker)",
+            l.image
+        );
+    }
     let container = spec::Container {
         args: config.process(l.entrypoint, l.cmd)?,
-        env: hoist_runtime::environment(&config.env, l.env, &user.home, l.tty),
+        env: env.vars,
         cwd: if config.working_dir.is_empty() {
             "/".into()
         } else {
