@@ -698,3 +698,46 @@ fn data_blob_hex(layout: &std::path::Path) -> String {
     assert_eq!(blobs.len(), 1, "{manifest}");
     blobs[0].to_string()
 }
+
+/// Issue 19: `hoist mount foo /tmp` started a daemon under `$HOIST_HOME` (by default
+/// /var/lib/hoist) before it rejected the reference. The reference and the mount point
+/// are checked first: nothing is started, `$HOIST_HOME` is not even created.
+#[test]
+fn a_bad_mount_or_run_starts_no_daemon_and_creates_nothing() {
+    let home = scratch().join("never-made-home");
+    let home_s = home.display().to_string();
+    let env = [("HOIST_HOME", home_s.as_str())];
+    let dir = scratch().display().to_string();
+    let file = scratch().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let file_s = file.display().to_string();
+    let cases: [(&[&str], &str); 5] = [
+        (&["mount", "foo", &dir], "invalid image reference \"foo\""),
+        (
+            &["mount", "docker://Bad/Repo:x", &dir],
+            "invalid image reference",
+        ),
+        (
+            &["mount", "oci:/nowhere:t", "/no/such/mount/point"],
+            "mount point /no/such/mount/point",
+        ),
+        (&["mount", "oci:/nowhere:t", &file_s], "is not a directory"),
+        (&["run", "foo"], "invalid image reference \"foo\""),
+    ];
+    for (args, expect) in cases {
+        let out = hoist_env(args, &env);
+        let made = home.exists();
+        if made {
+            // Stop what the failure started before asserting.
+            let _ = hoist_env(&["daemon", "stop"], &env);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(
+            !made,
+            "{args:?} created {} (a daemon was started)",
+            home.display()
+        );
+    }
+}

@@ -7,7 +7,7 @@
 //! to runc, which passes them to the container; runc's exit status is the container's,
 //! and hoist exits with it.
 
-use super::mount::{home, mount_spec, start_daemon};
+use super::mount::{check_image, home, mount_spec, start_daemon};
 use super::{human, Context};
 use crate::args::{MountOptions, RecordArgs, RegistryArgs, RunArgs};
 use anyhow::{anyhow, bail, Context as _};
@@ -122,6 +122,7 @@ impl Drop for Cleanup {
 
 fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i32> {
     let t0 = Instant::now();
+    check_image(l.image)?;
     let home = home(cx);
     let name = match l.name {
         Some(n) => {
