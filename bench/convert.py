@@ -9,6 +9,9 @@ Times, in one run on this machine (medians of N runs, each in a fresh output lay
   hoist zstd/lz4    `hoist convert` of the whole image
 and reports peak RSS (ru_maxrss of the process). Then converts debian-python-v2 with and
 without `--chunk-dict` v1 and reports what is stored for v1+v2 in each case vs the OCI layers.
+Every hoist command runs with a HOIST_HOME of its own under the scratch directory (each timed
+conversion a fresh one, so none reuses another's conversion cache); /var/lib/hoist is never
+touched.
 """
 import argparse, json, os, resource, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -17,10 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 HOIST = ROOT / "target/release/hoist"
 
 
-def run(cmd, stdout=subprocess.DEVNULL):
+def run(cmd, stdout=subprocess.DEVNULL, env=None):
     """Runs cmd; returns (wall seconds, peak RSS KiB)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read().decode()
@@ -75,6 +78,11 @@ def main():
     if not HOIST.exists():
         subprocess.run(["cargo", "build", "--release", "-p", "hoist"], cwd=ROOT, check=True)
     work = Path(tempfile.mkdtemp(prefix="hoist-bench-", dir="/var/tmp"))
+
+    def home_env(name):
+        """The environment of a hoist command: HOIST_HOME in the scratch directory."""
+        return dict(os.environ, HOIST_HOME=str(work / name))
+
     try:
         layers = [fixtures / "blobs/sha256" / l["digest"][7:] for l in manifest(fixtures, args.image)["layers"]]
         rows = {}
@@ -89,8 +97,11 @@ def main():
         def convert(extra):
             counter[0] += 1
             dst = work / f"conv{counter[0]}"
-            r = run([str(HOIST), "convert", f"oci:{fixtures}:{args.image}", f"oci:{dst}:x", *extra])
+            home = f"home-conv{counter[0]}"
+            r = run([str(HOIST), "convert", f"oci:{fixtures}:{args.image}", f"oci:{dst}:x", *extra],
+                    env=home_env(home))
             shutil.rmtree(dst)
+            shutil.rmtree(work / home, ignore_errors=True)
             return r
 
         for c in ["zstd", "lz4", "none"]:
@@ -108,14 +119,14 @@ def main():
         for tag, extra in [(v1, []), (v2, []), (v2, ["--chunk-dict", f"oci:{out}:{v1}"])]:
             name = tag + ("-dict" if extra else "")
             subprocess.run([str(HOIST), "convert", *extra, f"oci:{fixtures}:{tag}", f"oci:{out}:{name}"],
-                           check=True, stdout=subprocess.DEVNULL)
+                           check=True, stdout=subprocess.DEVNULL, env=home_env("home-dedup"))
         oci_total = sum(layer_sizes(fixtures, [v1, v2]).values())
         plain_total = sum(layer_sizes(out, [v1, v2]).values())
         dict_total = sum(layer_sizes(out, [v1, v2 + "-dict"]).values())
         v2_alone = sum(l["size"] for l in manifest(out, v2)["layers"])
         v2_new = sum(layer_sizes(out, [v1, v2 + "-dict"]).values()) - sum(layer_sizes(out, [v1]).values())
         inspect = json.loads(subprocess.run([str(HOIST), "inspect", "--json", f"oci:{out}:{v2}-dict"],
-                                            check=True, capture_output=True).stdout)
+                                            check=True, capture_output=True, env=home_env("home-dedup")).stdout)
         print(f"\nStorage for {v1} + {v2} (distinct blobs, bytes)")
         print(f"{'form':<44} {'bytes':>14} {'x OCI':>7}")
         for name, v in [("OCI gzip layers (shared base counted once)", oci_total),

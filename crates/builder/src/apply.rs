@@ -10,6 +10,7 @@
 //! ever resolved through a symlink.
 
 use crate::{BuildError, ChunkSink};
+use hoist_format::erofs::read::MAX_DEPTH;
 use hoist_format::tree::{Metadata, Node, NodeId, NodeKind, Tree};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
@@ -67,6 +68,16 @@ impl<'a> Applier<'a> {
             let kind = entry.header().entry_type();
             if kind.is_pax_global_extensions() {
                 continue;
+            }
+            check_pax_size(&mut entry).map_err(&err)?;
+            // The deepest directory this entry makes: itself, or its parent.
+            let depth = parts.len() - usize::from(!kind.is_dir() && !parts.is_empty());
+            if depth >= MAX_DEPTH {
+                return Err(err(format!(
+                    "directories nested {depth} levels deep; hoist reads at most {} (check, \
+                     unpack and mount would refuse the image)",
+                    MAX_DEPTH - 1
+                )));
             }
             let Some((name, parents)) = parts.split_last() else {
                 // The root itself: only its attributes can change.
@@ -293,6 +304,42 @@ fn metadata<R: Read>(entry: &mut tar::Entry<R>) -> Result<Metadata, String> {
     })
 }
 
+/// Refuses a PAX `size` record that is not a decimal byte count of at most 2^64-1 (`-1`,
+/// an overflowing or a non-numeric one). The tar crate would silently fall back to the
+/// ustar header's size, where GNU tar refuses the archive: two readers would see two
+/// different files (and the data of one as headers of the other).
+fn check_pax_size<R: Read>(entry: &mut tar::Entry<R>) -> Result<(), String> {
+    let Some(exts) = entry
+        .pax_extensions()
+        .map_err(|e| format!("bad PAX header: {e}"))?
+    else {
+        return Ok(());
+    };
+    for ext in exts {
+        let ext = ext.map_err(|e| format!("bad PAX record: {e}"))?;
+        if ext.key_bytes() != b"size" {
+            continue;
+        }
+        let value = ext.value_bytes();
+        let shown: String = String::from_utf8_lossy(value).chars().take(40).collect();
+        let why = if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+            "is not a size in bytes"
+        } else if std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_none()
+        {
+            "overflows 64 bits"
+        } else {
+            continue;
+        };
+        return Err(format!(
+            "PAX size {shown:?} {why}; GNU tar refuses such an archive (rebuild the layer)"
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a PAX time (`1704067200` or `1704067200.5`); negative times clamp to 0.
 fn parse_pax_time(s: &str) -> Option<(u64, u32)> {
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
@@ -349,6 +396,130 @@ mod tests {
         assert!(split_path(b"/etc/passwd").is_err());
         assert!(split_path(b"a/../../etc").is_err());
         assert!(split_path(&[b'x'; 256]).is_err());
+    }
+
+    /// Counts stored chunks; nothing is kept.
+    struct Discard;
+
+    impl ChunkSink for Discard {
+        fn put(&mut self, _: Vec<u8>) -> Result<hoist_format::tree::ChunkRef, BuildError> {
+            Ok(hoist_format::tree::ChunkRef::Hole)
+        }
+    }
+
+    fn apply_bytes(tar: &[u8]) -> Result<Tree, BuildError> {
+        let mut tree = Tree::new(Metadata::default());
+        Applier::new(&mut tree, 4096).apply(tar, "sha256:test", &mut Discard)?;
+        Ok(tree)
+    }
+
+    /// A ustar header and its data, padded.
+    fn raw(path: &[u8], kind: u8, data: &[u8]) -> Vec<u8> {
+        let mut h = [0u8; 512];
+        h[..path.len()].copy_from_slice(path);
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = kind;
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let mut out = h.to_vec();
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(512), 0);
+        out
+    }
+
+    /// A PAX extended header of one `key=value` record.
+    fn pax(key: &str, value: &[u8]) -> Vec<u8> {
+        let body = [b" ", key.as_bytes(), b"=", value, b"\n"].concat();
+        let mut n = body.len() + 1;
+        while n.to_string().len() + body.len() != n {
+            n = n.to_string().len() + body.len();
+        }
+        let record = [n.to_string().as_bytes(), &body].concat();
+        raw(b"PaxHeaders/f", b'x', &record)
+    }
+
+    fn tar_of(entries: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = entries.concat();
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    /// Issue 19: a PAX `size` of -1, one that overflows and one that is not a number
+    /// were ignored (the ustar size used); GNU tar refuses such archives. The fuzz seeds
+    /// `fuzz/seeds/tar_tree/pax-size-*` are these layers.
+    #[test]
+    fn pax_sizes_that_are_not_byte_counts_are_refused() {
+        for (seed, value, why) in [
+            (
+                &include_bytes!("../../../fuzz/seeds/tar_tree/pax-size-negative")[..],
+                "-1",
+                "is not a size in bytes",
+            ),
+            (
+                &include_bytes!("../../../fuzz/seeds/tar_tree/pax-size-overflow")[..],
+                "99999999999999999999999",
+                "overflows 64 bits",
+            ),
+            (
+                &include_bytes!("../../../fuzz/seeds/tar_tree/pax-size-not-a-number")[..],
+                "12abc",
+                "is not a size in bytes",
+            ),
+        ] {
+            let built = tar_of(&[pax("size", value.as_bytes()), raw(b"f", b'0', b"hello")]);
+            assert_eq!(seed, &built[..], "the seed for {value} is this layer");
+            let err = apply_bytes(seed).unwrap_err().to_string();
+            assert!(
+                err.contains("entry \"f\"") && err.contains(&format!("PAX size {value:?} {why}")),
+                "{err}"
+            );
+        }
+        // A PAX size that is a byte count is used.
+        let tree = apply_bytes(&tar_of(&[pax("size", b"5"), raw(b"f", b'0', b"hello")])).unwrap();
+        let f = tree.dir(Tree::ROOT).unwrap()[&b"f"[..]];
+        assert!(matches!(tree.nodes[f].kind, NodeKind::File { size: 5, .. }));
+    }
+
+    /// Issue 19: convert accepted trees 5,000 and 10,000 directories deep that check and
+    /// mount refuse. The deepest tree the reader walks converts; one level more is
+    /// refused, naming the entry. The fuzz seed `deep-tree-5000` is a 5,000-level tree.
+    #[test]
+    fn trees_deeper_than_the_reader_walks_are_refused() {
+        let seed = include_bytes!("../../../fuzz/seeds/tar_tree/deep-tree-5000");
+        let built = tar_of(&[
+            pax("path", "d/".repeat(5000).as_bytes()),
+            raw(b"deep/", b'5', b""),
+        ]);
+        assert_eq!(&seed[..], &built[..], "the seed is this layer");
+        let err = apply_bytes(seed).unwrap_err().to_string();
+        assert!(
+            err.contains("entry \"d/d/d/") && err.contains("nested 5000 levels deep"),
+            "{err}"
+        );
+        let deepest = "d/".repeat(MAX_DEPTH - 1);
+        for (path, kind, ok) in [
+            (deepest.clone(), b'5', true),
+            (format!("{deepest}f"), b'0', true),
+            (format!("{deepest}d/"), b'5', false),
+            (format!("{deepest}d/f"), b'0', false),
+        ] {
+            let layer = tar_of(&[pax("path", path.as_bytes()), raw(b"x", kind, b"")]);
+            let res = apply_bytes(&layer);
+            assert_eq!(
+                res.is_ok(),
+                ok,
+                "{} levels, type {}",
+                path.matches('/').count(),
+                kind as char
+            );
+        }
     }
 
     #[test]

@@ -26,7 +26,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"HOISTSNP";
-pub(crate) const VERSION: u32 = 1;
+/// 2: layer reports carry the layer's `diff_id`.
+pub(crate) const VERSION: u32 = 2;
 
 /// Opens an image reference (as recorded in a snapshot) for reading.
 pub type Opener = Arc<dyn Fn(&str) -> Result<Box<dyn ImageSource>, OciError> + Send + Sync>;

@@ -10,7 +10,9 @@ use hoist_format::chunk::Compressor;
 use hoist_format::erofs::{self, Device};
 use hoist_format::meta::{self, BlobInfo};
 use hoist_format::tree::{ChunkRef, Metadata, NodeKind, Tree};
-use hoist_oci::{descriptor, media, Digest, ImageSink, ImageSource, MAX_CONFIG_SIZE};
+use hoist_oci::{
+    descriptor, media, Digest, HashingReader, ImageSink, ImageSource, MAX_CONFIG_SIZE,
+};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
@@ -69,6 +71,8 @@ pub struct LayerReport {
     pub source: String,
     /// Its compressed size.
     pub source_size: u64,
+    /// Digest of its uncompressed tar stream, checked against the config's `diff_ids`.
+    pub diff_id: String,
     /// Tar entries.
     pub entries: u64,
     /// Bytes of regular file content.
@@ -186,6 +190,8 @@ pub fn convert(
             "config {config_digest} of {name} is not valid JSON: {e}"
         ))
     })?;
+    let diff_ids = diff_ids(&config, layers.len())
+        .map_err(|why| BuildError::Invalid(format!("config {config_digest} of {name}: {why}")))?;
 
     let mut chunker = Chunker::new(opts.compressor, opts.workers);
     let mut provisional: Vec<Option<(BlobInfo, Digest)>> = Vec::new();
@@ -233,6 +239,11 @@ pub fn convert(
                 let mut report = layer.report.clone();
                 report.reused = true;
                 reports.push(report);
+            }
+            // Cached layers were checked against the config they were converted with;
+            // this config must name the same uncompressed layers.
+            for (i, layer) in snap.layers.iter().enumerate() {
+                check_diff_id(i, &layers[i].digest, &diff_ids[i], &layer.report.diff_id)?;
             }
             tree = snap.tree;
             cached = snap.layers;
@@ -294,14 +305,21 @@ pub fn convert(
                 .map_err(|e| BuildError::layer(&ld, "opening", e))
                 .and_then(|tar| {
                     let mut applier = Applier::new(&mut tree, opts.chunk_size);
-                    applier.apply(tar, &ld, &mut chunker)
+                    applier.apply(HashingReader::new(tar), &ld, &mut chunker)
                 })
-                .and_then(|(stats, rest)| {
-                    rest.drain()
+                .and_then(|(stats, mut rest)| {
+                    // The uncompressed stream to its end (its diff_id covers every byte),
+                    // then whatever follows the compressed stream (its digest too).
+                    std::io::copy(&mut rest, &mut std::io::sink())
                         .map_err(|e| BuildError::layer(&ld, "reading to the end", e))?;
-                    Ok(stats)
+                    let diff_id = rest.digest();
+                    rest.into_inner()
+                        .drain()
+                        .map_err(|e| BuildError::layer(&ld, "reading to the end", e))?;
+                    check_diff_id(i, &layer.digest, &diff_ids[i], diff_id.as_str())?;
+                    Ok((stats, diff_id))
                 });
-            let stats = match applied {
+            let (stats, diff_id) = match applied {
                 Ok(stats) => stats,
                 Err(e) => {
                     // The partial blob is dropped, never committed.
@@ -313,6 +331,7 @@ pub fn convert(
             let report = LayerReport {
                 source: ld,
                 source_size: layer.size,
+                diff_id: diff_id.to_string(),
                 entries: stats.entries,
                 file_bytes: stats.file_bytes,
                 chunks: chunker.take_stats(),
@@ -479,6 +498,46 @@ pub fn convert(
         reused_layers: start,
         bytes_in: total,
         bytes_out,
+    })
+}
+
+/// The config's `rootfs.diff_ids`: one sha256 digest per layer, as the OCI image spec
+/// requires (each the digest of the layer's uncompressed tar stream).
+fn diff_ids(config: &Value, layers: usize) -> Result<Vec<Digest>, String> {
+    let list = config["rootfs"]["diff_ids"]
+        .as_array()
+        .ok_or("no rootfs.diff_ids (the OCI image spec requires one per layer)")?;
+    if list.len() != layers {
+        return Err(format!(
+            "rootfs.diff_ids lists {} digests for {layers} layers (the OCI image spec requires \
+             one per layer, the digest of its uncompressed tar stream)",
+            list.len()
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            d.as_str()
+                .ok_or_else(|| format!("rootfs.diff_ids[{i}] is not a string"))
+                .and_then(|d| Digest::parse(d).map_err(|e| format!("rootfs.diff_ids[{i}]: {e}")))
+        })
+        .collect()
+}
+
+fn check_diff_id(
+    index: usize,
+    layer: &Digest,
+    expected: &Digest,
+    actual: &str,
+) -> Result<(), BuildError> {
+    if expected.as_str() == actual {
+        return Ok(());
+    }
+    Err(BuildError::DiffId {
+        layer: layer.to_string(),
+        index,
+        expected: expected.to_string(),
+        actual: actual.to_string(),
     })
 }
 

@@ -50,6 +50,22 @@ pub enum BuildError {
         /// What is wrong.
         why: String,
     },
+    /// A layer's uncompressed bytes do not hash to the config's `diff_id` for it.
+    #[error(
+        "layer {layer}: its uncompressed tar stream hashes to {actual}, but the config's \
+         rootfs.diff_ids[{index}] is {expected}; the config does not describe this layer \
+         (a corrupt or tampered image), so it is not converted"
+    )]
+    DiffId {
+        /// Digest of the (compressed) layer blob.
+        layer: String,
+        /// Position of the layer in the manifest.
+        index: usize,
+        /// The config's `diff_id`.
+        expected: String,
+        /// The digest of the uncompressed stream.
+        actual: String,
+    },
     /// Reading or writing an image failed.
     #[error(transparent)]
     Oci(#[from] hoist_oci::OciError),

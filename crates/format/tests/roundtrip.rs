@@ -281,3 +281,37 @@ fn a_directory_of_3000_entries_spans_blocks_and_reads_back() {
     .unwrap();
     assert_eq!(dump_tree(&tree), dump_tree(&read_back(&img)));
 }
+
+/// Issue 19: `hoist convert` wrote trees 5,000 and 10,000 directories deep that `check`
+/// and `mount` then refused ("nested too deep"). The writer now refuses what the reader's
+/// walk refuses, and writes exactly what it accepts.
+#[test]
+fn the_writer_refuses_trees_deeper_than_the_reader_walks() {
+    use hoist_format::erofs::read::MAX_DEPTH;
+    fn chain(levels: usize) -> Tree {
+        let mut tree = Tree::new(Metadata::default());
+        let mut parent = Tree::ROOT;
+        for _ in 0..levels {
+            let dir = tree.add(Node {
+                meta: Metadata::default(),
+                kind: NodeKind::Dir(BTreeMap::new()),
+            });
+            tree.dir_mut(parent).unwrap().insert(b"d".to_vec(), dir);
+            parent = dir;
+        }
+        tree
+    }
+    let opts = erofs::WriteOptions { chunk_bits: 20 };
+    let deepest = erofs::write_image(&chain(MAX_DEPTH - 1), &[], &opts).unwrap();
+    let mut dirs = 0;
+    Image::open(deepest)
+        .unwrap()
+        .walk(|_, i| {
+            dirs += usize::from(i.is_dir());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(dirs, MAX_DEPTH, "the root and {} levels", MAX_DEPTH - 1);
+    let err = erofs::write_image(&chain(MAX_DEPTH), &[], &opts).unwrap_err();
+    assert!(err.to_string().contains("nested 4096 levels deep"), "{err}");
+}

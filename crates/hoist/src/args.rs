@@ -75,9 +75,14 @@ pub enum Command {
     /// Writes one data blob per layer (deduplicated, compressed chunks), a metadata blob
     /// (an EROFS image of the merged tree plus the chunk tables), the original config, and
     /// a manifest tagged in DST. The source config is kept (env, cmd, entrypoint, history);
-    /// only its `rootfs.diff_ids` name the new layers. Prints a one-line summary; `--json` prints a report.
+    /// only its `rootfs.diff_ids` name the new layers (the source's are checked against the
+    /// uncompressed layers first). Trees that `check` and `mount` would refuse (nested 4096
+    /// directories deep) are refused. Prints a one-line summary; `--json` prints a report.
     Convert(ConvertArgs),
     /// Materialise the root filesystem of a hoist image in a new or empty directory.
+    ///
+    /// A failed unpack leaves nothing behind: a directory it made is removed, an empty
+    /// one it was given is emptied again.
     Unpack {
         /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
         image: String,
@@ -104,6 +109,7 @@ pub enum Command {
     /// DIR receives `meta.erofs` (the metadata blob) and `NNN-<digest>.img` per data blob, NNN
     /// being its device number (1-based; pass them as device= in that order), holding its
     /// uncompressed address space, sparse). Prints a mount command using loop devices.
+    /// A failed export leaves nothing new behind.
     Export {
         /// The hoist image (oci:DIR:TAG or docker://HOST/REPO:TAG).
         image: String,

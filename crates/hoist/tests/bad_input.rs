@@ -418,3 +418,326 @@ fn a_killed_writers_temporary_files_are_removed_by_the_next_conversion() {
     assert!(!stale.exists(), "the dead writer's temporary file stayed");
     assert!(live.exists(), "a live writer's temporary file was removed");
 }
+
+/// Issue 19: `convert` accepted trees 5,000 and 10,000 directories deep that `check` and
+/// `mount` then refused ("nested too deep") and `unpack` failed half-way through.
+/// Convert refuses them, naming the entry and the limit; the deepest tree the readers
+/// walk (4,095 levels) converts and checks.
+#[test]
+fn a_tree_deeper_than_check_and_mount_read_is_refused_by_convert() {
+    for levels in [5000usize, 10_000] {
+        let path = "d/".repeat(levels);
+        let layer = tar_of(&[
+            pax_header(&[("path", path.as_bytes())]),
+            raw_entry(b"deep/", b'5', b"", b""),
+        ]);
+        assert_rejected(
+            &format!("deep-{levels}"),
+            &[gzip(&layer)],
+            &[
+                "entry \"d/d/d/",
+                &format!("nested {levels} levels deep"),
+                "at most 4095",
+            ],
+        );
+    }
+    let deepest = "d/".repeat(4095);
+    let layer = tar_of(&[
+        pax_header(&[("path", deepest.as_bytes())]),
+        raw_entry(b"deepest/", b'5', b"", b""),
+        pax_header(&[("path", format!("{deepest}f").as_bytes())]),
+        raw_entry(b"f", b'0', b"", b"at the bottom\n"),
+    ]);
+    let (ok, stderr, dst) = convert_crafted("deepest", &[gzip(&layer)]);
+    assert!(ok, "the deepest tree check reads was refused: {stderr}");
+    hoist_ok(&["check", &format!("oci:{}:t", dst.display())]);
+}
+
+/// Issue 19: wrong or empty `rootfs.diff_ids` in the config were accepted (and replaced
+/// in the converted config). They are checked against the uncompressed layers, as the
+/// OCI image spec requires, also when the layers come from the conversion cache; the
+/// error names the layer, the expected and the actual digest.
+#[test]
+fn config_diff_ids_are_checked_against_the_uncompressed_layers() {
+    let layer = gzip(&tar_of(&[raw_entry(
+        b"diff-id-check",
+        b'0',
+        b"",
+        b"a layer of this test only\n",
+    )]));
+    let actual = diff_id(&layer);
+    let convert = |name: &str, diff_ids: &[String]| {
+        let src = scratch().join(format!("diffid-src-{name}"));
+        let digests = make_layout_full(&src, "t", std::slice::from_ref(&layer), false, diff_ids);
+        let out = hoist(&[
+            "convert",
+            &format!("oci:{}:t", src.display()),
+            &format!(
+                "oci:{}:t",
+                scratch().join(format!("diffid-dst-{name}")).display()
+            ),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (out.status.success(), stderr, digests[0].clone())
+    };
+    // The digest of the compressed blob (a common mistake) in place of the diff_id.
+    let compressed = format!("sha256:{}", hex_sha256(&layer));
+    let wrong = |name: &str| {
+        let (ok, stderr, layer_digest) = convert(name, std::slice::from_ref(&compressed));
+        assert!(!ok, "{name}: a wrong diff_id was accepted");
+        for want in [
+            layer_digest.as_str(),
+            &compressed,
+            &actual,
+            "rootfs.diff_ids[0]",
+        ] {
+            assert!(
+                stderr.contains(want),
+                "{name}: {stderr:?} does not name {want}"
+            );
+        }
+    };
+    wrong("wrong");
+    let (ok, stderr, _) = convert("empty", &[]);
+    assert!(!ok, "empty diff_ids were accepted");
+    assert!(
+        stderr.contains("rootfs.diff_ids lists 0 digests for 1 layers"),
+        "{stderr}"
+    );
+    // The right one converts (and fills the conversion cache); the wrong one is still
+    // refused when the layer would come from that cache.
+    let (ok, stderr, _) = convert("right", std::slice::from_ref(&actual));
+    assert!(ok, "{stderr}");
+    wrong("wrong-cached");
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("{:x}", sha2::Sha256::digest(data))
+}
+
+/// Issue 19: a PAX `size` of -1, or one that overflows, or one that is not a number,
+/// was ignored and the ustar header's size used; GNU tar refuses such archives. Convert
+/// refuses them too, naming the entry.
+#[test]
+fn pax_sizes_gnu_tar_refuses_are_refused() {
+    for (name, value, why) in [
+        ("pax-size-negative", "-1", "is not a size in bytes"),
+        (
+            "pax-size-overflow",
+            "99999999999999999999999",
+            "overflows 64 bits",
+        ),
+        ("pax-size-nan", "12abc", "is not a size in bytes"),
+    ] {
+        let layer = tar_of(&[
+            pax_header(&[("size", value.as_bytes())]),
+            raw_entry(b"victim", b'0', b"", b"hello"),
+        ]);
+        assert_rejected(
+            name,
+            &[gzip(&layer)],
+            &["entry \"victim\"", &format!("PAX size \"{value}\" {why}")],
+        );
+    }
+}
+
+/// Converts a crafted layer that must convert; returns the image reference.
+fn converted(name: &str, layer: &[u8]) -> String {
+    let (ok, stderr, dst) = convert_crafted(name, &[gzip(layer)]);
+    assert!(ok, "{name}: {stderr}");
+    format!("oci:{}:t", dst.display())
+}
+
+/// Issue 19: `hoist unpack` of an xattr the target filesystem cannot hold said "No space
+/// left on device", and of a malformed `security.capability` "Invalid argument", naming
+/// neither the file nor the xattr, and left a partial tree. The error names both and
+/// says what to do; a failed unpack leaves nothing (a directory it made is removed, an
+/// empty one the user gave is emptied again).
+#[test]
+fn an_xattr_the_target_refuses_is_named_and_no_partial_tree_stays() {
+    let with_xattr = |name: &str, value: &[u8]| {
+        tar_of(&[
+            raw_entry(b"a-first", b'0', b"", b"written before the failure\n"),
+            raw_entry(b"app/", b'5', b"", b""),
+            pax_header(&[(&format!("SCHILY.xattr.{name}"), value)]),
+            raw_entry(b"app/victim", b'0', b"", b"data\n"),
+        ])
+    };
+    let unpack = |image: &str, dir: &std::path::Path| {
+        let out = hoist(&["unpack", image, &dir.display().to_string()]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (out.status.success(), stderr)
+    };
+
+    // 8 KiB: more than ext4 holds, less than EROFS and the VFS do.
+    let big = vec![b'x'; 8192];
+    let image = converted("xattr-big", &with_xattr("user.big", &big));
+    let probe = scratch().join("xattr-probe");
+    std::fs::write(&probe, b"").unwrap();
+    let fits = rustix::fs::setxattr(&probe, "user.big", &big, rustix::fs::XattrFlags::empty());
+    let dir = scratch().join("unpack-xattr-big");
+    let (ok, stderr) = unpack(&image, &dir);
+    if fits.is_ok() {
+        // This filesystem holds it: the value comes out whole.
+        assert!(ok, "{stderr}");
+        let mut value = vec![0u8; 16384];
+        let n = rustix::fs::getxattr(dir.join("app/victim"), "user.big", &mut value).unwrap();
+        assert_eq!(&value[..n], &big[..]);
+    } else {
+        assert!(!ok, "unpack succeeded where setxattr fails: {fits:?}");
+        for want in [
+            &format!("{}/app/victim", dir.display()),
+            "setting xattr user.big",
+            "cannot hold an xattr of 8192 bytes",
+            "filesystem with larger xattrs",
+        ] {
+            assert!(stderr.contains(want), "{stderr:?} does not say {want:?}");
+        }
+        assert!(!dir.exists(), "a partial tree stayed in {}", dir.display());
+    }
+
+    // A malformed file capability: the kernel refuses it (EINVAL), or refuses anyone
+    // but root to set it (EPERM).
+    let image = converted("xattr-cap", &with_xattr("security.capability", b"bad"));
+    let dir = scratch().join("unpack-xattr-cap/new/dir");
+    let (ok, stderr) = unpack(&image, &dir);
+    assert!(!ok, "a malformed security.capability was set");
+    let hint = if is_root() {
+        "file capability (3 bytes) is malformed"
+    } else {
+        "run hoist unpack as root"
+    };
+    for want in [
+        &format!("{}/app/victim", dir.display()),
+        "setting xattr security.capability",
+        hint,
+    ] {
+        assert!(stderr.contains(want), "{stderr:?} does not say {want:?}");
+    }
+    assert!(
+        !scratch().join("unpack-xattr-cap").exists(),
+        "the directories made for the unpack stayed"
+    );
+    // Into an empty directory the user made: it stays, empty.
+    let given = scratch().join("unpack-xattr-given");
+    std::fs::create_dir(&given).unwrap();
+    let (ok, _) = unpack(&image, &given);
+    assert!(!ok);
+    assert_eq!(std::fs::read_dir(&given).unwrap().count(), 0, "left behind");
+}
+
+/// Issue 19: a failed `hoist export` left `meta.erofs` and an empty `.img` behind. It
+/// writes temporary names, renames them when all is written, and on failure leaves
+/// nothing new: no files, and no directory it made.
+#[test]
+fn a_failed_export_leaves_nothing_behind() {
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let image = converted(
+        "export-fail",
+        &tar_of(&[raw_entry(b"data", b'0', b"", &data)]),
+    );
+    let dst = scratch().join("bad-dst-export-fail");
+    // The control: it exports.
+    let good = scratch().join("export-good");
+    hoist_ok(&["export", &image, &good.display().to_string()]);
+    let names: Vec<String> = std::fs::read_dir(&good)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n == "meta.erofs"), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with(".img")), "{names:?}");
+    assert!(names.iter().all(|n| !n.starts_with(".tmp")), "{names:?}");
+    // Corrupt the data blob's first chunk: export fails after the metadata is written.
+    let blob = dst.join("blobs/sha256").join(data_blob_hex(&dst));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    for (dir, made) in [
+        (scratch().join("export-fail/new"), false),
+        (scratch().join("export-fail-given"), true),
+    ] {
+        if made {
+            std::fs::create_dir(&dir).unwrap();
+        }
+        let err = hoist_err(&["export", &image, &dir.display().to_string()], &[]);
+        assert!(err.contains("chunk 0 of blob sha256:"), "{err}");
+        if made {
+            let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+            assert!(
+                left.is_empty(),
+                "left behind in {}: {left:?}",
+                dir.display()
+            );
+        } else {
+            assert!(
+                !scratch().join("export-fail").exists(),
+                "the directories made for the export stayed"
+            );
+        }
+    }
+}
+
+/// The hex digest of the one data blob of the single image of a converted layout.
+fn data_blob_hex(layout: &std::path::Path) -> String {
+    let read = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let index = read(layout.join("index.json"));
+    let digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest = read(layout.join("blobs/sha256").join(&digest[7..]));
+    let blobs: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == "application/vnd.oci.image.layer.hoist.blob.v1")
+        .map(|l| &l["digest"].as_str().unwrap()[7..])
+        .collect();
+    assert_eq!(blobs.len(), 1, "{manifest}");
+    blobs[0].to_string()
+}
+
+/// Issue 19: `hoist mount foo /tmp` started a daemon under `$HOIST_HOME` (by default
+/// /var/lib/hoist) before it rejected the reference. The reference and the mount point
+/// are checked first: nothing is started, `$HOIST_HOME` is not even created.
+#[test]
+fn a_bad_mount_or_run_starts_no_daemon_and_creates_nothing() {
+    let home = scratch().join("never-made-home");
+    let home_s = home.display().to_string();
+    let env = [("HOIST_HOME", home_s.as_str())];
+    let dir = scratch().display().to_string();
+    let file = scratch().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let file_s = file.display().to_string();
+    let cases: [(&[&str], &str); 5] = [
+        (&["mount", "foo", &dir], "invalid image reference \"foo\""),
+        (
+            &["mount", "docker://Bad/Repo:x", &dir],
+            "invalid image reference",
+        ),
+        (
+            &["mount", "oci:/nowhere:t", "/no/such/mount/point"],
+            "mount point /no/such/mount/point",
+        ),
+        (&["mount", "oci:/nowhere:t", &file_s], "is not a directory"),
+        (&["run", "foo"], "invalid image reference \"foo\""),
+    ];
+    for (args, expect) in cases {
+        let out = hoist_env(args, &env);
+        let made = home.exists();
+        if made {
+            // Stop what the failure started before asserting.
+            let _ = hoist_env(&["daemon", "stop"], &env);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(
+            !made,
+            "{args:?} created {} (a daemon was started)",
+            home.display()
+        );
+    }
+}

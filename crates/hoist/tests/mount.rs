@@ -1047,3 +1047,68 @@ fn a_flipped_byte_in_a_view_is_never_served() {
         home.ok(&["umount", &mps]);
     }
 }
+
+/// Issue 19: a registry stalling on the metadata blob held `hoist mount` for 188 s (a
+/// stall timeout per resume, five resumes) and the error said "error decoding response
+/// body after 5 resumes". The mount gives up within `--read-timeout`, and the error
+/// names the blob, the registry, how long it waited and what to do.
+#[test]
+fn a_registry_stalling_on_the_metadata_blob_fails_the_mount_within_the_timeout() {
+    let Some(layout) = setup() else { return };
+    let tag = "tiny-v1";
+    let (_reg, proxy, base) = registry_with(&layout, &[tag]);
+    let image = format!("{base}/{tag}:latest");
+    let home = Home::new("stall-meta");
+    let inspect: Value =
+        serde_json::from_str(&home.ok(&["--plain-http", "inspect", "--json", &image])).unwrap();
+    let meta = inspect["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["media_type"] == "application/vnd.oci.image.layer.hoist.meta.v1.erofs")
+        .and_then(|l| l["digest"].as_str())
+        .unwrap_or_else(|| panic!("no metadata layer in {inspect}"))
+        .to_string();
+    proxy.on(
+        "GET",
+        &format!("/blobs/{meta}"),
+        u64::MAX,
+        Fault::Stall { after: 0 },
+    );
+    let mp = home.mountpoint("root");
+    let timeout = 3;
+    let t = Instant::now();
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_hoist"))
+            .args([
+                "--plain-http",
+                "mount",
+                "--read-timeout",
+                &timeout.to_string(),
+            ])
+            .arg(&image)
+            .arg(&mp)
+            .env("HOIST_HOME", &home.root),
+        Duration::from_secs(120),
+    );
+    let took = t.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("gave up after {took:?}: {stderr}");
+    assert!(
+        !out.status.success(),
+        "mounted with the metadata blob stalled"
+    );
+    assert!(
+        took < Duration::from_secs(timeout + 5),
+        "gave up after {took:?} for a {timeout} s timeout: {stderr}"
+    );
+    for want in [
+        meta.as_str(),
+        &format!("{}/hoist/{tag}", proxy.addr),
+        "sent no data for",
+        "--read-timeout",
+    ] {
+        assert!(stderr.contains(want), "{stderr:?} does not say {want:?}");
+    }
+    assert!(proxy.faults() >= 1, "the stall was not injected");
+}

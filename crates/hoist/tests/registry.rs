@@ -419,3 +419,62 @@ fn redirects_do_not_leak_credentials() {
     );
     unpack_and_compare(&layout, "tiny-v1", &dst, &["--creds", "carol:secret"], &env);
 }
+
+/// Issue 19: a 401 with a 1 MiB `WWW-Authenticate` header was retried 6 times. An
+/// oversized or malformed challenge is a permanent error: one request, a clear error.
+#[test]
+fn an_oversized_or_malformed_auth_challenge_fails_at_once() {
+    let Some(_layout) = setup() else { return };
+    let reg = Registry::start(&Auth::None);
+    let proxy = FaultProxy::start(&reg.addr);
+    let h = home("home-challenge");
+    let env = [("HOIST_HOME", h.as_str())];
+    let image = format!("docker://{}/src/tiny:latest", proxy.addr);
+    let realm = format!("http://{}/token", proxy.addr);
+    for (what, header, expect) in [
+        (
+            "1 MiB, beyond what the HTTP client parses",
+            format!(
+                "WWW-Authenticate: Bearer realm=\"{realm}\",service=\"{}\"",
+                "a".repeat(1 << 20)
+            ),
+            "response cannot be parsed",
+        ),
+        (
+            "64 KiB",
+            format!(
+                "WWW-Authenticate: Bearer realm=\"{realm}\",service=\"{}\"",
+                "a".repeat(64 << 10)
+            ),
+            "challenge is 65",
+        ),
+        (
+            "without a realm",
+            "WWW-Authenticate: Bearer service=\"registry\"".to_string(),
+            "without a Basic or Bearer challenge",
+        ),
+    ] {
+        proxy.clear();
+        proxy.on(
+            "GET",
+            "/v2/",
+            u64::MAX,
+            Fault::Respond {
+                status: 401,
+                headers: vec![header],
+                body: Vec::new(),
+            },
+        );
+        let before = proxy.requests();
+        let started = Instant::now();
+        let err = hoist_err(&["--plain-http", "inspect", &image], &env);
+        let took = started.elapsed();
+        assert_eq!(proxy.requests() - before, 1, "{what}: resent: {err}");
+        assert!(took < Duration::from_secs(10), "{what}: took {took:?}");
+        assert!(err.contains(expect), "{what}: {err}");
+        assert!(
+            err.contains(&format!("{}/src/tiny", proxy.addr)),
+            "{what}: {err}"
+        );
+    }
+}

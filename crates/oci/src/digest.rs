@@ -124,6 +124,41 @@ impl<R: Read> Read for VerifyingReader<R> {
     }
 }
 
+/// Passes bytes through and hashes them: the digest of an uncompressed layer stream (its
+/// `diff_id`), which has no size or digest to check against until it has been read.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R> HashingReader<R> {
+    /// Wraps `inner`.
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// The digest of the bytes read so far.
+    pub fn digest(&self) -> Digest {
+        Digest::from_sha256(self.hasher.clone().finalize().into())
+    }
+
+    /// The wrapped reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +198,15 @@ mod tests {
         assert!(VerifyingReader::new(&data[..], d, 5)
             .read_to_end(&mut Vec::new())
             .is_err());
+    }
+
+    #[test]
+    fn hashing_reader_hashes_what_passes() {
+        let data = b"hello world".to_vec();
+        let mut r = HashingReader::new(&data[..]);
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!(out, data);
+        assert_eq!(r.digest(), Digest::of(&data));
     }
 }

@@ -14,7 +14,7 @@ pub mod layout;
 pub mod media;
 pub mod reference;
 
-pub use digest::{Digest, VerifyingReader};
+pub use digest::{Digest, HashingReader, VerifyingReader};
 pub use reference::ImageRef;
 
 use serde_json::Value;

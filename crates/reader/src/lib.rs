@@ -8,6 +8,7 @@
 
 mod check;
 mod inspect;
+pub mod output;
 pub mod trace;
 mod unpack;
 
@@ -56,6 +57,19 @@ pub enum ReadError {
     Io {
         /// Path written.
         path: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Setting an extended attribute during unpack failed.
+    #[error("{path}: setting xattr {name}: {source}; {hint}")]
+    Xattr {
+        /// Path written.
+        path: String,
+        /// The xattr's full name.
+        name: String,
+        /// What to do about it.
+        hint: String,
         /// What failed.
         #[source]
         source: std::io::Error,

@@ -5,7 +5,12 @@
 //! are descended into, and files are created with `O_EXCL | O_NOFOLLOW`, so nothing is
 //! ever written through a symlink or outside the target. Directory attributes are applied
 //! after their contents, so mode-000 directories and mtimes come out right.
+//!
+//! A failed unpack leaves no partial tree: what it wrote is removed again ([`OutputDir`]),
+//! and its error names the path (and, for an xattr the target refuses, the xattr and what
+//! to do).
 
+use crate::output::OutputDir;
 use crate::{HoistImage, ReadError};
 use hoist_format::erofs::ondisk::mode;
 use hoist_format::erofs::Inode;
@@ -33,22 +38,23 @@ fn io_err(path: &Path, e: impl Into<std::io::Error>) -> ReadError {
     }
 }
 
-/// Unpacks `image` into `target` (created if missing; must be empty if it exists).
+/// Unpacks `image` into `target` (created if missing; must be empty if it exists). On
+/// failure nothing of the image is left in `target` (see [`OutputDir`]).
 pub fn unpack(image: &HoistImage, target: &Path) -> Result<UnpackStats, ReadError> {
-    match std::fs::read_dir(target) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(ReadError::Invalid(format!(
-                    "{} is not empty; unpack into a new directory",
-                    target.display()
-                )));
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(target).map_err(|e| io_err(target, e))?;
-        }
-        Err(e) => return Err(io_err(target, e)),
+    let out = OutputDir::new(target, "unpack")?;
+    match unpack_into(image, target) {
+        Ok(stats) => Ok(stats),
+        Err(e) => match out.discard() {
+            Ok(()) => Err(e),
+            Err(cleanup) => Err(ReadError::Invalid(format!(
+                "{e}; removing the partial tree in {} failed too: {cleanup}",
+                target.display()
+            ))),
+        },
     }
+}
+
+fn unpack_into(image: &HoistImage, target: &Path) -> Result<UnpackStats, ReadError> {
     let mut stats = UnpackStats::default();
     let mut links: HashMap<u64, PathBuf> = HashMap::new();
     let mut dirs: Vec<(PathBuf, Inode)> = Vec::new();
@@ -188,7 +194,12 @@ fn finish(
         // Linux refuses user.* xattrs on symlinks; the reference tools skip them too.
         if let Err(e) = res {
             if !(symlink && name.starts_with(b"user.")) {
-                return Err(io_err(dest, e));
+                return Err(ReadError::Xattr {
+                    path: dest.display().to_string(),
+                    name: String::from_utf8_lossy(name).into_owned(),
+                    hint: xattr_hint(name, value.len(), e),
+                    source: e.into(),
+                });
             }
         }
     }
@@ -207,4 +218,31 @@ fn finish(
     )
     .map_err(|e| io_err(dest, e))?;
     Ok(())
+}
+
+/// What to do about an xattr the target filesystem or the kernel refused.
+fn xattr_hint(name: &[u8], len: usize, e: rustix::io::Errno) -> String {
+    use rustix::io::Errno;
+    let namespace =
+        String::from_utf8_lossy(name.split(|&b| b == b'.').next().unwrap_or(name)).into_owned();
+    match e {
+        Errno::NOSPC | Errno::TOOBIG | Errno::RANGE => format!(
+            "the target filesystem cannot hold an xattr of {len} bytes (ext4 keeps a file's \
+             xattrs in one block, about 4 KiB); unpack onto a filesystem with larger xattrs \
+             (xfs, btrfs, tmpfs), or mount the image (hoist mount) instead"
+        ),
+        Errno::INVAL if name == b"security.capability" => format!(
+            "the kernel refuses this value: the image's file capability ({len} bytes) is \
+             malformed (a valid one is 20 or 24 bytes); the layer that set it needs fixing"
+        ),
+        Errno::PERM | Errno::ACCESS => format!(
+            "setting {namespace}.* xattrs needs privileges (CAP_SYS_ADMIN for trusted.*, \
+             CAP_SETFCAP for security.capability): run hoist unpack as root"
+        ),
+        Errno::NOTSUP => format!(
+            "the target filesystem does not support {namespace}.* xattrs; unpack onto one \
+             that does"
+        ),
+        _ => "the target filesystem refused it".into(),
+    }
 }

@@ -395,6 +395,9 @@ impl Client {
                         sticky: e.is_connect(),
                     };
                 }
+                Err(e) if is_malformed_response(&e) => {
+                    return Outcome::Done(Err(self.malformed(what, &e)));
+                }
                 Err(e) => {
                     // A registry may answer 401 to an expired token before reading a large
                     // body and close the connection, which the client sees as a send error
@@ -508,8 +511,37 @@ impl Client {
         }
     }
 
+    /// A response that could not be parsed: permanent, whatever the retry settings.
+    fn malformed(&self, what: &str, e: &reqwest::Error) -> RegistryError {
+        RegistryError::Protocol {
+            what: format!("{what} ({})", self.name()),
+            why: format!(
+                "the registry's response cannot be parsed ({}): a malformed or oversized \
+                 header (hoist reads response heads of up to 400 KiB). Resending cannot help; \
+                 check the registry, or a proxy in front of it",
+                describe_transport(e)
+            ),
+        }
+    }
+
     /// Learns (or renews) authentication from a 401's challenge.
     fn authenticate(&self, k: usize, what: &str, headers: &HeaderMap) -> Result<(), RegistryError> {
+        if let Some(v) = headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .find(|v| v.len() > MAX_CHALLENGE)
+        {
+            return Err(RegistryError::Unauthorized {
+                what: format!("{what} ({})", self.name()),
+                why: format!(
+                    "the registry's WWW-Authenticate challenge is {} bytes, more than the {} \
+                     a challenge can sensibly take: not retried. Check the registry (or a \
+                     proxy in front of it)",
+                    v.len(),
+                    MAX_CHALLENGE
+                ),
+            });
+        }
         let challenge = headers
             .get_all(WWW_AUTHENTICATE)
             .iter()
@@ -571,6 +603,9 @@ impl Client {
             match req.send() {
                 Ok(r) if is_retryable(r.status()) && self.may_retry(attempt, start) => {}
                 Ok(r) => break r,
+                Err(e) if is_malformed_response(&e) => {
+                    return Err(self.malformed(&format!("token from {realm}"), &e))
+                }
                 Err(e) if !self.may_retry(attempt, start) || is_tls(&e) => {
                     return Err(RegistryError::Transport {
                         what: format!("token for {} from {realm}", self.name()),
@@ -658,6 +693,26 @@ impl Client {
             why,
         }
     }
+}
+
+/// The longest `WWW-Authenticate` value read: a scheme and a few parameters (realm,
+/// service, scope) fit in far less; anything longer is refused unparsed (to prevent
+/// denial of service).
+pub const MAX_CHALLENGE: usize = 16 << 10;
+
+/// Whether hyper could not parse the response (a head over its 400 KiB limit, an invalid
+/// header or status line): the registry will send the same again, so resending is futile.
+pub(crate) fn is_malformed_response(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// `host[:port]` of an origin (`https://host:port`).

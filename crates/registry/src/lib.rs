@@ -117,6 +117,29 @@ pub enum RegistryError {
         #[source]
         source: std::io::Error,
     },
+    /// A blob stream stalled (no bytes within the stall timeout) until the retry budget
+    /// was spent.
+    #[error(
+        "blob {digest} of {repository}: the registry sent no data for {:.1} s (at byte {at} \
+         of {size}, after {resumes} resumes). Check \
+         the registry (and any proxy in front of it); for a slow registry raise the timeout \
+         (--timeout, and --read-timeout for a mount)",
+        stalled.as_secs_f64()
+    )]
+    Stalled {
+        /// The blob.
+        digest: String,
+        /// `HOST/REPO`.
+        repository: String,
+        /// How long no byte arrived.
+        stalled: std::time::Duration,
+        /// Bytes received.
+        at: u64,
+        /// The blob's size.
+        size: u64,
+        /// Resumes tried.
+        resumes: u32,
+    },
     /// The registry broke the protocol (missing headers, wrong ranges, wrong digests).
     #[error("{what}: {why}")]
     Protocol {

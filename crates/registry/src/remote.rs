@@ -10,6 +10,7 @@ use sha2::{Digest as _, Sha256};
 use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Media types accepted for manifests, in order of preference.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -305,6 +306,26 @@ impl ImageSource for RemoteImage {
         )))
     }
 
+    fn read_blob(&self, digest: &Digest, size: u64, limit: u64) -> Result<Vec<u8>, OciError> {
+        if size > limit {
+            return Err(OciError::Invalid(format!(
+                "blob {digest} is {size} bytes, more than the {limit} allowed"
+            )));
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        self.open_blob(digest, size)?
+            .read_to_end(&mut out)
+            .map_err(|e| {
+                // A stall names the blob and the registry itself.
+                if e.get_ref().is_some_and(|i| i.is::<RegistryError>()) {
+                    let inner = e.into_inner().expect("get_ref found an inner error");
+                    return OciError::Remote(inner);
+                }
+                OciError::io(format!("blob {digest}"), e)
+            })?;
+        Ok(out)
+    }
+
     fn open_blob(&self, digest: &Digest, size: u64) -> Result<Box<dyn Read + Send>, OciError> {
         let resp = self.get_blob(digest, None)?;
         let stream = BlobStream {
@@ -314,6 +335,7 @@ impl ImageSource for RemoteImage {
             resp: Some(resp),
             pos: 0,
             resumes: 0,
+            progress: Instant::now(),
         };
         Ok(Box::new(VerifyingReader::new(stream, digest.clone(), size)))
     }
@@ -364,7 +386,13 @@ impl ImageSource for RemoteImage {
 }
 
 /// A blob body that resumes with a `Range` request from where it broke off when the
-/// connection drops or stalls.
+/// connection drops or stalls: at most [`RegistryConfig::retries`] times, and only while
+/// the time since the last byte arrived, plus the backoff, is within
+/// [`RegistryConfig::retry_budget`], so a registry that stalls for good is given up on
+/// within the budget (a mount's read timeout), not after one stall timeout per resume.
+///
+/// [`RegistryConfig::retries`]: crate::RegistryConfig::retries
+/// [`RegistryConfig::retry_budget`]: crate::RegistryConfig::retry_budget
 struct BlobStream {
     image: RemoteImage,
     digest: Digest,
@@ -373,6 +401,16 @@ struct BlobStream {
     resp: Option<Response>,
     pos: u64,
     resumes: u32,
+    /// When the last bytes arrived (or the stream opened).
+    progress: Instant,
+}
+
+/// Whether a body read failed because no bytes came within the stall timeout.
+fn is_stall(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::TimedOut
+        || e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<reqwest::Error>())
+            .is_some_and(reqwest::Error::is_timeout)
 }
 
 impl Read for BlobStream {
@@ -382,6 +420,7 @@ impl Read for BlobStream {
                 Some(r) => match r.read(buf) {
                     Ok(n) => {
                         self.pos += n as u64;
+                        self.progress = Instant::now();
                         self.image
                             .client
                             .counters
@@ -396,7 +435,22 @@ impl Read for BlobStream {
                 None => io::Error::other("no response"),
             };
             let client = &self.image.client;
-            if self.resumes >= client.cfg.retries {
+            let idle = self.progress.elapsed();
+            let out_of_budget = idle + client.backoff(self.resumes) > client.cfg.retry_budget;
+            if self.resumes >= client.cfg.retries || out_of_budget {
+                if is_stall(&err) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        RegistryError::Stalled {
+                            digest: self.digest.to_string(),
+                            repository: client.name(),
+                            stalled: idle,
+                            at: self.pos,
+                            size: self.size,
+                            resumes: self.resumes,
+                        },
+                    ));
+                }
                 return Err(io::Error::new(
                     err.kind(),
                     format!(

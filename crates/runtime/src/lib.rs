@@ -140,27 +140,52 @@ impl ImageConfig {
     }
 }
 
+/// The environment of a process, and the entries left out of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Environment {
+    /// `NAME=VALUE` entries, for the runtime spec.
+    pub vars: Vec<String>,
+    /// Entries without `=`, which runc refuses: left out (each unsets its name).
+    pub dropped: Vec<String>,
+}
+
 /// The environment of the process: the image's, then `extra` (`NAME=VALUE`, replacing
-/// a variable of the same name), with `PATH` and `HOME` added when missing, as docker
-/// does.
-pub fn environment(image: &[String], extra: &[String], home: &str, tty: bool) -> Vec<String> {
+/// a variable of the same name), with `PATH` and `HOME` added when missing (and `TERM`
+/// with a terminal), as docker does.
+///
+/// An entry without `=` (`FOO` in an image config's `Env`) is not a variable: runc
+/// refuses it. Docker's daemon leaves such entries out and lets them unset a variable of
+/// that name (one of its defaults, in `ReplaceOrAppendEnvValues`, or the image's, when
+/// `-e FOO` names it). This function does the same, in order: `FOO` removes a `FOO=`
+/// listed before it and the default of that name, and is left out; the entries left
+/// out are returned, for a warning.
+pub fn environment(image: &[String], extra: &[String], home: &str, tty: bool) -> Environment {
+    let name = |e: &str| e.split_once('=').map_or(e, |(n, _)| n).to_string();
     let mut env: Vec<String> = Vec::new();
+    let mut dropped = Vec::new();
+    let mut unset = std::collections::HashSet::new();
     for e in image.iter().chain(extra) {
-        let name = e.split('=').next().unwrap_or_default();
-        env.retain(|x| x.split('=').next() != Some(name));
-        env.push(e.clone());
+        let n = name(e);
+        env.retain(|x| name(x) != n);
+        if e.contains('=') {
+            unset.remove(&n);
+            env.push(e.clone());
+        } else {
+            unset.insert(n);
+            dropped.push(e.clone());
+        }
     }
-    let has = |env: &[String], n: &str| env.iter().any(|e| e.split('=').next() == Some(n));
-    if !has(&env, "PATH") {
+    let missing = |env: &[String], n: &str| !unset.contains(n) && !env.iter().any(|e| name(e) == n);
+    if missing(&env, "PATH") {
         env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     }
-    if !has(&env, "HOME") {
+    if missing(&env, "HOME") {
         env.push(format!("HOME={home}"));
     }
-    if tty && !has(&env, "TERM") {
+    if tty && missing(&env, "TERM") {
         env.push("TERM=xterm".into());
     }
-    env
+    Environment { vars: env, dropped }
 }
 
 #[cfg(test)]
@@ -210,9 +235,33 @@ mod tests {
             "/root",
             false,
         );
-        assert_eq!(env, ["PATH=/x", "A=2", "B=3", "HOME=/root"]);
-        let env = environment(&[], &[], "/", true);
+        assert_eq!(env.vars, ["PATH=/x", "A=2", "B=3", "HOME=/root"]);
+        assert!(env.dropped.is_empty());
+        let env = environment(&[], &[], "/", true).vars;
         assert!(env.iter().any(|e| e.starts_with("PATH=/usr/local/sbin")));
         assert!(env.contains(&"TERM=xterm".to_string()));
+    }
+
+    /// Issue 19: image config `Env` entries without `=` reached runc, which refuses
+    /// them. They are left out, as docker's daemon does, unsetting their name (what came
+    /// before, or hoist's default), and reported.
+    #[test]
+    fn env_entries_without_equals_are_left_out_and_unset_their_name() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let env = environment(
+            &s(&["A=1", "FOO", "A", "B=2", "HOME"]),
+            &s(&["C"]),
+            "/root",
+            false,
+        );
+        assert_eq!(env.dropped, s(&["FOO", "A", "HOME", "C"]));
+        assert!(env.vars.iter().all(|e| e.contains('=')), "{:?}", env.vars);
+        // A is unset, HOME's default is not added; PATH's is.
+        assert_eq!(env.vars[0], "B=2");
+        assert!(env.vars[1].starts_with("PATH="));
+        assert_eq!(env.vars.len(), 2, "{:?}", env.vars);
+        // A later NAME=VALUE sets it again.
+        let env = environment(&s(&["HOME"]), &s(&["HOME=/h"]), "/root", false);
+        assert!(env.vars.contains(&"HOME=/h".to_string()), "{:?}", env.vars);
     }
 }

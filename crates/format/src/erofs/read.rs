@@ -17,7 +17,10 @@ pub type Xattr = (Vec<u8>, Vec<u8>);
 
 /// Largest directory hoist will read (to prevent denial of service).
 pub const MAX_DIR_SIZE: u64 = 256 << 20;
-/// Deepest directory nesting a walk follows.
+/// Directory nesting a walk refuses: a directory this many levels below the root (the
+/// root's children are 1 level below it) or deeper is an error. The writer refuses such
+/// trees too, so `hoist convert` never makes an image that `check`, `unpack` and `mount`
+/// would refuse.
 pub const MAX_DEPTH: usize = 4096;
 
 /// A device table entry.

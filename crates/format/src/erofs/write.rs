@@ -342,11 +342,12 @@ fn walk(
     let mut order = Vec::new();
     let mut parents = HashMap::from([(Tree::ROOT, Tree::ROOT)]);
     let mut nlinks: HashMap<NodeId, u32> = HashMap::new();
-    let mut stack = vec![Tree::ROOT];
+    // Node and, for a directory, how many levels below the root it is.
+    let mut stack = vec![(Tree::ROOT, 0usize)];
     if tree.dir(Tree::ROOT).is_none() {
         return Err(FormatError::invalid("the root is not a directory"));
     }
-    while let Some(id) = stack.pop() {
+    while let Some((id, depth)) = stack.pop() {
         order.push(id);
         let Some(entries) = tree.dir(id) else {
             continue;
@@ -373,11 +374,18 @@ fn walk(
                 if parents.insert(child, id).is_some() {
                     return Err(FormatError::invalid("a directory is linked twice"));
                 }
-                stack.push(child);
+                if depth + 1 >= super::read::MAX_DEPTH {
+                    return Err(FormatError::invalid(format!(
+                        "directories nested {} levels deep; readers follow at most {}",
+                        depth + 1,
+                        super::read::MAX_DEPTH - 1
+                    )));
+                }
+                stack.push((child, depth + 1));
             } else {
                 let n = nlinks.entry(child).or_insert(0);
                 if *n == 0 {
-                    stack.push(child);
+                    stack.push((child, depth));
                 }
                 *n += 1;
             }

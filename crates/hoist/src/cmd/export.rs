@@ -1,44 +1,28 @@
 //! `hoist export`: the files a kernel EROFS mount needs.
 
 use super::Context;
+use anyhow::Context as _;
+use hoist_reader::output::OutputDir;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub fn run(cx: &Context, image: &str, dir: &Path) -> anyhow::Result<()> {
     let img = cx.open_hoist(image)?;
-    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        anyhow::bail!(
-            "{} is not empty; export into a new directory",
-            dir.display()
-        );
-    }
-    std::fs::create_dir_all(dir)?;
-    let meta_path = dir.join("meta.erofs");
-    let meta = img.source().read_blob(
-        &img.meta_digest,
-        img.layers
-            .iter()
-            .find(|l| l.digest == img.meta_digest.as_str())
-            .map_or(0, |l| l.size),
-        hoist_reader::MAX_META_SIZE,
-    )?;
-    std::fs::write(&meta_path, &meta)?;
-    let mut devices = Vec::new();
-    for (b, info) in img.meta.blobs.iter().enumerate() {
-        let digest = img
-            .blob_digest((b + 1) as u16)
-            .expect("one digest per blob");
-        // Numbered so that sorting by name gives the device table order.
-        let path = dir.join(format!("{:03}-{}.img", b + 1, digest.hex()));
-        let f = File::create(&path)?;
-        for index in 0..info.chunks.entries.len() {
-            let data = img.read_chunk(b, index)?;
-            f.write_all_at(&data, info.chunks.entries[index].uncompressed_offset)?;
+    let out = OutputDir::new(dir, "export")?;
+    let (meta_path, devices) = match write_files(&img, dir) {
+        Ok(written) => written,
+        Err(e) => {
+            // Nothing new is left behind: not the files, nor a directory made for them.
+            if let Err(cleanup) = out.discard() {
+                return Err(e.context(format!(
+                    "exporting {image} to {}; removing what was written failed too: {cleanup}",
+                    dir.display()
+                )));
+            }
+            return Err(e.context(format!("exporting {image} to {}", dir.display())));
         }
-        f.set_len(info.uncompressed_size)?;
-        devices.push(path);
-    }
+    };
     println!("exported {image} to {}", dir.display());
     let mut cmd = String::from("# as root:\n");
     let mut opts = Vec::new();
@@ -61,4 +45,51 @@ pub fn run(cx: &Context, image: &str, dir: &Path) -> anyhow::Result<()> {
     cmd.push_str(&format!("mount -t erofs {opts}$meta /mnt"));
     println!("{cmd}");
     Ok(())
+}
+
+/// Writes the metadata blob and one file per data blob into `dir`, each under a
+/// temporary name renamed once every file is complete (a killed export leaves only
+/// `.tmp-` names); returns the final paths.
+fn write_files(
+    img: &hoist_reader::HoistImage,
+    dir: &Path,
+) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let temp = |path: &Path| {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        dir.join(format!(".tmp-{name}"))
+    };
+    let meta_path = dir.join("meta.erofs");
+    let meta = img.source().read_blob(
+        &img.meta_digest,
+        img.layers
+            .iter()
+            .find(|l| l.digest == img.meta_digest.as_str())
+            .map_or(0, |l| l.size),
+        hoist_reader::MAX_META_SIZE,
+    )?;
+    std::fs::write(temp(&meta_path), &meta)
+        .with_context(|| format!("writing {}", temp(&meta_path).display()))?;
+    let mut devices = Vec::new();
+    for (b, info) in img.meta.blobs.iter().enumerate() {
+        let digest = img
+            .blob_digest((b + 1) as u16)
+            .expect("one digest per blob");
+        // Numbered so that sorting by name gives the device table order.
+        let path = dir.join(format!("{:03}-{}.img", b + 1, digest.hex()));
+        let tmp = temp(&path);
+        let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        for index in 0..info.chunks.entries.len() {
+            let data = img.read_chunk(b, index)?;
+            f.write_all_at(&data, info.chunks.entries[index].uncompressed_offset)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+        }
+        f.set_len(info.uncompressed_size)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        devices.push(path);
+    }
+    for path in devices.iter().chain([&meta_path]) {
+        std::fs::rename(temp(path), path)
+            .with_context(|| format!("renaming {} to {}", temp(path).display(), path.display()))?;
+    }
+    Ok((meta_path, devices))
 }

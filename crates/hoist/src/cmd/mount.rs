@@ -9,6 +9,7 @@ use hoist_daemon::api::{
 };
 use hoist_daemon::{Home, Served};
 use hoist_fs::kernel;
+use hoist_oci::ImageRef;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -81,12 +82,26 @@ pub(super) fn mount_spec(
     })
 }
 
+/// Checks an image reference before anything is started or created for it (a daemon,
+/// `$HOIST_HOME`, a cache directory): a mistyped one is the user's error, said at once.
+pub(super) fn check_image(image: &str) -> anyhow::Result<()> {
+    ImageRef::parse(image)?;
+    Ok(())
+}
+
 pub fn mount(cx: &Context, registry: &RegistryArgs, args: &MountArgs) -> anyhow::Result<()> {
-    let home = home(cx);
+    check_image(&args.image)?;
     let mountpoint = args
         .mountpoint
         .canonicalize()
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    if !mountpoint.is_dir() {
+        bail!(
+            "mount point {} is not a directory",
+            args.mountpoint.display()
+        );
+    }
+    let home = home(cx);
     let mut spec = mount_spec(&home, registry, &args.image, mountpoint, &args.opts)?;
     (spec.suid, spec.dev) = (args.suid, args.dev);
     if args.foreground {

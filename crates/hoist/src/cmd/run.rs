@@ -9,7 +9,7 @@
 //! dies without cleaning up, its watcher or the next hoist command reaps the container
 //! (see `containers`), unless it was started `--detach`.
 
-use super::mount::{home, mount_spec, start_daemon};
+use super::mount::{check_image, home, mount_spec, start_daemon};
 use super::{human, Context};
 use crate::args::{MountOptions, RecordArgs, RegistryArgs, RunArgs};
 use anyhow::{anyhow, bail, Context as _};
@@ -143,6 +143,7 @@ impl Drop for Cleanup {
 
 fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i32> {
     let t0 = Instant::now();
+    check_image(l.image)?;
     let home = home(cx);
     let name = match l.name {
         Some(n) => {
@@ -226,9 +227,17 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     overlay::mount(&image_mp, &upper, &work, &rootfs)?;
     cleanup.overlaid = true;
     let user = user::resolve(&rootfs, &config.user)?;
+    let env = hoist_runtime::environment(&config.env, l.env, &user.home, l.tty);
+    for e in &env.dropped {
+        tracing::warn!(
+            "environment entry {e:?} (of the config of {} or -e) has no '=': not passed to \
+             the container (it unsets {e}, as with docker)",
+            l.image
+        );
+    }
     let container = spec::Container {
         args: config.process(l.entrypoint, l.cmd)?,
-        env: hoist_runtime::environment(&config.env, l.env, &user.home, l.tty),
+        env: env.vars,
         cwd: if config.working_dir.is_empty() {
             "/".into()
         } else {

@@ -191,6 +191,36 @@ pub fn make_layout(dir: &Path, tag: &str, layers: &[Vec<u8>]) -> Vec<String> {
 
 /// Like [`make_layout`]; with `docker`, the manifest and media types are Docker v2's.
 pub fn make_layout_as(dir: &Path, tag: &str, layers: &[Vec<u8>], docker: bool) -> Vec<String> {
+    let diff_ids: Vec<String> = layers.iter().map(|l| diff_id(l)).collect();
+    make_layout_full(dir, tag, layers, docker, &diff_ids)
+}
+
+/// The `diff_id` of a layer blob: the digest of its uncompressed tar stream (gzip and
+/// zstd are recognised by their magic bytes, anything else is taken as a plain tar). A
+/// layer that does not decompress (a test of broken streams) gets the digest of what
+/// came out before the error.
+pub fn diff_id(layer: &[u8]) -> String {
+    use sha2::Digest as _;
+    use std::io::Read;
+    let mut tar = Vec::new();
+    if layer.starts_with(&[0x1f, 0x8b]) {
+        let _ = flate2::read::MultiGzDecoder::new(layer).read_to_end(&mut tar);
+    } else if layer.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        let _ = zstd::stream::read::Decoder::new(layer).and_then(|mut d| d.read_to_end(&mut tar));
+    } else {
+        tar = layer.to_vec();
+    }
+    format!("sha256:{:x}", sha2::Sha256::digest(&tar))
+}
+
+/// Like [`make_layout_as`], with the config's `rootfs.diff_ids` as given (right or not).
+pub fn make_layout_full(
+    dir: &Path,
+    tag: &str,
+    layers: &[Vec<u8>],
+    docker: bool,
+    diff_ids: &[String],
+) -> Vec<String> {
     let (manifest_type, config_type, layer_type) = if docker {
         (
             "application/vnd.docker.distribution.manifest.v2+json",
@@ -216,7 +246,7 @@ pub fn make_layout_as(dir: &Path, tag: &str, layers: &[Vec<u8>], docker: bool) -
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": { "Env": ["PATH=/bin"], "Cmd": ["/bin/sh"] },
-        "rootfs": { "type": "layers", "diff_ids": digests.iter().map(|d| d.0.clone()).collect::<Vec<_>>() },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let (cd, cs) = put(&serde_json::to_vec(&config).unwrap());
     let manifest = serde_json::json!({
@@ -253,6 +283,23 @@ pub fn raw_entry(path: &[u8], kind: u8, link: &[u8], data: &[u8]) -> Vec<u8> {
     out.extend_from_slice(data);
     out.resize(out.len().next_multiple_of(512), 0);
     out
+}
+
+/// A PAX extended header (type `x`) holding `key=value` records, which apply to the
+/// entry that follows it.
+pub fn pax_header(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (key, value) in records {
+        // "LEN key=value\n", LEN counting itself.
+        let body = [b" ", key.as_bytes(), b"=", value, b"\n"].concat();
+        let mut len = body.len() + 1;
+        while len.to_string().len() + body.len() != len {
+            len = len.to_string().len() + body.len();
+        }
+        data.extend_from_slice(len.to_string().as_bytes());
+        data.extend_from_slice(&body);
+    }
+    raw_entry(b"PaxHeaders/entry", b'x', b"", &data)
 }
 
 /// Writes the checksum of a tar header (after changing its fields).
