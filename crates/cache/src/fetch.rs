@@ -1,26 +1,40 @@
 //! Fetching chunks on demand and in the background.
 //!
-//! A [`Fetcher`] serves one image. A read of a chunk that is not cached becomes a *job*:
-//! one ranged read of the data blob covering the chunk and the chunks that follow it in
-//! the blob, as long as they are adjacent, missing and not already being fetched, until
-//! the job holds at least [`FetchConfig::min_fetch`] compressed bytes. Chunks follow
-//! file order in a blob, so this both coalesces the misses of a sequential reader and
-//! amplifies small reads into requests worth a round trip.
+//! A [`Fetcher`] serves one image from a [`ChunkSource`]. A read of a chunk that is not
+//! cached becomes a *job*: one ranged read of the data blob covering the chunk and the
+//! chunks that follow it in the blob, as long as they are adjacent, missing and not
+//! already being fetched, until the job holds the bytes its priority asks for. Chunks
+//! follow file order in a blob, so this both coalesces the misses of a sequential reader
+//! and amplifies small reads into requests worth a round trip.
 //!
-//! Jobs run on a fixed pool of worker threads, which bounds concurrency. There are three
-//! priorities: jobs of readers go first; then jobs of a start-up trace (at most
-//! [`FetchConfig::trace_workers`] at once, so a reader always finds a free worker); then
-//! other prefetch jobs (at most [`FetchConfig::prefetch_workers`]). A queued prefetch or
-//! trace job that a reader starts waiting for is promoted to a reader's job.
+//! Every read, cached or not, is also an access of the reader's stream (see
+//! [`crate::readahead`]): a reader that keeps going forward through a blob (through a
+//! file, or through the files of a directory) gets demand jobs that grow, and jobs that
+//! fetch ahead of it at [`Priority::Readahead`], several in flight at once; a reader
+//! that jumps about gets [`FetchConfig::min_fetch`] and nothing more.
+//!
+//! Jobs run on a fixed pool of worker threads, which bounds concurrency. There are four
+//! priorities: jobs of readers go first; then readahead (at most
+//! [`FetchConfig::readahead_workers`] at once); then jobs of a start-up trace (at most
+//! [`FetchConfig::trace_workers`]); then other prefetch jobs (at most
+//! [`FetchConfig::prefetch_workers`]). Background jobs together never take the last two
+//! workers, so a reader always finds one free. A queued background job that a reader
+//! starts waiting for is promoted to a reader's job.
+//!
+//! A source's answer is never trusted: each chunk is decoded and checked against its
+//! digest. A chunk that fails is discarded and fetched again on its own, once; the
+//! other chunks of the answer are kept. Only a chunk that fails twice fails its readers.
 //! A reader waits at most [`FetchConfig::read_timeout`] and then gets an error (EIO at
 //! the filesystem), whatever the registry does; the job itself goes on and fills the
 //! cache if it succeeds. Nothing is remembered of failures: the next read tries again,
 //! so fetching resumes by itself when the registry is back.
 
+use crate::readahead::{Plan, Streams};
+use crate::source::{ChunkSource, SourceError};
 use crate::store::{ChunkStore, Claim, Inflight, Slot};
 use crate::views::{Built, Piece, View};
 use hoist_format::chunk::ChunkEntry;
-use hoist_oci::{Digest, ImageSource};
+use hoist_oci::Digest;
 use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -43,6 +57,13 @@ pub struct FetchConfig {
     pub trace_workers: usize,
     /// How many of the workers may run other prefetch jobs at once.
     pub prefetch_workers: usize,
+    /// How many of the workers may run readahead jobs at once.
+    pub readahead_workers: usize,
+    /// The largest window a stream of reads fetches ahead of itself, compressed bytes.
+    pub readahead_max: u64,
+    /// Compressed bytes one readahead job fetches at most: a window is fetched as
+    /// several jobs, in flight together.
+    pub readahead_job: u64,
     /// How long a read waits for a chunk before it fails.
     pub read_timeout: Duration,
 }
@@ -56,6 +77,9 @@ impl Default for FetchConfig {
             workers: 10,
             trace_workers: 8,
             prefetch_workers: 2,
+            readahead_workers: 6,
+            readahead_max: 8 << 20,
+            readahead_job: 1 << 20,
             read_timeout: Duration::from_secs(30),
         }
     }
@@ -137,6 +161,8 @@ pub enum FetchError {
 pub enum Priority {
     /// A reader is waiting.
     Demand,
+    /// Ahead of a reader going forward.
+    Readahead,
     /// Prefetch of a start-up trace.
     Trace,
     /// Background prefetch.
@@ -160,6 +186,10 @@ pub struct Counters {
     pub errors: AtomicU64,
     /// Reads that gave up waiting.
     pub timeouts: AtomicU64,
+    /// Chunks a source answered with bytes that failed their digest (discarded).
+    pub corrupt: AtomicU64,
+    /// Readahead jobs started.
+    pub readaheads: AtomicU64,
     /// Views built (see [`crate::View`]).
     pub views_built: AtomicU64,
     /// Views found on disk and verified before first use.
@@ -194,22 +224,39 @@ struct Job {
     priority: Priority,
 }
 
+/// The queues of jobs, by priority, and how many background jobs of each run.
 #[derive(Default)]
 struct Queue {
     demand: VecDeque<Job>,
-    trace: VecDeque<Job>,
-    prefetch: VecDeque<Job>,
-    busy_trace: usize,
-    busy_prefetch: usize,
+    /// Readahead, trace and prefetch jobs, in priority order.
+    background: [VecDeque<Job>; 3],
+    busy: [usize; 3],
+}
+
+/// The place of a background priority in [`Queue::background`].
+fn rank(p: Priority) -> Option<usize> {
+    match p {
+        Priority::Demand => None,
+        Priority::Readahead => Some(0),
+        Priority::Trace => Some(1),
+        Priority::Prefetch => Some(2),
+    }
 }
 
 impl Queue {
+    fn push(&mut self, job: Job) {
+        match rank(job.priority) {
+            None => self.demand.push_back(job),
+            Some(r) => self.background[r].push_back(job),
+        }
+    }
+
     fn pop(&mut self, cfg: &FetchConfig) -> Option<Job> {
         if let Some(j) = self.demand.pop_front() {
             return Some(j);
         }
         // A queued job a reader waits for goes first, and past the limits.
-        for q in [&mut self.trace, &mut self.prefetch] {
+        for q in &mut self.background {
             if let Some(i) = q.iter().position(|j| j.slots.iter().any(|s| s.is_urgent())) {
                 let mut j = q.remove(i)?;
                 // It runs as a reader's job: outside the limits.
@@ -217,27 +264,40 @@ impl Queue {
                 return Some(j);
             }
         }
-        if self.busy_trace < cfg.trace_workers {
-            if let Some(j) = self.trace.pop_front() {
-                self.busy_trace += 1;
-                return Some(j);
-            }
+        // Background jobs leave two workers to readers.
+        if self.busy.iter().sum::<usize>() >= cfg.workers.saturating_sub(2).max(1) {
+            return None;
         }
-        if self.busy_prefetch < cfg.prefetch_workers {
-            let j = self.prefetch.pop_front()?;
-            self.busy_prefetch += 1;
-            return Some(j);
+        let limits = [
+            cfg.readahead_workers,
+            cfg.trace_workers,
+            cfg.prefetch_workers,
+        ];
+        let queues = self.background.iter_mut().zip(&mut self.busy).zip(limits);
+        for ((q, busy), limit) in queues {
+            if *busy < limit {
+                if let Some(j) = q.pop_front() {
+                    *busy += 1;
+                    return Some(j);
+                }
+            }
         }
         None
     }
 
     /// A job of `priority` finished.
     fn done(&mut self, priority: Priority) {
-        match priority {
-            Priority::Demand => {}
-            Priority::Trace => self.busy_trace = self.busy_trace.saturating_sub(1),
-            Priority::Prefetch => self.busy_prefetch = self.busy_prefetch.saturating_sub(1),
+        if let Some(r) = rank(priority) {
+            self.busy[r] = self.busy[r].saturating_sub(1);
         }
+    }
+
+    fn drain(&mut self) -> Vec<Job> {
+        let mut jobs: Vec<Job> = self.demand.drain(..).collect();
+        for q in &mut self.background {
+            jobs.extend(q.drain(..));
+        }
+        jobs
     }
 }
 
@@ -249,7 +309,11 @@ struct Recording {
 }
 
 struct Inner {
-    source: Arc<dyn ImageSource>,
+    source: Arc<dyn ChunkSource>,
+    streams: Mutex<Streams>,
+    /// Chunks a start-up trace is fetching: reads of them are foreseen, and start no
+    /// readahead (which would fetch what the trace knows start-up does not read).
+    foreseen: Mutex<HashSet<(usize, usize)>>,
     blobs: Vec<BlobChunks>,
     store: Arc<ChunkStore>,
     inflight: Arc<Inflight>,
@@ -274,7 +338,7 @@ impl Fetcher {
     /// A fetcher reading `blobs` from `source` into `store`; `inflight` is shared by all
     /// fetchers of the store. Starts the worker threads.
     pub fn new(
-        source: Arc<dyn ImageSource>,
+        source: Arc<dyn ChunkSource>,
         blobs: Vec<BlobChunks>,
         store: Arc<ChunkStore>,
         inflight: Arc<Inflight>,
@@ -282,6 +346,8 @@ impl Fetcher {
     ) -> std::io::Result<Fetcher> {
         let inner = Arc::new(Inner {
             source,
+            streams: Mutex::new(Streams::new(cfg.min_fetch, cfg.readahead_max)),
+            foreseen: Mutex::new(HashSet::new()),
             blobs,
             store,
             inflight,
@@ -357,7 +423,7 @@ impl Fetcher {
     /// most the configured read timeout.
     pub fn open_chunk(&self, blob: usize, index: usize) -> Result<File, FetchError> {
         let e = *self.entry(blob, index)?;
-        self.note_read(blob, index);
+        let plan = self.inner.access(blob, index);
         let deadline = Instant::now() + self.inner.cfg.read_timeout;
         let c = &self.inner.counters;
         // A chunk can vanish between its fetch and the open (evicted, or found damaged):
@@ -387,7 +453,7 @@ impl Fetcher {
                 c.timeouts.fetch_add(1, Relaxed);
                 return Err(self.timeout(blob, index));
             }
-            let slot = self.inner.request(blob, index, Priority::Demand);
+            let slot = self.inner.request(blob, index, plan.demand);
             // A reader that joins a fetch under way waits no longer than the first one:
             // one read(2) that the kernel splits into several requests is bounded once.
             let deadline = deadline.min(slot.first_demand() + self.inner.cfg.read_timeout);
@@ -458,16 +524,23 @@ impl Fetcher {
         self.inner.submit(blob, index, priority, take)
     }
 
-    /// Records that chunk `index` of blob `blob` is read, while recording. Reads through
-    /// [`Fetcher::open_chunk`] are recorded by it; a reader that reaches the cache
-    /// another way (FUSE passthrough) says so here.
+    /// Notes that chunk `index` of blob `blob` is read: for its reader's stream (which
+    /// may fetch ahead of it) and, while recording, for the trace. Reads through
+    /// [`Fetcher::open_chunk`] are noted by it; a reader that reaches the cache another
+    /// way (FUSE passthrough) says so here.
     pub fn note_read(&self, blob: usize, index: usize) {
-        if self.inner.recording.load(Relaxed) {
-            let mut r = self.inner.record.lock().unwrap_or_else(|e| e.into_inner());
-            if r.seen.insert((blob, index)) {
-                r.order.push((blob, index));
-            }
-        }
+        self.inner.access(blob, index);
+    }
+
+    /// Tells the fetcher that a start-up trace fetches `chunks`: reads of them start no
+    /// readahead, and the store evicts them last (until [`Fetcher::shutdown`]).
+    pub fn foresee(&self, chunks: impl IntoIterator<Item = (usize, usize)>) {
+        let mut foreseen = lock(&self.inner.foreseen);
+        let new: Vec<(usize, usize)> = chunks
+            .into_iter()
+            .filter(|c| self.entry(c.0, c.1).is_ok() && foreseen.insert(*c))
+            .collect();
+        self.inner.store.pin_trace(&self.inner.digests(&new));
     }
 
     /// Queues `view` for building in the background, unless it is queued already.
@@ -508,15 +581,9 @@ impl Fetcher {
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Relaxed);
         lock(&self.inner.views).0 = None;
-        let jobs: Vec<Job> = {
-            let mut guard = self.inner.lock();
-            let q = &mut *guard;
-            q.demand
-                .drain(..)
-                .chain(q.trace.drain(..))
-                .chain(q.prefetch.drain(..))
-                .collect()
-        };
+        let foreseen: Vec<(usize, usize)> = lock(&self.inner.foreseen).drain().collect();
+        self.inner.store.unpin_trace(&self.inner.digests(&foreseen));
+        let jobs = self.inner.lock().drain();
         self.inner.cv.notify_all();
         for job in jobs {
             self.inner
@@ -536,6 +603,14 @@ impl Inner {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The digests of chunks named by (blob, index), which must exist.
+    fn digests(&self, chunks: &[(usize, usize)]) -> HashSet<[u8; 32]> {
+        chunks
+            .iter()
+            .filter_map(|&(b, i)| self.blobs.get(b)?.entries.get(i).map(|e| e.digest))
+            .collect()
+    }
+
     fn failed(&self, blob: usize, index: usize, why: Arc<str>) -> FetchError {
         FetchError::Failed {
             blob: self.blobs[blob].digest.to_string(),
@@ -544,25 +619,84 @@ impl Inner {
         }
     }
 
-    /// The slot of a demanded chunk: a new job, or the one fetching it already.
-    fn request(&self, blob: usize, index: usize, priority: Priority) -> Arc<Slot> {
+    /// Notes an access for the reader's stream and the recording, and starts the
+    /// readahead the stream asks for. Returns the stream's plan.
+    fn access(&self, blob: usize, index: usize) -> Plan {
+        if self.recording.load(Relaxed) {
+            let mut r = lock(&self.record);
+            if r.seen.insert((blob, index)) {
+                r.order.push((blob, index));
+            }
+        }
+        let Some(b) = self.blobs.get(blob) else {
+            return Plan::default();
+        };
+        if lock(&self.foreseen).contains(&(blob, index)) {
+            return Plan::default();
+        }
+        let plan = lock(&self.streams).access(blob, index, &b.entries, &|k| b.is_used(k));
+        if let Some((from, to)) = plan.ahead {
+            self.read_ahead(blob, from, to);
+        }
+        plan
+    }
+
+    /// Starts readahead jobs for the used, missing chunks of blob `blob` whose
+    /// compressed bytes start in `from..to`.
+    fn read_ahead(&self, blob: usize, from: u64, to: u64) {
+        let b = &self.blobs[blob];
+        let mut i = b.entries.partition_point(|e| e.compressed_offset < from);
+        while let Some(e) = b.entries.get(i) {
+            if e.compressed_offset >= to || self.stop.load(Relaxed) {
+                break;
+            }
+            if !b.is_used(i) || self.store.contains(&e.digest) {
+                i += 1;
+                continue;
+            }
+            let Some(slot) = self.inflight.try_claim(&e.digest) else {
+                i += 1;
+                continue;
+            };
+            self.counters.readaheads.fetch_add(1, Relaxed);
+            let within = |k: usize| b.entries[k].compressed_offset < to;
+            let (_, next) = self.enqueue(
+                blob,
+                i,
+                slot,
+                Priority::Readahead,
+                self.cfg.readahead_job,
+                &within,
+            );
+            i = next.max(i + 1);
+        }
+    }
+
+    /// The slot of a demanded chunk: a new job of at least `want` compressed bytes, or
+    /// the one fetching it already.
+    fn request(&self, blob: usize, index: usize, want: u64) -> Arc<Slot> {
         let d = self.blobs[blob].entries[index].digest;
         match self.inflight.claim(&d) {
             Claim::Theirs(slot) => {
-                if priority == Priority::Demand && !slot.is_urgent() {
+                if !slot.is_urgent() {
                     slot.make_urgent();
                     self.cv.notify_all();
                 }
                 slot
             }
             Claim::Mine(slot) => {
-                self.enqueue(blob, index, slot.clone(), priority, &|_| true);
+                // The reader waits for the whole answer: a large window is fetched
+                // ahead, in readahead jobs, not by its own job.
+                let want = want.min(self.cfg.readahead_job).max(self.cfg.min_fetch);
+                self.enqueue(blob, index, slot.clone(), Priority::Demand, want, &|_| true);
                 slot
             }
         }
     }
 
-    /// Builds and queues a job starting with `index`, whose slot the caller claimed.
+    /// Builds and queues a job of `priority` starting with `index`, whose slot the
+    /// caller claimed, taking the chunks after it (adjacent, used, missing, not in
+    /// flight, and for which `take` holds) until it holds `want` compressed bytes.
     /// Returns the job's slots and the index after its last chunk.
     fn enqueue(
         &self,
@@ -570,14 +704,10 @@ impl Inner {
         index: usize,
         first: Arc<Slot>,
         priority: Priority,
+        want: u64,
         take: &dyn Fn(usize) -> bool,
     ) -> (Vec<Arc<Slot>>, usize) {
         let entries = &self.blobs[blob].entries;
-        let want = match priority {
-            Priority::Demand => self.cfg.min_fetch,
-            Priority::Trace => self.cfg.trace_fetch,
-            Priority::Prefetch => self.cfg.prefetch_fetch,
-        };
         let mut slots = vec![first];
         let mut end = entries[index].compressed_offset + u64::from(entries[index].compressed_size);
         let mut next = index + 1;
@@ -604,13 +734,7 @@ impl Inner {
             slots: slots.clone(),
             priority,
         };
-        let mut q = self.lock();
-        match priority {
-            Priority::Demand => q.demand.push_back(job),
-            Priority::Trace => q.trace.push_back(job),
-            Priority::Prefetch => q.prefetch.push_back(job),
-        }
-        drop(q);
+        self.lock().push(job);
         self.cv.notify_one();
         (slots, next)
     }
@@ -628,9 +752,15 @@ impl Inner {
         if self.store.contains(&e.digest) {
             return (Vec::new(), index + 1);
         }
+        let want = match priority {
+            Priority::Demand => self.cfg.min_fetch,
+            Priority::Readahead => self.cfg.readahead_job,
+            Priority::Trace => self.cfg.trace_fetch,
+            Priority::Prefetch => self.cfg.prefetch_fetch,
+        };
         match self.inflight.claim(&e.digest) {
             Claim::Theirs(slot) => (vec![slot], index + 1),
-            Claim::Mine(slot) => self.enqueue(blob, index, slot, priority, take),
+            Claim::Mine(slot) => self.enqueue(blob, index, slot, priority, want, take),
         }
     }
 
@@ -675,40 +805,24 @@ impl Inner {
         let last = &chunks[chunks.len() - 1];
         let len = last.compressed_offset + u64::from(last.compressed_size) - start;
         let c = &self.counters;
-        c.requests.fetch_add(1, Relaxed);
-        let bytes = match self.source.read_blob_range(&blob.digest, start, len) {
+        let answer = match self.read(&blob.digest, start, len) {
             Ok(b) => b,
-            Err(e) => {
-                c.errors.fetch_add(1, Relaxed);
+            Err(SourceError::Unavailable(why)) => {
                 tracing::warn!(
-                    "fetching {len} bytes at {start} of blob {}: {e}",
-                    blob.digest
+                    "fetching {len} bytes at {start} of blob {} from {}: {why}",
+                    blob.digest,
+                    self.source.describe()
                 );
-                return self.fail_job(job, e.to_string().into());
+                return self.fail_job(job, why);
             }
+            // Nothing of it is usable: each chunk is fetched on its own below.
+            Err(SourceError::Corrupt(_)) => Vec::new(),
         };
-        c.bytes_fetched.fetch_add(bytes.len() as u64, Relaxed);
-        if bytes.len() as u64 != len {
-            c.errors.fetch_add(1, Relaxed);
-            let why = format!("asked for {len} bytes at {start}, got {}", bytes.len());
-            tracing::warn!("blob {}: {why}", blob.digest);
-            return self.fail_job(job, why.into());
-        }
         for (k, (e, slot)) in chunks.iter().zip(&job.slots).enumerate() {
             let at = (e.compressed_offset - start) as usize;
-            let stored = &bytes[at..at + e.compressed_size as usize];
-            let r = hoist_codec::decode_verified(e, stored)
-                .map_err(|err| -> Arc<str> {
-                    c.errors.fetch_add(1, Relaxed);
-                    tracing::warn!(
-                        "chunk {} of blob {} (bytes {}..{}): {err}",
-                        job.first + k,
-                        blob.digest,
-                        e.compressed_offset,
-                        e.compressed_offset + u64::from(e.compressed_size)
-                    );
-                    format!("{err} (the registry served damaged data)").into()
-                })
+            let stored = answer.get(at..at + e.compressed_size as usize);
+            let r = self
+                .verified(job.blob, job.first + k, e, stored)
                 .and_then(|data| {
                     self.store
                         .put_chunk(&e.digest, &data)
@@ -720,8 +834,417 @@ impl Inner {
             self.inflight.finish(&e.digest, slot, r);
         }
     }
+
+    /// One ranged read, counted; an answer of another length is corrupt.
+    fn read(&self, blob: &Digest, start: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+        let c = &self.counters;
+        c.requests.fetch_add(1, Relaxed);
+        let r = self.source.read_range(blob, start, len).and_then(|bytes| {
+            c.bytes_fetched.fetch_add(bytes.len() as u64, Relaxed);
+            match bytes.len() as u64 == len {
+                true => Ok(bytes),
+                false => Err(SourceError::Corrupt(
+                    format!("asked for {len} bytes at {start}, got {}", bytes.len()).into(),
+                )),
+            }
+        });
+        if let Err(e) = &r {
+            c.errors.fetch_add(1, Relaxed);
+            if let SourceError::Corrupt(why) = e {
+                tracing::warn!("blob {blob} from {}: {why}", self.source.describe());
+            }
+        }
+        r
+    }
+
+    /// Chunk `index` of blob `blob`, decoded and verified: from `stored` (its bytes in a
+    /// larger answer) if they are right, or else fetched again on its own, once.
+    fn verified(
+        &self,
+        blob: usize,
+        index: usize,
+        e: &ChunkEntry,
+        stored: Option<&[u8]>,
+    ) -> Result<Vec<u8>, Arc<str>> {
+        let digest = &self.blobs[blob].digest;
+        let check = |bytes: &[u8]| {
+            hoist_codec::decode_verified(e, bytes).map_err(|err| {
+                self.counters.corrupt.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    "chunk {index} of blob {digest} (bytes {}..{}) from {}: {err}; discarded",
+                    e.compressed_offset,
+                    e.compressed_offset + u64::from(e.compressed_size),
+                    self.source.describe()
+                );
+                err
+            })
+        };
+        if let Some(Ok(data)) = stored.map(check) {
+            return Ok(data);
+        }
+        let alone = self
+            .read(digest, e.compressed_offset, u64::from(e.compressed_size))
+            .map_err(|err| match err {
+                SourceError::Corrupt(why) => SourceError::Corrupt(why).to_string().into(),
+                SourceError::Unavailable(why) => why,
+            })?;
+        check(&alone).map_err(|err| format!("{err} (the source served damaged data twice)").into())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fetch core against a fake source: a blob in memory that counts and logs the
+    //! ranges asked of it, and can stall, refuse, or damage chosen chunks.
+    use super::*;
+    use hoist_format::chunk::Compressor;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicUsize;
+
+    const CHUNK: u32 = 16 << 10;
+
+    #[derive(Default)]
+    struct Fake {
+        blob: Vec<u8>,
+        /// (offset, len) of every request, in order.
+        asked: Mutex<Vec<(u64, u64)>>,
+        /// Requests being answered, and the most at once.
+        now: AtomicUsize,
+        most: AtomicUsize,
+        /// Requests of this length wait until another request is under way (at most
+        /// 200 ms): two in flight together are then seen, whatever the scheduling.
+        meet_len: u64,
+        /// Compressed offsets of chunks answered damaged, with how many times more.
+        damage: Mutex<HashMap<u64, usize>>,
+        /// While set, every request waits until it is cleared (bounded) and then fails.
+        stall: Mutex<bool>,
+        unstalled: Condvar,
+    }
+
+    impl ChunkSource for Fake {
+        fn read_range(&self, _: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+            self.asked.lock().unwrap().push((offset, len));
+            let n = self.now.fetch_add(1, Relaxed) + 1;
+            self.most.fetch_max(n, Relaxed);
+            let t = Instant::now();
+            while len == self.meet_len
+                && self.now.load(Relaxed) < 2
+                && t.elapsed() < Duration::from_millis(200)
+            {
+                std::thread::yield_now();
+            }
+            let stalled = {
+                let g = self.stall.lock().unwrap();
+                let (g, _) = self
+                    .unstalled
+                    .wait_timeout_while(g, Duration::from_secs(5), |s| *s)
+                    .unwrap();
+                *g
+            };
+            let r = if stalled {
+                Err(SourceError::Unavailable("stalled".into()))
+            } else {
+                let mut bytes = self.blob[offset as usize..(offset + len) as usize].to_vec();
+                let mut damage = self.damage.lock().unwrap();
+                for (at, left) in damage.iter_mut() {
+                    if *left > 0 && (offset..offset + len).contains(at) {
+                        *left -= 1;
+                        bytes[(*at - offset) as usize] ^= 0xff;
+                    }
+                }
+                Ok(bytes)
+            };
+            self.now.fetch_sub(1, Relaxed);
+            r
+        }
+        fn describe(&self) -> String {
+            "the fake".into()
+        }
+    }
+
+    impl Fake {
+        fn requests(&self) -> usize {
+            self.asked.lock().unwrap().len()
+        }
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        fake: Arc<Fake>,
+        fetcher: Fetcher,
+        chunks: Vec<Vec<u8>>,
+    }
+
+    /// A blob of `n` stored (uncompressed) chunks of distinct bytes, all used.
+    fn setup(n: usize, fake: Fake, cfg: FetchConfig) -> Setup {
+        let chunks: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                let mut c: Vec<u8> = (0..CHUNK as usize)
+                    .map(|k| (i * 7 + k * 13 + k / 251) as u8)
+                    .collect();
+                // Distinct digests: no two chunks dedup into one.
+                c[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                c
+            })
+            .collect();
+        let entries: Vec<ChunkEntry> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ChunkEntry {
+                uncompressed_offset: i as u64 * u64::from(CHUNK),
+                compressed_offset: i as u64 * u64::from(CHUNK),
+                uncompressed_size: CHUNK,
+                compressed_size: CHUNK,
+                compressor: Compressor::None,
+                digest: hoist_codec::digest(c),
+            })
+            .collect();
+        let fake = Arc::new(Fake {
+            blob: chunks.concat(),
+            ..fake
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ChunkStore::open(dir.path(), 1 << 40).unwrap());
+        let blobs = vec![BlobChunks {
+            digest: Digest::of(&fake.blob),
+            used: vec![true; n],
+            entries,
+        }];
+        let fetcher = Fetcher::new(
+            fake.clone(),
+            blobs,
+            store,
+            Arc::new(Inflight::default()),
+            cfg,
+        )
+        .unwrap();
+        Setup {
+            _dir: dir,
+            fake,
+            fetcher,
+            chunks,
+        }
+    }
+
+    fn read(s: &Setup, index: usize) -> Vec<u8> {
+        let mut buf = vec![0; CHUNK as usize];
+        s.fetcher.read_at(0, index, 0, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_miss_takes_the_adjacent_missing_chunks_up_to_the_minimum() {
+        let s = setup(64, Fake::default(), FetchConfig::default());
+        assert_eq!(read(&s, 8), s.chunks[8]);
+        // 64 KiB: four chunks of 16 KiB in one request.
+        assert_eq!(*s.fake.asked.lock().unwrap(), vec![(8 * 16384, 65536)]);
+        for i in 9..12 {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        // They came with it: nothing asked for them again. (Reading on in order starts
+        // readahead past them.)
+        let asked = s.fake.asked.lock().unwrap().clone();
+        assert!(asked[1..].iter().all(|a| a.0 >= 12 * 16384), "{asked:?}");
+    }
+
+    #[test]
+    fn a_reader_jumping_about_fetches_the_minimum_and_nothing_ahead() {
+        let s = setup(4096, Fake::default(), FetchConfig::default());
+        let reads = [3000, 17, 2500, 900, 4000, 1200, 60, 3500];
+        for i in reads {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        assert_eq!(s.fetcher.counters().readaheads.load(Relaxed), 0);
+        let fetched = s.fetcher.counters().bytes_fetched.load(Relaxed);
+        assert_eq!(fetched, reads.len() as u64 * (64 << 10));
+    }
+
+    #[test]
+    fn a_sequential_reader_gets_growing_windows_with_several_requests_in_flight() {
+        let n = 4096; // 64 MiB
+        let s = setup(
+            n,
+            Fake {
+                meet_len: 1 << 20,
+                ..Fake::default()
+            },
+            FetchConfig::default(),
+        );
+        for i in 0..n {
+            assert_eq!(read(&s, i), s.chunks[i], "chunk {i}");
+        }
+        let asked = s.fake.asked.lock().unwrap().clone();
+        // Far fewer requests than a fixed 64 KiB window (1024), none twice.
+        assert!(asked.len() < 120, "{} requests", asked.len());
+        let total: u64 = asked.iter().map(|a| a.1).sum();
+        assert_eq!(total, n as u64 * u64::from(CHUNK), "each byte fetched once");
+        assert!(s.fetcher.counters().readaheads.load(Relaxed) > 0);
+        assert!(s.fake.most.load(Relaxed) >= 2, "never two requests at once");
+        // Requests grew to the readahead job size.
+        assert!(asked.iter().any(|a| a.1 == 1 << 20), "{asked:?}");
+        // The reader mostly found its chunks fetched ahead of it.
+        // The reader mostly found its chunks fetched, or being fetched, ahead of it
+        // (a fixed 64 KiB window would have missed every fourth chunk).
+        let misses = s.fetcher.counters().misses.load(Relaxed);
+        assert!(misses < n as u64 / 8, "{misses} misses of {n} reads");
+    }
+
+    #[test]
+    fn a_corrupt_answer_is_never_served_and_the_chunk_is_fetched_again_alone() {
+        let fake = Fake::default();
+        // Chunk 2 comes damaged in the first answer that holds it.
+        fake.damage
+            .lock()
+            .unwrap()
+            .insert(2 * u64::from(CHUNK) + 100, 1);
+        let s = setup(16, fake, FetchConfig::default());
+        assert_eq!(read(&s, 2), s.chunks[2], "the damaged copy was not kept");
+        assert_eq!(s.fetcher.counters().corrupt.load(Relaxed), 1);
+        let asked = s.fake.asked.lock().unwrap().clone();
+        let chunk = u64::from(CHUNK);
+        assert_eq!(
+            asked,
+            vec![(2 * chunk, 65536), (2 * chunk, chunk)],
+            "chunk 2 alone"
+        );
+        // The other chunks of the damaged answer were kept: never asked for again.
+        for i in 3..6 {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        let asked = s.fake.asked.lock().unwrap().clone();
+        assert!(asked[2..].iter().all(|a| a.0 >= 6 * chunk), "{asked:?}");
+    }
+
+    #[test]
+    fn a_chunk_damaged_every_time_fails_its_reader_and_is_not_stored() {
+        let fake = Fake::default();
+        fake.damage
+            .lock()
+            .unwrap()
+            .insert(5 * u64::from(CHUNK), 100);
+        let s = setup(16, fake, FetchConfig::default());
+        let mut buf = vec![0; CHUNK as usize];
+        let err = s.fetcher.read_at(0, 5, 0, &mut buf).unwrap_err();
+        assert!(err.to_string().contains("damaged data twice"), "{err}");
+        let d = s.fetcher.entry(0, 5).unwrap().digest;
+        assert!(!s.fetcher.store().contains(&d));
+        // Its neighbours in the same answer were fine and are served.
+        assert_eq!(read(&s, 6), s.chunks[6]);
+    }
+
+    #[test]
+    fn a_chunk_evicted_after_its_fetch_is_fetched_again() {
+        let s = setup(16, Fake::default(), FetchConfig::default());
+        assert_eq!(read(&s, 0), s.chunks[0]);
+        s.fetcher.store().evict_to(0).unwrap();
+        assert_eq!(read(&s, 0), s.chunks[0]);
+        assert_eq!(s.fake.requests(), 2);
+    }
+
+    #[test]
+    fn a_stalled_source_fails_the_reader_within_its_bound_and_its_retry_at_once() {
+        let fake = Fake::default();
+        *fake.stall.lock().unwrap() = true;
+        let cfg = FetchConfig {
+            read_timeout: Duration::from_millis(300),
+            ..FetchConfig::default()
+        };
+        let s = setup(16, fake, cfg);
+        let t = Instant::now();
+        let mut buf = vec![0; 4096];
+        let err = s.fetcher.read_at(0, 3, 0, &mut buf).unwrap_err();
+        assert!(matches!(err, FetchError::Timeout { .. }), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        // The kernel's second request for the same data: answered at once.
+        let t = Instant::now();
+        let err = s.fetcher.read_at(0, 3, 0, &mut buf).unwrap_err();
+        assert!(matches!(err, FetchError::Timeout { .. }), "{err}");
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(s.fetcher.counters().timeouts.load(Relaxed), 2);
+        *s.fake.stall.lock().unwrap() = false;
+        s.fake.unstalled.notify_all();
+    }
+
+    fn job(p: Priority, inflight: &Inflight, k: u8) -> Job {
+        let Claim::Mine(slot) = inflight.claim(&[k; 32]) else {
+            panic!("claimed twice")
+        };
+        Job {
+            blob: 0,
+            first: k as usize,
+            slots: vec![slot],
+            priority: p,
+        }
+    }
+
+    #[test]
+    fn readers_go_first_then_readahead_then_trace_then_prefetch() {
+        let cfg = FetchConfig::default();
+        let inflight = Inflight::default();
+        let mut q = Queue::default();
+        q.push(job(Priority::Prefetch, &inflight, 1));
+        q.push(job(Priority::Trace, &inflight, 2));
+        q.push(job(Priority::Readahead, &inflight, 3));
+        q.push(job(Priority::Demand, &inflight, 4));
+        let order: Vec<usize> = std::iter::from_fn(|| q.pop(&cfg))
+            .map(|j| j.first)
+            .collect();
+        assert_eq!(order, vec![4, 3, 2, 1]);
+    }
+
+    #[test]
+    fn background_jobs_keep_to_their_limits_and_leave_workers_to_readers() {
+        let cfg = FetchConfig::default();
+        let inflight = Inflight::default();
+        let mut q = Queue::default();
+        for k in 0..40 {
+            let p = [Priority::Readahead, Priority::Trace, Priority::Prefetch][k % 3];
+            q.push(job(p, &inflight, k as u8));
+        }
+        let popped: Vec<Priority> = std::iter::from_fn(|| q.pop(&cfg))
+            .map(|j| j.priority)
+            .collect();
+        assert_eq!(
+            popped.len(),
+            cfg.workers - 2,
+            "two workers stay free for readers"
+        );
+        let count = |p| popped.iter().filter(|&&x| x == p).count();
+        assert_eq!(count(Priority::Readahead), cfg.readahead_workers);
+        assert!(count(Priority::Prefetch) <= cfg.prefetch_workers);
+        // A reader's job still runs at once.
+        q.push(job(Priority::Demand, &inflight, 200));
+        assert_eq!(q.pop(&cfg).map(|j| j.first), Some(200));
+        // Finishing a readahead job lets the next one start.
+        q.done(Priority::Readahead);
+        assert_eq!(q.pop(&cfg).map(|j| j.priority), Some(Priority::Readahead));
+    }
+
+    #[test]
+    fn a_queued_background_job_a_reader_waits_for_is_promoted_past_the_limits() {
+        let cfg = FetchConfig {
+            workers: 4,
+            ..FetchConfig::default()
+        };
+        let inflight = Inflight::default();
+        let mut q = Queue::default();
+        for k in 0..10 {
+            q.push(job(Priority::Prefetch, &inflight, k));
+        }
+        while q.pop(&cfg).is_some() {}
+        // The limit is reached; a reader now waits for chunk 7.
+        let waited = q.background[2].iter().find(|j| j.first == 7).unwrap();
+        waited.slots[0].make_urgent();
+        let j = q.pop(&cfg).unwrap();
+        assert_eq!((j.first, j.priority), (7, Priority::Demand));
+        assert!(q.pop(&cfg).is_none(), "the others still wait for a worker");
+    }
 }

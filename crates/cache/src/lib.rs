@@ -4,11 +4,13 @@
 //! - [`ChunkStore`]: verified, uncompressed chunks, one file per BLAKE3 digest, shared by
 //!   every mount of every image, bounded in size with eviction of unused chunks;
 //!   metadata blobs beside them.
-//! - [`Fetcher`]: turns misses into ranged reads of data blobs through any
-//!   [`hoist_oci::ImageSource`] (a registry today, peers later), coalescing adjacent
-//!   misses, amplifying small reads, never fetching a chunk twice at once, bounding
-//!   concurrency and the time a reader waits, and putting readers before a start-up
-//!   trace's chunks, and those before other prefetch; it can record the chunks read.
+//! - [`Fetcher`]: turns misses into ranged reads of data blobs through a
+//!   [`ChunkSource`] (an image's registry or layout today, peers later), coalescing
+//!   adjacent misses, amplifying small reads, fetching ahead of readers that go forward
+//!   ([`readahead`]), never fetching a chunk twice at once, bounding concurrency and the
+//!   time a reader waits, verifying every chunk (a bad one is fetched again on its own),
+//!   and putting readers before readahead, readahead before a start-up trace's chunks,
+//!   and those before other prefetch; it can record the chunks read.
 //! - [`View`]: cached chunks copied into one file shaped like a file of the image or a
 //!   blob's address space, for FUSE passthrough and EROFS devices the kernel reads
 //!   without hoist.
@@ -21,10 +23,13 @@
 mod fetch;
 mod meta;
 pub mod prefetch;
+pub mod readahead;
+mod source;
 mod store;
 mod views;
 
 pub use fetch::{BlobChunks, Counters, FetchConfig, FetchError, Fetcher, Priority};
 pub use meta::MetaCachingSource;
+pub use source::{ChunkSource, ImageChunks, SourceError};
 pub use store::{ChunkDigest, ChunkStore, Claim, Inflight, PruneReport, Slot, StoreStats};
 pub use views::{Built, Piece, View, ViewError};

@@ -130,6 +130,9 @@ pub fn spawn(
             chunks: s.chunks.into_iter().filter(|c| seen.insert(*c)).collect(),
         })
         .collect();
+    for s in stages.iter().filter(|s| s.priority == Priority::Trace) {
+        fetcher.foresee(s.chunks.iter().copied());
+    }
     progress.total.store(seen.len() as u64, Relaxed);
     progress.views_total.store(views.len() as u64, Relaxed);
     progress.set(PrefetchState::Running);

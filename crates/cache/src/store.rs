@@ -49,6 +49,12 @@ pub struct StoreStats {
     pub views: u64,
     /// Bytes views take on disk.
     pub view_bytes: u64,
+    /// Chunk files this process evicted.
+    #[serde(default)]
+    pub evictions: u64,
+    /// Chunks fetched again after this process evicted them.
+    #[serde(default)]
+    pub refetches: u64,
 }
 
 /// What a prune removed.
@@ -70,6 +76,10 @@ pub struct ChunkStore {
     state: Mutex<State>,
     /// Held while room is made on a full disk, so that one writer evicts at a time.
     room: Mutex<()>,
+    /// Wakes the store's eviction thread, when it has one ([`ChunkStore::open_shared`]):
+    /// a writer that takes the cache over its limit then leaves the scan of `chunks/`
+    /// to that thread instead of running it before its readers are woken.
+    evictor: Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
 }
 
 #[derive(Debug, Default)]
@@ -81,6 +91,16 @@ struct State {
     views: HashMap<String, FileId>,
     /// Pin counts of chunks that live mounts use.
     pinned: HashMap<ChunkDigest, usize>,
+    /// Pin counts of the chunks of live mounts' start-up traces (evicted last).
+    traced: HashMap<ChunkDigest, usize>,
+    /// When each chunk was last opened or written by this process (a tick of `clock`);
+    /// chunks not in it were last used before, and rank by their write time.
+    last_use: HashMap<ChunkDigest, u64>,
+    clock: u64,
+    /// Chunks this process evicted and has not fetched again (bounded), and counts.
+    evicted: HashSet<ChunkDigest>,
+    evictions: u64,
+    refetches: u64,
     /// Bytes of chunk files and views (counted at open, then kept up to date).
     used: u64,
 }
@@ -91,6 +111,20 @@ type FileId = (u64, u64, i64, i64);
 fn file_id(md: &fs::Metadata) -> FileId {
     use std::os::unix::fs::MetadataExt;
     (md.dev(), md.ino(), md.ctime(), md.ctime_nsec())
+}
+
+/// Evicted chunks remembered for counting refetches (32 bytes each).
+const MAX_EVICTED_REMEMBERED: usize = 1 << 20;
+
+impl State {
+    /// Notes a use of chunk `d` for the eviction order; returns whether this process
+    /// has verified it.
+    fn touch(&mut self, d: &ChunkDigest) -> bool {
+        self.clock += 1;
+        let now = self.clock;
+        self.last_use.insert(*d, now);
+        self.verified.contains(d)
+    }
 }
 
 /// The directories of a store.
@@ -127,7 +161,40 @@ impl ChunkStore {
                 ..State::default()
             }),
             room: Mutex::new(()),
+            evictor: Mutex::new(None),
         })
+    }
+
+    /// Opens a store as [`ChunkStore::open`] does, for sharing between threads, with a
+    /// thread of its own that evicts when a write takes the cache over its limit (the
+    /// thread ends with the store).
+    pub fn open_shared(root: &Path, max_bytes: u64) -> io::Result<Arc<ChunkStore>> {
+        let store = Arc::new(ChunkStore::open(root, max_bytes)?);
+        // One pending wake-up is enough: the thread evicts down to the target anyway.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let weak = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("hoist-evict".into())
+            .spawn(move || {
+                // Ends when the store, which holds the sender, is dropped.
+                while rx.recv().is_ok() {
+                    let Some(store) = weak.upgrade() else { return };
+                    if let Err(e) = store.evict_if_over() {
+                        tracing::warn!("{}: evicting: {e}", store.root.display());
+                    }
+                }
+            })?;
+        *store.evictor.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        Ok(store)
+    }
+
+    /// Evicts down to 90% of the limit if the cache is over it.
+    fn evict_if_over(&self) -> io::Result<()> {
+        if self.lock().used > self.max_bytes {
+            // Down to 90% so that eviction does not run on every write.
+            self.evict_to(self.max_bytes / 10 * 9)?;
+        }
+        Ok(())
     }
 
     /// The store's directory.
@@ -159,7 +226,7 @@ impl ChunkStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        if self.lock().verified.contains(d) {
+        if self.lock().touch(d) {
             return Ok(Some(file));
         }
         let mut data = Vec::with_capacity(size as usize);
@@ -178,7 +245,10 @@ impl ChunkStore {
             }
             return Ok(None);
         }
-        self.lock().verified.insert(*d);
+        let mut st = self.lock();
+        st.verified.insert(*d);
+        st.touch(d);
+        drop(st);
         Ok(Some(file))
     }
 
@@ -222,15 +292,34 @@ impl ChunkStore {
             }
             r => r?,
         }
-        let over = {
+        let used = {
             let mut st = self.lock();
             st.verified.insert(*d);
+            st.touch(d);
+            if st.evicted.remove(d) {
+                st.refetches += 1;
+            }
             st.used += data.len() as u64;
-            st.used > self.max_bytes
+            st.used
         };
-        if over {
-            // Down to 90% so that eviction does not run on every write.
-            self.evict_to(self.max_bytes / 10 * 9)?;
+        if used > self.max_bytes {
+            let evictor = self.evictor.lock().unwrap_or_else(|p| p.into_inner());
+            match &*evictor {
+                // Writers faster than the eviction thread (a scan of chunks/ per run)
+                // wait for room themselves once the cache is well over its limit: the
+                // limit holds within a sixteenth.
+                Some(_) if used > self.max_bytes + (self.max_bytes / 16).max(1 << 20) => {
+                    drop(evictor);
+                    let _one = self.room.lock().unwrap_or_else(|p| p.into_inner());
+                    self.evict_if_over()?;
+                }
+                // A wake-up already pending covers this write too.
+                Some(tx) => drop(tx.try_send(())),
+                None => {
+                    drop(evictor);
+                    self.evict_if_over()?;
+                }
+            }
         }
         Ok(())
     }
@@ -311,6 +400,27 @@ impl ChunkStore {
         }
     }
 
+    /// Pins chunks of a start-up trace: past the limit they are evicted last.
+    pub fn pin_trace(&self, digests: &HashSet<ChunkDigest>) {
+        let mut st = self.lock();
+        for d in digests {
+            *st.traced.entry(*d).or_default() += 1;
+        }
+    }
+
+    /// Releases pins taken with [`ChunkStore::pin_trace`].
+    pub fn unpin_trace(&self, digests: &HashSet<ChunkDigest>) {
+        let mut st = self.lock();
+        for d in digests {
+            if let Some(n) = st.traced.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    st.traced.remove(d);
+                }
+            }
+        }
+    }
+
     /// Releases pins taken with [`ChunkStore::pin`].
     pub fn unpin(&self, digests: &HashSet<ChunkDigest>) {
         let mut st = self.lock();
@@ -359,20 +469,41 @@ impl ChunkStore {
         st.used = st.used.saturating_sub(bytes);
     }
 
-    /// Removes views, then unpinned chunks, least recently written first, until at
-    /// most `target` bytes are left (or only pinned chunks are). Views go first: they
-    /// are copies, built again from the chunks when needed.
+    /// Removes views, then chunks, until at most `target` bytes are left. Views go
+    /// first: they are copies, built again from the chunks when needed. Then chunks, in
+    /// this order: those no live mount uses; those live mounts use; those of live
+    /// mounts' start-up traces; within each, the least recently used first (a lazily
+    /// mounted image fetches an evicted chunk again when it is read: the cost is a
+    /// fetch, or EIO while the registry is unreachable).
     pub fn evict_to(&self, target: u64) -> io::Result<PruneReport> {
-        self.evict(target, true, true)
+        self.evict(target, true, false)
     }
 
-    /// Removes views and chunks, least recently written first, until at most `target`
-    /// bytes are left, and `spare_pinned` keeps live mounts' chunks.
+    /// Removes views and chunks as [`ChunkStore::evict_to`] does until at most `target`
+    /// bytes are left; `spare_pinned` keeps live mounts' chunks.
     fn evict(&self, target: u64, chunks_too: bool, spare_pinned: bool) -> io::Result<PruneReport> {
         let mut views = scan_views(&self.root.join("views"))?;
         views.sort_by_key(|v| v.2);
         let mut files = scan(&self.root.join("chunks"))?;
-        files.sort_by_key(|c| c.mtime);
+        {
+            let st = self.lock();
+            // (class, last use in this process, write time): smallest goes first.
+            files.sort_by_cached_key(|c| {
+                let class = match (
+                    st.pinned.contains_key(&c.digest),
+                    st.traced.contains_key(&c.digest),
+                ) {
+                    (false, _) => 0,
+                    (true, false) => 1,
+                    (true, true) => 2,
+                };
+                (
+                    class,
+                    st.last_use.get(&c.digest).copied().unwrap_or(0),
+                    c.mtime,
+                )
+            });
+        }
         let mut used: u64 =
             files.iter().map(|c| c.size).sum::<u64>() + views.iter().map(|v| v.1).sum::<u64>();
         let mut report = PruneReport::default();
@@ -400,7 +531,14 @@ impl ChunkStore {
                 used -= c.size;
                 report.removed += 1;
                 report.freed += c.size;
-                self.lock().verified.remove(&c.digest);
+                let mut st = self.lock();
+                st.verified.remove(&c.digest);
+                st.last_use.remove(&c.digest);
+                st.evictions += 1;
+                if st.evicted.len() >= MAX_EVICTED_REMEMBERED {
+                    st.evicted.clear();
+                }
+                st.evicted.insert(c.digest);
             }
         }
         if used > target && chunks_too {
@@ -413,11 +551,21 @@ impl ChunkStore {
         Ok(report)
     }
 
+    /// Chunks this process evicted, and how many of them it fetched again since.
+    pub fn eviction_counts(&self) -> (u64, u64) {
+        let st = self.lock();
+        (st.evictions, st.refetches)
+    }
+
     /// Usage figures.
     pub fn stats(&self) -> io::Result<StoreStats> {
         let chunks = scan(&self.root.join("chunks"))?;
         let metas = scan_flat(&self.root.join("meta"))?;
         let views = scan_views(&self.root.join("views"))?;
+        let (pinned, evictions, refetches) = {
+            let st = self.lock();
+            (st.pinned.len() as u64, st.evictions, st.refetches)
+        };
         Ok(StoreStats {
             views: views.len() as u64,
             view_bytes: views.iter().map(|v| v.1).sum(),
@@ -426,7 +574,9 @@ impl ChunkStore {
             metas: metas.len() as u64,
             meta_bytes: metas.iter().map(|(_, s)| s).sum(),
             max_bytes: self.max_bytes,
-            pinned: self.lock().pinned.len() as u64,
+            pinned,
+            evictions,
+            refetches,
         })
     }
 
@@ -704,6 +854,41 @@ mod tests {
     }
 
     #[test]
+    fn past_the_limit_mounted_chunks_go_least_recently_used_first_and_trace_chunks_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), 1 << 30).unwrap();
+        let c: Vec<_> = (1..=6).map(|i| chunk(i, 4096)).collect();
+        for (d, data) in &c {
+            store.put_chunk(d, data).unwrap();
+        }
+        // All pinned by a mount; 1 and 2 by its trace too. Chunk 3 is read again, so
+        // 4 is now the least recently used of the others.
+        let all: HashSet<_> = c.iter().map(|x| x.0).collect();
+        store.pin(&all);
+        store.pin_trace(&HashSet::from([c[0].0, c[1].0]));
+        store.open_chunk(&c[2].0, 4096).unwrap().unwrap();
+        // Room for three: 4, 5 and 6 go (untraced, least recently used first), then 3
+        // would be next; the trace's are kept.
+        let report = store.evict_to(3 * 4096).unwrap();
+        assert_eq!(report.left, 3 * 4096);
+        let kept: Vec<bool> = c.iter().map(|x| store.contains(&x.0)).collect();
+        assert_eq!(kept, [true, true, true, false, false, false]);
+        let report = store.evict_to(2 * 4096).unwrap();
+        assert_eq!(report.removed, 1);
+        assert!(
+            !store.contains(&c[2].0),
+            "the untraced chunk goes before the trace's"
+        );
+        // Evictions and refetches are counted.
+        store.put_chunk(&c[3].0, &c[3].1).unwrap();
+        let st = store.stats().unwrap();
+        assert_eq!((st.evictions, st.refetches), (4, 1));
+        // Past the trace's pins, its chunks go too.
+        store.evict_to(0).unwrap();
+        assert!(!store.contains(&c[0].0));
+    }
+
+    #[test]
     fn eviction_spares_pinned_chunks_and_damage_is_refetched() {
         let dir = tempfile::tempdir().unwrap();
         // Room for two 4 KiB chunks; eviction goes down to 90% of that.
@@ -715,7 +900,7 @@ mod tests {
         store.pin(&HashSet::from([a]));
         store.put_chunk(&b, &db).unwrap();
         store.put_chunk(&c, &dc).unwrap();
-        // Over the limit: the unpinned oldest go, the pinned one stays.
+        // Over the limit: the unpinned go first, the pinned one stays.
         assert!(store.contains(&a), "a pinned chunk was evicted");
         assert!(store.stats().unwrap().chunk_bytes <= 8192);
         store.unpin(&HashSet::from([a]));

@@ -261,6 +261,19 @@ pub struct Stats {
     pub fetch_errors: u64,
     /// Reads that gave up waiting (EIO).
     pub timeouts: u64,
+    /// Chunks a source answered damaged (discarded, and fetched again on their own).
+    #[serde(default)]
+    pub corrupt: u64,
+    /// Readahead jobs started for readers going forward through a blob.
+    #[serde(default)]
+    pub readaheads: u64,
+    /// Chunks the cache evicted (all mounts of the cache: past `--cache-size`, chunks
+    /// of mounted images go too, least recently used first).
+    #[serde(default)]
+    pub cache_evictions: u64,
+    /// Evicted chunks fetched again (all mounts of the cache).
+    #[serde(default)]
+    pub cache_refetches: u64,
     /// Read requests that reached hoist.
     pub reads: u64,
     /// Bytes those returned.

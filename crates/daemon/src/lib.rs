@@ -40,4 +40,4 @@ mod server;
 pub use holder::run;
 pub use home::Home;
 pub use served::Served;
-pub use server::{detach_orphan, forget, remember, serve, spawn_and_wait, Daemon};
+pub use server::{detach_orphan, forget, remember, serve, spawn_and_wait, wait_stopped, Daemon};

@@ -10,7 +10,8 @@ use crate::image::{
 };
 use hoist_cache::prefetch::Progress;
 use hoist_cache::{
-    BlobChunks, ChunkStore, FetchConfig, Fetcher, Inflight, MetaCachingSource, View, ViewError,
+    BlobChunks, ChunkStore, FetchConfig, Fetcher, ImageChunks, Inflight, MetaCachingSource, View,
+    ViewError,
 };
 use hoist_fs::{kernel, Backing, BlobDevFs, FsCounters, LoopDevices, TreeFs};
 use hoist_oci::{ImageRef, ImageSource};
@@ -232,8 +233,14 @@ impl Served {
             ..FetchConfig::default()
         };
         let fetcher = Arc::new(
-            Fetcher::new(source, blobs, store.clone(), inflight, fetch_cfg)
-                .map_err(|e| DaemonError::Internal(format!("starting fetch threads: {e}")))?,
+            Fetcher::new(
+                Arc::new(ImageChunks(source)),
+                blobs,
+                store.clone(),
+                inflight,
+                fetch_cfg,
+            )
+            .map_err(|e| DaemonError::Internal(format!("starting fetch threads: {e}")))?,
         );
         store.pin(&pins);
         let image = Arc::new(image);
@@ -669,6 +676,10 @@ impl Served {
             cache_misses: c.misses.load(Relaxed),
             fetch_errors: c.errors.load(Relaxed),
             timeouts: c.timeouts.load(Relaxed),
+            corrupt: c.corrupt.load(Relaxed),
+            readaheads: c.readaheads.load(Relaxed),
+            cache_evictions: self.fetcher.store().eviction_counts().0,
+            cache_refetches: self.fetcher.store().eviction_counts().1,
             reads: self.counters.reads.load(Relaxed),
             read_bytes: self.counters.read_bytes.load(Relaxed),
             read_errors: self.counters.read_errors.load(Relaxed),

@@ -7,6 +7,7 @@ use crate::image::mount_id;
 use crate::served::{HeldMount, Served};
 use hoist_cache::{ChunkStore, Inflight};
 use hoist_fs::kernel;
+use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -69,8 +70,8 @@ impl Daemon {
             }
             return Ok(s.clone());
         }
-        let store = ChunkStore::open(dir, max_bytes).map_err(|e| cache_error(dir, e))?;
-        let entry = (Arc::new(store), Arc::new(Inflight::default()));
+        let store = ChunkStore::open_shared(dir, max_bytes).map_err(|e| cache_error(dir, e))?;
+        let entry = (store, Arc::new(Inflight::default()));
         stores.insert(dir.to_path_buf(), entry.clone());
         Ok(entry)
     }
@@ -429,6 +430,43 @@ fn serve_connection(daemon: &Daemon, conn: UnixStream) -> bool {
 /// the service manager is starting), at most.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Waits, at most `timeout`, until the daemon of `home` has exited: its holder releases
+/// `daemon.lock` last, after its sockets are closed. A command run right after `hoist
+/// daemon stop` then starts a new daemon instead of reaching the one going away.
+pub fn wait_stopped(home: &Home, timeout: Duration) -> Result<(), String> {
+    let path = home.root.join("daemon.lock");
+    let lock = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("opening {}: {e}", path.display())),
+    };
+    if !flock_by(
+        &lock,
+        FlockOperation::NonBlockingLockShared,
+        Instant::now() + timeout,
+    ) {
+        return Err(format!(
+            "the hoist daemon of {} was told to stop but still runs after {} s (see {})",
+            home.root.display(),
+            timeout.as_secs(),
+            home.log().display()
+        ));
+    }
+    Ok(())
+}
+
+/// Takes a lock on `file` with `op` (non-blocking), trying until `deadline`: flock has
+/// no timeout of its own. Returns whether it got it.
+fn flock_by(file: &std::fs::File, op: FlockOperation, deadline: Instant) -> bool {
+    while rustix::fs::flock(file, op).is_err() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 /// Makes sure a daemon serves `home`: connects, or starts `exe daemon run` in the
 /// background (its own process group, so the terminal's signals do not reach it; its
 /// output in `daemon.log`) and waits until it is ready. Clients that find no daemon at
@@ -449,17 +487,13 @@ pub fn spawn_and_wait(home: &Home, exe: &Path) -> Result<Client, String> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| format!("opening {}: {e}", lock_path.display()))?;
-    // flock has no timeout of its own: tried until the deadline.
-    while rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "another hoist command has been starting the daemon of {} for {} s (see {})",
-                home.root.display(),
-                START_TIMEOUT.as_secs(),
-                home.log().display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if !flock_by(&lock, FlockOperation::NonBlockingLockExclusive, deadline) {
+        return Err(format!(
+            "another hoist command has been starting the daemon of {} for {} s (see {})",
+            home.root.display(),
+            START_TIMEOUT.as_secs(),
+            home.log().display()
+        ));
     }
     // Whoever held the lock may have started it.
     if let Ok(c) = Client::connect(&home.socket()) {

@@ -74,8 +74,17 @@ impl LoopDevices {
         let blobs = blobs
             .iter()
             .map(|b| {
-                let dev =
-                    LoopDevice::attach(&open(&b.path)?, b.local).map_err(|e| e.to_string())?;
+                let file = open(&b.path)?;
+                if !b.local {
+                    // The loop driver reads hoist's device file through this open file:
+                    // without readahead on it, the kernel asks hoist for what EROFS
+                    // reads, not for the rest of the blob after it (the neighbouring
+                    // files of the layer, mostly unused); hoist's own readahead follows
+                    // the readers that go forward (hoist_cache::readahead).
+                    rustix::fs::fadvise(&file, 0, 0, rustix::fs::Advice::Random)
+                        .map_err(|e| format!("{}: fadvise: {e}", b.path.display()))?;
+                }
+                let dev = LoopDevice::attach(&file, b.local).map_err(|e| e.to_string())?;
                 Ok(BlobDevice {
                     dev,
                     local: AtomicBool::new(b.local),

@@ -259,7 +259,9 @@ pub struct MountOptions {
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Size limit of the chunk cache, views included; beyond it views are evicted,
-    /// then chunks no mount uses (suffixes K, M, G).
+    /// then chunks no mount uses, then chunks of mounted images (least recently used
+    /// first; a start-up trace's last), which are fetched again when read: while the
+    /// registry is unreachable such a read fails with EIO (suffixes K, M, G).
     #[arg(long, default_value = "20G", value_parser = parse_size)]
     pub cache_size: u64,
     /// What to fetch ahead of the reads. `trace`: the chunks of the start-up trace

@@ -1112,3 +1112,99 @@ fn a_registry_stalling_on_the_metadata_blob_fails_the_mount_within_the_timeout()
     }
     assert!(proxy.faults() >= 1, "the stall was not injected");
 }
+
+/// Everything under the cache's chunks/ and views/, in bytes (a sample of its size).
+fn cache_bytes(cache: &Path) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path()),
+                Ok(_) => e.metadata().map_or(0, |m| m.len()),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(&cache.join("chunks")) + walk(&cache.join("views"))
+}
+
+/// Issue 17: with `--cache-size 30M`, a tar of a mounted image left 153 MB in the cache,
+/// and `hoist cache prune` removed nothing: every chunk of a mounted image was pinned.
+/// Past the cap, chunks of mounted images are evicted too (least recently used first)
+/// and fetched again when read. A cap of a fifth of the image: every file reads right,
+/// the cache stays within the cap plus the chunks in flight (sampled throughout), and a
+/// second read fetches again what was evicted.
+#[test]
+fn a_capped_cache_holds_its_cap_while_a_mounted_image_is_read_whole() {
+    let Some(layout) = setup() else { return };
+    let tag = "debian-python-v1";
+    let image = convert(&layout, tag, "conv-cap", &[]);
+    for mode in MODES {
+        let home = Home::new(&format!("cap-{mode}"));
+        let mp = home.mountpoint("root");
+        let mps = mp.display().to_string();
+        let cache = home.root.join("cache");
+        home.ok(&["mount", "--mode", mode, "--prefetch", "none", &image, &mps]);
+        let total = home.stat(&mp)["bytes_total"].as_u64().unwrap();
+        home.ok(&["umount", &mps]);
+        // The daemon keeps a cache's limit from its first mount: a new one takes the cap.
+        home.ok(&["daemon", "stop"]);
+        let cap = total / 5;
+        let size = format!("{}K", cap >> 10);
+        let mount = || {
+            home.ok(&[
+                "mount",
+                "--mode",
+                mode,
+                "--prefetch",
+                "none",
+                "--cache-size",
+                &size,
+                &image,
+                &mps,
+            ]);
+        };
+        mount();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let most = std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let mut most = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    most = most.max(cache_bytes(&cache));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                most
+            });
+            assert_same_tree(&layout, tag, &mp, &format!("{mode} mount, cache capped"));
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            sampler.join().unwrap()
+        });
+        let s = home.stat(&mp);
+        eprintln!(
+            "{mode}: image {} MB, cap {} MB, most in the cache {} MB, {} evictions",
+            total >> 20,
+            cap >> 20,
+            most >> 20,
+            s["cache_evictions"]
+        );
+        // Writers wait for room once the cache is a sixteenth over its cap; each of the
+        // 10 fetch workers may be writing one chunk (at most 1 MiB) meanwhile.
+        let in_flight = cap / 16 + (10 << 20);
+        assert!(
+            most <= cap + in_flight,
+            "{mode}: the cache held {most} bytes against a cap of {cap}: {s}"
+        );
+        assert!(s["cache_evictions"].as_u64().unwrap() > 0, "{s}");
+        // A second read of everything, past the page cache: right again, fetching
+        // what was evicted.
+        drop_caches();
+        assert_same_tree(&layout, tag, &mp, &format!("{mode} mount, second read"));
+        let s = home.stat(&mp);
+        assert!(s["cache_refetches"].as_u64().unwrap() > 0, "{s}");
+        assert!(cache_bytes(&cache) <= cap + in_flight, "{s}");
+        home.ok(&["umount", &mps]);
+    }
+}

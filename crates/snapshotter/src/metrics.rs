@@ -136,7 +136,7 @@ impl Collector for Metrics {
                 .collect()
         };
         use MetricType::{Counter, Gauge};
-        let counters: [Field; 11] = [
+        let counters: [Field; 15] = [
             (
                 "hoist_fetched_bytes",
                 "Bytes fetched from the registry",
@@ -171,6 +171,26 @@ impl Collector for Metrics {
                 "hoist_read_timeouts",
                 "Reads that waited past the read bound",
                 |s| s.timeouts,
+            ),
+            (
+                "hoist_fetch_corrupt",
+                "Chunks a source answered damaged (discarded, fetched again)",
+                |s| s.corrupt,
+            ),
+            (
+                "hoist_readaheads",
+                "Readahead jobs for readers going forward",
+                |s| s.readaheads,
+            ),
+            (
+                "hoist_cache_evictions",
+                "Chunks the mount's cache evicted (all its mounts)",
+                |s| s.cache_evictions,
+            ),
+            (
+                "hoist_cache_refetches",
+                "Evicted chunks fetched again (all mounts of the cache)",
+                |s| s.cache_refetches,
             ),
             (
                 "hoist_views_verified",

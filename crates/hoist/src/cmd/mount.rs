@@ -128,7 +128,7 @@ pub(super) fn start_daemon(home: &Home) -> anyhow::Result<Client> {
 
 /// Serves one mount in this process until it is unmounted or a signal comes.
 fn foreground(home: &Home, spec: MountSpec) -> anyhow::Result<()> {
-    let store = hoist_cache::ChunkStore::open(&spec.cache_dir, spec.cache_max_bytes)
+    let store = hoist_cache::ChunkStore::open_shared(&spec.cache_dir, spec.cache_max_bytes)
         .with_context(|| format!("opening the chunk cache {}", spec.cache_dir.display()))?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -136,7 +136,7 @@ fn foreground(home: &Home, spec: MountSpec) -> anyhow::Result<()> {
     ])?;
     let served = Served::start(
         spec.clone(),
-        Arc::new(store),
+        store,
         Arc::new(hoist_cache::Inflight::default()),
         home,
     )
@@ -230,15 +230,21 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
         human(s.blob_bytes + s.meta_bytes)
     );
     println!(
-        "  cached    {} of {} chunks ({} of {})",
+        "  cached    {} of {} chunks ({} of {}); the cache evicted {} chunks, {} fetched again",
         s.chunks_cached,
         s.chunks_total,
         human(s.bytes_cached),
-        human(s.bytes_total)
+        human(s.bytes_total),
+        s.cache_evictions,
+        s.cache_refetches
     );
     println!(
         "  reads     {} chunk hits, {} misses, {} errors, {} timeouts; {} requests reached hoist ({} read errors)",
         s.cache_hits, s.cache_misses, s.fetch_errors, s.timeouts, s.reads, s.read_errors
+    );
+    println!(
+        "  fetching  {} readahead jobs for readers going forward; {} damaged chunks discarded and fetched again",
+        s.readaheads, s.corrupt
     );
     if s.passthrough {
         println!("  passthrough on: {} opens", s.passthrough_opens);
@@ -343,6 +349,8 @@ pub fn daemon(cx: &Context, op: DaemonOp) -> anyhow::Result<()> {
         DaemonOp::Stop => match Client::connect(&home.socket()) {
             Ok(mut c) => {
                 c.shutdown()?;
+                hoist_daemon::wait_stopped(&home, std::time::Duration::from_secs(30))
+                    .map_err(|e| anyhow!(e))?;
                 println!("stopped the hoist daemon of {}", home.root.display());
                 Ok(())
             }

@@ -1,0 +1,336 @@
+//! Readahead that follows the access pattern, in a blob's chunk order.
+//!
+//! A converted blob holds the chunks of its layer's files in the layer's order, so a
+//! reader going through a file, or a tree walker (tar, `cp -a`, an interpreter
+//! importing the modules of a package) going through the files of a directory, reads
+//! chunks of a blob in increasing order, with small gaps (files it skips, chunks cached
+//! already). The kernel's readahead does the same for one file's pages; this does it
+//! for the blob, which spans files, and across the network, where a round trip costs
+//! far more than a disk seek.
+//!
+//! [`Streams`] tracks a few streams per fetcher. An access continues a stream when it
+//! lands after the stream's last one with at most [`SKIP`] used chunks between them;
+//! anything else starts a new stream (the least recently used one is replaced). The
+//! rule is strict on purpose: a tar reads every chunk of a region, an interpreter
+//! importing modules reads one file here and one there, and fetching ahead of the
+//! second one would fetch the files it never imports (measured: python's start-up
+//! fetched 48% more with a rule that let a reader skip 256 KiB). A new stream fetches what a miss always
+//! fetches ([`crate::FetchConfig::min_fetch`]) and nothing ahead: a lone or random
+//! reader pays nothing. Each access that continues a stream doubles its window, up to
+//! [`crate::FetchConfig::readahead_max`]; from the second one on, the stream keeps a
+//! window of compressed bytes fetched ahead of the reader, topping it up when the
+//! reader is past half of it (the kernel's asynchronous readahead marker), so the next
+//! ranges are in flight before they are read. What to fetch is returned as a [`Plan`];
+//! the fetcher turns it into jobs below readers' priority.
+//!
+//! Pure logic over the chunk table: no I/O, no threads; the fetcher holds it in a mutex.
+
+use hoist_format::chunk::ChunkEntry;
+
+/// Used chunks an access may skip after a stream's last one and still continue it: a
+/// file whose content is stored earlier (deduplicated), or a small file a walker
+/// passes over.
+pub const SKIP: usize = 2;
+/// Streams tracked at once (readers in parallel, each on its own stream).
+pub const STREAMS: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    blob: usize,
+    /// The last chunk accessed.
+    last: usize,
+    /// Compressed offset up to which the stream has asked for chunks ahead.
+    ahead: u64,
+    /// Its readahead window, in compressed bytes.
+    window: u64,
+    /// Accesses that continued it.
+    hits: u32,
+    /// When it was last used (a counter), to replace the least recently used.
+    used: u64,
+}
+
+/// What an access should fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// Compressed bytes a demand job for the accessed chunk should take, at least.
+    pub demand: u64,
+    /// Chunks to fetch ahead: from this compressed offset of the blob up to the second
+    /// (exclusive), when the stream's window needs topping up.
+    pub ahead: Option<(u64, u64)>,
+}
+
+/// The streams of one fetcher.
+#[derive(Debug)]
+pub struct Streams {
+    streams: Vec<Stream>,
+    clock: u64,
+    min_fetch: u64,
+    max_window: u64,
+}
+
+impl Streams {
+    /// Streams whose new ones fetch `min_fetch` bytes and whose windows grow to
+    /// `max_window`.
+    pub fn new(min_fetch: u64, max_window: u64) -> Self {
+        Streams {
+            streams: Vec::new(),
+            clock: 0,
+            min_fetch,
+            max_window: max_window.max(min_fetch),
+        }
+    }
+
+    /// Notes an access to chunk `index` of blob `blob`, whose chunk table is
+    /// `entries` and whose used chunks are those for which `used` holds, and says what
+    /// to fetch for it.
+    pub fn access(
+        &mut self,
+        blob: usize,
+        index: usize,
+        entries: &[ChunkEntry],
+        used: &dyn Fn(usize) -> bool,
+    ) -> Plan {
+        let Some(e) = entries.get(index) else {
+            return Plan::default();
+        };
+        self.clock += 1;
+        let clock = self.clock;
+        let at = e.compressed_offset;
+        let end_of = |i: usize| {
+            entries
+                .get(i)
+                .map_or(0, |e| e.compressed_offset + u64::from(e.compressed_size))
+        };
+        // At most SKIP used chunks between the stream's last access and this one.
+        let follows = |last: usize| {
+            index > last
+                // A long run of unused chunks (files an upper layer removed) is not
+                // scanned: the walk, if it is one, starts again after it.
+                && index - last <= 256
+                && (last + 1..index)
+                    .filter(|&k| used(k))
+                    .take(SKIP + 1)
+                    .count()
+                    <= SKIP
+        };
+        let found = self
+            .streams
+            .iter_mut()
+            .find(|s| s.blob == blob && (index == s.last || follows(s.last)));
+        let Some(s) = found else {
+            let s = Stream {
+                blob,
+                last: index,
+                ahead: end_of(index),
+                window: self.min_fetch,
+                hits: 0,
+                used: clock,
+            };
+            if self.streams.len() < STREAMS {
+                self.streams.push(s);
+            } else if let Some(lru) = self.streams.iter_mut().min_by_key(|s| s.used) {
+                *lru = s;
+            }
+            return Plan {
+                demand: self.min_fetch,
+                ahead: None,
+            };
+        };
+        s.used = clock;
+        if index == s.last {
+            // Another read within the same chunk: nothing new is learned.
+            return Plan {
+                demand: s.window.min(self.max_window),
+                ahead: None,
+            };
+        }
+        s.last = index;
+        s.hits += 1;
+        s.window = (s.window * 2).min(self.max_window);
+        let mut plan = Plan {
+            demand: s.window,
+            ahead: None,
+        };
+        // Top the window up once the reader is past half of what was asked ahead.
+        let end = end_of(index);
+        if s.ahead < end {
+            s.ahead = end;
+        }
+        if s.hits >= 1 && s.ahead < at + s.window / 2 {
+            let to = at + s.window;
+            plan.ahead = Some((s.ahead, to));
+            s.ahead = to;
+        }
+        plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` chunks of `size` compressed bytes each, back to back.
+    fn table(n: usize, size: u32) -> Vec<ChunkEntry> {
+        (0..n)
+            .map(|i| ChunkEntry {
+                compressed_offset: i as u64 * u64::from(size),
+                compressed_size: size,
+                uncompressed_offset: i as u64 * u64::from(size),
+                uncompressed_size: size,
+                compressor: hoist_format::chunk::Compressor::None,
+                digest: [i as u8; 32],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lone_access_fetches_the_minimum_and_nothing_ahead() {
+        let t = table(1000, 16 << 10);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        let p = s.access(0, 500, &t, &|_| true);
+        assert_eq!(
+            p,
+            Plan {
+                demand: 64 << 10,
+                ahead: None
+            }
+        );
+        // Random accesses far apart never start fetching ahead.
+        for i in [10, 900, 200, 700, 50] {
+            assert_eq!(s.access(0, i, &t, &|_| true).ahead, None, "access {i}");
+        }
+    }
+
+    #[test]
+    fn a_sequential_reader_gets_a_window_that_doubles_and_stays_ahead() {
+        let t = table(10_000, 16 << 10);
+        let mut s = Streams::new(64 << 10, 4 << 20);
+        s.access(0, 0, &t, &|_| true);
+        let mut windows = Vec::new();
+        let mut asked_to = 0;
+        for i in 1..2000 {
+            let p = s.access(0, i, &t, &|_| true);
+            windows.push(p.demand);
+            if let Some((from, to)) = p.ahead {
+                // Each top-up continues where the last one stopped: nothing twice.
+                assert!(
+                    from >= asked_to,
+                    "chunk {i}: asked {from}..{to} after {asked_to}"
+                );
+                asked_to = to;
+            }
+            let at = t[i].compressed_offset;
+            // Once ramped up, the reader always has fetches under way ahead of it.
+            if i > 20 {
+                assert!(
+                    asked_to > at + (16 << 10),
+                    "chunk {i}: only {asked_to} asked at {at}"
+                );
+            }
+        }
+        assert_eq!(&windows[..4], &[128 << 10, 256 << 10, 512 << 10, 1 << 20]);
+        assert_eq!(*windows.last().unwrap(), 4 << 20, "capped at the maximum");
+    }
+
+    #[test]
+    fn a_walker_that_skips_a_few_files_is_still_a_stream() {
+        let t = table(1000, 4 << 10);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        s.access(2, 0, &t, &|_| true);
+        // Every third chunk: two skipped each time.
+        let ahead: Vec<_> = (1..20)
+            .map(|k| s.access(2, k * 3, &t, &|_| true).ahead)
+            .collect();
+        assert!(
+            ahead.iter().any(|a| a.is_some()),
+            "never fetched ahead: {ahead:?}"
+        );
+    }
+
+    #[test]
+    fn a_reader_picking_one_file_in_four_never_fetches_ahead() {
+        // An interpreter importing some modules of a directory, in order.
+        let t = table(1000, 4 << 10);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        for k in 0..100 {
+            let p = s.access(0, k * 4, &t, &|_| true);
+            assert_eq!(
+                p,
+                Plan {
+                    demand: 64 << 10,
+                    ahead: None
+                },
+                "access {k}"
+            );
+        }
+    }
+
+    #[test]
+    fn unused_chunks_between_two_reads_do_not_break_a_stream() {
+        let t = table(1000, 4 << 10);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        // Chunks 1..=99 belong to files an upper layer removed.
+        let used = |k: usize| k == 0 || k >= 100;
+        s.access(0, 0, &t, &used);
+        assert!(s.access(0, 100, &t, &used).ahead.is_some());
+    }
+
+    #[test]
+    fn re_reading_a_chunk_neither_grows_nor_fetches() {
+        let t = table(100, 1 << 20);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        s.access(0, 3, &t, &|_| true);
+        let p = s.access(0, 3, &t, &|_| true);
+        assert_eq!(
+            p,
+            Plan {
+                demand: 64 << 10,
+                ahead: None
+            }
+        );
+    }
+
+    #[test]
+    fn parallel_readers_keep_their_own_streams() {
+        let t = table(100_000, 16 << 10);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        // Two readers interleaved, far apart in one blob, and one in another blob.
+        let (mut a, mut b, mut c) = (0, 50_000, 0);
+        let mut ahead = [false; 3];
+        for _ in 0..50 {
+            ahead[0] |= s.access(0, a, &t, &|_| true).ahead.is_some();
+            ahead[1] |= s.access(0, b, &t, &|_| true).ahead.is_some();
+            ahead[2] |= s.access(1, c, &t, &|_| true).ahead.is_some();
+            (a, b, c) = (a + 1, b + 1, c + 1);
+        }
+        assert_eq!(ahead, [true; 3]);
+    }
+
+    #[test]
+    fn the_least_recently_used_stream_gives_way() {
+        let t = table(1_000_000, 16 << 10);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        s.access(0, 0, &t, &|_| true);
+        s.access(0, 1, &t, &|_| true);
+        // STREAMS other streams push the first one out.
+        for k in 0..STREAMS {
+            s.access(0, 10_000 * (k + 1), &t, &|_| true);
+        }
+        assert_eq!(s.streams.len(), STREAMS);
+        assert_eq!(
+            s.access(0, 2, &t, &|_| true),
+            Plan {
+                demand: 64 << 10,
+                ahead: None
+            }
+        );
+    }
+
+    #[test]
+    fn accesses_past_the_table_are_ignored() {
+        let t = table(3, 16 << 10);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        assert_eq!(s.access(0, 3, &t, &|_| true), Plan::default());
+        assert_eq!(s.access(0, usize::MAX, &t, &|_| true), Plan::default());
+    }
+}
