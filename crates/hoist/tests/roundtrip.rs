@@ -9,11 +9,14 @@ use std::process::Command;
 
 #[test]
 fn unpack_equals_umoci_for_every_image_and_compressor() {
-    let Some(layout) = fixtures() else { return };
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to keep owners and device files");
+    // Root keeps owners and device files.
+    if !require(
+        "hoist unpack against umoci",
+        &[Need::Root, Need::tool("umoci")],
+    ) {
         return;
     }
+    let layout = fixtures();
     for tag in tags(&layout) {
         for compressor in ["zstd", "lz4", "none"] {
             let image = convert(
@@ -34,11 +37,19 @@ fn unpack_equals_umoci_for_every_image_and_compressor() {
 
 #[test]
 fn kernel_mounts_the_metadata_blob_and_fsck_erofs_reads_it() {
-    let Some(layout) = fixtures() else { return };
-    if !is_root() {
-        eprintln!("SKIPPED: needs root for loop devices and mount");
+    let needs = [
+        Need::Root,
+        Need::LoopDevices,
+        Need::tool("umoci"),
+        Need::Tool {
+            command: "fsck.erofs",
+            package: "erofs-utils",
+        },
+    ];
+    if !require("kernel EROFS mounts", &needs) {
         return;
     }
+    let layout = fixtures();
     for tag in tags(&layout) {
         let image = convert(&layout, &tag, &format!("kernel-{tag}"), &[]);
         let exp = scratch().join(format!("export-{tag}"));
@@ -140,7 +151,7 @@ impl Drop for Loops {
 
 #[test]
 fn conversion_is_deterministic() {
-    let Some(layout) = fixtures() else { return };
+    let layout = fixtures();
     let a = convert(&layout, "tiny-v1", "det-a", &[]);
     let b = convert(&layout, "tiny-v1", "det-b", &[]);
     let digest = |r: &str| {
