@@ -103,7 +103,18 @@ fn kernel_mounts_the_metadata_blob_and_fsck_erofs_reads_it() {
         let result = std::panic::catch_unwind(|| {
             assert_same_tree(&layout, &tag, &mnt, "kernel EROFS mount")
         });
-        Command::new("umount").arg(&mnt).status().unwrap();
+        // Once left mounted (busy for a moment: its status was not looked at), it kept
+        // the scratch directory; now retried, then detached lazily.
+        let detached = (0..50).any(|_| {
+            let ok = Command::new("umount").arg(&mnt).status().unwrap().success();
+            if !ok {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            ok
+        });
+        if !detached {
+            Command::new("umount").arg("-l").arg(&mnt).status().unwrap();
+        }
         drop(mount);
         std::fs::remove_dir_all(&exp).unwrap();
         if let Err(e) = result {
