@@ -97,6 +97,8 @@ import argparse, asyncio, http.client, json, os, platform, shutil, signal, socke
 import re, threading, time
 from pathlib import Path
 
+import images  # bench/images.py: the test images
+
 ROOT = Path(__file__).resolve().parent.parent
 HOIST = ROOT / "target/release/hoist"
 BASE_TAG = "debian-python-v1"
@@ -921,7 +923,7 @@ def report(results, bounds, rows, workloads):
 def main():
     global BASE_TAG
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fixtures", default=str(ROOT.parent / "shared/fixtures/oci"))
+    ap.add_argument("--fixtures", help=images.HELP)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rate-mbit", type=float, default=100, help="link rate, each direction")
     ap.add_argument("--rtt-ms", type=float, default=20, help="round-trip time the relay adds")
@@ -945,6 +947,7 @@ def main():
     ap.add_argument("--relay-limit", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--relay-log", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.fixtures = args.fixtures or images.test_images()
     BASE_TAG = args.tag
     if args.relay:
         return relay_main(args)

@@ -16,6 +16,8 @@ touched.
 import argparse, json, os, resource, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
+import images  # bench/images.py: the test images
+
 ROOT = Path(__file__).resolve().parent.parent
 HOIST = ROOT / "target/release/hoist"
 
@@ -69,11 +71,12 @@ def median_runs(n, fn):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fixtures", default=str(ROOT.parent / "shared/fixtures/oci"))
+    ap.add_argument("--fixtures", help=images.HELP)
     ap.add_argument("--image", default="debian-python-v1")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", default=str(ROOT / "bench/out/convert.json"))
     args = ap.parse_args()
+    args.fixtures = args.fixtures or images.test_images()
     fixtures = Path(args.fixtures)
     if not HOIST.exists():
         subprocess.run(["cargo", "build", "--release", "-p", "hoist"], cwd=ROOT, check=True)

@@ -17,6 +17,8 @@ meant to rank the values; the cold-start benchmark measures the real thing.
 import argparse, json, os, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
+import images  # bench/images.py: the test images
+
 ROOT = Path(__file__).resolve().parent.parent
 HOIST = ROOT / "target/release/hoist"
 
@@ -33,13 +35,14 @@ def hoist(args, home, **kw):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fixtures", default=str(ROOT.parent / "shared/fixtures/oci"))
+    ap.add_argument("--fixtures", help=images.HELP)
     ap.add_argument("--sizes", default="0,64K,256K,1M,4M")
     ap.add_argument("--mode", default="fuse", choices=["fuse", "erofs"])
     ap.add_argument("--rate-mbit", type=float, default=100)
     ap.add_argument("--rtt-ms", type=float, default=20)
     ap.add_argument("--json", default=str(ROOT / "bench/out/fetch_min.json"))
     args = ap.parse_args()
+    args.fixtures = args.fixtures or images.test_images()
     if os.geteuid() != 0:
         sys.exit("run as root (mounts, chroot)")
     if not HOIST.exists():

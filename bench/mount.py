@@ -59,6 +59,8 @@ it and measures the native tree only; its JSON goes to bench/out/mount-native.js
 import argparse, json, os, platform, shlex, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
+import images  # bench/images.py: the test images
+
 ROOT = Path(__file__).resolve().parent.parent
 HOIST = ROOT / "target/release/hoist"
 BASE_TAG = "debian-python-v1"
@@ -230,7 +232,7 @@ def cleanup(mounts, work, keep):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fixtures", default=str(ROOT.parent / "shared/fixtures/oci"))
+    ap.add_argument("--fixtures", help=images.HELP)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--seq-mib", type=int, default=256, help="size of bench/seq.bin")
     ap.add_argument("--rand-mib", type=int, default=128, help="size of bench/rand.bin")
@@ -240,6 +242,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--json", help="default bench/out/mount.json (mount-native.json with --only-native)")
     args = ap.parse_args()
+    args.fixtures = args.fixtures or images.test_images()
     modes = [] if args.only_native else [m for m in args.modes.split(",") if m]
     out_json = Path(args.json or ROOT / ("bench/out/mount-native.json" if args.only_native else "bench/out/mount.json"))
     if os.geteuid() != 0:

@@ -23,6 +23,8 @@ registry to the client = down, client to registry = up) as a table and as JSON.
 import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
+import images  # bench/images.py: the test images
+
 ROOT = Path(__file__).resolve().parent.parent
 HOIST = ROOT / "target/release/hoist"
 
@@ -118,10 +120,11 @@ def timed(cmd, env=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fixtures", default=str(ROOT.parent / "shared/fixtures/oci"))
+    ap.add_argument("--fixtures", help=images.HELP)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", default=str(ROOT / "bench/out/registry.json"))
     args = ap.parse_args()
+    args.fixtures = args.fixtures or images.test_images()
     fixtures = Path(args.fixtures)
     for tool in ("docker-registry", "skopeo"):
         if not shutil.which(tool):

@@ -24,6 +24,8 @@ import argparse, json, os, shutil, signal, statistics, subprocess, sys, tempfile
 import threading, time
 from pathlib import Path
 
+import images  # bench/images.py: the test images
+
 ROOT = Path(__file__).resolve().parent.parent
 HOIST = ROOT / "target/release/hoist"
 
@@ -156,12 +158,13 @@ def measure(mode, event, args, layout, work):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fixtures", default=str(ROOT.parent / "shared/fixtures/oci"))
+    ap.add_argument("--fixtures", help=images.HELP)
     ap.add_argument("--tag", default="debian-python-v1")
     ap.add_argument("--cycles", type=int, default=10)
     ap.add_argument("--modes", default="fuse,erofs")
     ap.add_argument("--json", default=str(ROOT / "bench/out/takeover.json"))
     args = ap.parse_args()
+    args.fixtures = args.fixtures or images.test_images()
     if os.geteuid() != 0:
         sys.exit("run as root (mounts)")
     if not HOIST.exists():

@@ -29,6 +29,7 @@ import argparse, json, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import images  # noqa: E402  (bench/images.py: the test images)
 import mount as M  # noqa: E402  (bench/mount.py: image, mount and stat helpers)
 
 
@@ -97,7 +98,7 @@ def run_mode(mode, hlayout, work, runs, timeout):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fixtures", default=str(M.ROOT.parent / "shared/fixtures/oci"))
+    ap.add_argument("--fixtures", help=images.HELP)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seq-mib", type=int, default=256)
     ap.add_argument("--rand-mib", type=int, default=128)
@@ -106,6 +107,7 @@ def main():
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", default=str(M.ROOT / "bench/out/views.json"))
     args = ap.parse_args()
+    args.fixtures = args.fixtures or images.test_images()
     if os.geteuid() != 0:
         sys.exit("needs root (mounts, drop_caches)")
     work = Path(tempfile.mkdtemp(prefix="hoist-views-", dir="/var/tmp"))

@@ -22,22 +22,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Needs fixtures, root, containerd, runc, skopeo and docker-registry.
+/// Needs fixtures, root, containerd, runc, skopeo, umoci and docker-registry; `None`
+/// (skipped) only without root and with `HOIST_TESTS_UNPRIVILEGED`.
 fn setup() -> Option<PathBuf> {
-    let layout = fixtures()?;
-    let have = |cmd: &str| Command::new(cmd).arg("--version").output().is_ok();
-    if !(is_root() && Registry::available() && have("containerd") && have("runc") && have("skopeo"))
-    {
-        assert!(
-            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
-            "containerd tests need root, containerd, runc, skopeo and docker-registry (apt-get install containerd runc skopeo docker-registry)"
-        );
-        eprintln!(
-            "SKIPPED: containerd tests need root, containerd, runc, skopeo and docker-registry"
-        );
-        return None;
-    }
-    Some(layout)
+    require(
+        "containerd tests",
+        &[
+            Need::Root,
+            Need::tool("containerd"),
+            Need::tool("runc"),
+            Need::tool("skopeo"),
+            Need::tool("umoci"),
+            Need::tool("docker-registry"),
+        ],
+    )
+    .then(fixtures)
 }
 
 fn rt() -> tokio::runtime::Runtime {

@@ -16,19 +16,21 @@ use std::time::{Duration, Instant};
 
 const MODES: [&str; 2] = ["fuse", "erofs"];
 
-/// Fixtures, root, and the kernel pieces; `None` (skipped) otherwise.
+/// Fixtures, root, the kernel pieces, umoci, skopeo and docker-registry; `None` (skipped)
+/// only without root and with `HOIST_TESTS_UNPRIVILEGED`.
 fn setup() -> Option<PathBuf> {
-    let layout = fixtures()?;
-    let ok = is_root() && Path::new("/dev/fuse").exists() && Registry::available();
-    if !ok {
-        assert!(
-            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
-            "mount tests need root, /dev/fuse and docker-registry"
-        );
-        eprintln!("SKIPPED: mount tests need root, /dev/fuse and docker-registry");
-        return None;
-    }
-    Some(layout)
+    require(
+        "mount tests",
+        &[
+            Need::Root,
+            Need::Fuse,
+            Need::LoopDevices,
+            Need::tool("umoci"),
+            Need::tool("skopeo"),
+            Need::tool("docker-registry"),
+        ],
+    )
+    .then(fixtures)
 }
 
 /// A hoist state root of its own, and the mount points under it; the daemon is stopped
@@ -324,13 +326,7 @@ fn runc(bundle: &Path, rootfs: &Path, config_from: &Path, args: &[&str]) -> (i32
 #[test]
 fn python_runs_lazily_under_runc_in_both_modes() {
     let Some(layout) = setup() else { return };
-    if Command::new("runc").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
-            "runc is not installed"
-        );
-        return;
-    }
+    require("python under runc", &[Need::tool("runc")]);
     let tag = "debian-python-v1";
     // The reference: umoci's bundle of the original image.
     let reference = umoci_unpack(&layout, tag, "runc-ref");
@@ -758,11 +754,7 @@ fn a_cache_directory_removed_under_the_daemon_is_made_again() {
 #[test]
 fn umount_refuses_a_mount_hoist_did_not_make() {
     // Issue 19: `hoist umount` detached any mount point, a tmpfs for instance.
-    if !is_root() {
-        assert!(
-            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
-            "needs root"
-        );
+    if !require("hoist umount of a tmpfs", &[Need::Root]) {
         return;
     }
     let home = Home::new("umount-foreign");

@@ -16,21 +16,24 @@ use std::time::{Duration, Instant};
 
 const NOBODY: &str = "65534";
 
-/// Needs root, FUSE, umoci, runc and setpriv; `None` (skipped) otherwise.
+/// Needs root, FUSE, umoci, runc, skopeo and setpriv; `None` (skipped) only without root
+/// and with `HOIST_TESTS_UNPRIVILEGED`.
 fn setup() -> Option<PathBuf> {
-    let layout = fixtures()?;
-    let tools = ["runc", "umoci", "skopeo", "setpriv"]
-        .iter()
-        .all(|t| Command::new(t).arg("--version").output().is_ok());
-    if !(is_root() && Path::new("/dev/fuse").exists() && tools) {
-        assert!(
-            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
-            "privilege tests need root, /dev/fuse, runc, umoci, skopeo and setpriv (util-linux)"
-        );
-        eprintln!("SKIPPED: privilege tests need root, /dev/fuse, runc, umoci, skopeo and setpriv");
-        return None;
-    }
-    Some(layout)
+    require(
+        "privilege tests",
+        &[
+            Need::Root,
+            Need::Fuse,
+            Need::tool("runc"),
+            Need::tool("umoci"),
+            Need::tool("skopeo"),
+            Need::Tool {
+                command: "setpriv",
+                package: "util-linux",
+            },
+        ],
+    )
+    .then(fixtures)
 }
 
 fn sh(cmd: &mut Command) {
@@ -43,18 +46,15 @@ fn sh(cmd: &mut Command) {
 }
 
 /// A directory every user can traverse (0755, under /var/tmp), so that only the modes
-/// and mount options hoist sets stand between nobody and the image.
+/// and mount options hoist sets stand between nobody and the image; removed like the
+/// scratch directory.
 fn open_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = tempfile::Builder::new()
-            .prefix("hoist-priv-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = removed_unless_failed("hoist-priv-");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
         d
     })
-    .path()
 }
 
 /// Puts a setuid-root copy of the host's `id` at `dir/rootid` and a world-readable

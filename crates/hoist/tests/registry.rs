@@ -11,18 +11,17 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Fixtures and a registry binary, or `None` (skipped, unless fixtures are required).
-fn setup() -> Option<PathBuf> {
-    let layout = fixtures()?;
-    if !Registry::available() {
-        assert!(
-            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
-            "docker-registry is not installed (apt-get install docker-registry)"
-        );
-        eprintln!("SKIPPED: docker-registry is not installed");
-        return None;
-    }
-    Some(layout)
+/// Fixtures, a registry binary, skopeo and umoci.
+fn setup() -> PathBuf {
+    require(
+        "registry tests",
+        &[
+            Need::tool("docker-registry"),
+            Need::tool("skopeo"),
+            Need::tool("umoci"),
+        ],
+    );
+    fixtures()
 }
 
 fn home(name: &str) -> String {
@@ -51,7 +50,7 @@ fn unpack_and_compare(
 
 #[test]
 fn registry_to_registry_conversion_is_incremental_and_exact() {
-    let Some(layout) = setup() else { return };
+    let layout = setup();
     let reg = Registry::start(&Auth::None);
     // All hoist traffic goes through a pass-through proxy that counts bytes.
     let proxy = FaultProxy::start(&reg.addr);
@@ -118,7 +117,7 @@ fn registry_to_registry_conversion_is_incremental_and_exact() {
 
 #[test]
 fn basic_auth_credentials_from_flags_and_auth_files() {
-    let Some(layout) = setup() else { return };
+    let layout = setup();
     let reg = Registry::start(&Auth::Basic {
         user: "alice".into(),
         password: "wonderland".into(),
@@ -206,7 +205,7 @@ fn basic_auth_credentials_from_flags_and_auth_files() {
 
 #[test]
 fn token_auth_renews_tokens_that_expire_during_a_conversion() {
-    let Some(layout) = setup() else { return };
+    let layout = setup();
     // Tokens are announced as lasting 300 s; during the conversion they are accepted for
     // only 1-2 s, so the client learns that one expired from the registry's 401. (skopeo
     // does not renew tokens: the push runs with long-lived ones.)
@@ -272,7 +271,7 @@ fn token_auth_renews_tokens_that_expire_during_a_conversion() {
 
 #[test]
 fn faults_are_retried_bounded_and_never_accepted() {
-    let Some(layout) = setup() else { return };
+    let layout = setup();
     let mut reg = Registry::start(&Auth::None);
     reg.push_with_skopeo(&layout, "tiny-v1", "src/tiny", None);
     let proxy = FaultProxy::start(&reg.addr);
@@ -376,7 +375,7 @@ fn faults_are_retried_bounded_and_never_accepted() {
 
 #[test]
 fn redirects_do_not_leak_credentials() {
-    let Some(layout) = setup() else { return };
+    let layout = setup();
     let reg = Registry::start(&Auth::Basic {
         user: "carol".into(),
         password: "secret".into(),
@@ -424,7 +423,7 @@ fn redirects_do_not_leak_credentials() {
 /// oversized or malformed challenge is a permanent error: one request, a clear error.
 #[test]
 fn an_oversized_or_malformed_auth_challenge_fails_at_once() {
-    let Some(_layout) = setup() else { return };
+    setup();
     let reg = Registry::start(&Auth::None);
     let proxy = FaultProxy::start(&reg.addr);
     let h = home("home-challenge");

@@ -13,21 +13,20 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Needs root, FUSE, runc, umoci and skopeo; `None` (skipped) otherwise.
+/// Needs root, FUSE, runc, umoci and skopeo; `None` (skipped) only without root and with
+/// `HOIST_TESTS_UNPRIVILEGED`.
 fn setup() -> Option<PathBuf> {
-    let layout = fixtures()?;
-    let tools = ["runc", "umoci", "skopeo"]
-        .iter()
-        .all(|t| Command::new(t).arg("--version").output().is_ok());
-    if !(is_root() && Path::new("/dev/fuse").exists() && tools) {
-        assert!(
-            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
-            "run tests need root, /dev/fuse, runc, umoci and skopeo"
-        );
-        eprintln!("SKIPPED: run tests need root, /dev/fuse, runc, umoci and skopeo");
-        return None;
-    }
-    Some(layout)
+    require(
+        "run tests",
+        &[
+            Need::Root,
+            Need::Fuse,
+            Need::tool("runc"),
+            Need::tool("umoci"),
+            Need::tool("skopeo"),
+        ],
+    )
+    .then(fixtures)
 }
 
 fn sh(cmd: &mut Command) {

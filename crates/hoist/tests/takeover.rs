@@ -15,19 +15,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Needs fixtures, root, FUSE, runc and docker-registry.
+/// Needs fixtures, root, FUSE, runc, umoci, skopeo and docker-registry; `None` (skipped)
+/// only without root and with `HOIST_TESTS_UNPRIVILEGED`.
 fn setup() -> Option<PathBuf> {
-    let layout = fixtures()?;
-    let runc = Command::new("runc").arg("--version").output().is_ok();
-    if !(is_root() && Path::new("/dev/fuse").exists() && Registry::available() && runc) {
-        assert!(
-            std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
-            "takeover tests need root, /dev/fuse, runc and docker-registry"
-        );
-        eprintln!("SKIPPED: takeover tests need root, /dev/fuse, runc and docker-registry");
-        return None;
-    }
-    Some(layout)
+    require(
+        "takeover tests",
+        &[
+            Need::Root,
+            Need::Fuse,
+            Need::tool("runc"),
+            Need::tool("umoci"),
+            Need::tool("skopeo"),
+            Need::tool("docker-registry"),
+        ],
+    )
+    .then(fixtures)
 }
 
 /// sha256 of every regular file under `dirs` of the reference rootfs, by path.

@@ -300,15 +300,8 @@ mod tests {
 
     /// Loop devices need root and the driver; the test suite runs as root (`.ci/run`).
     fn loop_available() -> bool {
-        let ok = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(CONTROL)
-            .is_ok();
-        if !ok && std::env::var_os("HOIST_REQUIRE_FIXTURES").is_some() {
-            panic!("loop devices are required here ({CONTROL} and root)");
-        }
-        ok
+        use hoist_testkit::{require, Need};
+        require("loop device tests", &[Need::Root, Need::LoopDevices])
     }
 
     #[test]

@@ -2,29 +2,15 @@
 
 use hoist_oci::{Digest, ImageRef, ImageSource};
 use hoist_registry::{open_remote, RegistryConfig};
-use hoist_testkit::{Auth, Fault, FaultProxy, Registry};
-use std::path::PathBuf;
-
-fn fixtures() -> Option<PathBuf> {
-    let dir = std::env::var_os("HOIST_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/oci")
-        });
-    if dir.join("index.json").is_file() && Registry::available() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("HOIST_REQUIRE_FIXTURES").is_none(),
-        "fixtures or docker-registry missing"
-    );
-    eprintln!("SKIPPED: fixtures or docker-registry missing");
-    None
-}
+use hoist_testkit::{fixtures, require, Auth, Fault, FaultProxy, Need, Registry};
 
 #[test]
 fn ranged_reads_return_exact_bytes_and_refuse_whole_blob_answers() {
-    let Some(layout) = fixtures() else { return };
+    require(
+        "ranged reads",
+        &[Need::tool("docker-registry"), Need::tool("skopeo")],
+    );
+    let layout = fixtures();
     let reg = Registry::start(&Auth::None);
     reg.push_with_skopeo(&layout, "tiny-v1", "src/tiny", None);
     let proxy = FaultProxy::start(&reg.addr);

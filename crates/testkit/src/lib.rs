@@ -7,12 +7,16 @@
 //! - [`FaultProxy`]: an HTTP proxy between client and registry that resets connections,
 //!   answers 5xx, stalls or truncates bodies, corrupts bytes, ignores `Range`, redirects,
 //!   and counts requests and bytes.
+//! - [`needs`]: what a test needs from the machine (the real test images, root, FUSE, loop
+//!   devices, commands); a test that cannot have it fails, saying what is missing.
 
+pub mod needs;
 mod proxy;
 mod registry;
 pub mod token;
 
 pub mod cri;
+pub use needs::{fixtures, is_root, require, Need};
 pub use proxy::{Fault, FaultProxy, Rule};
 pub use registry::{Auth, Registry, TlsFiles};
 pub use token::TokenServer;

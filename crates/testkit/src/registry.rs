@@ -124,11 +124,6 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Whether the `docker-registry` binary is installed.
-    pub fn available() -> bool {
-        Path::new("/usr/bin/docker-registry").exists()
-    }
-
     /// Starts a registry storing into a new temporary directory, and waits until it
     /// answers.
     pub fn start(auth: &Auth) -> Registry {
@@ -197,7 +192,7 @@ impl Registry {
             .append(true)
             .open(dir.join("log"))
             .expect("registry log");
-        Command::new("/usr/bin/docker-registry")
+        Command::new("docker-registry")
             .arg("serve")
             .arg(dir.join("config.yml"))
             .stdout(Stdio::null())

@@ -6,29 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
 
-/// The OCI layout of real images (../shared/fixtures/oci), or `HOIST_FIXTURES`.
-/// Returns `None` (after saying so) when absent, unless `HOIST_REQUIRE_FIXTURES` is set.
-pub fn fixtures() -> Option<PathBuf> {
-    let dir = std::env::var_os("HOIST_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/oci")
-        });
-    if dir.join("index.json").is_file() {
-        return Some(dir);
-    }
-    if std::env::var_os("HOIST_REQUIRE_FIXTURES").is_some() {
-        panic!(
-            "fixture images not found at {} (set HOIST_FIXTURES)",
-            dir.display()
-        );
-    }
-    eprintln!(
-        "SKIPPED: fixture images not found at {} (set HOIST_FIXTURES)",
-        dir.display()
-    );
-    None
-}
+// Not every test file uses every one of them.
+#[allow(unused_imports)]
+pub use hoist_testkit::{fixtures, is_root, require, Need};
 
 /// Tags of the fixture layout.
 pub fn tags(layout: &Path) -> Vec<String> {
@@ -45,13 +25,6 @@ pub fn tags(layout: &Path) -> Vec<String> {
                 .to_string()
         })
         .collect()
-}
-
-/// Whether tests that need root (chown, mknod, mount) can run.
-pub fn is_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
 }
 
 /// Runs hoist with `HOIST_HOME` in this test process's scratch directory.
@@ -98,17 +71,69 @@ pub fn hoist_ok(args: &[&str]) -> String {
     hoist_env_ok(args, &[])
 }
 
-/// A scratch directory for the whole test process.
+/// A scratch directory for the whole test process (`/var/tmp/hoist-test-*`, 0700), removed
+/// when the process ends unless a test failed ([`removed_unless_failed`]).
 pub fn scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("hoist-test-")
-            .tempdir_in("/var/tmp")
-            .unwrap()
-    })
-    .path()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| removed_unless_failed("hoist-test-"))
 }
+
+/// A new directory `/var/tmp/PREFIX*` (0700) that a watcher process removes once this test
+/// process has ended, unless a test of it failed (panicked: the failure's output names the
+/// directory, kept for debugging) or something is still mounted under it (the watcher says
+/// so on the terminal).
+pub fn removed_unless_failed(prefix: &str) -> PathBuf {
+    static DIRS: Mutex<Vec<(PathBuf, std::process::Child)>> = Mutex::new(Vec::new());
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            for (dir, _) in DIRS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let _ = std::fs::write(dir.join(FAILED), "");
+                eprintln!(
+                    "test scratch directory kept for debugging: {}",
+                    dir.display()
+                );
+            }
+        }));
+    });
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .expect("a directory under /var/tmp")
+        .keep();
+    // Its standard input is a pipe that this process alone holds open (std's pipes are
+    // close-on-exec): end of file means this process has ended, however it ended. It
+    // outlives this process, so nothing waits for it.
+    let watcher = Command::new("sh")
+        .args(["-c", WATCHER, "watcher"])
+        .arg(&dir)
+        .arg(FAILED)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("starting sh");
+    DIRS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((dir.clone(), watcher));
+    dir
+}
+
+/// The mark a failed test leaves in its scratch directories.
+const FAILED: &str = ".test-failed";
+
+/// Waits for the test process to end, then removes `$1` unless it holds the mark `$2` or a
+/// mount (a daemon a test left behind, a mount it did not detach).
+const WATCHER: &str = r#"
+cat >/dev/null
+[ -e "$1/$2" ] && exit 0
+if awk -v d="$1/" 'index($5 "/", d) == 1 { found = 1 } END { exit !found }' /proc/self/mountinfo; then
+  echo "test scratch directory kept: $1 has mounts under it" >&2
+  exit 0
+fi
+rm -rf --one-file-system "$1"
+"#;
 
 /// `umoci unpack` of a fixture tag, made once per test process; returns the treedump.
 pub fn reference_dump(layout: &Path, tag: &str) -> Vec<String> {
