@@ -603,6 +603,23 @@ impl Inner {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Claims chunk `d` for fetching if nobody is fetching it and it is not cached.
+    fn claim_missing(&self, d: &[u8; 32]) -> Option<Arc<Slot>> {
+        let slot = self.inflight.try_claim(d)?;
+        (!self.cached_meanwhile(d, &slot)).then_some(slot)
+    }
+
+    /// Whether chunk `d`, just claimed with `slot`, was cached meanwhile (by a fetch
+    /// that finished between the caller's look at the store and its claim); if so the
+    /// claim is released at once, as a success.
+    fn cached_meanwhile(&self, d: &[u8; 32], slot: &Arc<Slot>) -> bool {
+        let cached = self.store.contains(d);
+        if cached {
+            self.inflight.finish(d, slot, Ok(()));
+        }
+        cached
+    }
+
     /// The digests of chunks named by (blob, index), which must exist.
     fn digests(&self, chunks: &[(usize, usize)]) -> HashSet<[u8; 32]> {
         chunks
@@ -654,7 +671,7 @@ impl Inner {
                 i += 1;
                 continue;
             }
-            let Some(slot) = self.inflight.try_claim(&e.digest) else {
+            let Some(slot) = self.claim_missing(&e.digest) else {
                 i += 1;
                 continue;
             };
@@ -684,6 +701,7 @@ impl Inner {
                 }
                 slot
             }
+            Claim::Mine(slot) if self.cached_meanwhile(&d, &slot) => slot,
             Claim::Mine(slot) => {
                 // The reader waits for the whole answer: a large window is fetched
                 // ahead, in readahead jobs, not by its own job.
@@ -721,7 +739,7 @@ impl Inner {
             {
                 break;
             }
-            let Some(slot) = self.inflight.try_claim(&e.digest) else {
+            let Some(slot) = self.claim_missing(&e.digest) else {
                 break;
             };
             slots.push(slot);
@@ -760,6 +778,7 @@ impl Inner {
         };
         match self.inflight.claim(&e.digest) {
             Claim::Theirs(slot) => (vec![slot], index + 1),
+            Claim::Mine(slot) if self.cached_meanwhile(&e.digest, &slot) => (Vec::new(), index + 1),
             Claim::Mine(slot) => self.enqueue(blob, index, slot, priority, want, take),
         }
     }
