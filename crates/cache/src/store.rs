@@ -479,6 +479,13 @@ impl ChunkStore {
         self.evict(target, true, false)
     }
 
+    /// `hoist cache prune`: removes views and chunks no mount uses until at most
+    /// `target` bytes are left; with `mounted_too`, chunks of mounted images after them
+    /// (as [`ChunkStore::evict_to`] does past the limit).
+    pub fn prune(&self, target: u64, mounted_too: bool) -> io::Result<PruneReport> {
+        self.evict(target, true, !mounted_too)
+    }
+
     /// Removes views and chunks as [`ChunkStore::evict_to`] does until at most `target`
     /// bytes are left; `spare_pinned` keeps live mounts' chunks.
     fn evict(&self, target: u64, chunks_too: bool, spare_pinned: bool) -> io::Result<PruneReport> {

@@ -130,12 +130,17 @@ pub enum Request {
         /// The cache directory.
         cache_dir: PathBuf,
     },
-    /// Evict chunks no mount uses until the cache holds at most `max_bytes`.
+    /// Evict views and chunks no mount uses (with `mounted_too`, then chunks of
+    /// mounted images, least recently used first) until the cache holds at most
+    /// `max_bytes`.
     CachePrune {
         /// The cache directory.
         cache_dir: PathBuf,
         /// Bytes to keep at most.
         max_bytes: u64,
+        /// Whether chunks of mounted images may go too.
+        #[serde(default)]
+        mounted_too: bool,
     },
     /// Unmount everything and exit.
     Shutdown,
@@ -512,15 +517,18 @@ impl Client {
         expect!(self.call(&req)?, Reply::CacheStat(s) => s)
     }
 
-    /// Evicts chunks no mount uses down to `max_bytes`.
+    /// Evicts views and chunks no mount uses (with `mounted_too`, then chunks of
+    /// mounted images) down to `max_bytes`.
     pub fn cache_prune(
         &mut self,
         cache_dir: &Path,
         max_bytes: u64,
+        mounted_too: bool,
     ) -> Result<PruneReport, ClientError> {
         let req = Request::CachePrune {
             cache_dir: cache_dir.to_path_buf(),
             max_bytes,
+            mounted_too,
         };
         expect!(self.call(&req)?, Reply::CachePruned(r) => r)
     }

@@ -136,10 +136,11 @@ impl Daemon {
             Request::CachePrune {
                 cache_dir,
                 max_bytes,
+                mounted_too,
             } => {
                 let store = self.store_for_maintenance(&cache_dir)?;
                 let report = store
-                    .evict_to(max_bytes)
+                    .prune(max_bytes, mounted_too)
                     .map_err(|e| cache_error(&cache_dir, e))?;
                 Ok(Reply::CachePruned(report))
             }

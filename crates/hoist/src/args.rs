@@ -386,14 +386,17 @@ pub enum CacheOp {
         #[arg(long)]
         json: bool,
     },
-    /// Evict views, then chunks that no mount uses, oldest first, down to a size.
+    /// Evict views, then chunks that no mount uses, least recently used first. With
+    /// --max-size, down to that size, and if that is not enough, chunks of mounted images
+    /// too (least recently used first; they are fetched again when read).
     Prune {
         /// The cache [default: $HOIST_HOME/cache].
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
-        /// Bytes to keep at most (suffixes K, M, G); 0 removes every unused chunk.
-        #[arg(long, default_value = "0", value_parser = parse_size)]
-        max_size: u64,
+        /// Bytes to keep at most (suffixes K, M, G). Without it, every chunk no mount
+        /// uses goes, and mounted images keep theirs.
+        #[arg(long, value_parser = parse_size)]
+        max_size: Option<u64>,
     },
 }
 

@@ -1197,6 +1197,19 @@ fn a_capped_cache_holds_its_cap_while_a_mounted_image_is_read_whole() {
         let s = home.stat(&mp);
         assert!(s["cache_refetches"].as_u64().unwrap() > 0, "{s}");
         assert!(cache_bytes(&cache) <= cap + in_flight, "{s}");
+        // `cache prune` keeps what mounts use; with --max-size it takes those too.
+        home.ok(&["cache", "prune"]);
+        let kept = cache_bytes(&cache);
+        assert!(
+            kept > cap / 2,
+            "prune took a mounted image's chunks: {kept} bytes left"
+        );
+        home.ok(&["cache", "prune", "--max-size", "1M"]);
+        let left = cache_bytes(&cache);
+        assert!(
+            left <= 1 << 20,
+            "{left} bytes left after prune --max-size 1M"
+        );
         home.ok(&["umount", &mps]);
     }
 }

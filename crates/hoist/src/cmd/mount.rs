@@ -322,9 +322,11 @@ pub fn cache(cx: &Context, op: CacheOp) -> anyhow::Result<()> {
             max_size,
         } => {
             let cache_dir = dir(cache_dir);
+            let (target, mounted_too) = (max_size.unwrap_or(0), max_size.is_some());
             let r = match client {
-                Some(mut c) => c.cache_prune(&cache_dir, max_size)?,
-                None => hoist_cache::ChunkStore::open(&cache_dir, u64::MAX)?.evict_to(max_size)?,
+                Some(mut c) => c.cache_prune(&cache_dir, target, mounted_too)?,
+                None => hoist_cache::ChunkStore::open(&cache_dir, u64::MAX)?
+                    .prune(target, mounted_too)?,
             };
             println!(
                 "removed {} chunks and views ({}); {} left in {}",
