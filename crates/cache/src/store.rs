@@ -35,7 +35,7 @@ pub type ChunkDigest = [u8; 32];
 pub struct StoreStats {
     /// Chunk files.
     pub chunks: u64,
-    /// Bytes in chunk files.
+    /// Bytes chunk files take on disk (whole blocks).
     pub chunk_bytes: u64,
     /// Metadata blobs.
     pub metas: u64,
@@ -111,6 +111,15 @@ type FileId = (u64, u64, i64, i64);
 fn file_id(md: &fs::Metadata) -> FileId {
     use std::os::unix::fs::MetadataExt;
     (md.dev(), md.ino(), md.ctime(), md.ctime_nsec())
+}
+
+/// How much an eviction leaves.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// At most this many bytes.
+    Bytes(u64),
+    /// This share (numerator, denominator) of what the scan finds.
+    Share(u64, u64),
 }
 
 /// Evicted chunks remembered for counting refetches (32 bytes each).
@@ -270,8 +279,8 @@ impl ChunkStore {
             Err(e) if e.kind() == io::ErrorKind::StorageFull => {
                 let _one = self.room.lock().unwrap_or_else(|p| p.into_inner());
                 if self.write_atomic(&path, data).is_err() {
-                    let used = self.lock().used;
-                    let report = self.evict(used / 4 * 3, true, false)?;
+                    // A quarter of what is there: the disk, not the count, is full.
+                    let report = self.evict(Target::Share(3, 4), true, false)?;
                     tracing::warn!(
                         "{}: disk full; evicted {} cache files ({} bytes) to store a chunk",
                         self.root.display(),
@@ -299,7 +308,8 @@ impl ChunkStore {
             if st.evicted.remove(d) {
                 st.refetches += 1;
             }
-            st.used += data.len() as u64;
+            // What the file takes on disk: whole blocks (the cap is about the disk).
+            st.used += (data.len() as u64).div_ceil(4096) * 4096;
             st.used
         };
         if used > self.max_bytes {
@@ -448,7 +458,7 @@ impl ChunkStore {
             st.used > self.max_bytes
         };
         if over {
-            self.evict(self.max_bytes / 10 * 9, false, true)?;
+            self.evict(Target::Bytes(self.max_bytes / 10 * 9), false, true)?;
         }
         Ok(())
     }
@@ -476,19 +486,25 @@ impl ChunkStore {
     /// mounted image fetches an evicted chunk again when it is read: the cost is a
     /// fetch, or EIO while the registry is unreachable).
     pub fn evict_to(&self, target: u64) -> io::Result<PruneReport> {
-        self.evict(target, true, false)
+        self.evict(Target::Bytes(target), true, false)
     }
 
     /// `hoist cache prune`: removes views and chunks no mount uses until at most
     /// `target` bytes are left; with `mounted_too`, chunks of mounted images after them
     /// (as [`ChunkStore::evict_to`] does past the limit).
     pub fn prune(&self, target: u64, mounted_too: bool) -> io::Result<PruneReport> {
-        self.evict(target, true, !mounted_too)
+        self.evict(Target::Bytes(target), true, !mounted_too)
     }
 
     /// Removes views and chunks as [`ChunkStore::evict_to`] does until at most `target`
     /// bytes are left; `spare_pinned` keeps live mounts' chunks.
-    fn evict(&self, target: u64, chunks_too: bool, spare_pinned: bool) -> io::Result<PruneReport> {
+    fn evict(
+        &self,
+        target: Target,
+        chunks_too: bool,
+        spare_pinned: bool,
+    ) -> io::Result<PruneReport> {
+        let counted = self.lock().used;
         let mut views = scan_views(&self.root.join("views"))?;
         views.sort_by_key(|v| v.2);
         let mut files = scan(&self.root.join("chunks"))?;
@@ -513,6 +529,10 @@ impl ChunkStore {
         }
         let mut used: u64 =
             files.iter().map(|c| c.size).sum::<u64>() + views.iter().map(|v| v.1).sum::<u64>();
+        let target = match target {
+            Target::Bytes(b) => b,
+            Target::Share(n, d) => used / d * n,
+        };
         let mut report = PruneReport::default();
         for (path, size, _) in views {
             if used <= target {
@@ -553,7 +573,14 @@ impl ChunkStore {
                 "chunk cache holds {used} bytes, more than {target}: the rest is in use by mounts"
             );
         }
-        self.lock().used = used;
+        let mut st = self.lock();
+        // Writes that landed during the scan are counted in `used` and maybe not in the
+        // scan: then only what was removed is taken off. Otherwise the scan, which sees
+        // files removed by hand too, is the count.
+        st.used = match st.used == counted {
+            true => used,
+            false => st.used.saturating_sub(report.freed),
+        };
         report.left = used;
         Ok(report)
     }
@@ -645,7 +672,9 @@ fn scan(dir: &Path) -> io::Result<Vec<Cached>> {
             out.push(Cached {
                 path: e.path(),
                 digest,
-                size: md.len(),
+                // Bytes on disk (whole blocks), as views are counted: the cap is about
+                // the disk, where a chunk of 1 KiB takes 4.
+                size: std::os::unix::fs::MetadataExt::blocks(&md) * 512,
                 mtime: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             });
         }

@@ -1105,8 +1105,10 @@ fn a_registry_stalling_on_the_metadata_blob_fails_the_mount_within_the_timeout()
     assert!(proxy.faults() >= 1, "the stall was not injected");
 }
 
-/// Everything under the cache's chunks/ and views/, in bytes (a sample of its size).
+/// What the cache's chunks/ and views/ take on disk, in bytes (allocated: a view of a
+/// file with holes is sparse), as the cache counts it against its cap.
 fn cache_bytes(cache: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     fn walk(dir: &Path) -> u64 {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return 0;
@@ -1115,7 +1117,7 @@ fn cache_bytes(cache: &Path) -> u64 {
             .flatten()
             .map(|e| match e.file_type() {
                 Ok(t) if t.is_dir() => walk(&e.path()),
-                Ok(_) => e.metadata().map_or(0, |m| m.len()),
+                Ok(_) => e.metadata().map_or(0, |m| m.blocks() * 512),
                 Err(_) => 0,
             })
             .sum()
