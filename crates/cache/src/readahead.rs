@@ -17,9 +17,9 @@
 //! fetched 48% more with a rule that let a reader skip 256 KiB). A new stream fetches what a miss always
 //! fetches ([`crate::FetchConfig::min_fetch`]) and nothing ahead: a lone or random
 //! reader pays nothing. Each access that continues a stream doubles its window, up to
-//! [`crate::FetchConfig::readahead_max`]; from the second one on, the stream keeps a
-//! window of compressed bytes fetched ahead of the reader, topping it up when the
-//! reader is past half of it (the kernel's asynchronous readahead marker), so the next
+//! [`crate::FetchConfig::readahead_max`]; once [`CONFIRM`] accesses have continued it,
+//! the stream keeps a window of compressed bytes fetched ahead of the reader, topping
+//! it up when the reader is past half of it (the kernel's asynchronous readahead marker), so the next
 //! ranges are in flight before they are read. What to fetch is returned as a [`Plan`];
 //! the fetcher turns it into jobs below readers' priority.
 //!
@@ -31,6 +31,9 @@ use hoist_format::chunk::ChunkEntry;
 /// file whose content is stored earlier (deduplicated), or a small file a walker
 /// passes over.
 pub const SKIP: usize = 2;
+/// Accesses that must continue a stream before it fetches ahead: a few files read in
+/// order (a package's modules) are not yet a walk.
+pub const CONFIRM: u32 = 3;
 /// Streams tracked at once (readers in parallel, each on its own stream).
 pub const STREAMS: usize = 16;
 
@@ -156,7 +159,7 @@ impl Streams {
         if s.ahead < end {
             s.ahead = end;
         }
-        if s.hits >= 1 && s.ahead < at + s.window / 2 {
+        if s.hits >= CONFIRM && s.ahead < at + s.window / 2 {
             let to = at + s.window;
             plan.ahead = Some((s.ahead, to));
             s.ahead = to;
@@ -272,7 +275,26 @@ mod tests {
         // Chunks 1..=99 belong to files an upper layer removed.
         let used = |k: usize| k == 0 || k >= 100;
         s.access(0, 0, &t, &used);
-        assert!(s.access(0, 100, &t, &used).ahead.is_some());
+        let ahead: Vec<bool> = [100, 101, 102]
+            .iter()
+            .map(|&k| s.access(0, k, &t, &used).ahead.is_some())
+            .collect();
+        assert_eq!(ahead, [false, false, true]);
+    }
+
+    #[test]
+    fn a_few_files_read_in_order_are_not_yet_a_walk() {
+        // A package's modules: CONFIRM accesses in order fetch nothing ahead.
+        let t = table(1000, 4 << 10);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        let plans: Vec<Plan> = (0..=CONFIRM as usize)
+            .map(|k| s.access(0, 10 + k, &t, &|_| true))
+            .collect();
+        assert!(
+            plans[..CONFIRM as usize].iter().all(|p| p.ahead.is_none()),
+            "{plans:?}"
+        );
+        assert!(plans[CONFIRM as usize].ahead.is_some(), "{plans:?}");
     }
 
     #[test]
