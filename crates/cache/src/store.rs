@@ -113,6 +113,20 @@ fn file_id(md: &fs::Metadata) -> FileId {
     (md.dev(), md.ino(), md.ctime(), md.ctime_nsec())
 }
 
+/// Adds (`up`) or releases one pin of each of `digests` in a pin-count map.
+fn count_pins(pins: &mut HashMap<ChunkDigest, usize>, digests: &HashSet<ChunkDigest>, up: bool) {
+    for d in digests {
+        if up {
+            *pins.entry(*d).or_default() += 1;
+        } else if let Some(n) = pins.get_mut(d) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(d);
+            }
+        }
+    }
+}
+
 /// How much an eviction leaves.
 #[derive(Debug, Clone, Copy)]
 enum Target {
@@ -404,44 +418,22 @@ impl ChunkStore {
 
     /// Pins chunks against eviction (a mount uses them).
     pub fn pin(&self, digests: &HashSet<ChunkDigest>) {
-        let mut st = self.lock();
-        for d in digests {
-            *st.pinned.entry(*d).or_default() += 1;
-        }
-    }
-
-    /// Pins chunks of a start-up trace: past the limit they are evicted last.
-    pub fn pin_trace(&self, digests: &HashSet<ChunkDigest>) {
-        let mut st = self.lock();
-        for d in digests {
-            *st.traced.entry(*d).or_default() += 1;
-        }
-    }
-
-    /// Releases pins taken with [`ChunkStore::pin_trace`].
-    pub fn unpin_trace(&self, digests: &HashSet<ChunkDigest>) {
-        let mut st = self.lock();
-        for d in digests {
-            if let Some(n) = st.traced.get_mut(d) {
-                *n -= 1;
-                if *n == 0 {
-                    st.traced.remove(d);
-                }
-            }
-        }
+        count_pins(&mut self.lock().pinned, digests, true);
     }
 
     /// Releases pins taken with [`ChunkStore::pin`].
     pub fn unpin(&self, digests: &HashSet<ChunkDigest>) {
-        let mut st = self.lock();
-        for d in digests {
-            if let Some(n) = st.pinned.get_mut(d) {
-                *n -= 1;
-                if *n == 0 {
-                    st.pinned.remove(d);
-                }
-            }
-        }
+        count_pins(&mut self.lock().pinned, digests, false);
+    }
+
+    /// Pins chunks of a start-up trace: past the limit they are evicted last.
+    pub fn pin_trace(&self, digests: &HashSet<ChunkDigest>) {
+        count_pins(&mut self.lock().traced, digests, true);
+    }
+
+    /// Releases pins taken with [`ChunkStore::pin_trace`].
+    pub fn unpin_trace(&self, digests: &HashSet<ChunkDigest>) {
+        count_pins(&mut self.lock().traced, digests, false);
     }
 
     /// Whether `bytes` more fit under the size limit.

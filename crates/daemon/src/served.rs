@@ -647,6 +647,7 @@ impl Served {
     pub fn stats(&self) -> Stats {
         let store = self.fetcher.store();
         let c = self.fetcher.counters();
+        let evictions = self.fetcher.store().eviction_counts();
         let mut stats = Stats {
             mountpoint: self.spec.mountpoint.clone(),
             image: self.spec.image.clone(),
@@ -678,8 +679,8 @@ impl Served {
             timeouts: c.timeouts.load(Relaxed),
             corrupt: c.corrupt.load(Relaxed),
             readaheads: c.readaheads.load(Relaxed),
-            cache_evictions: self.fetcher.store().eviction_counts().0,
-            cache_refetches: self.fetcher.store().eviction_counts().1,
+            cache_evictions: evictions.0,
+            cache_refetches: evictions.1,
             reads: self.counters.reads.load(Relaxed),
             read_bytes: self.counters.read_bytes.load(Relaxed),
             read_errors: self.counters.read_errors.load(Relaxed),
