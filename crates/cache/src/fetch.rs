@@ -13,7 +13,10 @@
 //! fetch ahead of it at [`Priority::Readahead`], several in flight at once; a reader
 //! that jumps about gets [`FetchConfig::min_fetch`] and nothing more.
 //!
-//! Jobs run on a fixed pool of worker threads, which bounds concurrency. There are four
+//! Jobs run on worker threads, at most [`FetchConfig::workers`] of them, which bounds
+//! concurrency. A worker starts when a job is queued and no worker is free, and ends
+//! after [`FetchConfig::worker_idle`] without work: an idle image costs no thread (a
+//! node mounts an image per pod, most of them idle most of the time). There are four
 //! priorities: jobs of readers go first; then readahead (at most
 //! [`FetchConfig::readahead_workers`] at once); then jobs of a start-up trace (at most
 //! [`FetchConfig::trace_workers`]); then other prefetch jobs (at most
@@ -66,6 +69,9 @@ pub struct FetchConfig {
     pub readahead_job: u64,
     /// How long a read waits for a chunk before it fails.
     pub read_timeout: Duration,
+    /// How long a worker without work lives on (a worker that stays costs nothing but
+    /// a thread; one that starts again costs a thread's creation, tens of microseconds).
+    pub worker_idle: Duration,
 }
 
 impl Default for FetchConfig {
@@ -81,6 +87,7 @@ impl Default for FetchConfig {
             readahead_max: 8 << 20,
             readahead_job: 1 << 20,
             read_timeout: Duration::from_secs(30),
+            worker_idle: Duration::from_secs(10),
         }
     }
 }
@@ -231,6 +238,9 @@ struct Queue {
     /// Readahead, trace and prefetch jobs, in priority order.
     background: [VecDeque<Job>; 3],
     busy: [usize; 3],
+    /// Worker threads alive, and how many of them wait for work.
+    workers: usize,
+    idle: usize,
 }
 
 /// The place of a background priority in [`Queue::background`].
@@ -292,6 +302,11 @@ impl Queue {
         }
     }
 
+    /// Jobs queued, of every priority.
+    fn queued(&self) -> usize {
+        self.demand.len() + self.background.iter().map(VecDeque::len).sum::<usize>()
+    }
+
     fn drain(&mut self) -> Vec<Job> {
         let mut jobs: Vec<Job> = self.demand.drain(..).collect();
         for q in &mut self.background {
@@ -324,9 +339,18 @@ struct Inner {
     stop: AtomicBool,
     recording: AtomicBool,
     record: Mutex<Recording>,
-    /// The view builder's queue (taken at shutdown, which ends the builder), and the
-    /// keys of the views queued on it.
-    views: Mutex<(Option<std::sync::mpsc::Sender<View>>, HashSet<String>)>,
+    views: Mutex<ViewQueue>,
+    /// This, for the threads it starts.
+    me: std::sync::Weak<Inner>,
+}
+
+/// The views to build, one at a time, by a thread that runs while there are some.
+#[derive(Default)]
+struct ViewQueue {
+    todo: VecDeque<View>,
+    /// The keys of the views queued or being built.
+    keys: HashSet<String>,
+    running: bool,
 }
 
 /// Fetches and caches the chunks of one image.
@@ -336,15 +360,15 @@ pub struct Fetcher {
 
 impl Fetcher {
     /// A fetcher reading `blobs` from `source` into `store`; `inflight` is shared by all
-    /// fetchers of the store. Starts the worker threads.
+    /// fetchers of the store. Starts no thread: workers start with the first jobs.
     pub fn new(
         source: Arc<dyn ChunkSource>,
         blobs: Vec<BlobChunks>,
         store: Arc<ChunkStore>,
         inflight: Arc<Inflight>,
         cfg: FetchConfig,
-    ) -> std::io::Result<Fetcher> {
-        let inner = Arc::new(Inner {
+    ) -> Fetcher {
+        let inner = Arc::new_cyclic(|me| Inner {
             source,
             streams: Mutex::new(Streams::new(cfg.min_fetch, cfg.readahead_max)),
             foreseen: Mutex::new(HashSet::new()),
@@ -358,36 +382,10 @@ impl Fetcher {
             stop: AtomicBool::new(false),
             recording: AtomicBool::new(false),
             record: Mutex::new(Recording::default()),
-            views: Mutex::new((None, HashSet::new())),
+            views: Mutex::new(ViewQueue::default()),
+            me: me.clone(),
         });
-        let (tx, rx) = std::sync::mpsc::channel::<View>();
-        lock(&inner.views).0 = Some(tx);
-        {
-            // One thread: views are built from local files, one at a time is enough,
-            // and it never competes with more than one reader for the disk.
-            let inner = inner.clone();
-            std::thread::Builder::new()
-                .name("hoist-views".into())
-                .spawn(move || {
-                    for view in rx {
-                        if inner.stop.load(Relaxed) {
-                            break;
-                        }
-                        match inner.store.build_view(&view, &|| inner.stop.load(Relaxed)) {
-                            Ok(built) => inner.counters.count_view(built),
-                            Err(e) => tracing::debug!("view {}: {e}", view.key()),
-                        }
-                        lock(&inner.views).1.remove(&view.key());
-                    }
-                })?;
-        }
-        for i in 0..inner.cfg.workers.max(1) {
-            let inner = inner.clone();
-            std::thread::Builder::new()
-                .name(format!("hoist-fetch-{i}"))
-                .spawn(move || inner.work())?;
-        }
-        Ok(Fetcher { inner })
+        Fetcher { inner }
     }
 
     /// The blobs and their chunks.
@@ -403,6 +401,11 @@ impl Fetcher {
     /// The counters.
     pub fn counters(&self) -> &Counters {
         &self.inner.counters
+    }
+
+    /// Worker threads alive now.
+    pub fn workers(&self) -> usize {
+        self.inner.lock().workers
     }
 
     /// The configuration.
@@ -546,10 +549,28 @@ impl Fetcher {
     /// Queues `view` for building in the background, unless it is queued already.
     /// It is built only if all its chunks are cached by then.
     pub fn build_view_later(&self, view: View) {
-        let mut v = lock(&self.inner.views);
-        let (Some(tx), queued) = &mut *v else { return };
-        if queued.insert(view.key()) && tx.send(view).is_err() {
-            v.1.clear();
+        let inner = &self.inner;
+        let mut v = lock(&inner.views);
+        if inner.stop.load(Relaxed) || !v.keys.insert(view.key()) {
+            return;
+        }
+        v.todo.push_back(view);
+        if v.running {
+            return;
+        }
+        // One thread: views are built from local files, one at a time is enough, and
+        // it never competes with more than one reader for the disk.
+        let me = inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hoist-views".into())
+            .spawn(move || me.build_views());
+        match spawned {
+            Ok(_) => v.running = true,
+            Err(e) => {
+                tracing::warn!("starting the view builder: {e}");
+                v.todo.clear();
+                v.keys.clear();
+            }
         }
     }
 
@@ -580,7 +601,6 @@ impl Fetcher {
     /// readers get an error at once). Later reads fail; the mount is going away.
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Relaxed);
-        lock(&self.inner.views).0 = None;
         let foreseen: Vec<(usize, usize)> = lock(&self.inner.foreseen).drain().collect();
         self.inner.store.unpin_trace(&self.inner.digests(&foreseen));
         let jobs = self.inner.lock().drain();
@@ -697,7 +717,8 @@ impl Inner {
             Claim::Theirs(slot) => {
                 if !slot.is_urgent() {
                     slot.make_urgent();
-                    self.cv.notify_all();
+                    // Promoted if still queued: it may need a worker of its own.
+                    self.wake(&mut self.lock());
                 }
                 slot
             }
@@ -752,8 +773,9 @@ impl Inner {
             slots: slots.clone(),
             priority,
         };
-        self.lock().push(job);
-        self.cv.notify_one();
+        let mut q = self.lock();
+        q.push(job);
+        self.wake(&mut q);
         (slots, next)
     }
 
@@ -783,18 +805,53 @@ impl Inner {
         }
     }
 
+    /// Starts a worker if the queued jobs outnumber the workers waiting for work and
+    /// the limit allows; then wakes the waiting ones. Called with the queue locked,
+    /// after a job was queued or promoted.
+    fn wake(&self, q: &mut Queue) {
+        if q.queued() > q.idle && q.workers < self.cfg.workers.max(1) {
+            if let Some(me) = self.me.upgrade() {
+                let spawned = std::thread::Builder::new()
+                    .name(format!("hoist-fetch-{}", q.workers))
+                    .spawn(move || me.work());
+                match spawned {
+                    Ok(_) => q.workers += 1,
+                    // The job waits for a running worker, or fails its reader at the
+                    // read timeout if there is none.
+                    Err(e) => tracing::warn!("starting a fetch worker: {e}"),
+                }
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    /// A worker: runs jobs until the fetcher stops or it has waited
+    /// [`FetchConfig::worker_idle`] for one.
     fn work(&self) {
         loop {
             let job = {
                 let mut q = self.lock();
+                let mut waited_out = false;
                 loop {
                     if self.stop.load(Relaxed) {
+                        q.workers -= 1;
                         return;
                     }
                     if let Some(j) = q.pop(&self.cfg) {
                         break j;
                     }
-                    q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                    if waited_out {
+                        q.workers -= 1;
+                        return;
+                    }
+                    q.idle += 1;
+                    let (g, r) = self
+                        .cv
+                        .wait_timeout(q, self.cfg.worker_idle)
+                        .unwrap_or_else(|e| e.into_inner());
+                    q = g;
+                    q.idle -= 1;
+                    waited_out = r.timed_out();
                 }
             };
             // A panic must not strand the job's readers: they get an error instead.
@@ -806,6 +863,29 @@ impl Inner {
                 self.lock().done(job.priority);
                 self.cv.notify_all();
             }
+        }
+    }
+
+    /// The view builder: builds the queued views, then ends.
+    fn build_views(&self) {
+        loop {
+            let view = {
+                let mut v = lock(&self.views);
+                match v.todo.pop_front() {
+                    Some(view) if !self.stop.load(Relaxed) => view,
+                    _ => {
+                        v.todo.clear();
+                        v.keys.clear();
+                        v.running = false;
+                        return;
+                    }
+                }
+            };
+            match self.store.build_view(&view, &|| self.stop.load(Relaxed)) {
+                Ok(built) => self.counters.count_view(built),
+                Err(e) => tracing::debug!("view {}: {e}", view.key()),
+            }
+            lock(&self.views).keys.remove(&view.key());
         }
     }
 
@@ -1039,8 +1119,7 @@ mod tests {
             store,
             Arc::new(Inflight::default()),
             cfg,
-        )
-        .unwrap();
+        );
         Setup {
             _dir: dir,
             fake,
@@ -1068,6 +1147,37 @@ mod tests {
         // readahead past them.)
         let asked = s.fake.asked.lock().unwrap().clone();
         assert!(asked[1..].iter().all(|a| a.0 >= 12 * 16384), "{asked:?}");
+    }
+
+    #[test]
+    fn workers_start_with_the_first_read_and_end_when_idle() {
+        let cfg = FetchConfig {
+            worker_idle: Duration::from_secs(2),
+            ..FetchConfig::default()
+        };
+        let s = setup(4096, Fake::default(), cfg);
+        assert_eq!(
+            s.fetcher.workers(),
+            0,
+            "an image nobody reads costs no thread"
+        );
+        // A sequential reader: demand and readahead jobs, several in flight.
+        for i in 0..256 {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        let busy = s.fetcher.workers();
+        assert!((1..=s.fetcher.config().workers).contains(&busy), "{busy}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.fetcher.workers() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "workers stayed after their idle time"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // And start again.
+        assert_eq!(read(&s, 3000), s.chunks[3000]);
+        assert!(s.fetcher.workers() >= 1);
     }
 
     #[test]

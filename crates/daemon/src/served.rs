@@ -82,26 +82,22 @@ impl Served {
         home: &Home,
     ) -> Result<Served, DaemonError> {
         let t0 = Instant::now();
-        let mp = &spec.mountpoint;
-        if !mp.is_dir() {
-            return Err(DaemonError::InvalidArgument(format!(
-                "mount point {} is not a directory",
-                mp.display()
-            )));
-        }
-        if kernel::is_mountpoint(mp) {
-            return Err(DaemonError::AlreadyExists(format!(
-                "{} is already a mount point; `hoist umount {}` first",
-                mp.display(),
-                mp.display()
-            )));
-        }
-        // Setuid files and device nodes of an image are for the containers on it only.
-        if spec.privileges().any() {
-            kernel::check_private(mp)
-                .map_err(|e| DaemonError::InvalidArgument(format!("--suid/--dev: {e}")))?;
-        }
-        let (mut served, trace) = Served::open(spec, store.clone(), inflight, None)?;
+        let source = image_source(&spec, &store, None)?;
+        Served::start_from(spec, source, store, inflight, home, t0)
+    }
+
+    /// [`Served::start`] from the image's source, as [`image_source`] opened it at
+    /// `t0`.
+    pub(crate) fn start_from(
+        spec: MountSpec,
+        source: Arc<dyn ImageSource>,
+        store: Arc<ChunkStore>,
+        inflight: Arc<Inflight>,
+        home: &Home,
+        t0: Instant,
+    ) -> Result<Served, DaemonError> {
+        check_mountpoint(&spec)?;
+        let (mut served, trace) = Served::open(spec, source, store.clone(), inflight)?;
         let name = format!("hoist:{}", served.spec.image.replace(',', "_"));
         // On failure from here, dropping `served` undoes what was done.
         match served.spec.mode {
@@ -163,23 +159,15 @@ impl Served {
         Ok(served)
     }
 
-    /// Opens the image of `spec` (with `pinned`, the manifest a predecessor read, so
-    /// that a takeover asks the registry nothing): its metadata, config and trace, the
-    /// fetcher; mounts nothing. Returns the trace to prefetch.
+    /// Opens the image of `spec` from `source` (whose manifest [`image_source`] read):
+    /// its metadata, config and trace, the fetcher; mounts nothing. Returns the trace
+    /// to prefetch.
     fn open(
         spec: MountSpec,
+        source: Arc<dyn ImageSource>,
         store: Arc<ChunkStore>,
         inflight: Arc<Inflight>,
-        pinned: Option<(Vec<u8>, hoist_oci::Digest)>,
     ) -> Result<(Served, Option<hoist_reader::trace::Trace>), DaemonError> {
-        let cfg = crate::image::registry_config(&spec)?;
-        let reference = ImageRef::parse(&spec.image).map_err(image_error)?;
-        let src = hoist_registry::open_source(&reference, &cfg).map_err(image_error)?;
-        let source = MetaCachingSource::new(src, store.clone());
-        if let Some((bytes, digest)) = pinned {
-            source.pin_manifest(bytes, digest).map_err(image_error)?;
-        }
-        let source: Arc<dyn ImageSource> = Arc::new(source);
         // The config and the trace are fetched while the metadata blob is.
         let (manifest_bytes, _) = source.manifest().map_err(image_error)?;
         let manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).map_err(|e| {
@@ -232,16 +220,13 @@ impl Served {
             min_fetch: spec.fetch_min_bytes,
             ..FetchConfig::default()
         };
-        let fetcher = Arc::new(
-            Fetcher::new(
-                Arc::new(ImageChunks(source)),
-                blobs,
-                store.clone(),
-                inflight,
-                fetch_cfg,
-            )
-            .map_err(|e| DaemonError::Internal(format!("starting fetch threads: {e}")))?,
-        );
+        let fetcher = Arc::new(Fetcher::new(
+            Arc::new(ImageChunks(source)),
+            blobs,
+            store.clone(),
+            inflight,
+            fetch_cfg,
+        ));
         store.pin(&pins);
         let image = Arc::new(image);
         let counters = Arc::new(FsCounters::default());
@@ -342,7 +327,8 @@ impl Served {
         let digest = hoist_oci::Digest::parse(&held.manifest_digest)
             .map_err(|e| DaemonError::Internal(format!("held manifest digest: {e}")))?;
         let pinned = (held.manifest.into_bytes(), digest);
-        let (mut served, trace) = Served::open(held.spec, store, inflight, Some(pinned))?;
+        let source = image_source(&held.spec, &store, Some(pinned))?;
+        let (mut served, trace) = Served::open(held.spec, source, store, inflight)?;
         served.mount_secs = held.mount_secs;
         served.local_devices = held.local_devices;
         let contents = match served.spec.mode {
@@ -643,6 +629,17 @@ impl Served {
                 .is_some_and(|l| !l.is_empty() && l.local() == l.len())
     }
 
+    /// Current statistics, as those of mount point `mp`, bound to this image (the
+    /// counters are the image's, shared by its mount points).
+    pub(crate) fn stats_at(&self, mp: &Path) -> Stats {
+        let mut stats = self.stats();
+        stats.mountpoint = mp.to_path_buf();
+        if !kernel::is_mountpoint(mp) {
+            stats.state = MountState::Gone;
+        }
+        stats
+    }
+
     /// Current statistics.
     pub fn stats(&self) -> Stats {
         let store = self.fetcher.store();
@@ -778,6 +775,48 @@ impl Drop for Served {
             tracing::warn!("{e}");
         }
     }
+}
+
+/// What a mount point needs before anything is mounted on it.
+pub(crate) fn check_mountpoint(spec: &MountSpec) -> Result<(), DaemonError> {
+    let mp = &spec.mountpoint;
+    if !mp.is_dir() {
+        return Err(DaemonError::InvalidArgument(format!(
+            "mount point {} is not a directory",
+            mp.display()
+        )));
+    }
+    if kernel::is_mountpoint(mp) {
+        return Err(DaemonError::AlreadyExists(format!(
+            "{} is already a mount point; `hoist umount {}` first",
+            mp.display(),
+            mp.display()
+        )));
+    }
+    // Setuid files and device nodes of an image are for the containers on it only.
+    if spec.privileges().any() {
+        kernel::check_private(mp)
+            .map_err(|e| DaemonError::InvalidArgument(format!("--suid/--dev: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The source of `spec`'s image, its manifest read (or `pinned`, the one a predecessor
+/// read, so that a takeover asks the registry nothing).
+pub(crate) fn image_source(
+    spec: &MountSpec,
+    store: &Arc<ChunkStore>,
+    pinned: Option<(Vec<u8>, hoist_oci::Digest)>,
+) -> Result<Arc<dyn ImageSource>, DaemonError> {
+    let cfg = crate::image::registry_config(spec)?;
+    let reference = ImageRef::parse(&spec.image).map_err(image_error)?;
+    let src = hoist_registry::open_source(&reference, &cfg).map_err(image_error)?;
+    let source = MetaCachingSource::new(src, store.clone());
+    if let Some((bytes, digest)) = pinned {
+        source.pin_manifest(bytes, digest).map_err(image_error)?;
+    }
+    source.manifest().map_err(image_error)?;
+    Ok(Arc::new(source))
 }
 
 fn mp_display(s: &Served) -> String {

@@ -1,4 +1,11 @@
 //! The daemon process: the API server and the table of mounts.
+//!
+//! An image is served once per set of options: mounted at a private mount point,
+//! `run/images/<key>` (the key hashes the manifest digest and every option but the
+//! mount point), with one FUSE connection, one fetcher and one copy of its metadata.
+//! Each mount point asked for is a bind mount of it, with its flags. A node running a
+//! hundred pods of ten images serves ten images; their pages are cached once; an idle
+//! mount point costs a bind mount. The image is unmounted with its last mount point.
 
 use crate::api::{Client, DaemonError, DaemonInfo, Mounted, Reply, Request, Response};
 use crate::holder::HolderClient;
@@ -24,6 +31,9 @@ struct Record {
     image: String,
     devdir: Option<PathBuf>,
     pid: u32,
+    /// A mount point's: the served image's private mount point it is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    root: Option<PathBuf>,
 }
 
 type Stores = HashMap<PathBuf, (Arc<ChunkStore>, Arc<Inflight>)>;
@@ -35,8 +45,14 @@ pub struct Daemon {
     /// The process keeping the mounts' connections (none for a foreground mount).
     holder: Option<HolderClient>,
     stores: Mutex<Stores>,
-    mounts: Mutex<HashMap<PathBuf, Served>>,
+    /// The served images, by their private mount points.
+    served: Mutex<HashMap<PathBuf, Served>>,
+    /// The mount points, each with the private mount point it is bound to.
+    mounts: Mutex<HashMap<PathBuf, PathBuf>>,
     pending: Mutex<HashSet<PathBuf>>,
+    /// A lock per served image's mount point, so that concurrent mounts of one image
+    /// serve it once.
+    starting: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -51,8 +67,10 @@ impl Daemon {
             holder,
             started: std::time::Instant::now(),
             stores: Mutex::new(HashMap::new()),
+            served: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashSet::new()),
+            starting: Mutex::new(HashMap::new()),
         }
     }
 
@@ -108,26 +126,32 @@ impl Daemon {
             })),
             Request::Mount(spec) => self.mount(*spec).map(|m| Reply::Mounted(Box::new(m))),
             Request::Umount { mountpoint } => {
-                let served = lock(&self.mounts).remove(&mountpoint);
-                let _ = std::fs::remove_file(self.record_path(&mountpoint));
-                self.release(&mountpoint);
-                match served {
-                    Some(s) => s.stop().map(|()| Reply::Unmounted),
-                    None => Err(not_mounted(&mountpoint)),
-                }
+                let root = lock(&self.mounts)
+                    .remove(&mountpoint)
+                    .ok_or_else(|| not_mounted(&mountpoint))?;
+                self.unbind(&mountpoint, &root).map(|()| Reply::Unmounted)
             }
-            Request::Trace { mountpoint } => lock(&self.mounts)
-                .get(&mountpoint)
+            Request::Trace { mountpoint } => self
+                .with_served(&mountpoint, |s| s.trace())
                 .ok_or_else(|| not_mounted(&mountpoint))?
-                .trace()
                 .map(|t| Reply::Trace(Box::new(t))),
-            Request::Stat { mountpoint } => lock(&self.mounts)
-                .get(&mountpoint)
-                .map(|s| Reply::Stat(Box::new(s.stats())))
+            Request::Stat { mountpoint } => self
+                .with_served(&mountpoint, |s| s.stats_at(&mountpoint))
+                .map(|s| Reply::Stat(Box::new(s)))
                 .ok_or_else(|| not_mounted(&mountpoint)),
-            Request::List => Ok(Reply::List(
-                lock(&self.mounts).values().map(|s| s.stats()).collect(),
-            )),
+            Request::List => {
+                let mounts: Vec<(PathBuf, PathBuf)> = lock(&self.mounts)
+                    .iter()
+                    .map(|(mp, root)| (mp.clone(), root.clone()))
+                    .collect();
+                let served = lock(&self.served);
+                let mut list: Vec<crate::api::Stats> = mounts
+                    .iter()
+                    .filter_map(|(mp, root)| Some(served.get(root)?.stats_at(mp)))
+                    .collect();
+                list.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+                Ok(Reply::List(list))
+            }
             Request::CacheStat { cache_dir } => {
                 let store = self.store_for_maintenance(&cache_dir)?;
                 let stats = store.stats().map_err(|e| cache_error(&cache_dir, e))?;
@@ -151,6 +175,12 @@ impl Daemon {
         }
     }
 
+    /// Runs `f` on the served image `mountpoint` is bound to.
+    fn with_served<T>(&self, mountpoint: &Path, f: impl FnOnce(&Served) -> T) -> Option<T> {
+        let root = lock(&self.mounts).get(mountpoint)?.clone();
+        lock(&self.served).get(&root).map(f)
+    }
+
     /// Mounts `spec`, unless its mount point is mounted or being mounted.
     fn mount(&self, spec: crate::api::MountSpec) -> Result<Mounted, DaemonError> {
         let mp = spec.mountpoint.clone();
@@ -160,32 +190,123 @@ impl Daemon {
                 mp.display()
             )));
         }
-        let result = (|| {
-            let (store, inflight) = self.store(&spec.cache_dir, spec.cache_max_bytes)?;
-            let served = Served::start(spec, store, inflight, &self.home)?;
-            remember(&self.home, &served)?;
-            let mut served = served;
-            self.hold(&mut served);
-            let mounted = Mounted {
-                stats: served.stats(),
-                config: served.config().clone(),
-            };
-            lock(&self.mounts).insert(mp.clone(), served);
-            Ok(mounted)
-        })();
+        let result = self.mount_pending(spec);
         lock(&self.pending).remove(&mp);
         result
     }
 
-    /// Unmounts everything.
-    pub fn shutdown(&self) {
-        let mounts: Vec<(PathBuf, Served)> = lock(&self.mounts).drain().collect();
-        for (mp, served) in mounts {
-            if let Err(e) = served.stop() {
+    fn mount_pending(&self, spec: crate::api::MountSpec) -> Result<Mounted, DaemonError> {
+        let t0 = Instant::now();
+        let mp = spec.mountpoint.clone();
+        crate::served::check_mountpoint(&spec)?;
+        let (store, inflight) = self.store(&spec.cache_dir, spec.cache_max_bytes)?;
+        let source = crate::served::image_source(&spec, &store, None)?;
+        let (_, digest) = source.manifest().map_err(crate::image::image_error)?;
+        let root = self
+            .home
+            .run()
+            .join("images")
+            .join(served_key(&spec, &digest));
+        let starting = lock(&self.starting)
+            .entry(root.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = lock(&starting);
+        let fresh = !lock(&self.served).contains_key(&root);
+        if fresh {
+            let images = self.home.run().join("images");
+            self.home
+                .private_dir(&self.home.run())
+                .and_then(|()| std::fs::create_dir_all(&root))
+                .map_err(|e| {
+                    DaemonError::Unavailable(format!("creating {}: {e}", images.display()))
+                })?;
+            let private = crate::api::MountSpec {
+                mountpoint: root.clone(),
+                ..spec.clone()
+            };
+            let mut served = Served::start_from(private, source, store, inflight, &self.home, t0)?;
+            remember(&self.home, &served)?;
+            self.hold(&mut served);
+            lock(&self.served).insert(root.clone(), served);
+        }
+        let bound = kernel::bind(&root, &mp)
+            .map_err(|e| {
+                DaemonError::Internal(format!(
+                    "bind-mounting {} on {}: {e}",
+                    root.display(),
+                    mp.display()
+                ))
+            })
+            .and_then(|()| remember_bind(&self.home, &mp, &root, &spec.image));
+        if let Err(e) = bound {
+            if kernel::is_mountpoint(&mp) {
+                let _ = kernel::unmount_lazy(&mp);
+            }
+            if let Err(e) = self.stop_unused(&root) {
                 tracing::warn!("{e}");
             }
-            let _ = std::fs::remove_file(self.record_path(&mp));
-            self.release(&mp);
+            return Err(e);
+        }
+        lock(&self.mounts).insert(mp.clone(), root.clone());
+        let served = lock(&self.served);
+        let served = served
+            .get(&root)
+            .ok_or_else(|| DaemonError::Internal(format!("{} went away", root.display())))?;
+        Ok(Mounted {
+            stats: served.stats_at(&mp),
+            config: served.config().clone(),
+        })
+    }
+
+    /// Detaches the mount point `mp`, bound to `root`, and stops serving the image if
+    /// no other mount point is bound to it.
+    fn unbind(&self, mp: &Path, root: &Path) -> Result<(), DaemonError> {
+        let detached = match kernel::is_mountpoint(mp) {
+            true => kernel::unmount_lazy(mp)
+                .map_err(|e| DaemonError::Internal(format!("unmounting {}: {e}", mp.display()))),
+            false => Ok(()),
+        };
+        let _ = std::fs::remove_file(self.record_path(mp));
+        let stopped = self.stop_if_unused(root);
+        detached.and(stopped)
+    }
+
+    /// Stops serving the image at `root` if no mount point is bound to it.
+    fn stop_if_unused(&self, root: &Path) -> Result<(), DaemonError> {
+        let starting = lock(&self.starting).get(root).cloned();
+        let _one_at_a_time = starting.as_ref().map(|s| lock(s));
+        self.stop_unused(root)
+    }
+
+    /// [`Daemon::stop_if_unused`], for a caller that holds the image's lock.
+    fn stop_unused(&self, root: &Path) -> Result<(), DaemonError> {
+        if lock(&self.mounts).values().any(|r| r == root) {
+            return Ok(());
+        }
+        let Some(served) = lock(&self.served).remove(root) else {
+            return Ok(());
+        };
+        let stopped = served.stop();
+        let _ = std::fs::remove_file(self.record_path(root));
+        self.release(root);
+        let _ = std::fs::remove_dir(root);
+        stopped
+    }
+
+    /// Unmounts everything.
+    pub fn shutdown(&self) {
+        let mounts: Vec<(PathBuf, PathBuf)> = lock(&self.mounts).drain().collect();
+        for (mp, root) in mounts {
+            if let Err(e) = self.unbind(&mp, &root) {
+                tracing::warn!("{e}");
+            }
+        }
+        let roots: Vec<PathBuf> = lock(&self.served).keys().cloned().collect();
+        for root in roots {
+            if let Err(e) = self.stop_if_unused(&root) {
+                tracing::warn!("{e}");
+            }
         }
     }
 
@@ -227,7 +348,7 @@ impl Daemon {
             match resumed {
                 Ok(served) => {
                     let mp = served.spec().mountpoint.clone();
-                    lock(&self.mounts).insert(mp, served);
+                    lock(&self.served).insert(mp, served);
                 }
                 Err(e) => {
                     tracing::warn!("mount {key} cannot be served again: {e}; detaching it");
@@ -240,16 +361,46 @@ impl Daemon {
         }
     }
 
-    /// Detaches the mounts a daemon that died left behind (their FUSE servers are gone,
-    /// so they answer ENOTCONN), and forgets them: those its holder did not keep.
+    /// Takes back the mount points bound to the served images a predecessor left (from
+    /// their records), then detaches the mounts a daemon that died left behind (their
+    /// FUSE servers are gone, so they answer ENOTCONN), and forgets them: those its
+    /// holder did not keep.
     fn clean_up_after_predecessor(&self) {
         let Ok(dir) = std::fs::read_dir(self.home.mounts()) else {
             return;
         };
-        let live: HashSet<String> = lock(&self.mounts)
+        let records: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
+        for path in &records {
+            let Some(r) = std::fs::read(path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+            else {
+                continue;
+            };
+            let Some(root) = r.root else { continue };
+            if lock(&self.served).contains_key(&root) && kernel::is_mountpoint(&r.mountpoint) {
+                lock(&self.mounts).insert(r.mountpoint, root);
+            }
+        }
+        let served: Vec<PathBuf> = lock(&self.served).keys().cloned().collect();
+        for root in served {
+            // A served image none of whose mount points is left.
+            if let Err(e) = self.stop_if_unused(&root) {
+                tracing::warn!("{e}");
+            }
+        }
+        let mut live: HashSet<String> = lock(&self.mounts)
             .keys()
             .map(|mp| format!("{}.json", mount_id(mp)))
             .collect();
+        live.extend(
+            lock(&self.served)
+                .keys()
+                .map(|root| format!("{}.json", mount_id(root))),
+        );
+        let Ok(dir) = std::fs::read_dir(self.home.mounts()) else {
+            return;
+        };
         for e in dir.flatten() {
             if !live.contains(&e.file_name().to_string_lossy().into_owned()) {
                 forget_record(&e.path());
@@ -267,10 +418,29 @@ pub fn remember(home: &Home, served: &Served) -> Result<(), DaemonError> {
         image: served.spec().image.clone(),
         devdir: served.devdir().map(Path::to_path_buf),
         pid: std::process::id(),
+        root: None,
     };
-    let path = home.mounts().join(format!("{}.json", mount_id(mp)));
+    write_record(home, &record)
+}
+
+/// Writes the record of mount point `mp`, bound to the served image at `root`.
+fn remember_bind(home: &Home, mp: &Path, root: &Path, image: &str) -> Result<(), DaemonError> {
+    let record = Record {
+        mountpoint: mp.to_path_buf(),
+        image: image.to_string(),
+        devdir: None,
+        pid: std::process::id(),
+        root: Some(root.to_path_buf()),
+    };
+    write_record(home, &record)
+}
+
+fn write_record(home: &Home, record: &Record) -> Result<(), DaemonError> {
+    let path = home
+        .mounts()
+        .join(format!("{}.json", mount_id(&record.mountpoint)));
     std::fs::create_dir_all(home.mounts())
-        .and_then(|()| std::fs::write(&path, serde_json::to_vec(&record).unwrap_or_default()))
+        .and_then(|()| std::fs::write(&path, serde_json::to_vec(record).unwrap_or_default()))
         .map_err(|e| {
             DaemonError::Unavailable(format!("writing the mount record {}: {e}", path.display()))
         })
@@ -279,6 +449,19 @@ pub fn remember(home: &Home, served: &Served) -> Result<(), DaemonError> {
 /// Removes the record of the mount at `mountpoint`.
 pub fn forget(home: &Home, mountpoint: &Path) {
     let _ = std::fs::remove_file(home.mounts().join(format!("{}.json", mount_id(mountpoint))));
+}
+
+/// The name of the served image a mount of `spec` shares: a hash of the manifest's
+/// digest and of every option but the mount point (a recording mount is never
+/// shared: its record is its own).
+fn served_key(spec: &crate::api::MountSpec, manifest: &hoist_oci::Digest) -> String {
+    let mut options = spec.clone();
+    if !spec.record {
+        options.mountpoint = PathBuf::new();
+    }
+    let mut bytes = serde_json::to_vec(&options).unwrap_or_default();
+    bytes.extend_from_slice(manifest.as_str().as_bytes());
+    hoist_oci::Digest::of(&bytes).hex()[..16].to_string()
 }
 
 /// A chunk cache that cannot be opened: its directory named, and the disk's fault.
@@ -297,7 +480,8 @@ pub fn detach_orphan(home: &Home, mountpoint: &Path) -> bool {
 }
 
 /// Detaches what the mount record at `path` names (the mount point and the blob
-/// devices' private mount), removes its private directory and the record.
+/// devices' private mount), removes its private directory and the record; for a mount
+/// point bound to a served image, the image too if no other mount point is bound to it.
 fn forget_record(path: &Path) {
     let record: Option<Record> = std::fs::read(path)
         .ok()
@@ -318,6 +502,26 @@ fn forget_record(path: &Path) {
         }
         if let Some(run_dir) = r.devdir.as_ref().and_then(|d| d.parent()) {
             let _ = std::fs::remove_dir_all(run_dir);
+        }
+        // A served image's private mount point (empty once detached).
+        if r.mountpoint.parent().and_then(Path::file_name) == Some("images".as_ref()) {
+            let _ = std::fs::remove_dir(&r.mountpoint);
+        }
+        let _ = std::fs::remove_file(path);
+        // The served image of the last mount point bound to it goes too.
+        if let (Some(root), Some(dir)) = (&r.root, path.parent()) {
+            let bound = |p: &Path| {
+                std::fs::read(p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+                    .is_some_and(|o| o.root.as_ref() == Some(root))
+            };
+            let others = std::fs::read_dir(dir)
+                .map(|d| d.flatten().any(|e| bound(&e.path())))
+                .unwrap_or(false);
+            if !others {
+                forget_record(&dir.join(format!("{}.json", mount_id(root))));
+            }
         }
     }
     let _ = std::fs::remove_file(path);

@@ -253,6 +253,12 @@ pub fn set_readahead(mountpoint: &Path, kib: u32) {
     }
 }
 
+/// Bind-mounts the mount at `source` on `target`: the same filesystem, with the same
+/// flags (`nosuid`, `nodev`, read-only), at a second place.
+pub fn bind(source: &Path, target: &Path) -> io::Result<()> {
+    rustix::mount::mount_bind(source, target).map_err(io::Error::from)
+}
+
 /// Detaches the mount at `target` now; it goes away when its last user does. Works on a
 /// busy mount and on a FUSE mount whose server died.
 pub fn unmount_lazy(target: &Path) -> io::Result<()> {

@@ -296,13 +296,8 @@ fn census(home: &Path) -> Census {
     let root = home.to_string_lossy().into_owned();
     let s = status(home).expect("the daemon answers");
     let holder = s["daemon"]["holder"]["pid"].as_i64().unwrap();
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&root))
-        .count();
     Census {
-        mounts,
+        mounts: mounts_under(home).len(),
         loops: loops_under(Path::new(&root)).len(),
         holder_fds: count_dir(&format!("/proc/{holder}/fd")),
         holder_threads: count_dir(&format!("/proc/{holder}/task")),
@@ -372,14 +367,19 @@ fn fifty_kills_leak_no_mount_loop_device_descriptor_or_thread() {
     drop(held);
     let out = hoist_in(&home, &["daemon", "stop"]);
     assert!(out.status.success());
-    let root = home.to_string_lossy().into_owned();
-    let left: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+    let left = mounts_under(&home);
+    assert!(left.is_empty(), "left mounted: {left:?}");
+}
+
+/// The lines of /proc/self/mountinfo that name a path under `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
-        .filter(|l| l.contains(&root))
+        .filter(|l| l.contains(&dir))
         .map(String::from)
-        .collect();
-    assert!(left.is_empty(), "left mounted: {left:?}");
+        .collect()
 }
 
 /// Stops the daemon of a state root when dropped, so that a failed assertion leaves no
@@ -508,4 +508,87 @@ fn an_erofs_mount_finishes_moving_to_its_views_under_a_successor() {
         0,
         "loop devices left after umount"
     );
+}
+
+/// The device number of the filesystem at `path`: mounts of one FUSE connection (or one
+/// EROFS superblock) share it.
+fn dev_of(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().dev()
+}
+
+/// Issue 17 (idle mounts cost little): mounts of one image with the same options are
+/// bind mounts of one served image (one FUSE connection, one fetcher, one copy of the
+/// metadata); other options serve it apart. Each mount point outlives the others, the
+/// sharing survives a server's death, and the image goes with its last mount point.
+#[test]
+fn mounts_of_one_image_share_one_connection_and_outlive_each_other() {
+    let Some(layout) = setup() else { return };
+    let image = convert(&layout, "tiny-v1", "conv-share", &[]);
+    let reference = umoci_unpack(&layout, "tiny-v1", "share-ref");
+    let want = std::fs::read(reference.join("rootfs/app/data.bin")).unwrap();
+    let home = scratch().join("share");
+    let _stop = StopDaemon(home.clone());
+    let mount = |name: &str, extra: &[&str]| {
+        let mp = home.join(name);
+        std::fs::create_dir_all(&mp).unwrap();
+        let mp_s = mp.display().to_string();
+        let mut args = vec!["mount"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[&image, &mp_s]);
+        let out = hoist_in(&home, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        mp
+    };
+    let a = mount("a", &[]);
+    let b = mount("b", &[]);
+    let c = mount("c", &["--fetch-min", "128K"]);
+    let d = mount("d", &["--mode", "erofs"]);
+    let e = mount("e", &["--mode", "erofs"]);
+    assert_eq!(dev_of(&a), dev_of(&b), "a and b share one FUSE connection");
+    assert_ne!(
+        dev_of(&a),
+        dev_of(&c),
+        "other options serve the image apart"
+    );
+    assert_eq!(dev_of(&d), dev_of(&e), "d and e share one EROFS mount");
+    let loops = loops_under(&home).len();
+    let check = |mps: &[&PathBuf], when: &str| {
+        for mp in mps {
+            let got = std::fs::read(mp.join("app/data.bin")).unwrap();
+            assert!(got == want, "{}: app/data.bin differs {when}", mp.display());
+            assert_eq!(
+                stat(&home, mp)["mountpoint"].as_str(),
+                Some(mp.to_str().unwrap()),
+                "{when}"
+            );
+        }
+    };
+    check(&[&a, &b, &c, &d, &e], "at first");
+    kill_and_wait(&home);
+    check(&[&a, &b, &c, &d, &e], "after the server was killed");
+    assert_eq!(
+        loops_under(&home).len(),
+        loops,
+        "no loop device more or less"
+    );
+    for (gone, left) in [(&a, &b), (&d, &e)] {
+        let out = hoist_in(&home, &["umount", &gone.display().to_string()]);
+        assert!(out.status.success());
+        assert!(!hoist_fs::kernel::is_mountpoint(gone));
+        check(&[left], &format!("after {} was unmounted", gone.display()));
+    }
+    for mp in [&b, &c, &e] {
+        let out = hoist_in(&home, &["umount", &mp.display().to_string()]);
+        assert!(out.status.success());
+    }
+    let left = mounts_under(&home);
+    assert!(left.is_empty(), "left mounted: {left:?}");
+    assert!(loops_under(&home).is_empty(), "loop devices left");
+    let served = std::fs::read_dir(home.join("run/images")).map_or(0, |d| d.count());
+    assert_eq!(served, 0, "served images left in run/images");
 }
