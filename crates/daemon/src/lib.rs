@@ -1,9 +1,11 @@
 //! The hoist daemon: two processes serving any number of lazy mounts, driven over a
 //! local API (a unix socket, one JSON line each way, typed in [`api`]) that the `hoist`
-//! command and later the containerd snapshotter use. The [`holder`] keeps each mount's
-//! FUSE connection and runs the server as its child; the server ([`serve`]) opens images,
-//! fetches and serves, and when it dies or is restarted the next one takes every mount
-//! over without remounting (`hoist_fs::takeover`).
+//! command and later the containerd snapshotter use. An image is served once per set of
+//! options, at a private mount point, and every mount point of it is a bind mount of
+//! that (see [`Daemon`]). The [`holder`] keeps each served image's FUSE connection and
+//! runs the server as its child; the server ([`serve`]) opens images, fetches and
+//! serves, and when it dies or is restarted the next one takes every mount over without
+//! remounting (`hoist_fs::takeover`).
 //!
 //! Its state lives under one root (`$HOIST_HOME`, else `/var/lib/hoist`, mode 0700):
 //!
@@ -14,10 +16,12 @@
 //! start.lock      taken by clients starting a daemon: one starts it, the others wait
 //! daemon.log      the daemon's log
 //! cache/          the chunk cache (hoist-cache), unless a mount names another
-//! mounts/         one record per live mount, to clean up after a daemon that died
-//! run/            per mount: private mount points (the blob device files of erofs
-//!                 mounts, which loop devices read until the blobs' views replace them)
-//!                 and the record of how its inodes are open (for a successor)
+//! mounts/         one record per mount point and per served image, to clean up after
+//!                 a daemon that died
+//! run/images/     the served images' private mount points
+//! run/<id>/       per served image: private mount points (the blob device files of
+//!                 erofs mounts, which loop devices read until the blobs' views replace
+//!                 them) and the record of how its inodes are open (for a successor)
 //! ```
 //!
 //! (`hoist run` adds `containers/` and `runc/` beside these; the daemon only mounts.)

@@ -1,17 +1,19 @@
-//! What a mount prefetches: the start-up trace mapped onto the image, then (`--prefetch
-//! all`) every chunk and the views, started once the mount is usable.
+//! What a mount prefetches: the start-up trace mapped onto the image (started as soon as
+//! the image is open, while the kernel mounts it), then (`--prefetch all`, started once
+//! the mount is usable) every chunk and the views.
 
 use crate::api::{DaemonError, Mode, Prefetch};
 use crate::image::{device_sizes, file_views};
 use crate::served::Served;
 use hoist_cache::prefetch::{self, Stage};
 use hoist_cache::{Priority, View};
-use hoist_reader::trace::{FileIndex, Trace};
+use hoist_reader::trace::Trace;
 use std::sync::atomic::Ordering::Relaxed;
 
 impl Served {
     /// Starts the prefetch the spec asks for, on a thread that first maps the trace
-    /// onto the image (a walk of the tree, done after the mount is usable).
+    /// onto the image (by position; the tree is walked only for entries recorded on
+    /// another image).
     pub(crate) fn start_prefetch(&self, trace: Option<Trace>) -> Result<(), DaemonError> {
         let trace = match self.spec.prefetch {
             Prefetch::None => return Ok(()),
@@ -43,9 +45,11 @@ impl Served {
             .spawn(move || {
                 let mut stages = Vec::new();
                 if let Some(trace) = trace {
-                    match FileIndex::build(&image) {
-                        Ok(index) => {
-                            let chunks = trace.resolve(&image, &index);
+                    let used = |(b, i): (usize, usize)| {
+                        fetcher.blobs().get(b).is_some_and(|blob| blob.is_used(i))
+                    };
+                    match trace.resolve(&image, used) {
+                        Ok(chunks) => {
                             counted.store(chunks.len() as u64, Relaxed);
                             stages.push(Stage {
                                 priority: Priority::Trace,

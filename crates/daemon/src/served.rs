@@ -97,7 +97,12 @@ impl Served {
         t0: Instant,
     ) -> Result<Served, DaemonError> {
         check_mountpoint(&spec)?;
-        let (mut served, trace) = Served::open(spec, source, store.clone(), inflight)?;
+        let (mut served, mut trace) = Served::open(spec, source, store.clone(), inflight)?;
+        // The trace's chunks are fetched while the kernel mounts; only `--prefetch all`
+        // waits for the mount (its views move erofs loop devices).
+        if served.spec.prefetch != Prefetch::All {
+            served.start_prefetch(trace.take())?;
+        }
         let name = format!("hoist:{}", served.spec.image.replace(',', "_"));
         // On failure from here, dropping `served` undoes what was done.
         match served.spec.mode {
@@ -147,7 +152,9 @@ impl Served {
                 kernel::set_readahead(d, 128);
             }
         }
-        served.start_prefetch(trace)?;
+        if served.spec.prefetch == Prefetch::All {
+            served.start_prefetch(trace)?;
+        }
         served.mount_secs = t0.elapsed().as_secs_f64();
         tracing::info!(
             "mounted {} on {} ({:?}) in {:.3} s",

@@ -38,7 +38,7 @@ struct Record {
 
 type Stores = HashMap<PathBuf, (Arc<ChunkStore>, Arc<Inflight>)>;
 
-/// The daemon's state.
+/// The daemon's state: the served images and the mount points bound to them.
 pub struct Daemon {
     home: Home,
     started: std::time::Instant,

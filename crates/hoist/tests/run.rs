@@ -365,6 +365,34 @@ fn traces_are_recorded_stored_in_the_image_and_prefetched() {
     assert_eq!(p["trace_chunks"], distinct.len() as u64, "{p}");
     assert_eq!(out, "hello from tiny-v1 upper\n");
 
+    // A trace whose positions are not this image's (recorded on another version of
+    // it) resolves by digest, and without digests by file and offset: the same chunks.
+    for (what, blank_digest) in [("digest", false), ("file", true)] {
+        let mut moved = rec.clone();
+        for c in moved["chunks"].as_array_mut().unwrap() {
+            c["blob"] = Value::from(c["blob"].as_u64().unwrap() + 100);
+            if blank_digest {
+                c["digest"] = Value::from("00".repeat(32));
+            }
+        }
+        let path = home.0.join(format!("trace-by-{what}.json"));
+        std::fs::write(&path, moved.to_string()).unwrap();
+        let (code, _, err) = home.run(&[
+            "run",
+            "--rm",
+            "--stats-json",
+            &s,
+            "--prefetch-trace",
+            &path.display().to_string(),
+            &traced,
+            "--",
+            "true",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let p = &json(&stats)["stat"]["prefetch"];
+        assert_eq!(p["trace_chunks"], distinct.len() as u64, "by {what}: {p}");
+    }
+
     // A file list given at mount time replaces the image's trace.
     let list = home.0.join("files.txt");
     std::fs::write(&list, "# first\n/app/hello.txt\n").unwrap();

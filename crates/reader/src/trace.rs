@@ -150,25 +150,24 @@ impl Trace {
 
     /// The chunks of `image` this trace names, in trace order, each once: the chunk
     /// entries first (by position, digest or file), then every chunk of each listed
-    /// file. Chunks no file of the image uses, and names the image lacks, are skipped.
-    pub fn resolve(&self, image: &HoistImage, index: &FileIndex) -> Vec<(usize, usize)> {
-        let by_digest: HashMap<[u8; 32], (usize, usize)> = image
-            .meta
-            .blobs
-            .iter()
-            .enumerate()
-            .flat_map(|(b, blob)| {
-                blob.chunks
-                    .entries
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, e)| (e.digest, (b, i)))
-            })
-            .collect();
+    /// file. Chunks for which `used` is false (no file of the image uses them), and names
+    /// the image lacks, are skipped.
+    ///
+    /// A trace recorded on this image resolves by position alone: the digest index and
+    /// the file index (a walk of the whole tree) are built only for entries that need
+    /// them, so that a mount's trace fetching starts at once. Fails only if the file
+    /// index was needed and the tree cannot be walked.
+    pub fn resolve(
+        &self,
+        image: &HoistImage,
+        used: impl Fn((usize, usize)) -> bool,
+    ) -> Result<Vec<(usize, usize)>, crate::ReadError> {
+        let mut by_digest: Option<HashMap<[u8; 32], (usize, usize)>> = None;
+        let mut index: Option<FileIndex> = None;
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         let mut push = |c: (usize, usize), out: &mut Vec<(usize, usize)>| {
-            if index.used.contains(&c) && seen.insert(c) {
+            if used(c) && seen.insert(c) {
                 out.push(c);
             }
         };
@@ -179,29 +178,62 @@ impl Trace {
                 .blobs
                 .get(c.blob)
                 .and_then(|b| b.chunks.entries.get(c.index));
-            let found = match (digest, at) {
+            let mut found = match (digest, at) {
                 (Some(d), Some(e)) if e.digest == d => Some((c.blob, c.index)),
-                (Some(d), _) => by_digest.get(&d).copied(),
+                (Some(d), _) => by_digest
+                    .get_or_insert_with(|| digest_index(image))
+                    .get(&d)
+                    .copied(),
                 _ => None,
+            };
+            if found.is_none() {
+                if let Some(path) = c.file.as_deref() {
+                    let index = match &mut index {
+                        Some(index) => index,
+                        None => index.insert(FileIndex::build(image)?),
+                    };
+                    let k = c.file_offset >> image.meta.chunk_bits;
+                    found = index
+                        .files
+                        .get(&normalize(path))
+                        .and_then(|file| file.iter().find(|(at, _, _)| *at == k))
+                        .map(|(_, b, i)| (*b, *i));
+                }
             }
-            .or_else(|| {
-                let file = index.files.get(&normalize(c.file.as_deref()?))?;
-                let k = c.file_offset >> image.meta.chunk_bits;
-                file.iter()
-                    .find(|(at, _, _)| *at == k)
-                    .map(|(_, b, i)| (*b, *i))
-            });
             if let Some(found) = found {
                 push(found, &mut out);
             }
         }
-        for f in &self.files {
-            for (_, b, i) in index.files.get(&normalize(f)).into_iter().flatten() {
-                push((*b, *i), &mut out);
+        if !self.files.is_empty() {
+            let index = match &mut index {
+                Some(index) => index,
+                None => index.insert(FileIndex::build(image)?),
+            };
+            for f in &self.files {
+                for (_, b, i) in index.files.get(&normalize(f)).into_iter().flatten() {
+                    push((*b, *i), &mut out);
+                }
             }
         }
-        out
+        Ok(out)
     }
+}
+
+/// Every chunk of `image` by digest.
+fn digest_index(image: &HoistImage) -> HashMap<[u8; 32], (usize, usize)> {
+    image
+        .meta
+        .blobs
+        .iter()
+        .enumerate()
+        .flat_map(|(b, blob)| {
+            blob.chunks
+                .entries
+                .iter()
+                .enumerate()
+                .map(move |(i, e)| (e.digest, (b, i)))
+        })
+        .collect()
 }
 
 /// Every regular file of an image with its chunks in file order, and the reverse map.
