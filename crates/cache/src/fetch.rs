@@ -904,6 +904,7 @@ impl Inner {
         let last = &chunks[chunks.len() - 1];
         let len = last.compressed_offset + u64::from(last.compressed_size) - start;
         let c = &self.counters;
+        let t0 = Instant::now();
         let answer = match self.read(&blob.digest, start, len) {
             Ok(b) => b,
             Err(SourceError::Unavailable(why)) => {
@@ -917,6 +918,7 @@ impl Inner {
             // Nothing of it is usable: each chunk is fetched on its own below.
             Err(SourceError::Corrupt(_)) => Vec::new(),
         };
+        let t_read = Instant::now();
         for (k, (e, slot)) in chunks.iter().zip(&job.slots).enumerate() {
             let at = (e.compressed_offset - start) as usize;
             let stored = answer.get(at..at + e.compressed_size as usize);
@@ -932,6 +934,14 @@ impl Inner {
             }
             self.inflight.finish(&e.digest, slot, r);
         }
+        tracing::debug!(
+            "{:?} job: {len} bytes at {start} of blob {}, {} chunks: read in {:.1} ms, decoded and stored in {:.1} ms",
+            job.priority,
+            blob.digest,
+            chunks.len(),
+            (t_read - t0).as_secs_f64() * 1e3,
+            t_read.elapsed().as_secs_f64() * 1e3
+        );
     }
 
     /// One ranged read, counted; an answer of another length is corrupt.
