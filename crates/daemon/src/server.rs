@@ -225,24 +225,34 @@ impl Daemon {
                 mountpoint: root.clone(),
                 ..spec.clone()
             };
-            let mut served = Served::start_from(private, source, store, inflight, &self.home, t0)?;
-            remember(&self.home, &served)?;
+            let started = Served::start_from(private, source, store, inflight, &self.home, t0)
+                .and_then(|served| remember(&self.home, &served).map(|()| served));
+            let mut served = match started {
+                Ok(served) => served,
+                Err(e) => {
+                    let _ = std::fs::remove_dir(&root);
+                    return Err(e);
+                }
+            };
             self.hold(&mut served);
             lock(&self.served).insert(root.clone(), served);
         }
-        let bound = kernel::bind(&root, &mp)
-            .map_err(|e| {
+        // Recorded first: a server killed between the two leaves a record to clean up
+        // by, not a mount nobody knows.
+        let bound = remember_bind(&self.home, &mp, &root, &spec.image).and_then(|()| {
+            kernel::bind(&root, &mp).map_err(|e| {
                 DaemonError::Internal(format!(
                     "bind-mounting {} on {}: {e}",
                     root.display(),
                     mp.display()
                 ))
             })
-            .and_then(|()| remember_bind(&self.home, &mp, &root, &spec.image));
+        });
         if let Err(e) = bound {
             if kernel::is_mountpoint(&mp) {
                 let _ = kernel::unmount_lazy(&mp);
             }
+            let _ = std::fs::remove_file(self.record_path(&mp));
             if let Err(e) = self.stop_unused(&root) {
                 tracing::warn!("{e}");
             }
