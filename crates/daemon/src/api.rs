@@ -242,6 +242,10 @@ pub struct Stats {
     pub state: MountState,
     /// Seconds from the request to a usable mount.
     pub mount_secs: f64,
+    /// Mount points bound to the served image, this one included: the counters are the
+    /// image's, shared by all of them.
+    #[serde(default)]
+    pub mountpoints: u64,
     /// Bytes of the metadata blob (read whole at mount).
     pub meta_bytes: u64,
     /// Compressed bytes of all data blobs.

@@ -636,11 +636,12 @@ impl Served {
                 .is_some_and(|l| !l.is_empty() && l.local() == l.len())
     }
 
-    /// Current statistics, as those of mount point `mp`, bound to this image (the
-    /// counters are the image's, shared by its mount points).
-    pub(crate) fn stats_at(&self, mp: &Path) -> Stats {
+    /// Current statistics, as those of mount point `mp`, one of the `mountpoints`
+    /// bound to this image (the counters are the image's, shared by them).
+    pub(crate) fn stats_at(&self, mp: &Path, mountpoints: u64) -> Stats {
         let mut stats = self.stats();
         stats.mountpoint = mp.to_path_buf();
+        stats.mountpoints = mountpoints;
         if !kernel::is_mountpoint(mp) {
             stats.state = MountState::Gone;
         }
@@ -663,6 +664,7 @@ impl Served {
                 MountState::Gone
             },
             mount_secs: self.mount_secs,
+            mountpoints: 1,
             meta_bytes: self.meta_bytes(),
             blob_bytes: self
                 .image

@@ -135,19 +135,20 @@ impl Daemon {
                 .with_served(&mountpoint, |s| s.trace())
                 .ok_or_else(|| not_mounted(&mountpoint))?
                 .map(|t| Reply::Trace(Box::new(t))),
-            Request::Stat { mountpoint } => self
-                .with_served(&mountpoint, |s| s.stats_at(&mountpoint))
-                .map(|s| Reply::Stat(Box::new(s)))
-                .ok_or_else(|| not_mounted(&mountpoint)),
+            Request::Stat { mountpoint } => {
+                let root = lock(&self.mounts).get(&mountpoint).cloned();
+                root.and_then(|root| self.stats_of(&mountpoint, &root))
+                    .map(|s| Reply::Stat(Box::new(s)))
+                    .ok_or_else(|| not_mounted(&mountpoint))
+            }
             Request::List => {
                 let mounts: Vec<(PathBuf, PathBuf)> = lock(&self.mounts)
                     .iter()
                     .map(|(mp, root)| (mp.clone(), root.clone()))
                     .collect();
-                let served = lock(&self.served);
                 let mut list: Vec<crate::api::Stats> = mounts
                     .iter()
-                    .filter_map(|(mp, root)| Some(served.get(root)?.stats_at(mp)))
+                    .filter_map(|(mp, root)| self.stats_of(mp, root))
                     .collect();
                 list.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
                 Ok(Reply::List(list))
@@ -179,6 +180,13 @@ impl Daemon {
     fn with_served<T>(&self, mountpoint: &Path, f: impl FnOnce(&Served) -> T) -> Option<T> {
         let root = lock(&self.mounts).get(mountpoint)?.clone();
         lock(&self.served).get(&root).map(f)
+    }
+
+    /// The statistics of mount point `mp`, bound to the served image at `root`.
+    fn stats_of(&self, mp: &Path, root: &Path) -> Option<crate::api::Stats> {
+        let bound = lock(&self.mounts).values().filter(|r| *r == root).count();
+        let served = lock(&self.served);
+        Some(served.get(root)?.stats_at(mp, bound as u64))
     }
 
     /// Mounts `spec`, unless its mount point is mounted or being mounted.
@@ -259,13 +267,12 @@ impl Daemon {
             return Err(e);
         }
         lock(&self.mounts).insert(mp.clone(), root.clone());
+        let gone = || DaemonError::Internal(format!("{} went away", root.display()));
+        let stats = self.stats_of(&mp, &root).ok_or_else(gone)?;
         let served = lock(&self.served);
-        let served = served
-            .get(&root)
-            .ok_or_else(|| DaemonError::Internal(format!("{} went away", root.display())))?;
         Ok(Mounted {
-            stats: served.stats_at(&mp),
-            config: served.config().clone(),
+            stats,
+            config: served.get(&root).ok_or_else(gone)?.config().clone(),
         })
     }
 

@@ -569,6 +569,13 @@ fn mounts_of_one_image_share_one_connection_and_outlive_each_other() {
         }
     };
     check(&[&a, &b, &c, &d, &e], "at first");
+    let sharing = |mp: &PathBuf| stat(&home, mp)["mountpoints"].as_u64();
+    let counts: Vec<Option<u64>> = [&a, &b, &c, &d, &e].into_iter().map(sharing).collect();
+    assert_eq!(
+        counts,
+        [2, 2, 1, 2, 2].map(Some),
+        "mount points per served image"
+    );
     kill_and_wait(&home);
     check(&[&a, &b, &c, &d, &e], "after the server was killed");
     assert_eq!(
@@ -581,6 +588,7 @@ fn mounts_of_one_image_share_one_connection_and_outlive_each_other() {
         assert!(out.status.success());
         assert!(!hoist_fs::kernel::is_mountpoint(gone));
         check(&[left], &format!("after {} was unmounted", gone.display()));
+        assert_eq!(sharing(left), Some(1));
     }
     for mp in [&b, &c, &e] {
         let out = hoist_in(&home, &["umount", &mp.display().to_string()]);

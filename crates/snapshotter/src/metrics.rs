@@ -1,8 +1,10 @@
-//! A Prometheus endpoint (`--metrics-address`): per mount, what `hoist stat` shows
+//! A Prometheus endpoint (`--metrics-address`): per mount point, what `hoist stat` shows
 //! (bytes and requests fetched, cache hits and misses, reads and their latency as FUSE
 //! and the blob devices see them, prefetch progress), the snapshots by kind, and the
 //! daemon's takeovers. Values are read from the daemon at each scrape, so the endpoint
-//! and `hoist stat` report the same counters.
+//! and `hoist stat` report the same counters. Mount points of one served image (the same
+//! image with the same options) share its counters, and `hoist_mount_points` says how
+//! many do.
 //!
 //! Encoded with `prometheus-client` through a [`Collector`] that writes each family from
 //! the daemon's answer (the counters live in the daemon, not in this process). Served
@@ -206,7 +208,12 @@ impl Collector for Metrics {
         for (name, help, f) in counters {
             family(&mut encoder, name, help, Counter, &per_mount(f))?;
         }
-        let gauges: [Field; 6] = [
+        let gauges: [Field; 7] = [
+            (
+                "hoist_mount_points",
+                "Mount points sharing this one's served image, this one included; the image's counters are repeated on each of them",
+                |s| s.mountpoints,
+            ),
             (
                 "hoist_chunks_cached",
                 "Chunks of the image in the cache",

@@ -221,6 +221,12 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
         s.mode,
         s.state
     );
+    if s.mountpoints > 1 {
+        println!(
+            "  shared    by {} mount points of this image with these options (the figures below are theirs together)",
+            s.mountpoints
+        );
+    }
     println!(
         "  fetched   {} in {} requests, plus {} of metadata ({:.1}% of the image's {})",
         human(s.bytes_fetched),
