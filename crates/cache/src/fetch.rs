@@ -83,7 +83,7 @@ impl Default for FetchConfig {
             workers: 10,
             trace_workers: 8,
             prefetch_workers: 2,
-            readahead_workers: 3,
+            readahead_workers: 4,
             readahead_max: 8 << 20,
             readahead_job: 1 << 20,
             read_timeout: Duration::from_secs(30),
