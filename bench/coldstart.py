@@ -854,10 +854,8 @@ def clean_scratch(scratch, keep):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def clean_leftovers(scratch):
-    """What a crashed earlier run may have left: the relay, the namespace (and the registry in
-    it), links, daemons, mounts, containers and the scratch directory."""
-    pidfile = scratch / "relay.pid"
+def kill_relay(pidfile):
+    """Kills the relay a crashed earlier run left, if its pid file names one that runs."""
     if pidfile.exists():
         pid = pidfile.read_text().strip()
         try:
@@ -866,6 +864,12 @@ def clean_leftovers(scratch):
                 os.kill(int(pid), signal.SIGKILL)
         except (OSError, ValueError):
             pass
+
+
+def clean_leftovers(scratch):
+    """What a crashed earlier run may have left: the relay, the namespace (and the registry in
+    it), links, daemons, mounts, containers and the scratch directory."""
+    kill_relay(scratch / "relay.pid")
     teardown_network()
     if scratch.exists():
         if any(scratch.iterdir()) and not (scratch / MARKER).exists():

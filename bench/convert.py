@@ -7,8 +7,11 @@ Times, in one run on this machine (medians of N runs, each in a fresh output lay
   gzip -dc          each gzip layer of the image, one after another (the bound the issue sets)
   gzip -dc parallel the same layers decompressed concurrently (both cores)
   hoist zstd/lz4    `hoist convert` of the whole image
-and reports peak RSS (ru_maxrss of the process). Then converts debian-python-v2 with and
-without `--chunk-dict` v1 and reports what is stored for v1+v2 in each case vs the OCI layers.
+and reports peak RSS (ru_maxrss of the process). Then, for every image of the fixtures, the
+converted size (data blobs and metadata blob) with small files in frames (the default) and
+without (`--frame-size 0`, the layout of format version 1) against the source's gzip layers.
+Then converts debian-python-v2 with and without `--chunk-dict` v1 and reports what is stored
+for v1+v2 in each case vs the OCI layers.
 Every hoist command runs with a HOIST_HOME of its own under the scratch directory (each timed
 conversion a fresh one, so none reuses another's conversion cache); /var/lib/hoist is never
 touched.
@@ -53,6 +56,13 @@ def manifest(layout, tag):
         if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
             return json.loads((layout / "blobs/sha256" / m["digest"][7:]).read_text())
     sys.exit(f"no tag {tag} in {layout}")
+
+
+def tags(layout):
+    """The tagged images of a layout, sorted."""
+    index = json.loads((layout / "index.json").read_text())
+    return sorted(m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]
+                  if "org.opencontainers.image.ref.name" in m.get("annotations", {}))
 
 
 def layer_sizes(layout, tags):
@@ -116,6 +126,25 @@ def main():
         for name, (wall, rss) in rows.items():
             print(f"{name:<34} {wall:8.2f} {wall/bound:11.2f} {rss/1024:13.1f}")
 
+        # Sizes: each image as gzip layers, and converted with and without frames.
+        sizes = {}
+        print(f"\nConverted size (bytes; data = data blobs, meta = metadata blob)")
+        print(f"{'image':<22} {'frames':<8} {'data':>13} {'meta':>12} {'total':>13} {'x gzip':>7}")
+        for tag in tags(fixtures):
+            gz = sum(l["size"] for l in manifest(fixtures, tag)["layers"])
+            print(f"{tag:<22} {'(gzip)':<8} {gz:13,d} {'':>12} {gz:13,d} {1:7.3f}")
+            sizes[tag] = {"gzip_bytes": gz}
+            for label, extra in [("off", ["--frame-size", "0"]), ("256K", [])]:
+                dst = work / f"size-{tag}-{label}"
+                subprocess.run([str(HOIST), "convert", *extra, f"oci:{fixtures}:{tag}", f"oci:{dst}:x"],
+                               check=True, stdout=subprocess.DEVNULL, env=home_env(f"home-size-{label}"))
+                layers_out = manifest(dst, "x")["layers"]
+                meta = sum(l["size"] for l in layers_out if "meta" in l["mediaType"])
+                data = sum(l["size"] for l in layers_out if "blob" in l["mediaType"])
+                print(f"{'':<22} {label:<8} {data:13,d} {meta:12,d} {data + meta:13,d} {(data + meta) / gz:7.3f}")
+                sizes[tag][f"frames_{label}"] = {"data_bytes": data, "meta_bytes": meta}
+                shutil.rmtree(dst)
+
         # Dedup: v1 + v2 stored as OCI layers, as hoist without and with --chunk-dict.
         out = work / "dedup"
         v1, v2 = "debian-python-v1", "debian-python-v2"
@@ -141,6 +170,7 @@ def main():
         result = {
             "image": args.image, "runs": args.runs, "cores": os.cpu_count(),
             "convert": {k: {"wall_s": w, "peak_rss_kib": r, "x_gzip": w / bound} for k, (w, r) in rows.items()},
+            "sizes": sizes,
             "dedup": {"oci_bytes": oci_total, "hoist_bytes": plain_total, "hoist_dict_bytes": dict_total,
                       "v2_new_bytes_with_dict": v2_new, "v2_bytes_alone": v2_alone,
                       "reused_chunk_bytes": inspect["reused_chunk_bytes"]},

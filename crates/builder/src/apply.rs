@@ -366,6 +366,13 @@ fn read_chunks<R: Read>(
     sink: &mut dyn ChunkSink,
     err: &dyn Fn(String) -> BuildError,
 ) -> Result<Vec<hoist_format::tree::ChunkRef>, BuildError> {
+    if size > 0 && size <= sink.small_file_limit().min(chunk_size) {
+        let mut buf = vec![0u8; size as usize];
+        entry
+            .read_exact(&mut buf)
+            .map_err(|e| err(format!("reading file data ({size} bytes): {e}")))?;
+        return Ok(vec![sink.put_small(buf)?]);
+    }
     let mut chunks = Vec::with_capacity(size.div_ceil(chunk_size).min(1 << 16) as usize);
     let mut left = size;
     while left > 0 {

@@ -6,6 +6,17 @@
 //! uncompressed address space right away, so placement is deterministic; only the
 //! compression runs on worker threads, and a writer thread puts the results back in order.
 //! At most a few chunks are in flight, which bounds memory.
+//!
+//! Small files (up to an eighth of the frame size) are not chunks of their own: they are
+//! packed, in stream order, into **frames** of up to the frame size, each file at a
+//! 4 KiB boundary, and a frame is compressed and verified as one chunk (format version
+//! 2). zstd then sees across the files of a frame, and one ranged read serves all of them.
+//! A small file is deduplicated by its own digest against the small files of its layer and
+//! against every stored chunk (of lower layers and of the dictionary, whose tables are
+//! all a conversion that starts above cached layers knows: so an incremental conversion
+//! decides exactly as a full one). A whole frame is deduplicated by its digest: a frame
+//! already stored is not stored again, and its files are pointed at the stored copy when
+//! the layer ends ([`Chunker::take_remaps`]).
 
 use crate::{BuildError, ChunkSink};
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -43,6 +54,15 @@ pub struct ChunkStats {
     pub dict_bytes: u64,
     /// All-zero bytes kept as holes.
     pub hole_bytes: u64,
+    /// Small files stored in frames (or found stored), counted in `chunks` too.
+    #[serde(default)]
+    pub small_files: u64,
+    /// Frames stored anew, counted in `stored_chunks` too.
+    #[serde(default)]
+    pub frames: u64,
+    /// Frames found already stored.
+    #[serde(default)]
+    pub dedup_frames: u64,
 }
 
 struct Job {
@@ -72,6 +92,42 @@ struct Pipeline {
     writer: JoinHandle<Result<Written, BuildError>>,
     seq: u64,
     next_uoffset: u64,
+    /// The frame of small files being filled; it starts at `next_uoffset`.
+    frame: Option<Frame>,
+}
+
+/// A frame being filled: its bytes so far, each member file at a 4 KiB boundary.
+#[derive(Default)]
+struct Frame {
+    data: Vec<u8>,
+    /// Digest of each member file and its offset in `data`, in order.
+    members: Vec<([u8; 32], u64)>,
+    /// Bytes of the member files (`data` less the padding between them).
+    bytes: u64,
+}
+
+impl Frame {
+    /// Offset of a member file already in the frame with digest `d`.
+    fn offset_of(&self, d: &[u8; 32]) -> Option<u64> {
+        self.members.iter().find(|m| &m.0 == d).map(|m| m.1)
+    }
+}
+
+/// Block range `[start, start + blocks)` of device `device` (provisional, 1-based)
+/// that files were pointed at before its frame turned out to be stored already at
+/// `to_blkaddr` of device `to_device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remap {
+    /// Provisional device id of the frame's blob.
+    pub device: u16,
+    /// First block of the frame.
+    pub start: u32,
+    /// Its length in blocks.
+    pub blocks: u32,
+    /// Device id of the stored copy.
+    pub to_device: u16,
+    /// First block of the stored copy.
+    pub to_blkaddr: u32,
 }
 
 /// A finished data blob.
@@ -87,24 +143,40 @@ pub struct FinishedBlob {
 pub struct Chunker {
     compressor: Compressor,
     workers: usize,
+    frame_size: u64,
+    /// Digests of the chunks (and frames) stored in the blobs so far.
     dedup: HashMap<[u8; 32], Loc>,
+    /// Digests of the small files of the current layer stored in its frames.
+    layer_files: HashMap<[u8; 32], Loc>,
     dict_blobs: u16,
     current: Option<Pipeline>,
+    remaps: Vec<Remap>,
     /// Counters since the last [`Chunker::take_stats`].
     pub stats: ChunkStats,
 }
 
 impl Chunker {
-    /// A chunker with `workers` compression threads.
-    pub fn new(compressor: Compressor, workers: usize) -> Self {
+    /// A chunker with `workers` compression threads that packs small files into frames
+    /// of up to `frame_size` bytes (0: every file is chunked on its own). `frame_size`
+    /// must be a multiple of 4 KiB, at most the chunk size.
+    pub fn new(compressor: Compressor, workers: usize, frame_size: u64) -> Self {
         Chunker {
             compressor,
             workers: workers.max(1),
+            frame_size,
             dedup: HashMap::new(),
+            layer_files: HashMap::new(),
             dict_blobs: 0,
             current: None,
+            remaps: Vec::new(),
             stats: ChunkStats::default(),
         }
+    }
+
+    /// The frames found stored already since the last call, whose files must be pointed
+    /// at the stored copies ([`apply_remaps`]) before the tree is written or cached.
+    pub fn take_remaps(&mut self) -> Vec<Remap> {
+        std::mem::take(&mut self.remaps)
     }
 
     /// Registers the chunks of a dictionary blob; returns its provisional index.
@@ -145,6 +217,7 @@ impl Chunker {
             .collect();
         drop(etx);
         let writer = std::thread::spawn(move || write_blob(out, erx));
+        self.layer_files.clear();
         self.current = Some(Pipeline {
             blob,
             tx: Some(tx),
@@ -152,12 +225,19 @@ impl Chunker {
             writer,
             seq: 0,
             next_uoffset: 0,
+            frame: None,
         });
     }
 
     /// Finishes the current blob: waits for the pipeline, writes table and trailer, and
     /// commits it. Returns `None` if it stored no chunk (nothing is committed then).
     pub fn finish_blob(&mut self) -> Result<Option<FinishedBlob>, BuildError> {
+        if self.current.is_some() {
+            if let Err(e) = self.seal_frame() {
+                self.abort_blob();
+                return Err(e);
+            }
+        }
         let Some(mut p) = self.current.take() else {
             return Ok(None);
         };
@@ -236,17 +316,98 @@ impl ChunkSink for Chunker {
             return Ok(ChunkRef::Hole);
         }
         let d = digest(&data);
-        if let Some(loc) = self.dedup.get(&d) {
+        if let Some(loc) = self.dedup.get(&d).copied() {
+            self.count_dedup(loc, len);
+            return Ok(loc.chunk_ref());
+        }
+        self.seal_frame()?;
+        let loc = self.store(d, data)?;
+        self.stats.stored_chunks += 1;
+        self.stats.stored_bytes += len;
+        Ok(loc.chunk_ref())
+    }
+
+    fn small_file_limit(&self) -> u64 {
+        self.frame_size / 8
+    }
+
+    fn put_small(&mut self, data: Vec<u8>) -> Result<ChunkRef, BuildError> {
+        let len = data.len() as u64;
+        self.stats.chunks += 1;
+        self.stats.small_files += 1;
+        if is_zero(&data) {
+            self.stats.hole_bytes += len;
+            return Ok(ChunkRef::Hole);
+        }
+        let d = digest(&data);
+        if let Some(loc) = self.dedup.get(&d).or(self.layer_files.get(&d)).copied() {
+            self.count_dedup(loc, len);
+            return Ok(loc.chunk_ref());
+        }
+        let frame_size = self.frame_size;
+        let p = self
+            .current
+            .as_mut()
+            .ok_or_else(|| BuildError::Invalid("file outside a layer".into()))?;
+        let in_frame = |p: &Pipeline, offset: u64| Loc {
+            blob: p.blob,
+            // The blob's size was checked when the frame was opened.
+            blkaddr: ((p.next_uoffset + offset) / BLOCK_SIZE) as u32,
+        };
+        if let Some(offset) = p.frame.as_ref().and_then(|f| f.offset_of(&d)) {
             self.stats.dedup_chunks += 1;
             self.stats.dedup_bytes += len;
-            if loc.blob < self.dict_blobs {
-                self.stats.dict_bytes += len;
-            }
-            return Ok(ChunkRef::Mapped {
-                device: loc.blob + 1,
-                blkaddr: loc.blkaddr,
-            });
+            return Ok(in_frame(p, offset).chunk_ref());
         }
+        let full = p
+            .frame
+            .as_ref()
+            .is_some_and(|f| (f.data.len() as u64).next_multiple_of(BLOCK_SIZE) + len > frame_size);
+        if full {
+            self.seal_frame()?;
+        }
+        let p = self.current.as_mut().expect("checked above");
+        if p.frame.is_none() {
+            // The frame's last block must have a 32-bit address, like any chunk's.
+            let end = p.next_uoffset + frame_size;
+            if end / BLOCK_SIZE > u64::from(u32::MAX) {
+                return Err(BuildError::Invalid("a layer over 16 TiB".into()));
+            }
+            p.frame = Some(Frame::default());
+        }
+        let frame = p.frame.as_mut().expect("opened above");
+        let offset = (frame.data.len() as u64).next_multiple_of(BLOCK_SIZE);
+        frame.data.resize(offset as usize, 0);
+        frame.data.extend_from_slice(&data);
+        frame.members.push((d, offset));
+        frame.bytes += len;
+        self.stats.stored_bytes += len;
+        Ok(in_frame(p, offset).chunk_ref())
+    }
+}
+
+impl Loc {
+    fn chunk_ref(self) -> ChunkRef {
+        ChunkRef::Mapped {
+            device: self.blob + 1,
+            blkaddr: self.blkaddr,
+        }
+    }
+}
+
+impl Chunker {
+    fn count_dedup(&mut self, loc: Loc, len: u64) {
+        self.stats.dedup_chunks += 1;
+        self.stats.dedup_bytes += len;
+        if loc.blob < self.dict_blobs {
+            self.stats.dict_bytes += len;
+        }
+    }
+
+    /// Places new chunk bytes at the end of the current blob and queues them for
+    /// compression; registers their digest.
+    fn store(&mut self, d: [u8; 32], data: Vec<u8>) -> Result<Loc, BuildError> {
+        let len = data.len() as u64;
         let p = self
             .current
             .as_mut()
@@ -279,12 +440,86 @@ impl ChunkSink for Chunker {
                 .unwrap_or_else(|| BuildError::Invalid("blob pipeline stopped".into())));
         }
         self.dedup.insert(d, loc);
-        self.stats.stored_chunks += 1;
-        self.stats.stored_bytes += len;
-        Ok(ChunkRef::Mapped {
-            device: loc.blob + 1,
-            blkaddr,
-        })
+        Ok(loc)
+    }
+
+    /// Closes the open frame, if any: stores it, or, if its bytes are stored already,
+    /// records where its files must point instead. Its files' digests are registered
+    /// at their final places either way.
+    fn seal_frame(&mut self) -> Result<(), BuildError> {
+        let Some(p) = self.current.as_mut() else {
+            return Ok(());
+        };
+        let Some(frame) = p.frame.take() else {
+            return Ok(());
+        };
+        let start = p.next_uoffset;
+        let start_blk = (start / BLOCK_SIZE) as u32;
+        let blob = p.blob;
+        let len = frame.data.len() as u64;
+        let d = digest(&frame.data);
+        let base = match self.dedup.get(&d).copied() {
+            Some(stored) => {
+                // Its place stays unused (a gap in the address space, read by nobody).
+                p.next_uoffset = (start + len).next_multiple_of(BLOCK_SIZE);
+                self.remaps.push(Remap {
+                    device: blob + 1,
+                    start: start_blk,
+                    blocks: len.div_ceil(BLOCK_SIZE) as u32,
+                    to_device: stored.blob + 1,
+                    to_blkaddr: stored.blkaddr,
+                });
+                self.stats.dedup_frames += 1;
+                // Its files were counted as stored when they joined it.
+                self.stats.stored_bytes = self.stats.stored_bytes.saturating_sub(frame.bytes);
+                self.stats.dedup_bytes += frame.bytes;
+                if stored.blob < self.dict_blobs {
+                    self.stats.dict_bytes += frame.bytes;
+                }
+                stored
+            }
+            None => {
+                let loc = self.store(d, frame.data)?;
+                self.stats.stored_chunks += 1;
+                self.stats.frames += 1;
+                loc
+            }
+        };
+        for (fd, offset) in frame.members {
+            self.layer_files.entry(fd).or_insert(Loc {
+                blob: base.blob,
+                blkaddr: base.blkaddr + (offset / BLOCK_SIZE) as u32,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Points every file chunk that falls in a remapped frame at the stored copy.
+pub fn apply_remaps(tree: &mut hoist_format::tree::Tree, remaps: &[Remap]) {
+    if remaps.is_empty() {
+        return;
+    }
+    let by_start: BTreeMap<(u16, u32), Remap> =
+        remaps.iter().map(|r| ((r.device, r.start), *r)).collect();
+    for node in &mut tree.nodes {
+        let hoist_format::tree::NodeKind::File { chunks, .. } = &mut node.kind else {
+            continue;
+        };
+        for c in chunks {
+            let ChunkRef::Mapped { device, blkaddr } = *c else {
+                continue;
+            };
+            let Some((_, r)) = by_start.range(..=(device, blkaddr)).next_back() else {
+                continue;
+            };
+            if r.device == device && blkaddr - r.start < r.blocks {
+                *c = ChunkRef::Mapped {
+                    device: r.to_device,
+                    blkaddr: r.to_blkaddr + (blkaddr - r.start),
+                };
+            }
+        }
     }
 }
 
@@ -355,4 +590,240 @@ fn write_blob(
         ));
     }
     Ok((out, table, offset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hoist_format::tree::{Metadata, Node, NodeKind, Tree};
+    use std::sync::{Arc, Mutex};
+
+    /// A blob kept in memory, shared with the test.
+    struct MemBlob(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for MemBlob {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl BlobWriter for MemBlob {
+        fn commit(self: Box<Self>) -> Result<(Digest, u64), hoist_oci::OciError> {
+            let len = self.0.lock().unwrap().len() as u64;
+            Ok((Digest::from_sha256([7; 32]), len))
+        }
+    }
+
+    const FRAME: u64 = 64 << 10;
+
+    fn chunker() -> Chunker {
+        Chunker::new(Compressor::Zstd, 2, FRAME)
+    }
+
+    fn start(c: &mut Chunker, blob: u16) -> Arc<Mutex<Vec<u8>>> {
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        c.start_blob(blob, Box::new(MemBlob(bytes.clone())));
+        bytes
+    }
+
+    /// A small file's distinct content.
+    fn file(n: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| n.wrapping_add((i % 251) as u8) | 1)
+            .collect()
+    }
+
+    /// The `len` bytes at `c` in a finished blob, decoded and verified.
+    fn read(blob: &FinishedBlob, bytes: &[u8], c: ChunkRef, len: usize) -> Vec<u8> {
+        let ChunkRef::Mapped { blkaddr, .. } = c else {
+            panic!("a hole: {c:?}")
+        };
+        let offset = u64::from(blkaddr) * BLOCK_SIZE;
+        let e = blob
+            .info
+            .chunks
+            .entries
+            .iter()
+            .find(|e| {
+                e.uncompressed_offset <= offset
+                    && offset < e.uncompressed_offset + u64::from(e.uncompressed_size)
+            })
+            .expect("a chunk holds the reference");
+        let start = e.compressed_offset as usize;
+        let stored = &bytes[start..start + e.compressed_size as usize];
+        let data = hoist_codec::decode_verified(e, stored).unwrap();
+        let skip = (offset - e.uncompressed_offset) as usize;
+        data[skip..skip + len].to_vec()
+    }
+
+    #[test]
+    fn small_files_share_frames_at_block_boundaries_and_read_back() {
+        let mut c = chunker();
+        assert_eq!(c.small_file_limit(), FRAME / 8);
+        let bytes = start(&mut c, 0);
+        // 20 files of 5000 bytes take 2 blocks each: 8 fit a 64 KiB frame.
+        let files: Vec<Vec<u8>> = (0..20).map(|n| file(n, 5000)).collect();
+        let refs: Vec<ChunkRef> = files
+            .iter()
+            .map(|f| c.put_small(f.clone()).unwrap())
+            .collect();
+        let blob = c.finish_blob().unwrap().unwrap();
+        assert_eq!(
+            blob.info.chunks.entries.len(),
+            3,
+            "3 frames: 8 + 8 + 4 files"
+        );
+        let blk = |r: &ChunkRef| match r {
+            ChunkRef::Mapped { device: 1, blkaddr } => *blkaddr,
+            other => panic!("{other:?}"),
+        };
+        let addrs: Vec<u32> = refs.iter().map(blk).collect();
+        assert_eq!(
+            addrs[..3],
+            [0, 2, 4],
+            "each file at the next block boundary"
+        );
+        assert_eq!(addrs[8], 16, "the second frame starts after the first");
+        let bytes = bytes.lock().unwrap();
+        for (f, r) in files.iter().zip(&refs) {
+            assert_eq!(&read(&blob, &bytes, *r, f.len()), f);
+        }
+        let stats = c.take_stats();
+        assert_eq!((stats.small_files, stats.frames), (20, 3));
+        assert_eq!(stats.stored_bytes, 20 * 5000);
+    }
+
+    #[test]
+    fn a_small_file_met_again_is_not_stored_again() {
+        let mut c = chunker();
+        start(&mut c, 0);
+        let a = c.put_small(file(1, 100)).unwrap();
+        let same_frame = c.put_small(file(1, 100)).unwrap();
+        assert_eq!(a, same_frame, "a duplicate in the open frame");
+        c.put_small(file(2, 100)).unwrap();
+        // A large chunk closes the frame; then the file is found in the dedup map.
+        c.put(file(3, 200_000)).unwrap();
+        let later = c.put_small(file(1, 100)).unwrap();
+        assert_eq!(a, later, "a duplicate of a sealed frame's file");
+        // A lower layer's small files are known by their frames, not one by one (a
+        // conversion restored from the cache above that layer knows no more).
+        c.finish_blob().unwrap().unwrap();
+        start(&mut c, 1);
+        let next_layer = c.put_small(file(1, 100)).unwrap();
+        assert!(matches!(next_layer, ChunkRef::Mapped { device: 2, .. }));
+        assert_eq!(c.take_stats().dedup_chunks, 2);
+        assert_eq!(
+            c.finish_blob().unwrap().unwrap().info.chunks.entries.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_large_chunk_closes_the_frame_before_it_so_offsets_increase() {
+        let mut c = chunker();
+        let bytes = start(&mut c, 0);
+        let small = c.put_small(file(1, 3000)).unwrap();
+        let large = c.put(file(2, 100_000)).unwrap();
+        let small2 = c.put_small(file(3, 3000)).unwrap();
+        let blob = c.finish_blob().unwrap().unwrap();
+        let offsets: Vec<u64> = blob
+            .info
+            .chunks
+            .entries
+            .iter()
+            .map(|e| e.uncompressed_offset)
+            .collect();
+        assert_eq!(offsets, [0, 4096, 4096 + 102_400]);
+        let bytes = bytes.lock().unwrap();
+        assert_eq!(read(&blob, &bytes, small, 3000), file(1, 3000));
+        assert_eq!(read(&blob, &bytes, large, 100_000), file(2, 100_000));
+        assert_eq!(read(&blob, &bytes, small2, 3000), file(3, 3000));
+    }
+
+    /// A tree of one file node per small file, stored through `c`.
+    fn tree_of(files: &[Vec<u8>], c: &mut Chunker) -> Tree {
+        let mut tree = Tree::new(Metadata::default());
+        for f in files {
+            let chunks = vec![c.put_small(f.clone()).unwrap()];
+            let size = f.len() as u64;
+            tree.add(Node {
+                meta: Metadata::default(),
+                kind: NodeKind::File { size, chunks },
+            });
+        }
+        tree
+    }
+
+    /// The chunk reference of each file node of a [`tree_of`].
+    fn refs_of(tree: &Tree) -> Vec<ChunkRef> {
+        tree.nodes[1..]
+            .iter()
+            .map(|n| match &n.kind {
+                NodeKind::File { chunks, .. } => chunks[0],
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_frame_stored_before_is_reused_and_its_files_remapped() {
+        let mut c = chunker();
+        let files: Vec<Vec<u8>> = (0..3).map(|n| file(n, 3000)).collect();
+        start(&mut c, 0);
+        let first: Vec<ChunkRef> = files
+            .iter()
+            .map(|f| c.put_small(f.clone()).unwrap())
+            .collect();
+        c.finish_blob().unwrap().unwrap();
+        assert!(c.take_remaps().is_empty());
+
+        // The next layer holds the same three files: their frame is found stored.
+        start(&mut c, 1);
+        let mut tree = tree_of(&files, &mut c);
+        assert!(c.finish_blob().unwrap().is_none(), "nothing new to store");
+        let remaps = c.take_remaps();
+        assert_eq!(remaps.len(), 1);
+        apply_remaps(&mut tree, &remaps);
+        assert_eq!(refs_of(&tree), first, "pointed at the lower layer's frame");
+
+        // The same through a dictionary, checked to the end: the files are pointed at
+        // the dictionary's copy.
+        let mut d = chunker();
+        start(&mut d, 0);
+        let dict_refs: Vec<ChunkRef> = files
+            .iter()
+            .map(|f| d.put_small(f.clone()).unwrap())
+            .collect();
+        let dict_blob = d.finish_blob().unwrap().unwrap();
+        let mut c = chunker();
+        c.add_dict_blob(&dict_blob.info).unwrap();
+        start(&mut c, 1);
+        let mut tree = tree_of(&files, &mut c);
+        assert!(refs_of(&tree)
+            .iter()
+            .all(|r| matches!(r, ChunkRef::Mapped { device: 2, .. })));
+        assert!(c.finish_blob().unwrap().is_none(), "nothing new to store");
+        let remaps = c.take_remaps();
+        assert_eq!(remaps.len(), 1);
+        apply_remaps(&mut tree, &remaps);
+        assert_eq!(refs_of(&tree), dict_refs, "device 1 is the dictionary blob");
+        let stats = c.take_stats();
+        assert_eq!((stats.dedup_frames, stats.stored_bytes), (1, 0));
+        assert_eq!(stats.dict_bytes, 3 * 3000);
+    }
+
+    #[test]
+    fn without_frames_small_files_are_chunks_of_their_own() {
+        let mut c = Chunker::new(Compressor::Zstd, 1, 0);
+        assert_eq!(c.small_file_limit(), 0);
+        start(&mut c, 0);
+        c.put(file(1, 100)).unwrap();
+        c.put(file(2, 100)).unwrap();
+        let blob = c.finish_blob().unwrap().unwrap();
+        assert_eq!(blob.info.chunks.entries.len(), 2);
+    }
 }

@@ -25,6 +25,10 @@ pub struct ConvertOptions {
     pub compressor: Compressor,
     /// Chunk size: a power of two from 4 KiB to 64 MiB.
     pub chunk_size: u64,
+    /// Frame size: files up to an eighth of it are packed together into compressed frames
+    /// of up to this many bytes. A multiple of 4 KiB, at most the chunk size; 0 stores
+    /// every file in chunks of its own.
+    pub frame_size: u64,
     /// Compression threads.
     pub workers: usize,
     /// Layers downloaded at once (the one being converted included).
@@ -39,11 +43,16 @@ pub struct ConvertOptions {
     pub trace: Option<Vec<u8>>,
 }
 
+/// The default frame size (256 KiB): a frame holds at least 8 small files (up to 32 KiB
+/// each) and usually dozens, and compresses to a few tens of KiB, one ranged read.
+pub const DEFAULT_FRAME_SIZE: u64 = 256 << 10;
+
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
             compressor: Compressor::Zstd,
             chunk_size: 1 << 20,
+            frame_size: DEFAULT_FRAME_SIZE,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             fetch_jobs: 3,
             spool_dir: None,
@@ -57,9 +66,10 @@ impl ConvertOptions {
     /// The options as recorded in the manifest annotation.
     pub fn annotation(&self) -> String {
         format!(
-            "compressor={},chunk-size={}",
+            "compressor={},chunk-size={},frame-size={}",
             self.compressor.name(),
-            self.chunk_size
+            self.chunk_size,
+            self.frame_size
         )
     }
 }
@@ -158,6 +168,12 @@ pub fn convert(
             opts.chunk_size
         )));
     }
+    if !opts.frame_size.is_multiple_of(4096) || opts.frame_size > opts.chunk_size {
+        return Err(BuildError::Invalid(format!(
+            "frame size {} is not a multiple of 4096 from 0 to the chunk size ({})",
+            opts.frame_size, opts.chunk_size
+        )));
+    }
     let chunk_bits = opts.chunk_size.trailing_zeros() as u8;
     let name = src.describe();
     let (manifest_bytes, manifest_digest) = src.manifest()?;
@@ -193,7 +209,7 @@ pub fn convert(
     let diff_ids = diff_ids(&config, layers.len())
         .map_err(|why| BuildError::Invalid(format!("config {config_digest} of {name}: {why}")))?;
 
-    let mut chunker = Chunker::new(opts.compressor, opts.workers);
+    let mut chunker = Chunker::new(opts.compressor, opts.workers, opts.frame_size);
     let mut provisional: Vec<Option<(BlobInfo, Digest)>> = Vec::new();
     let mut dict_key = "-".to_string();
     if let Some(dict) = dict {
@@ -328,6 +344,7 @@ pub fn convert(
                 }
             };
             let finished = chunker.finish_blob()?;
+            crate::chunker::apply_remaps(&mut tree, &chunker.take_remaps());
             let report = LayerReport {
                 source: ld,
                 source_size: layer.size,
@@ -444,7 +461,7 @@ pub fn convert(
         "digest": meta_desc.0.as_str(),
         "size": meta_desc.1,
         "annotations": {
-            media::ANNOTATION_META_VERSION: "1",
+            media::ANNOTATION_META_VERSION: hoist_format::meta::META_VERSION.to_string(),
             media::ANNOTATION_SNAPSHOT_LAYER: "meta",
         },
     }));

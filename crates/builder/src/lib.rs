@@ -97,4 +97,15 @@ impl BuildError {
 pub trait ChunkSink {
     /// Stores (or deduplicates) one chunk of file data.
     fn put(&mut self, data: Vec<u8>) -> Result<ChunkRef, BuildError>;
+
+    /// The largest file (in bytes) that [`ChunkSink::put_small`] takes; 0 for none.
+    fn small_file_limit(&self) -> u64 {
+        0
+    }
+
+    /// Stores (or deduplicates) the whole content of a small file, which may share a
+    /// compressed frame with the small files around it.
+    fn put_small(&mut self, data: Vec<u8>) -> Result<ChunkRef, BuildError> {
+        self.put(data)
+    }
 }

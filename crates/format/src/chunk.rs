@@ -226,6 +226,17 @@ impl ChunkTable {
             .binary_search_by_key(&uncompressed_offset, |e| e.uncompressed_offset)
             .ok()
     }
+
+    /// Index of the chunk whose bytes hold `uncompressed_offset`, if any: the chunk that
+    /// starts there, or a frame of small files (format version 2) that holds a file there.
+    pub fn containing(&self, uncompressed_offset: u64) -> Option<usize> {
+        let i = self
+            .entries
+            .partition_point(|e| e.uncompressed_offset <= uncompressed_offset)
+            .checked_sub(1)?;
+        let e = &self.entries[i];
+        (uncompressed_offset - e.uncompressed_offset < u64::from(e.uncompressed_size)).then_some(i)
+    }
 }
 
 /// On-disk trailer at the end of a data blob (64 bytes).

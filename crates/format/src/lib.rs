@@ -29,6 +29,9 @@ pub enum FormatError {
     /// The input to an encoder cannot be represented.
     #[error("cannot encode: {0}")]
     Invalid(String),
+    /// The bytes are of a format version this code does not read.
+    #[error("unsupported format: {0}")]
+    Unsupported(String),
     /// Decoded bytes violate the format.
     #[error("corrupt metadata: {0}")]
     Corrupt(String),

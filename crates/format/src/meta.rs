@@ -19,6 +19,12 @@ use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 /// Magic of the metadata header.
 pub const META_MAGIC: [u8; 8] = *b"HOISTMET";
+/// The format version this crate writes. Version 2 lets a file's chunk index point
+/// inside a stored chunk (a frame of small files compressed together), where version 1
+/// required the exact start of one.
+pub const META_VERSION: u32 = 2;
+/// The oldest format version this crate reads.
+pub const MIN_META_VERSION: u32 = 1;
 /// Size of one blob record.
 pub const BLOB_RECORD_SIZE: usize = 128;
 /// Largest metadata blob accepted (to prevent denial of service).
@@ -32,7 +38,8 @@ pub const MAX_BLOBS: u32 = 4096;
 pub struct RawMetaHeader {
     /// [`META_MAGIC`].
     pub magic: [u8; 8],
-    /// Format version (1).
+    /// Format version ([`META_VERSION`] when written; [`MIN_META_VERSION`] and later
+    /// are read).
     pub version: U32,
     /// [`DigestAlgo`] of chunk digests.
     pub digest_algo: u8,
@@ -95,6 +102,8 @@ impl BlobInfo {
 /// The parsed hoist parts of a metadata blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
+    /// Format version of the blob.
+    pub version: u32,
     /// log2 of the chunk size.
     pub chunk_bits: u8,
     /// Bytes of the EROFS image at the start of the blob.
@@ -143,7 +152,7 @@ pub fn assemble(
     }
     let header = RawMetaHeader {
         magic: META_MAGIC,
-        version: 1.into(),
+        version: META_VERSION.into(),
         digest_algo: DigestAlgo::Blake3 as u8,
         chunk_bits,
         erofs_size: erofs_size.into(),
@@ -165,10 +174,12 @@ pub fn parse(blob: &[u8]) -> Result<Meta, FormatError> {
     if raw.magic != META_MAGIC {
         return Err(corrupt("not a hoist metadata blob (bad magic)".into()));
     }
-    if raw.version.get() != 1 {
-        return Err(corrupt(format!(
-            "metadata format version {}",
-            raw.version.get()
+    let version = raw.version.get();
+    if !(MIN_META_VERSION..=META_VERSION).contains(&version) {
+        return Err(FormatError::Unsupported(format!(
+            "metadata format version {version}; this hoist reads versions \
+             {MIN_META_VERSION} to {META_VERSION}: upgrade hoist, or convert the image again \
+             with this hoist (`hoist convert`)"
         )));
     }
     DigestAlgo::try_from(raw.digest_algo)?;
@@ -233,6 +244,7 @@ pub fn parse(blob: &[u8]) -> Result<Meta, FormatError> {
         });
     }
     Ok(Meta {
+        version,
         chunk_bits,
         erofs_size,
         blobs,

@@ -235,16 +235,16 @@ impl TreeFs {
             match chunks.get(i).copied() {
                 Some(ChunkRef::Hole) => out.fill(0),
                 Some(c) => {
-                    let (blob, index, entry) = self.image.resolve(c).ok_or_else(|| {
+                    let at = self.image.resolve(c).ok_or_else(|| {
                         tracing::warn!("inode {}: chunk {i} points nowhere", inode.nid);
                         Errno::EIO
                     })?;
-                    if u64::from(entry.uncompressed_size) < within + n {
+                    if at.available() < within + n {
                         tracing::warn!("inode {}: chunk {i} is too short", inode.nid);
                         return Err(Errno::EIO);
                     }
                     self.fetcher
-                        .read_at(blob, index, within, out)
+                        .read_at(at.blob, at.index, at.skip + within, out)
                         .map_err(|e| {
                             tracing::warn!("reading inode {} at {pos}: {e}", inode.nid);
                             Errno::EIO
@@ -252,8 +252,8 @@ impl TreeFs {
                     if within == 0 {
                         // A reader entering a chunk: start loading the next ones from disk.
                         for c in chunks.iter().skip(i + 1).take(READAHEAD_CHUNKS) {
-                            if let Some((b, k, _)) = self.image.resolve(*c) {
-                                self.fetcher.will_need(b, k);
+                            if let Some(at) = self.image.resolve(*c) {
+                                self.fetcher.will_need(at.blob, at.index);
                             }
                         }
                     }
@@ -286,8 +286,11 @@ impl TreeFs {
             return None;
         }
         let [c] = chunks.as_slice() else { return None };
-        let (blob, index, entry) = self.image.resolve(*c)?;
-        if u64::from(entry.uncompressed_size) != inode.size {
+        let at = self.image.resolve(*c)?;
+        // A small file in a frame shares its chunk file with others: passthrough would
+        // show the whole frame, so hoist serves it.
+        let (blob, index, entry) = (at.blob, at.index, at.entry);
+        if at.skip != 0 || u64::from(entry.uncompressed_size) != inode.size {
             return None;
         }
         let file = self
@@ -382,8 +385,11 @@ pub fn file_view(image: &HoistImage, size: u64, chunks: &[ChunkRef]) -> Option<V
         if *c == ChunkRef::Hole {
             continue;
         }
-        let (_, _, e) = image.resolve(*c)?;
-        if u64::from(e.uncompressed_size) != chunk_size.min(size.checked_sub(offset)?) {
+        let at = image.resolve(*c)?;
+        let e = at.entry;
+        if at.skip != 0
+            || u64::from(e.uncompressed_size) != chunk_size.min(size.checked_sub(offset)?)
+        {
             return None;
         }
         pieces.push(Piece {

@@ -437,6 +437,12 @@ pub struct ConvertArgs {
     /// Chunk size in bytes: a power of two from 4096 to 67108864 (suffixes K and M allowed).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     pub chunk_size: u64,
+    /// Frame size in bytes: files up to an eighth of it are packed, in layer order, into
+    /// compressed frames of up to this size, so the compressor sees across them and one
+    /// ranged read serves them all. A multiple of 4096, at most the chunk size; 0 gives
+    /// every file chunks of its own. Default: 256K, or the chunk size if smaller.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub frame_size: Option<u64>,
     /// A hoist image whose chunks are reused instead of stored again.
     #[arg(long, value_name = "IMAGE")]
     pub chunk_dict: Option<String>,

@@ -694,7 +694,9 @@ fn an_erofs_mount_moves_to_its_views_while_mounted_and_outlives_its_daemon() {
 fn a_file_open_through_the_page_cache_is_reopened_the_same_way() {
     use std::io::Read;
     let Some(layout) = setup() else { return };
-    let image = convert(&layout, "tiny-v1", "conv-reopen", &[]);
+    // Without frames, so that the small file is a chunk of its own, which passthrough
+    // can serve (a file in a frame is always served by hoist).
+    let image = convert(&layout, "tiny-v1", "conv-reopen", &["--frame-size", "0"]);
     let home = Home::new("reopen");
     let mp = home.mountpoint("m");
     home.ok(&["mount", "--mode", "fuse", &image, &mp.display().to_string()]);

@@ -17,22 +17,66 @@ fn unpack_equals_umoci_for_every_image_and_compressor() {
         return;
     }
     let layout = fixtures();
+    // Small files in frames (the default) with each compressor, and without frames.
+    let variants: [(&str, &[&str]); 4] = [
+        ("zstd", &["--compressor", "zstd"]),
+        ("lz4", &["--compressor", "lz4"]),
+        ("none", &["--compressor", "none"]),
+        ("noframes", &["--frame-size", "0"]),
+    ];
     for tag in tags(&layout) {
-        for compressor in ["zstd", "lz4", "none"] {
-            let image = convert(
-                &layout,
-                &tag,
-                &format!("rt-{tag}-{compressor}"),
-                &["--compressor", compressor],
-            );
+        for (name, args) in variants {
+            let image = convert(&layout, &tag, &format!("rt-{tag}-{name}"), args);
             let out = hoist_ok(&["check", &image]);
             assert!(out.contains(": ok"), "{out}");
-            let dir = scratch().join(format!("unpack-{tag}-{compressor}"));
+            let dir = scratch().join(format!("unpack-{tag}-{name}"));
             hoist_ok(&["unpack", &image, dir.to_str().unwrap()]);
-            assert_same_tree(&layout, &tag, &dir, &format!("hoist unpack ({compressor})"));
+            assert_same_tree(&layout, &tag, &dir, &format!("hoist unpack ({name})"));
             std::fs::remove_dir_all(&dir).unwrap();
         }
     }
+}
+
+#[test]
+fn a_chunk_dictionary_of_the_same_image_leaves_next_to_nothing_to_store() {
+    if !require(
+        "hoist unpack against umoci",
+        &[Need::Root, Need::tool("umoci")],
+    ) {
+        return;
+    }
+    let layout = fixtures();
+    let dict = convert(&layout, "tiny-v1", "dict-base", &[]);
+    // Every chunk and frame of small files is found in the dictionary, but for a few
+    // bytes: the dictionary knows every layer's chunks from the start, so a small file
+    // that an upper layer stored in a frame of its own is found there, and the lower
+    // layer's frame around it then differs from the one the dictionary holds.
+    let dst = format!("oci:{}:tiny-v1", scratch().join("dict-again").display());
+    let src = format!("oci:{}:tiny-v1", layout.display());
+    let out = hoist_ok(&["convert", &src, &dst, "--chunk-dict", &dict, "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let layers = report["layers"].as_array().unwrap();
+    assert!(!layers.is_empty());
+    let sum = |key: &str| -> u64 {
+        layers
+            .iter()
+            .map(|l| l["chunks"][key].as_u64().unwrap())
+            .sum()
+    };
+    let (stored, found) = (sum("stored_bytes"), sum("dict_bytes"));
+    assert!(
+        found > 0 && stored * 10_000 < found,
+        "{stored} bytes stored again, {found} found in the dictionary: {out}"
+    );
+    let frames = sum("dedup_frames");
+    assert!(frames > 0, "no frame was found in the dictionary: {out}");
+    assert!(!report["dict_blobs"].as_array().unwrap().is_empty());
+    let outp = hoist_ok(&["check", &dst]);
+    assert!(outp.contains(": ok"), "{outp}");
+    let dir = scratch().join("unpack-dict-again");
+    hoist_ok(&["unpack", &dst, dir.to_str().unwrap()]);
+    assert_same_tree(&layout, "tiny-v1", &dir, "hoist unpack (chunk dictionary)");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -57,8 +57,10 @@ pub fn check(image: &HoistImage) -> Result<CheckReport, ReadError> {
             }
             let want = (inode.size - i as u64 * chunk_size).min(chunk_size);
             match image.resolve(c) {
-                Some((blob, index, e)) if u64::from(e.uncompressed_size) >= want => {
-                    users.entry((blob, index)).or_insert_with(|| shown.clone());
+                Some(at) if at.available() >= want => {
+                    users
+                        .entry((at.blob, at.index))
+                        .or_insert_with(|| shown.clone());
                 }
                 _ => {
                     failure = Some(ReadError::File {

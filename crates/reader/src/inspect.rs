@@ -126,11 +126,12 @@ pub fn inspect(image: &HoistImage) -> Result<InspectReport, ReadError> {
                 refs += 1;
                 if c == ChunkRef::Hole {
                     hole_bytes += len;
-                } else if let Some((blob, index, e)) = image.resolve(c) {
-                    if unique.insert((blob, index)) {
-                        unique_bytes += u64::from(e.uncompressed_size);
-                        if blobs[blob].source_layer.is_none() {
-                            reused_chunk_bytes += u64::from(e.uncompressed_size);
+                } else if let Some(at) = image.resolve(c) {
+                    if unique.insert((at.blob, at.index)) {
+                        let size = u64::from(at.entry.uncompressed_size);
+                        unique_bytes += size;
+                        if blobs[at.blob].source_layer.is_none() {
+                            reused_chunk_bytes += size;
                         }
                     }
                 }

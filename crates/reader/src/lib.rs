@@ -274,15 +274,27 @@ impl HoistImage {
         self.blob_digests.get(usize::from(device).checked_sub(1)?)
     }
 
-    /// Resolves a chunk reference to its blob index (0-based) and table entry.
-    pub fn resolve(&self, c: ChunkRef) -> Option<(usize, usize, &ChunkEntry)> {
+    /// Resolves a chunk reference to the stored chunk that holds its bytes.
+    pub fn resolve(&self, c: ChunkRef) -> Option<ChunkAt<'_>> {
         let ChunkRef::Mapped { device, blkaddr } = c else {
             return None;
         };
         let blob = usize::from(device).checked_sub(1)?;
         let table = &self.meta.blobs.get(blob)?.chunks;
-        let index = table.position(u64::from(blkaddr) * hoist_format::erofs::ondisk::BLOCK_SIZE)?;
-        Some((blob, index, &table.entries[index]))
+        let offset = u64::from(blkaddr) * hoist_format::erofs::ondisk::BLOCK_SIZE;
+        let index = if self.meta.version < 2 {
+            // Version 1 refers to chunks by their start only.
+            table.position(offset)?
+        } else {
+            table.containing(offset)?
+        };
+        let entry = &table.entries[index];
+        Some(ChunkAt {
+            blob,
+            index,
+            entry,
+            skip: offset - entry.uncompressed_offset,
+        })
     }
 
     /// Fetches, decodes and verifies one chunk.
@@ -318,8 +330,8 @@ impl HoistImage {
             .walk(|_, inode| {
                 if inode.is_file() && seen.insert(inode.nid) {
                     for c in self.chunks(inode)? {
-                        if let Some((blob, index, _)) = self.resolve(c) {
-                            used[blob][index] = true;
+                        if let Some(at) = self.resolve(c) {
+                            used[at.blob][at.index] = true;
                         }
                     }
                 }
@@ -361,27 +373,49 @@ impl HoistImage {
             if c == ChunkRef::Hole {
                 continue;
             }
-            let (blob, index, entry) = self
+            let at = self
                 .resolve(c)
                 .ok_or_else(|| file_err(format!("chunk {i} points at no stored chunk ({c:?})")))?;
             let offset = i as u64 * chunk_size;
             let want = (inode.size - offset).min(chunk_size);
-            if u64::from(entry.uncompressed_size) < want {
+            if at.available() < want {
                 return Err(file_err(format!(
-                    "chunk {i} is {} bytes, the file needs {want}",
-                    entry.uncompressed_size
+                    "chunk {i} has {} bytes from where it points, the file needs {want}",
+                    at.available()
                 )));
             }
-            let data = self.read_chunk(blob, index).map_err(|e| match e {
+            let data = self.read_chunk(at.blob, at.index).map_err(|e| match e {
                 ReadError::Chunk(mut c) => {
                     c.used_by = format!(", used by {path}");
                     ReadError::Chunk(c)
                 }
                 other => other,
             })?;
-            f(offset, &data[..want as usize])?;
+            let skip = at.skip as usize;
+            f(offset, &data[skip..skip + want as usize])?;
         }
         Ok(())
+    }
+}
+
+/// Where the bytes of one chunk reference are: a stored chunk, and how far into it.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkAt<'a> {
+    /// Blob index (0-based device order).
+    pub blob: usize,
+    /// Index of the chunk in the blob's chunk table.
+    pub index: usize,
+    /// The chunk's table entry.
+    pub entry: &'a ChunkEntry,
+    /// Offset of the referenced bytes in the decoded chunk: 0, or for a small file in a
+    /// frame (format version 2) its place in the frame.
+    pub skip: u64,
+}
+
+impl ChunkAt<'_> {
+    /// Decoded bytes of the chunk from the referenced offset to its end.
+    pub fn available(&self) -> u64 {
+        u64::from(self.entry.uncompressed_size) - self.skip
     }
 }
 

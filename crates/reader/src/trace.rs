@@ -262,7 +262,8 @@ impl FileIndex {
                 let path = String::from_utf8_lossy(path).into_owned();
                 let mut chunks = Vec::new();
                 for (k, c) in image.chunks(inode)?.into_iter().enumerate() {
-                    if let Some((blob, i, _)) = image.resolve(c) {
+                    if let Some(at) = image.resolve(c) {
+                        let (blob, i) = (at.blob, at.index);
                         chunks.push((k as u64, blob, i));
                         index.used.insert((blob, i));
                         index

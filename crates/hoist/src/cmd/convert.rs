@@ -68,6 +68,9 @@ pub fn run(cx: &Context, a: &ConvertArgs) -> anyhow::Result<()> {
             CompressorArg::None => Compressor::None,
         },
         chunk_size: a.chunk_size,
+        frame_size: a
+            .frame_size
+            .unwrap_or(hoist_builder::convert::DEFAULT_FRAME_SIZE.min(a.chunk_size)),
         fetch_jobs: a.jobs.max(1),
         // Spool under HOIST_HOME when it can be created, else in the temporary directory.
         spool_dir: std::fs::create_dir_all(&spool).is_ok().then_some(spool),
@@ -176,6 +179,13 @@ fn summary(src: &str, dst: &str, r: &ConvertReport, secs: f64) -> String {
     let saved: u64 = r.layers.iter().map(|l| l.chunks.dedup_bytes).sum();
     let dict: u64 = r.layers.iter().map(|l| l.chunks.dict_bytes).sum();
     let holes: u64 = r.layers.iter().map(|l| l.chunks.hole_bytes).sum();
+    let small: u64 = r.layers.iter().map(|l| l.chunks.small_files).sum();
+    let frames: u64 = r.layers.iter().map(|l| l.chunks.frames).sum();
+    let frames_note = if small > 0 {
+        format!(", {small} small files in {frames} frames")
+    } else {
+        String::new()
+    };
     let dict_note = if dict > 0 {
         format!(" ({} from the chunk dictionary)", human(dict))
     } else {
@@ -187,7 +197,7 @@ fn summary(src: &str, dst: &str, r: &ConvertReport, secs: f64) -> String {
         String::new()
     };
     format!(
-        "{src} -> {dst}: {} layers{reused}, {} in, {} out (meta {}), dedup saved {}{dict_note}, holes {}, {secs:.2} s, manifest {}",
+        "{src} -> {dst}: {} layers{reused}, {} in, {} out (meta {}), dedup saved {}{dict_note}, holes {}{frames_note}, {secs:.2} s, manifest {}",
         r.layers.len(),
         human(r.bytes_in),
         human(r.bytes_out),
