@@ -417,7 +417,13 @@ pub fn convert(
     let image = erofs::write_image(&tree, &devices, &erofs::WriteOptions { chunk_bits })?;
     let infos: Vec<BlobInfo> = final_blobs.iter().map(|(i, _, _)| i.clone()).collect();
     let meta_bytes = meta::assemble(image, chunk_bits, &infos)?;
-    let meta_desc = write_blob(dst, &meta_bytes)?;
+    let meta_blob = hoist_codec::encode_blob(&meta_bytes, meta::META_CHUNK_SIZE, opts.compressor)
+        .map_err(|e| BuildError::Invalid(format!("compressing the metadata: {e}")))?;
+    let meta_table = &meta_blob[meta_blob.len()
+        - hoist_format::chunk::BLOB_TRAILER_SIZE
+        - meta_bytes.len().div_ceil(meta::META_CHUNK_SIZE)
+            * hoist_format::chunk::CHUNK_ENTRY_SIZE..];
+    let meta_desc = write_blob(dst, &meta_blob)?;
 
     let mut layer_descs = Vec::new();
     let mut dict_blobs = Vec::new();
@@ -463,6 +469,9 @@ pub fn convert(
         "annotations": {
             media::ANNOTATION_META_VERSION: hoist_format::meta::META_VERSION.to_string(),
             media::ANNOTATION_SNAPSHOT_LAYER: "meta",
+            media::ANNOTATION_UNCOMPRESSED_SIZE: meta_bytes.len().to_string(),
+            media::ANNOTATION_CHUNKS: meta_bytes.len().div_ceil(meta::META_CHUNK_SIZE).to_string(),
+            media::ANNOTATION_META_TABLE: format!("blake3:{}", meta::hex(&hoist_codec::digest(meta_table))),
         },
     }));
     let mut trace_bytes = 0;
@@ -635,5 +644,8 @@ pub fn load_meta(src: &dyn ImageSource) -> Result<meta::Meta, BuildError> {
         })?;
     let (d, size, _) = descriptor(layer, "metadata layer")?;
     let blob = src.read_blob(&d, size, meta::MAX_META_SIZE)?;
-    Ok(meta::parse(&blob)?)
+    let bytes = hoist_codec::metadata_of(blob, meta::MAX_META_SIZE).map_err(|e| {
+        BuildError::Invalid(format!("metadata blob {d} of {}: {e}", src.describe()))
+    })?;
+    Ok(meta::parse(&bytes)?)
 }

@@ -630,6 +630,25 @@ impl ChunkStore {
         Ok(Some(data))
     }
 
+    /// Path of the metadata a kernel mounts for the metadata blob `digest_hex` when that
+    /// blob is stored as a chunked blob (format version 3): the bytes it decodes to.
+    pub fn meta_image_path(&self, digest_hex: &str) -> PathBuf {
+        self.root.join("meta").join(format!("{digest_hex}.erofs"))
+    }
+
+    /// Makes the file at [`ChunkStore::meta_image_path`] hold exactly `data`, metadata
+    /// the caller decoded and verified: a file that differs (damaged, or left by a
+    /// crash) is replaced, so the kernel never reads bytes this process did not verify.
+    pub fn put_meta_image(&self, digest_hex: &str, data: &[u8]) -> io::Result<PathBuf> {
+        let path = self.meta_image_path(digest_hex);
+        let same = fs::metadata(&path).is_ok_and(|m| m.len() == data.len() as u64)
+            && fs::read(&path).is_ok_and(|d| d == data);
+        if !same {
+            self.write_atomic(&path, data)?;
+        }
+        Ok(path)
+    }
+
     /// Stores a metadata blob the caller has verified.
     pub fn put_meta(&self, digest_hex: &str, data: &[u8]) -> io::Result<PathBuf> {
         let path = self.meta_path(digest_hex);

@@ -6,7 +6,10 @@
 //! than the size the chunk table promises, and every decoded chunk is checked against its
 //! BLAKE3 digest before anyone sees it.
 
-use hoist_format::chunk::{ChunkEntry, Compressor};
+use hoist_format::chunk::{
+    BlobTrailer, ChunkEntry, ChunkTable, Compressor, BLOB_TRAILER_SIZE, CHUNK_ENTRY_SIZE,
+};
+use hoist_format::erofs::ondisk::BLOCK_SIZE;
 
 /// Errors decoding a chunk.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,18 @@ pub enum CodecError {
     /// The compressor failed (never expected for in-memory buffers).
     #[error("{0} compression failed: {1}")]
     Encode(&'static str, String),
+    /// A whole blob's framing (trailer, chunk table) is corrupt.
+    #[error(transparent)]
+    Format(#[from] hoist_format::FormatError),
+    /// A chunk of a whole blob fails to decode or verify.
+    #[error("chunk {index}: {source}")]
+    Chunk {
+        /// Index of the chunk in the blob's table.
+        index: usize,
+        /// What is wrong.
+        #[source]
+        source: Box<CodecError>,
+    },
 }
 
 /// BLAKE3-256 digest of a chunk's uncompressed bytes.
@@ -118,6 +133,93 @@ pub fn decode(compressor: Compressor, stored: &[u8], size: u32) -> Result<Vec<u8
     Ok(out)
 }
 
+/// Encodes `data` as a hoist blob (the data blob framing: compressed chunks of
+/// `chunk_size` bytes, a power of two from 4 KiB, then their table and a trailer), so
+/// that any range of it can be fetched and verified on its own. hoist stores its
+/// metadata this way (format version 3).
+pub fn encode_blob(
+    data: &[u8],
+    chunk_size: usize,
+    compressor: Compressor,
+) -> Result<Vec<u8>, CodecError> {
+    debug_assert!(chunk_size.is_power_of_two() && chunk_size as u64 >= BLOCK_SIZE);
+    let mut enc = Encoder::new(compressor)?;
+    let mut out = Vec::new();
+    let mut table = ChunkTable::default();
+    for (i, piece) in data.chunks(chunk_size).enumerate() {
+        let (compressor, stored) = enc.encode(piece)?;
+        table.entries.push(ChunkEntry {
+            uncompressed_offset: (i * chunk_size) as u64,
+            compressed_offset: out.len() as u64,
+            uncompressed_size: piece.len() as u32,
+            compressed_size: stored.len() as u32,
+            compressor,
+            digest: digest(piece),
+        });
+        out.extend_from_slice(&stored);
+    }
+    let trailer = BlobTrailer {
+        chunk_count: table.entries.len() as u64,
+        table_offset: out.len() as u64,
+        uncompressed_size: (data.len() as u64).next_multiple_of(BLOCK_SIZE),
+    };
+    out.extend_from_slice(&table.to_bytes());
+    out.extend_from_slice(&trailer.to_bytes());
+    Ok(out)
+}
+
+/// Decodes a whole blob written by [`encode_blob`] back to its bytes (its uncompressed
+/// address space up to the end of its last chunk), verifying every chunk; refuses a
+/// blob that would decode to more than `limit` bytes before allocating them.
+pub fn decode_blob(blob: &[u8], limit: u64) -> Result<Vec<u8>, CodecError> {
+    let corrupt = |w: &str| CodecError::Format(hoist_format::FormatError::Corrupt(w.into()));
+    let tail = blob
+        .len()
+        .checked_sub(BLOB_TRAILER_SIZE)
+        .ok_or_else(|| corrupt("blob shorter than its trailer"))?;
+    let trailer = BlobTrailer::parse(&blob[tail..], blob.len() as u64)?;
+    if trailer.uncompressed_size > limit {
+        return Err(corrupt(&format!(
+            "blob of {} bytes decoded, more than the {limit} allowed",
+            trailer.uncompressed_size
+        )));
+    }
+    // The trailer's check bounds the table within the blob.
+    let start = trailer.table_offset as usize;
+    let end = start + trailer.chunk_count as usize * CHUNK_ENTRY_SIZE;
+    let table = ChunkTable::parse(
+        &blob[start..end],
+        trailer.table_offset,
+        trailer.uncompressed_size,
+    )?;
+    let len = table.entries.last().map_or(0, |e| {
+        e.uncompressed_offset + u64::from(e.uncompressed_size)
+    });
+    let mut out = vec![0u8; len as usize];
+    for (index, e) in table.entries.iter().enumerate() {
+        // The table's checks bound the compressed range within the chunk area.
+        let at = e.compressed_offset as usize;
+        let stored = &blob[at..at + e.compressed_size as usize];
+        let data = decode_verified(e, stored).map_err(|source| CodecError::Chunk {
+            index,
+            source: Box::new(source),
+        })?;
+        let to = e.uncompressed_offset as usize;
+        out[to..to + data.len()].copy_from_slice(&data);
+    }
+    Ok(out)
+}
+
+/// The metadata held by a metadata blob: the blob itself up to format version 2, what
+/// it decodes to from version 3 on (a chunked blob; [`decode_blob`] with `limit`).
+pub fn metadata_of(blob: Vec<u8>, limit: u64) -> Result<Vec<u8>, CodecError> {
+    if blob.starts_with(&hoist_format::meta::META_MAGIC) {
+        Ok(blob)
+    } else {
+        decode_blob(&blob, limit)
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     hoist_format::meta::hex(bytes)
 }
@@ -125,6 +227,24 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blob_round_trips_and_a_damaged_one_is_refused() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 7 + i / 5000) as u8).collect();
+        for compressor in [Compressor::Zstd, Compressor::Lz4, Compressor::None] {
+            let blob = encode_blob(&data, 64 << 10, compressor).unwrap();
+            assert_eq!(decode_blob(&blob, 1 << 20).unwrap(), data);
+            assert!(decode_blob(&blob, 100_000).is_err(), "over the limit");
+            let mut bad = blob.clone();
+            bad[10] ^= 1;
+            assert!(decode_blob(&bad, 1 << 20).is_err(), "a flipped byte");
+            assert!(decode_blob(&blob[1..], 1 << 20).is_err(), "cut");
+        }
+        assert_eq!(
+            decode_blob(&encode_blob(&[], 4096, Compressor::Zstd).unwrap(), 0).unwrap(),
+            b""
+        );
+    }
 
     fn entry(compressor: Compressor, data: &[u8], stored: &[u8]) -> ChunkEntry {
         ChunkEntry {

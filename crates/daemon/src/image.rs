@@ -151,6 +151,21 @@ pub(crate) fn device_sizes(image: &HoistImage) -> Vec<u64> {
         .collect()
 }
 
+/// The file the kernel mounts as the image's metadata (erofs mode): the cached
+/// metadata blob itself, or, for a blob stored as a chunked blob (format version 3),
+/// the metadata this process decoded and verified from it.
+pub(crate) fn kernel_meta(
+    store: &hoist_cache::ChunkStore,
+    image: &HoistImage,
+) -> std::io::Result<std::path::PathBuf> {
+    let hex = image.meta_digest.hex();
+    if image.meta_chunked {
+        store.put_meta_image(hex, &image.meta_bytes)
+    } else {
+        Ok(store.meta_path(hex))
+    }
+}
+
 /// A file-name-safe id of a mount point.
 pub(crate) fn mount_id(mountpoint: &Path) -> String {
     let digest = hoist_oci::Digest::of(mountpoint.as_os_str().as_encoded_bytes());

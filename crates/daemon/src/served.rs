@@ -6,7 +6,7 @@ use crate::api::{
 };
 use crate::home::Home;
 use crate::image::{
-    device_sizes, image_error, joined, mount_id, read_config, read_error, read_trace,
+    device_sizes, image_error, joined, kernel_meta, mount_id, read_config, read_error, read_trace,
 };
 use hoist_cache::prefetch::Progress;
 use hoist_cache::{
@@ -123,7 +123,12 @@ impl Served {
                 served.dev = Some(m.dev);
             }
             Mode::Erofs => {
-                let meta = store.meta_path(served.image.meta_digest.hex());
+                let meta = kernel_meta(&store, &served.image).map_err(|e| {
+                    DaemonError::Internal(format!(
+                        "writing the metadata of {} for the kernel: {e}",
+                        served.image.meta_digest
+                    ))
+                })?;
                 let sizes = device_sizes(&served.image);
                 // A fully cached image whose blob views are built is read by the kernel
                 // from the local disk (direct I/O: no second copy in the page cache),
@@ -402,7 +407,13 @@ impl Served {
             return;
         };
         let store = self.fetcher.store();
-        let meta = store.meta_path(self.image.meta_digest.hex());
+        let meta = match kernel_meta(store, &self.image) {
+            Ok(meta) => meta,
+            Err(e) => {
+                tracing::warn!("metadata of {} for the kernel: {e}", self.image.meta_digest);
+                return;
+            }
+        };
         let blobs: Vec<(PathBuf, PathBuf)> = self
             .fetcher
             .blobs()

@@ -21,8 +21,11 @@ use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 pub const META_MAGIC: [u8; 8] = *b"HOISTMET";
 /// The format version this crate writes. Version 2 lets a file's chunk index point
 /// inside a stored chunk (a frame of small files compressed together), where version 1
-/// required the exact start of one.
-pub const META_VERSION: u32 = 2;
+/// required the exact start of one. Version 3 stores the metadata blob as a chunked blob
+/// ([`META_CHUNK_SIZE`] chunks in the data blob framing) that decodes to these bytes.
+pub const META_VERSION: u32 = 3;
+/// Chunk size of a metadata blob stored as a chunked blob (version 3).
+pub const META_CHUNK_SIZE: usize = 64 << 10;
 /// The oldest format version this crate reads.
 pub const MIN_META_VERSION: u32 = 1;
 /// Size of one blob record.

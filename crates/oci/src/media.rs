@@ -64,5 +64,9 @@ pub const ANNOTATION_UNCOMPRESSED_SIZE: &str = "dev.hoist.blob.uncompressed-size
 pub const ANNOTATION_SOURCE_LAYER: &str = "dev.hoist.blob.source-layer";
 /// Data blob annotation: number of chunks.
 pub const ANNOTATION_CHUNKS: &str = "dev.hoist.blob.chunks";
+/// Metadata blob annotation (format version 3): BLAKE3 of the blob's chunk table and
+/// trailer (its last bytes), `blake3:<hex>`, so that ranges of the metadata can be
+/// fetched and verified without reading the whole blob.
+pub const ANNOTATION_META_TABLE: &str = "dev.hoist.meta.table";
 /// Metadata blob annotation: format version.
 pub const ANNOTATION_META_VERSION: &str = "dev.hoist.meta.version";

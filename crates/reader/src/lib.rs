@@ -126,6 +126,12 @@ pub struct HoistImage {
     pub meta: Meta,
     /// The EROFS tree.
     pub fs: Image<Arc<Vec<u8>>>,
+    /// The metadata itself (hoist header, EROFS image, tables): the metadata blob, or
+    /// what it decodes to when it is stored as a chunked blob (format version 3).
+    pub meta_bytes: Arc<Vec<u8>>,
+    /// Whether the metadata blob is stored as a chunked blob (its bytes are not the
+    /// metadata itself).
+    pub meta_chunked: bool,
     blob_digests: Vec<Digest>,
 }
 
@@ -164,8 +170,17 @@ impl HoistImage {
             digest: meta_digest.to_string(),
             source,
         };
+        // Version 3 stores the metadata as a chunked blob; earlier versions as is.
+        let meta_chunked = !blob.starts_with(&meta::META_MAGIC);
+        let blob = hoist_codec::metadata_of(blob, MAX_META_SIZE).map_err(|e| ReadError::Meta {
+            digest: meta_digest.to_string(),
+            source: hoist_format::FormatError::Corrupt(format!(
+                "neither metadata nor a chunked blob of it: {e}"
+            )),
+        })?;
         let meta = meta::parse(&blob).map_err(meta_err)?;
-        let fs = Image::open(Arc::new(blob)).map_err(meta_err)?;
+        let meta_bytes = Arc::new(blob);
+        let fs = Image::open(meta_bytes.clone()).map_err(meta_err)?;
         if fs.devices().len() != meta.blobs.len() {
             return Err(meta_err(hoist_format::FormatError::Corrupt(format!(
                 "{} EROFS devices but {} blob records",
@@ -200,6 +215,8 @@ impl HoistImage {
             meta_digest,
             meta,
             fs,
+            meta_bytes,
+            meta_chunked,
             blob_digests,
         })
     }

@@ -59,15 +59,8 @@ fn write_files(
         dir.join(format!(".tmp-{name}"))
     };
     let meta_path = dir.join("meta.erofs");
-    let meta = img.source().read_blob(
-        &img.meta_digest,
-        img.layers
-            .iter()
-            .find(|l| l.digest == img.meta_digest.as_str())
-            .map_or(0, |l| l.size),
-        hoist_reader::MAX_META_SIZE,
-    )?;
-    std::fs::write(temp(&meta_path), &meta)
+    // The metadata itself, which the kernel mounts (decoded if stored as a chunked blob).
+    std::fs::write(temp(&meta_path), img.meta_bytes.as_slice())
         .with_context(|| format!("writing {}", temp(&meta_path).display()))?;
     let mut devices = Vec::new();
     for (b, info) in img.meta.blobs.iter().enumerate() {
