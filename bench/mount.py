@@ -240,6 +240,7 @@ def main():
     ap.add_argument("--only-native", action="store_true", help="development: measure the native tree only")
     ap.add_argument("--prefetch-timeout", type=float, default=300, help="seconds to wait for a fully cached mount")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--hoist", help="the hoist binary (default: target/release/hoist of this checkout)")
     ap.add_argument("--json", help="default bench/out/mount.json (mount-native.json with --only-native)")
     args = ap.parse_args()
     args.fixtures = args.fixtures or images.test_images()
@@ -250,6 +251,9 @@ def main():
     for tool in ("fio", "umoci"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (apt-get install {tool})")
+    if args.hoist:
+        global HOIST
+        HOIST = Path(args.hoist).resolve()
     if modes and not HOIST.exists():
         subprocess.run(["cargo", "build", "--release", "-p", "hoist"], cwd=ROOT, check=True)
 

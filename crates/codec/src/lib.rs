@@ -228,6 +228,30 @@ fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Untrusted bytes as a chunked blob: an error, never a panic, and a damaged
+        /// blob decodes to its own bytes or not at all.
+        #[test]
+        fn a_damaged_blob_decodes_to_its_bytes_or_fails(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20_000),
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), 1u8..), 1..4),
+            cut in 0usize..100,
+        ) {
+            let blob = encode_blob(&data, 4096, Compressor::Zstd).unwrap();
+            let mut bad = blob.clone();
+            for (at, x) in &flips {
+                let i = at % bad.len();
+                bad[i] ^= x;
+            }
+            if let Ok(out) = decode_blob(&bad, 1 << 20) {
+                proptest::prop_assert_eq!(out, data.clone());
+            }
+            let short = &blob[..blob.len().saturating_sub(cut + 1)];
+            let _ = decode_blob(short, 1 << 20);
+            let _ = metadata_of(bad, 1 << 20);
+        }
+    }
+
     #[test]
     fn a_blob_round_trips_and_a_damaged_one_is_refused() {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 7 + i / 5000) as u8).collect();
