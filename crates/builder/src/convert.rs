@@ -416,13 +416,13 @@ pub fn convert(
         .collect::<Result<Vec<_>, BuildError>>()?;
     let image = erofs::write_image(&tree, &devices, &erofs::WriteOptions { chunk_bits })?;
     let infos: Vec<BlobInfo> = final_blobs.iter().map(|(i, _, _)| i.clone()).collect();
-    let meta_bytes = meta::assemble(image, chunk_bits, &infos)?;
+    let used = referenced_chunks(&tree, &infos)?;
+    let meta_bytes = meta::assemble(image, chunk_bits, &infos, &used)?;
     let meta_blob = hoist_codec::encode_blob(&meta_bytes, meta::META_CHUNK_SIZE, opts.compressor)
         .map_err(|e| BuildError::Invalid(format!("compressing the metadata: {e}")))?;
-    let meta_table = &meta_blob[meta_blob.len()
-        - hoist_format::chunk::BLOB_TRAILER_SIZE
-        - meta_bytes.len().div_ceil(meta::META_CHUNK_SIZE)
-            * hoist_format::chunk::CHUNK_ENTRY_SIZE..];
+    let meta_chunks = meta_bytes.len().div_ceil(meta::META_CHUNK_SIZE);
+    let meta_table = hoist_codec::table_digest(&meta_blob, meta_chunks)
+        .ok_or_else(|| BuildError::Invalid("the metadata blob has no chunk table".into()))?;
     let meta_desc = write_blob(dst, &meta_blob)?;
 
     let mut layer_descs = Vec::new();
@@ -470,8 +470,8 @@ pub fn convert(
             media::ANNOTATION_META_VERSION: hoist_format::meta::META_VERSION.to_string(),
             media::ANNOTATION_SNAPSHOT_LAYER: "meta",
             media::ANNOTATION_UNCOMPRESSED_SIZE: meta_bytes.len().to_string(),
-            media::ANNOTATION_CHUNKS: meta_bytes.len().div_ceil(meta::META_CHUNK_SIZE).to_string(),
-            media::ANNOTATION_META_TABLE: format!("blake3:{}", meta::hex(&hoist_codec::digest(meta_table))),
+            media::ANNOTATION_CHUNKS: meta_chunks.to_string(),
+            media::ANNOTATION_META_TABLE: format!("blake3:{}", meta::hex(&meta_table)),
         },
     }));
     let mut trace_bytes = 0;
@@ -608,6 +608,15 @@ fn write_blob(dst: &dyn ImageSink, bytes: &[u8]) -> Result<(Digest, u64), BuildE
 /// Devices referenced by files reachable from the root.
 fn reachable_devices(tree: &Tree) -> HashSet<u16> {
     let mut out = HashSet::new();
+    for_each_reachable_chunk(tree, |device, _| {
+        out.insert(device);
+    });
+    out
+}
+
+/// Calls `f(device, blkaddr)` for every stored chunk a file reachable from the root
+/// references (a hardlinked file once).
+fn for_each_reachable_chunk(tree: &Tree, mut f: impl FnMut(u16, u32)) {
     let mut stack = vec![Tree::ROOT];
     let mut seen = HashSet::new();
     while let Some(id) = stack.pop() {
@@ -616,14 +625,43 @@ fn reachable_devices(tree: &Tree) -> HashSet<u16> {
         }
         match &tree.nodes[id].kind {
             NodeKind::Dir(entries) => stack.extend(entries.values()),
-            NodeKind::File { chunks, .. } => out.extend(chunks.iter().filter_map(|c| match c {
-                ChunkRef::Mapped { device, .. } => Some(*device),
-                ChunkRef::Hole => None,
-            })),
+            NodeKind::File { chunks, .. } => {
+                for c in chunks {
+                    if let ChunkRef::Mapped { device, blkaddr } = c {
+                        f(*device, *blkaddr);
+                    }
+                }
+            }
             _ => {}
         }
     }
-    out
+}
+
+/// Which chunks of each final blob a reachable file references (`[blob][index]`),
+/// stored in the metadata so that a mount need not walk the tree to know.
+fn referenced_chunks(tree: &Tree, blobs: &[BlobInfo]) -> Result<Vec<Vec<bool>>, BuildError> {
+    let mut used: Vec<Vec<bool>> = blobs
+        .iter()
+        .map(|b| vec![false; b.chunks.entries.len()])
+        .collect();
+    let mut missing = None;
+    for_each_reachable_chunk(tree, |device, blkaddr| {
+        let offset = u64::from(blkaddr) * hoist_format::erofs::ondisk::BLOCK_SIZE;
+        let at = usize::from(device).checked_sub(1).and_then(|b| {
+            let index = blobs.get(b)?.chunks.containing(offset)?;
+            Some((b, index))
+        });
+        match at {
+            Some((b, index)) => used[b][index] = true,
+            None => missing = Some((device, blkaddr)),
+        }
+    });
+    if let Some((device, blkaddr)) = missing {
+        return Err(BuildError::Invalid(format!(
+            "a file points at block {blkaddr} of device {device}, where no chunk is stored"
+        )));
+    }
+    Ok(used)
 }
 
 /// Reads and parses the metadata blob of a hoist image.

@@ -168,6 +168,16 @@ pub fn encode_blob(
     Ok(out)
 }
 
+/// The BLAKE3 of a blob's chunk table and trailer (its last `64 × chunks + 64` bytes),
+/// which pins every chunk of it: what a manifest records for a chunked metadata blob
+/// (`dev.hoist.meta.table`). `None` if the blob is shorter than that.
+pub fn table_digest(blob: &[u8], chunks: usize) -> Option<[u8; 32]> {
+    let tail = chunks
+        .checked_mul(CHUNK_ENTRY_SIZE)?
+        .checked_add(BLOB_TRAILER_SIZE)?;
+    Some(digest(&blob[blob.len().checked_sub(tail)?..]))
+}
+
 /// Decodes a whole blob written by [`encode_blob`] back to its bytes (its uncompressed
 /// address space up to the end of its last chunk), verifying every chunk; refuses a
 /// blob that would decode to more than `limit` bytes before allocating them.

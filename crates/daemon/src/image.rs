@@ -160,9 +160,29 @@ pub(crate) fn kernel_meta(
 ) -> std::io::Result<std::path::PathBuf> {
     let hex = image.meta_digest.hex();
     if image.meta_chunked {
-        store.put_meta_image(hex, &image.meta_bytes)
+        let bytes = image.meta_all().map_err(std::io::Error::other)?;
+        store.put_meta_image(hex, &bytes)
     } else {
         Ok(store.meta_path(hex))
+    }
+}
+
+/// Decoded metadata chunks kept in the chunk cache, as data chunks are: a remount, or a
+/// server taking a mount over, reads what was read before without the registry.
+pub(crate) struct StoreMetaCache(pub std::sync::Arc<hoist_cache::ChunkStore>);
+
+impl hoist_reader::lazy::MetaChunkCache for StoreMetaCache {
+    fn get(&self, digest: &[u8; 32], size: u32) -> Option<Vec<u8>> {
+        use std::io::Read;
+        let mut f = self.0.open_chunk(digest, size).ok()??;
+        let mut data = Vec::with_capacity(size as usize);
+        f.read_to_end(&mut data).ok()?;
+        Some(data)
+    }
+    fn put(&self, digest: &[u8; 32], data: &[u8]) {
+        if let Err(e) = self.0.put_chunk(digest, data) {
+            tracing::warn!("caching a metadata chunk: {e}");
+        }
     }
 }
 

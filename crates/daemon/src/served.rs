@@ -7,6 +7,7 @@ use crate::api::{
 use crate::home::Home;
 use crate::image::{
     device_sizes, image_error, joined, kernel_meta, mount_id, read_config, read_error, read_trace,
+    StoreMetaCache,
 };
 use hoist_cache::prefetch::Progress;
 use hoist_cache::{
@@ -195,7 +196,18 @@ impl Served {
                     None
                 })),
             });
-            let image = HoistImage::open(Box::new(source.clone())).map_err(read_error);
+            // In fuse mode hoist reads the metadata it needs when it needs it (version 3
+            // images); the kernel's EROFS mounts a file, which must hold all of it.
+            let image = match spec.mode {
+                Mode::Fuse => HoistImage::open_lazy(
+                    Box::new(source.clone()),
+                    source.clone(),
+                    Some(Arc::new(StoreMetaCache(store.clone()))),
+                    spec.meta_whole_max_bytes,
+                ),
+                Mode::Erofs => HoistImage::open(Box::new(source.clone())),
+            }
+            .map_err(read_error);
             (image, joined(config.join()), joined(trace.join()))
         });
         let (image, config, image_trace) = (image?, config?, image_trace?);
@@ -609,7 +621,12 @@ impl Served {
         &self.config
     }
 
+    /// Bytes of metadata read: what was fetched so far when it is read on demand, else
+    /// the whole metadata blob.
     pub(crate) fn meta_bytes(&self) -> u64 {
+        if let Some((fetched, _)) = self.image.meta_fetched() {
+            return fetched;
+        }
         self.image
             .layers
             .iter()

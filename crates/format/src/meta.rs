@@ -13,7 +13,7 @@
 
 use crate::chunk::{ChunkTable, DigestAlgo, CHUNK_ENTRY_SIZE, MAX_CHUNKS};
 use crate::erofs::ondisk::{BLOCK_SIZE, SUPER_OFFSET};
-use crate::FormatError;
+use crate::{FormatError, ReadAt};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
@@ -56,8 +56,10 @@ pub struct RawMetaHeader {
     pub blob_table_offset: U64,
     /// Number of blob records (= EROFS extra devices).
     pub blob_count: U32,
+    /// Offset of the referenced-chunk bitmap (version 3), or 0 if there is none.
+    pub used_offset: U64,
     /// Reserved (0).
-    pub reserved2: [u8; 92],
+    pub reserved2: [u8; 84],
 }
 
 /// On-disk blob record (128 bytes).
@@ -113,14 +115,30 @@ pub struct Meta {
     pub erofs_size: u64,
     /// Data blobs in device order (device id `n` is `blobs[n - 1]`).
     pub blobs: Vec<BlobInfo>,
+    /// For each blob, which of its chunks a file of the tree references
+    /// (`used[blob][index]`), as computed at conversion (version 3); `None` on earlier
+    /// images, whose readers walk the tree to know.
+    pub used: Option<Vec<Vec<bool>>>,
 }
 
-/// Assembles a metadata blob from an EROFS image (whose first 1024 bytes are free).
+/// Assembles a metadata blob from an EROFS image (whose first 1024 bytes are free), the
+/// data blobs, and which of their chunks the tree references (`used[blob][index]`).
 pub fn assemble(
     mut erofs: Vec<u8>,
     chunk_bits: u8,
     blobs: &[BlobInfo],
+    used: &[Vec<bool>],
 ) -> Result<Vec<u8>, FormatError> {
+    if used.len() != blobs.len()
+        || used
+            .iter()
+            .zip(blobs)
+            .any(|(u, b)| u.len() != b.chunks.entries.len())
+    {
+        return Err(FormatError::invalid(
+            "the referenced-chunk bitmap does not match the chunk tables",
+        ));
+    }
     if erofs.len() < 2 * BLOCK_SIZE as usize
         || !erofs.len().is_multiple_of(BLOCK_SIZE as usize)
         || erofs[..SUPER_OFFSET as usize].iter().any(|&b| b != 0)
@@ -153,6 +171,7 @@ pub fn assemble(
         records.extend_from_slice(rec.as_bytes());
         tables.extend_from_slice(&table);
     }
+    let used_offset = next_table;
     let header = RawMetaHeader {
         magic: META_MAGIC,
         version: META_VERSION.into(),
@@ -161,18 +180,57 @@ pub fn assemble(
         erofs_size: erofs_size.into(),
         blob_table_offset: table_offset.into(),
         blob_count: blob_count.into(),
+        used_offset: used_offset.into(),
         ..FromZeros::new_zeroed()
     };
     erofs[..size_of::<RawMetaHeader>()].copy_from_slice(header.as_bytes());
     erofs.extend_from_slice(&records);
     erofs.extend_from_slice(&tables);
+    for bits in used {
+        let mut bytes = vec![0u8; bits.len().div_ceil(8)];
+        for (i, _) in bits.iter().enumerate().filter(|(_, b)| **b) {
+            bytes[i / 8] |= 1 << (i % 8);
+        }
+        erofs.extend_from_slice(&bytes);
+    }
     Ok(erofs)
 }
 
 /// Parses and validates the hoist parts of a metadata blob.
 pub fn parse(blob: &[u8]) -> Result<Meta, FormatError> {
+    parse_at(blob)
+}
+
+/// Reads `len` bytes at `at` of `r`, checked to lie within its `size`.
+fn read_range(
+    r: &(impl ReadAt + ?Sized),
+    at: u64,
+    len: u64,
+    size: u64,
+    what: &dyn Fn() -> String,
+) -> Result<Vec<u8>, FormatError> {
+    if at.checked_add(len).is_none_or(|end| end > size) {
+        return Err(FormatError::Corrupt(format!(
+            "{} does not fit in the metadata blob",
+            what()
+        )));
+    }
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact_at(&mut buf, at)?;
+    Ok(buf)
+}
+
+/// [`parse`] through positioned reads: reads the header, the blob records, the chunk
+/// tables and the bitmap, and nothing of the EROFS image (a reader fetching metadata
+/// on demand fetches just those ranges).
+pub fn parse_at(r: &(impl ReadAt + ?Sized)) -> Result<Meta, FormatError> {
     let corrupt = |w: String| FormatError::Corrupt(w);
-    let (raw, _) = RawMetaHeader::read_from_prefix(blob)
+    let len = r.size()?;
+    let head = read_range(r, 0, size_of::<RawMetaHeader>() as u64, len, &|| {
+        "the header".into()
+    })
+    .map_err(|_| corrupt("metadata blob shorter than its header".into()))?;
+    let (raw, _) = RawMetaHeader::read_from_prefix(&head)
         .map_err(|_| corrupt("metadata blob shorter than its header".into()))?;
     if raw.magic != META_MAGIC {
         return Err(corrupt("not a hoist metadata blob (bad magic)".into()));
@@ -193,7 +251,6 @@ pub fn parse(blob: &[u8]) -> Result<Meta, FormatError> {
         )));
     }
     let erofs_size = raw.erofs_size.get();
-    let len = blob.len() as u64;
     if erofs_size % BLOCK_SIZE != 0 || erofs_size > len || raw.blob_table_offset.get() != erofs_size
     {
         return Err(corrupt(
@@ -206,15 +263,16 @@ pub fn parse(blob: &[u8]) -> Result<Meta, FormatError> {
     }
     let start = raw.blob_table_offset.get();
     let mut blobs = Vec::new();
-    for i in 0..u64::from(count) {
-        let at = start
-            .checked_add(i * BLOB_RECORD_SIZE as u64)
-            .filter(|a| a + BLOB_RECORD_SIZE as u64 <= len);
-        let at = at
-            .ok_or_else(|| corrupt(format!("blob record {i} runs past the metadata blob")))?
-            as usize;
-        let (rec, _) = RawBlobRecord::read_from_prefix(&blob[at..])
-            .map_err(|_| corrupt("blob record".into()))?;
+    let records = read_range(
+        r,
+        start,
+        u64::from(count) * BLOB_RECORD_SIZE as u64,
+        len,
+        &|| "the blob records".into(),
+    )?;
+    for (i, record) in records.chunks_exact(BLOB_RECORD_SIZE).enumerate() {
+        let (rec, _) =
+            RawBlobRecord::read_from_prefix(record).map_err(|_| corrupt("blob record".into()))?;
         let n = rec.chunk_count.get();
         let t_at = rec.chunk_table_offset.get();
         let t_end = n
@@ -232,12 +290,11 @@ pub fn parse(blob: &[u8]) -> Result<Meta, FormatError> {
                 "blob {i}: chunk area larger than the blob"
             )));
         }
-        let chunks = ChunkTable::parse(
-            &blob[t_at as usize..t_end as usize],
-            data_size,
-            rec.uncompressed_size.get(),
-        )
-        .map_err(|e| corrupt(format!("blob {i}: {e}")))?;
+        let table = read_range(r, t_at, t_end - t_at, len, &|| {
+            format!("chunk table of blob {i}")
+        })?;
+        let chunks = ChunkTable::parse(&table, data_size, rec.uncompressed_size.get())
+            .map_err(|e| corrupt(format!("blob {i}: {e}")))?;
         blobs.push(BlobInfo {
             digest: rec.digest,
             compressed_size: rec.compressed_size.get(),
@@ -246,12 +303,41 @@ pub fn parse(blob: &[u8]) -> Result<Meta, FormatError> {
             chunks,
         });
     }
+    let used = match raw.used_offset.get() {
+        0 => None,
+        at => Some(parse_used(r, at, len, &blobs)?),
+    };
     Ok(Meta {
         version,
         chunk_bits,
         erofs_size,
         blobs,
+        used,
     })
+}
+
+/// Decodes the referenced-chunk bitmap at `at`: per blob in device order, a bit per
+/// chunk (bit `i % 8` of byte `i / 8`), its bytes rounded up to whole bytes.
+fn parse_used(
+    r: &(impl ReadAt + ?Sized),
+    at: u64,
+    size: u64,
+    blobs: &[BlobInfo],
+) -> Result<Vec<Vec<bool>>, FormatError> {
+    let total: u64 = blobs
+        .iter()
+        .map(|b| b.chunks.entries.len().div_ceil(8) as u64)
+        .sum();
+    let bytes = read_range(r, at, total, size, &|| "the referenced-chunk bitmap".into())?;
+    let mut pos = 0;
+    let mut used = Vec::with_capacity(blobs.len());
+    for b in blobs {
+        let n = b.chunks.entries.len();
+        let bits = &bytes[pos..pos + n.div_ceil(8)];
+        used.push((0..n).map(|k| bits[k / 8] & (1 << (k % 8)) != 0).collect());
+        pos += n.div_ceil(8);
+    }
+    Ok(used)
 }
 
 /// Lower-case hex of bytes.
@@ -263,4 +349,54 @@ pub fn hex(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{ChunkEntry, Compressor};
+
+    fn blob(n: u64, tag: u8) -> BlobInfo {
+        let entries = (0..n)
+            .map(|i| ChunkEntry {
+                uncompressed_offset: i * BLOCK_SIZE,
+                compressed_offset: i * 10,
+                uncompressed_size: BLOCK_SIZE as u32,
+                compressed_size: 10,
+                compressor: Compressor::Zstd,
+                digest: [tag; 32],
+            })
+            .collect();
+        BlobInfo {
+            digest: [tag; 32],
+            compressed_size: n * 10 + 64 * n + 64,
+            data_size: n * 10,
+            uncompressed_size: n * BLOCK_SIZE,
+            chunks: ChunkTable { entries },
+        }
+    }
+
+    #[test]
+    fn the_referenced_chunk_bitmap_round_trips_and_is_bounded() {
+        let blobs = [blob(3, 1), blob(11, 2)];
+        let used = vec![
+            vec![true, false, true],
+            (0..11).map(|i| i % 3 == 0).collect::<Vec<bool>>(),
+        ];
+        let bytes = assemble(vec![0; 2 * BLOCK_SIZE as usize], 20, &blobs, &used).unwrap();
+        let meta = parse(&bytes).unwrap();
+        assert_eq!(meta.version, META_VERSION);
+        assert_eq!(meta.blobs, blobs);
+        assert_eq!(meta.used.as_ref(), Some(&used));
+        // One byte for blob 0, two for blob 1: cut the last one off.
+        let cut = parse(&bytes[..bytes.len() - 1]).unwrap_err();
+        assert!(cut.to_string().contains("bitmap does not fit"), "{cut}");
+        // A bitmap that does not fit the tables is refused when written.
+        let short = [vec![true; 3], vec![true; 10]];
+        assert!(assemble(vec![0; 8192], 20, &blobs, &short).is_err());
+        // Without the field (images of versions 1 and 2), there is no bitmap.
+        let mut old = bytes.clone();
+        old[36..44].fill(0);
+        assert_eq!(parse(&old).unwrap().used, None);
+    }
 }

@@ -690,6 +690,61 @@ fn an_erofs_mount_moves_to_its_views_while_mounted_and_outlives_its_daemon() {
 /// open through the page cache (`sh: wc: Input/output error` on a cold `hoist run`,
 /// when the binary's chunk arrived between two opens of it). An inode keeps the mode of
 /// its first open while it is open; a later first open uses passthrough.
+/// Issue 20: a fuse mount of a version 3 image reads its metadata in chunks, as lookups
+/// need them, and serves the same tree as with all of it read at mount.
+#[test]
+fn a_fuse_mount_reads_its_metadata_on_demand_and_equals_umoci() {
+    let Some(layout) = setup() else { return };
+    let tag = "debian-python-v1";
+    let image = convert(&layout, tag, "conv-lazy-meta", &[]);
+    let dir = image.trim_start_matches("oci:").rsplit_once(':').unwrap().0;
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(format!("{dir}/index.json")).unwrap()).unwrap();
+    let manifest_hex = &index["manifests"][0]["digest"].as_str().unwrap()[7..];
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(format!("{dir}/blobs/sha256/{manifest_hex}")).unwrap(),
+    )
+    .unwrap();
+    let layer = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["mediaType"].as_str().unwrap().contains("meta"))
+        .unwrap()["size"]
+        .as_u64()
+        .unwrap();
+    let home = Home::new("lazy-meta");
+    let mp = home.mountpoint("root");
+    let mps = mp.display().to_string();
+    // 0: on demand whatever its size (by default only layers over 1 MiB are).
+    let args = [
+        "mount",
+        "--mode",
+        "fuse",
+        "--prefetch",
+        "none",
+        "--meta-whole-max",
+        "0",
+    ];
+    home.ok(&[&args[..], &[&image, &mps]].concat());
+    let at_mount = home.stat(&mp)["meta_bytes"].as_u64().unwrap();
+    assert!(
+        at_mount * 2 < layer,
+        "the mount read {at_mount} bytes of a {layer}-byte metadata layer"
+    );
+    assert_same_tree(&layout, tag, &mp, "fuse mount, metadata read on demand");
+    let walked = home.stat(&mp)["meta_bytes"].as_u64().unwrap();
+    assert!(walked > at_mount, "a walk read no metadata: {walked}");
+    home.ok(&["umount", &mps]);
+
+    // Mounted again, the chunks read before come from the cache: no metadata is fetched.
+    home.ok(&[&args[..], &[&image, &mps]].concat());
+    assert_same_tree(&layout, tag, &mp, "fuse mount, metadata from the cache");
+    let table = home.stat(&mp)["meta_bytes"].as_u64().unwrap();
+    assert!(table < 4096, "fetched {table} bytes of metadata again");
+    home.ok(&["umount", &mps]);
+}
+
 #[test]
 fn a_file_open_through_the_page_cache_is_reopened_the_same_way() {
     use std::io::Read;

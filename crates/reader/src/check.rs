@@ -81,6 +81,18 @@ pub fn check(image: &HoistImage) -> Result<CheckReport, ReadError> {
         source,
     })?;
 
+    // The referenced-chunk bitmap a conversion stored must say what the tree says.
+    if let Some(stored) = &image.meta.used {
+        if *stored != image.walk_referenced_chunks()? {
+            return Err(ReadError::Meta {
+                digest: image.meta_digest.to_string(),
+                source: hoist_format::FormatError::Corrupt(
+                    "its referenced-chunk bitmap differs from the chunks the tree references"
+                        .into(),
+                ),
+            });
+        }
+    }
     for (b, info) in image.meta.blobs.iter().enumerate() {
         let digest = image
             .blob_digest((b + 1) as u16)

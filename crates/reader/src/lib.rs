@@ -8,6 +8,7 @@
 
 mod check;
 mod inspect;
+pub mod lazy;
 pub mod output;
 pub mod trace;
 mod unpack;
@@ -125,19 +126,59 @@ pub struct HoistImage {
     /// The hoist tables of the metadata blob.
     pub meta: Meta,
     /// The EROFS tree.
-    pub fs: Image<Arc<Vec<u8>>>,
-    /// The metadata itself (hoist header, EROFS image, tables): the metadata blob, or
-    /// what it decodes to when it is stored as a chunked blob (format version 3).
-    pub meta_bytes: Arc<Vec<u8>>,
+    pub fs: Image<MetaReader>,
+    /// The metadata itself (hoist header, EROFS image, tables): the metadata blob, what
+    /// it decodes to when it is stored as a chunked blob (format version 3), or its
+    /// chunks fetched on demand ([`HoistImage::open_lazy`]).
+    pub meta_reader: MetaReader,
     /// Whether the metadata blob is stored as a chunked blob (its bytes are not the
     /// metadata itself).
     pub meta_chunked: bool,
+    lazy: Option<Arc<lazy::ChunkedMeta>>,
     blob_digests: Vec<Digest>,
 }
 
+/// Where [`HoistImage::open_lazy`] reads metadata from, and from what size.
+struct LazyFrom {
+    meta_src: Arc<dyn ImageSource>,
+    cache: Option<Arc<dyn lazy::MetaChunkCache>>,
+    whole_max: u64,
+}
+
+/// Positioned reads of an image's metadata.
+pub type MetaReader = Arc<dyn hoist_format::ReadAt + Send + Sync>;
+
 impl HoistImage {
-    /// Opens the hoist image of `src`: reads its manifest and metadata blob.
+    /// Opens the hoist image of `src`: reads its manifest and its whole metadata blob.
     pub fn open(src: Box<dyn ImageSource>) -> Result<Self, ReadError> {
+        Self::open_with(src, None)
+    }
+
+    /// Opens the hoist image of `src`, reading a metadata layer of more than
+    /// `whole_max` bytes on demand where the image allows it (format version 3; other
+    /// images, and smaller layers, which cost less than a few round trips, are read
+    /// whole): through `meta_src` (the same image source), keeping decoded chunks in
+    /// `cache`.
+    pub fn open_lazy(
+        src: Box<dyn ImageSource>,
+        meta_src: Arc<dyn ImageSource>,
+        cache: Option<Arc<dyn lazy::MetaChunkCache>>,
+        whole_max: u64,
+    ) -> Result<Self, ReadError> {
+        Self::open_with(
+            src,
+            Some(LazyFrom {
+                meta_src,
+                cache,
+                whole_max,
+            }),
+        )
+    }
+
+    fn open_with(
+        src: Box<dyn ImageSource>,
+        lazy_from: Option<LazyFrom>,
+    ) -> Result<Self, ReadError> {
         let (bytes, manifest_digest) = src.manifest()?;
         let manifest: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ReadError::Invalid(format!("manifest {manifest_digest}: {e}")))?;
@@ -165,22 +206,41 @@ impl HoistImage {
                 ))
             })?;
         let meta_digest = Digest::parse(&meta_layer.digest)?;
-        let blob = src.read_blob(&meta_digest, meta_layer.size, MAX_META_SIZE)?;
         let meta_err = |source| ReadError::Meta {
             digest: meta_digest.to_string(),
             source,
         };
-        // Version 3 stores the metadata as a chunked blob; earlier versions as is.
-        let meta_chunked = !blob.starts_with(&meta::META_MAGIC);
-        let blob = hoist_codec::metadata_of(blob, MAX_META_SIZE).map_err(|e| ReadError::Meta {
-            digest: meta_digest.to_string(),
-            source: hoist_format::FormatError::Corrupt(format!(
-                "neither metadata nor a chunked blob of it: {e}"
-            )),
-        })?;
-        let meta = meta::parse(&blob).map_err(meta_err)?;
-        let meta_bytes = Arc::new(blob);
-        let fs = Image::open(meta_bytes.clone()).map_err(meta_err)?;
+        let chunked = match lazy_from {
+            Some(LazyFrom {
+                meta_src,
+                cache,
+                whole_max,
+            }) if meta_layer.size > whole_max => lazy::ChunkedMeta::open(
+                meta_src,
+                &meta_digest,
+                meta_layer.size,
+                &meta_layer.annotations,
+                cache,
+            )?
+            .map(Arc::new),
+            _ => None,
+        };
+        let (meta_reader, meta_chunked, lazy): (MetaReader, bool, _) = match chunked {
+            Some(c) => (c.clone(), true, Some(c)),
+            None => {
+                let blob = src.read_blob(&meta_digest, meta_layer.size, MAX_META_SIZE)?;
+                // Version 3 stores the metadata as a chunked blob; earlier versions as is.
+                let chunked = !blob.starts_with(&meta::META_MAGIC);
+                let blob = hoist_codec::metadata_of(blob, MAX_META_SIZE).map_err(|e| {
+                    meta_err(hoist_format::FormatError::Corrupt(format!(
+                        "neither metadata nor a chunked blob of it: {e}"
+                    )))
+                })?;
+                (Arc::new(blob), chunked, None)
+            }
+        };
+        let meta = meta::parse_at(meta_reader.as_ref()).map_err(meta_err)?;
+        let fs = Image::open(meta_reader.clone()).map_err(meta_err)?;
         if fs.devices().len() != meta.blobs.len() {
             return Err(meta_err(hoist_format::FormatError::Corrupt(format!(
                 "{} EROFS devices but {} blob records",
@@ -215,10 +275,29 @@ impl HoistImage {
             meta_digest,
             meta,
             fs,
-            meta_bytes,
+            meta_reader,
             meta_chunked,
+            lazy,
             blob_digests,
         })
+    }
+
+    /// All of the metadata (hoist header, EROFS image, tables), fetching what a lazy
+    /// open has not read yet.
+    pub fn meta_all(&self) -> Result<Vec<u8>, ReadError> {
+        let io = |source| ReadError::Io {
+            path: format!("metadata {}", self.meta_digest),
+            source,
+        };
+        let len = self.meta_reader.size().map_err(io)?;
+        let mut out = vec![0u8; len as usize];
+        self.meta_reader.read_exact_at(&mut out, 0).map_err(io)?;
+        Ok(out)
+    }
+
+    /// For metadata read on demand: compressed bytes fetched so far and requests sent.
+    pub fn meta_fetched(&self) -> Option<(u64, u64)> {
+        self.lazy.as_ref().map(|l| l.fetched())
     }
 
     /// Downloads every data blob whole (in parallel, verified against its digest) into
@@ -335,7 +414,17 @@ impl HoistImage {
 
     /// Which chunks of each blob a file of the tree uses (`[blob][index]`). A blob can
     /// hold chunks no file reaches (files an upper layer removed); nothing needs them.
+    /// Read from the metadata where the conversion stored it (version 3), else found by
+    /// walking the tree.
     pub fn referenced_chunks(&self) -> Result<Vec<Vec<bool>>, ReadError> {
+        match &self.meta.used {
+            Some(used) => Ok(used.clone()),
+            None => self.walk_referenced_chunks(),
+        }
+    }
+
+    /// [`HoistImage::referenced_chunks`] found by walking the whole tree.
+    pub fn walk_referenced_chunks(&self) -> Result<Vec<Vec<bool>>, ReadError> {
         let mut used: Vec<Vec<bool>> = self
             .meta
             .blobs

@@ -60,7 +60,7 @@ fn write_files(
     };
     let meta_path = dir.join("meta.erofs");
     // The metadata itself, which the kernel mounts (decoded if stored as a chunked blob).
-    std::fs::write(temp(&meta_path), img.meta_bytes.as_slice())
+    std::fs::write(temp(&meta_path), img.meta_all()?)
         .with_context(|| format!("writing {}", temp(&meta_path).display()))?;
     let mut devices = Vec::new();
     for (b, info) in img.meta.blobs.iter().enumerate() {

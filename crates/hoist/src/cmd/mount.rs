@@ -65,6 +65,7 @@ pub(super) fn mount_spec(
         read_timeout_secs: opts.read_timeout.max(1),
         passthrough: !opts.no_passthrough,
         fetch_min_bytes: opts.fetch_min,
+        meta_whole_max_bytes: opts.meta_whole_max,
         registry: RegistryOptions {
             plain_http: registry.plain_http,
             creds: registry.creds.clone(),
