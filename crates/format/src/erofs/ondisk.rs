@@ -149,7 +149,8 @@ pub struct InodeCompact {
     pub i_reserved2: U32,
 }
 
-/// The 64-byte extended inode, the only form hoist writes.
+/// The 64-byte extended inode, which hoist writes when a compact one cannot hold the
+/// fields.
 #[derive(Debug, Clone, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct InodeExtended {

@@ -100,6 +100,8 @@ pub struct Image<R> {
     meta_off: u64,
     inos: u64,
     devices: Vec<DeviceInfo>,
+    /// The superblock's build time: the mtime of compact inodes (plus their offset).
+    epoch: (u64, u32),
 }
 
 fn corrupt(what: impl Into<String>) -> FormatError {
@@ -158,6 +160,7 @@ impl<R: ReadAt> Image<R> {
             r,
             size,
             root_nid: u64::from(sb.root_nid.get()),
+            epoch: (sb.build_time.get(), sb.build_time_nsec.get()),
             meta_off,
             inos: sb.inos.get(),
             devices,
@@ -224,8 +227,10 @@ impl<R: ReadAt> Image<R> {
                 uid: u32::from(c.i_uid.get()),
                 gid: u32::from(c.i_gid.get()),
                 size: u64::from(c.i_size.get()),
-                mtime: 0,
-                mtime_nsec: 0,
+                // As Linux reads it: the superblock's time plus the inode's offset
+                // (older kernels ignore the offset, which hoist writes as 0).
+                mtime: self.epoch.0.saturating_add(u64::from(c.i_reserved.get())),
+                mtime_nsec: self.epoch.1,
                 nlink: u32::from(c.i_nlink.get()),
                 layout,
                 i_u: c.i_u.get(),

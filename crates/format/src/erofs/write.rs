@@ -10,9 +10,12 @@
 //! then       full directory/symlink blocks that do not fit inline
 //! ```
 //!
-//! Every inode is extended (64 bytes) so mtimes, 32-bit ids and 64-bit sizes are kept
-//! exactly. Inline tails never cross a block boundary (the kernel rejects that): an inode
-//! whose tail would cross is moved to the next block.
+//! An inode is compact (32 bytes) when its fields fit one: 16-bit owner, group and link
+//! count, a 32-bit size, and the image's most common mtime, which goes in the superblock
+//! (compact inodes carry none; every kernel reads theirs from there). Any other inode is
+//! extended (64 bytes), so mtimes, 32-bit ids and 64-bit sizes are kept exactly. Inline
+//! tails never cross a block boundary (the kernel rejects that): an inode whose tail
+//! would cross is moved to the next block.
 
 use super::ondisk::*;
 use crate::tree::{ChunkRef, NodeId, NodeKind, Tree};
@@ -59,6 +62,8 @@ struct Plan {
     raw_blkaddr: u32,
     size: u64,
     nlink: u32,
+    /// Written as a compact (32-byte) inode.
+    compact: bool,
 }
 
 /// Writes `tree` as an EROFS image. Bytes `[0, 1024)` of the result are zero.
@@ -136,8 +141,10 @@ pub fn write_image(
             raw_blkaddr: NULL_ADDR,
             size,
             nlink: nlinks[&id],
+            compact: false,
         });
     }
+    let epoch = common_mtime(tree, &order);
     // Directory contents depend on names only until nids are known; lay them out now.
     let dir_layouts: HashMap<NodeId, Vec<DirBlock>> = plans
         .iter()
@@ -151,7 +158,13 @@ pub fn write_image(
             let last = blocks.last().map_or(0, |b| block_used(b));
             plan.size = (blocks.len() as u64 - 1) * BLOCK_SIZE + last as u64;
         }
-        let isize = 64 + plan.xattrs.len() as u64;
+        let meta = &tree.nodes[plan.id].meta;
+        plan.compact = (meta.mtime, meta.mtime_nsec) == epoch
+            && meta.uid <= u32::from(u16::MAX)
+            && meta.gid <= u32::from(u16::MAX)
+            && plan.nlink <= u32::from(u16::MAX)
+            && plan.size <= u64::from(u32::MAX);
+        let isize = inode_size(plan) + plan.xattrs.len() as u64;
         pos = pos.next_multiple_of(32);
         match &mut plan.data {
             Data::Bytes { inline, .. } => {
@@ -210,6 +223,8 @@ pub fn write_image(
         .into(),
         extra_devices: extra_devices.into(),
         devt_slotoff: ((devt_start / DEVICE_SLOT_SIZE) as u16).into(),
+        build_time: epoch.0.into(),
+        build_time_nsec: epoch.1.into(),
         ..Default::default()
     };
     put(&mut img, SUPER_OFFSET, sb.as_bytes());
@@ -249,7 +264,8 @@ pub fn write_image(
             }
             Data::Chunks(chunks) => {
                 i_u = u32::from(CHUNK_FORMAT_INDEXES | u16::from(opts.chunk_bits - BLOCK_BITS));
-                let mut idx_at = (at + 64 + plan.xattrs.len() as u64).next_multiple_of(8);
+                let mut idx_at =
+                    (at + inode_size(plan) + plan.xattrs.len() as u64).next_multiple_of(8);
                 for c in chunks {
                     let index = match *c {
                         ChunkRef::Hole => ChunkIndex {
@@ -291,7 +307,7 @@ pub fn write_image(
                 if *inline > 0 {
                     put(
                         &mut img,
-                        at + 64 + plan.xattrs.len() as u64,
+                        at + inode_size(plan) + plan.xattrs.len() as u64,
                         &content[full_len..],
                     );
                     LAYOUT_FLAT_INLINE
@@ -305,24 +321,65 @@ pub fn write_image(
         } else {
             (plan.xattrs.len() - 12) / 4 + 1
         };
-        let inode = InodeExtended {
-            i_format: (INODE_VERSION_EXTENDED | (layout << 1)).into(),
-            i_xattr_icount: (icount as u16).into(),
-            i_mode: ((node.kind.type_bits() | (node.meta.mode & 0o7777)) as u16).into(),
-            i_size: plan.size.into(),
-            i_u: i_u.into(),
-            i_ino: ((ino + 1) as u32).into(),
-            i_uid: node.meta.uid.into(),
-            i_gid: node.meta.gid.into(),
-            i_mtime: node.meta.mtime.into(),
-            i_mtime_nsec: node.meta.mtime_nsec.into(),
-            i_nlink: plan.nlink.into(),
-            ..Default::default()
-        };
-        put(&mut img, at, inode.as_bytes());
-        put(&mut img, at + 64, &plan.xattrs);
+        let i_mode = ((node.kind.type_bits() | (node.meta.mode & 0o7777)) as u16).into();
+        if plan.compact {
+            // The fields were checked to fit when the plan was made.
+            let inode = InodeCompact {
+                i_format: (layout << 1).into(),
+                i_xattr_icount: (icount as u16).into(),
+                i_mode,
+                i_nlink: (plan.nlink as u16).into(),
+                i_size: (plan.size as u32).into(),
+                i_u: i_u.into(),
+                i_ino: ((ino + 1) as u32).into(),
+                i_uid: (node.meta.uid as u16).into(),
+                i_gid: (node.meta.gid as u16).into(),
+                ..Default::default()
+            };
+            put(&mut img, at, inode.as_bytes());
+        } else {
+            let inode = InodeExtended {
+                i_format: (INODE_VERSION_EXTENDED | (layout << 1)).into(),
+                i_xattr_icount: (icount as u16).into(),
+                i_mode,
+                i_size: plan.size.into(),
+                i_u: i_u.into(),
+                i_ino: ((ino + 1) as u32).into(),
+                i_uid: node.meta.uid.into(),
+                i_gid: node.meta.gid.into(),
+                i_mtime: node.meta.mtime.into(),
+                i_mtime_nsec: node.meta.mtime_nsec.into(),
+                i_nlink: plan.nlink.into(),
+                ..Default::default()
+            };
+            put(&mut img, at, inode.as_bytes());
+        }
+        put(&mut img, at + inode_size(plan), &plan.xattrs);
     }
     Ok(img)
+}
+
+/// Bytes of a plan's inode, before its xattrs.
+fn inode_size(plan: &Plan) -> u64 {
+    if plan.compact {
+        32
+    } else {
+        64
+    }
+}
+
+/// The mtime most inodes share (the earliest of the most common), which compact
+/// inodes take from the superblock.
+fn common_mtime(tree: &Tree, order: &[NodeId]) -> (u64, u32) {
+    let mut counts: HashMap<(u64, u32), usize> = HashMap::new();
+    for &id in order {
+        let m = &tree.nodes[id].meta;
+        *counts.entry((m.mtime, m.mtime_nsec)).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map_or((0, 0), |(t, _)| t)
 }
 
 fn put(img: &mut [u8], at: u64, bytes: &[u8]) {
