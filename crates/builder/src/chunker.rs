@@ -11,6 +11,8 @@
 //! packed, in stream order, into **frames** of up to the frame size, each file at a
 //! 4 KiB boundary, and a frame is compressed and verified as one chunk (format version
 //! 2). zstd then sees across the files of a frame, and one ranged read serves all of them.
+//! A frame also ends after a file whose digest says so (one in 16, once the
+//! frame is half full): the same files end the same frames whatever came before them.
 //! A small file is deduplicated by its own digest against the small files of its layer and
 //! against every stored chunk (of lower layers and of the dictionary, whose tables are
 //! all a conversion that starts above cached layers knows: so an incremental conversion
@@ -382,9 +384,21 @@ impl ChunkSink for Chunker {
         frame.members.push((d, offset));
         frame.bytes += len;
         self.stats.stored_bytes += len;
-        Ok(in_frame(p, offset).chunk_ref())
+        let half = frame.data.len() as u64 >= frame_size / 2;
+        let placed = in_frame(p, offset).chunk_ref();
+        // A content-defined boundary: the same files close the same frames whatever came
+        // before them, so after a file added or changed the frames line up again with a
+        // lower layer's or the dictionary's, and dedup. Not before the frame is half
+        // full, so that frames stay large enough to compress well.
+        if half && u32::from(d[31]) % FRAME_CUT == 0 {
+            self.seal_frame()?;
+        }
+        Ok(placed)
     }
 }
+
+/// One small file in this many (by its digest) ends its frame.
+const FRAME_CUT: u32 = 16;
 
 impl Loc {
     fn chunk_ref(self) -> ChunkRef {
@@ -814,6 +828,36 @@ mod tests {
         let stats = c.take_stats();
         assert_eq!((stats.dedup_frames, stats.stored_bytes), (1, 0));
         assert_eq!(stats.dict_bytes, 3 * 3000);
+    }
+
+    #[test]
+    fn frames_line_up_again_after_a_file_added_in_front() {
+        let files: Vec<Vec<u8>> = (0..200u32)
+            .map(|n| format!("file {n}: {}", "x".repeat(n as usize % 50)).into_bytes())
+            .collect();
+        let mut c = chunker();
+        start(&mut c, 0);
+        for f in &files {
+            c.put_small(f.clone()).unwrap();
+        }
+        c.finish_blob().unwrap().unwrap();
+        let first = c.take_stats();
+        // The same files after a new one: the frames before the first content-defined
+        // boundary differ, those after it are found stored.
+        start(&mut c, 1);
+        c.put_small(b"a new file".to_vec()).unwrap();
+        for f in &files {
+            c.put_small(f.clone()).unwrap();
+        }
+        c.finish_blob().unwrap().unwrap();
+        let second = c.take_stats();
+        assert!(second.dedup_frames > 0, "{second:?}");
+        assert!(
+            second.frames * 2 < first.frames,
+            "{} of {} frames stored again",
+            second.frames,
+            first.frames
+        );
     }
 
     #[test]
