@@ -201,10 +201,13 @@ impl ChunkedMeta {
         self.fetched.fetch_add(end - start, Relaxed);
         self.requests.fetch_add(1, Relaxed);
         for (k, e) in entries.iter().enumerate() {
-            let at = (e.compressed_offset - start) as usize;
-            let stored = bytes
-                .get(at..at + e.compressed_size as usize)
-                .ok_or_else(|| io::Error::other("short metadata range"))?;
+            // The table need not list compressed ranges in order (it is untrusted).
+            let stored = e
+                .compressed_offset
+                .checked_sub(start)
+                .map(|at| at as usize)
+                .and_then(|at| bytes.get(at..at + e.compressed_size as usize))
+                .ok_or_else(|| io::Error::other("metadata chunks out of order in their table"))?;
             let data = hoist_codec::decode_verified(e, stored).map_err(|err| {
                 io::Error::other(format!(
                     "metadata {} chunk {}: {err}",
