@@ -7,7 +7,8 @@
 //! BLAKE3 digest before anyone sees it.
 
 use hoist_format::chunk::{
-    BlobTrailer, ChunkEntry, ChunkTable, Compressor, BLOB_TRAILER_SIZE, CHUNK_ENTRY_SIZE,
+    parse_blob_tail, BlobTrailer, ChunkEntry, ChunkTable, Compressor, BLOB_TRAILER_SIZE,
+    CHUNK_ENTRY_SIZE,
 };
 use hoist_format::erofs::ondisk::BLOCK_SIZE;
 
@@ -182,30 +183,24 @@ pub fn table_digest(blob: &[u8], chunks: usize) -> Option<[u8; 32]> {
 /// address space up to the end of its last chunk), verifying every chunk; refuses a
 /// blob that would decode to more than `limit` bytes before allocating them.
 pub fn decode_blob(blob: &[u8], limit: u64) -> Result<Vec<u8>, CodecError> {
-    let corrupt = |w: &str| CodecError::Format(hoist_format::FormatError::Corrupt(w.into()));
-    let tail = blob
-        .len()
-        .checked_sub(BLOB_TRAILER_SIZE)
-        .ok_or_else(|| corrupt("blob shorter than its trailer"))?;
+    let tail =
+        blob.len()
+            .checked_sub(BLOB_TRAILER_SIZE)
+            .ok_or(hoist_format::FormatError::Corrupt(
+                "blob shorter than its trailer".into(),
+            ))?;
     let trailer = BlobTrailer::parse(&blob[tail..], blob.len() as u64)?;
     if trailer.uncompressed_size > limit {
-        return Err(corrupt(&format!(
-            "blob of {} bytes decoded, more than the {limit} allowed",
-            trailer.uncompressed_size
+        return Err(CodecError::Format(hoist_format::FormatError::Corrupt(
+            format!(
+                "blob of {} bytes decoded, more than the {limit} allowed",
+                trailer.uncompressed_size
+            ),
         )));
     }
     // The trailer's check bounds the table within the blob.
-    let start = trailer.table_offset as usize;
-    let end = start + trailer.chunk_count as usize * CHUNK_ENTRY_SIZE;
-    let table = ChunkTable::parse(
-        &blob[start..end],
-        trailer.table_offset,
-        trailer.uncompressed_size,
-    )?;
-    let len = table.entries.last().map_or(0, |e| {
-        e.uncompressed_offset + u64::from(e.uncompressed_size)
-    });
-    let mut out = vec![0u8; len as usize];
+    let (_, table) = parse_blob_tail(&blob[trailer.table_offset as usize..], blob.len() as u64)?;
+    let mut out = vec![0u8; table.end() as usize];
     for (index, e) in table.entries.iter().enumerate() {
         // The table's checks bound the compressed range within the chunk area.
         let at = e.compressed_offset as usize;

@@ -227,6 +227,13 @@ impl ChunkTable {
             .ok()
     }
 
+    /// The end of the last chunk's bytes in the uncompressed address space (0 if none).
+    pub fn end(&self) -> u64 {
+        self.entries.last().map_or(0, |e| {
+            e.uncompressed_offset + u64::from(e.uncompressed_size)
+        })
+    }
+
     /// Index of the chunk whose bytes hold `uncompressed_offset`, if any: the chunk that
     /// starts there, or a frame of small files (format version 2) that holds a file there.
     pub fn containing(&self, uncompressed_offset: u64) -> Option<usize> {
@@ -237,6 +244,22 @@ impl ChunkTable {
         let e = &self.entries[i];
         (uncompressed_offset - e.uncompressed_offset < u64::from(e.uncompressed_size)).then_some(i)
     }
+}
+
+/// Parses the end of a blob of `blob_size` bytes: `tail` is its chunk table followed by
+/// its trailer (the blob's last bytes, at least the trailer).
+pub fn parse_blob_tail(
+    tail: &[u8],
+    blob_size: u64,
+) -> Result<(BlobTrailer, ChunkTable), FormatError> {
+    let at = tail
+        .len()
+        .checked_sub(BLOB_TRAILER_SIZE)
+        .ok_or_else(|| FormatError::Corrupt("blob shorter than its trailer".into()))?;
+    let (table, trailer) = tail.split_at(at);
+    let t = BlobTrailer::parse(trailer, blob_size)?;
+    let table = ChunkTable::parse(table, t.table_offset, t.uncompressed_size)?;
+    Ok((t, table))
 }
 
 /// On-disk trailer at the end of a data blob (64 bytes).

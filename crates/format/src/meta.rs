@@ -394,6 +394,14 @@ mod tests {
         // A bitmap that does not fit the tables is refused when written.
         let short = [vec![true; 3], vec![true; 10]];
         assert!(assemble(vec![0; 8192], 20, &blobs, &short).is_err());
+        // A version this code does not know names the fixes.
+        let mut future = bytes.clone();
+        future[8..12].copy_from_slice(&(META_VERSION + 1).to_le_bytes());
+        let err = parse(&future).unwrap_err().to_string();
+        assert!(
+            err.contains("hoist convert") && err.contains("upgrade hoist"),
+            "{err}"
+        );
         // Without the field (images of versions 1 and 2), there is no bitmap.
         let mut old = bytes.clone();
         old[36..44].fill(0);

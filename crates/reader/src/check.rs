@@ -2,7 +2,7 @@
 //! chunk's digest, every blob's table and digest.
 
 use crate::{ChunkError, HoistImage, ReadError};
-use hoist_format::chunk::{BlobTrailer, ChunkTable, BLOB_TRAILER_SIZE};
+use hoist_format::chunk::{parse_blob_tail, BLOB_TRAILER_SIZE};
 use hoist_format::tree::ChunkRef;
 use std::collections::HashMap;
 use std::io::Read;
@@ -145,11 +145,8 @@ pub fn check(image: &HoistImage) -> Result<CheckReport, ReadError> {
         if tail.len() < BLOB_TRAILER_SIZE {
             return Err(mismatch("no trailer"));
         }
-        let (table, trailer) = tail.split_at(tail.len() - BLOB_TRAILER_SIZE);
-        let t = BlobTrailer::parse(trailer, info.compressed_size)
-            .map_err(|e| mismatch(&e.to_string()))?;
-        let own = ChunkTable::parse(table, t.table_offset, t.uncompressed_size)
-            .map_err(|e| mismatch(&e.to_string()))?;
+        let (t, own) =
+            parse_blob_tail(&tail, info.compressed_size).map_err(|e| mismatch(&e.to_string()))?;
         if own != info.chunks
             || t.uncompressed_size != info.uncompressed_size
             || t.table_offset != info.data_size

@@ -15,7 +15,7 @@
 //! after it in order, two streams at once.
 
 use crate::ReadError;
-use hoist_format::chunk::{BlobTrailer, ChunkTable, BLOB_TRAILER_SIZE, CHUNK_ENTRY_SIZE};
+use hoist_format::chunk::{parse_blob_tail, ChunkTable, BLOB_TRAILER_SIZE, CHUNK_ENTRY_SIZE};
 use hoist_format::meta::{MAX_META_SIZE, META_CHUNK_SIZE};
 use hoist_format::ReadAt;
 use hoist_oci::{media, Digest, ImageSource};
@@ -122,13 +122,8 @@ impl ChunkedMeta {
                 (t, tail_len)
             }
         };
-        let (table, trailer) = tail.split_at(tail.len() - BLOB_TRAILER_SIZE);
-        let t = BlobTrailer::parse(trailer, size).map_err(|e| bad(e.to_string()))?;
-        let table = ChunkTable::parse(table, t.table_offset, t.uncompressed_size)
-            .map_err(|e| bad(e.to_string()))?;
-        let end = table.entries.last().map_or(0, |e| {
-            e.uncompressed_offset + u64::from(e.uncompressed_size)
-        });
+        let (_, table) = parse_blob_tail(&tail, size).map_err(|e| bad(e.to_string()))?;
+        let end = table.end();
         let regular = table.entries.iter().enumerate().all(|(i, e)| {
             e.uncompressed_offset == (i * META_CHUNK_SIZE) as u64
                 && (e.uncompressed_size as usize == META_CHUNK_SIZE || i + 1 == table.entries.len())
