@@ -47,9 +47,9 @@ manifest is not the one the timed conversion wrote) and, for full-pull, the sour
 Measurements, each from empty local state (a fresh HOIST_HOME, the page cache dropped:
 sync; echo 3 >/proc/sys/vm/drop_caches), the image read through the relay
 (docker://127.0.0.1:PORT/many:N-hoist, --plain-http), for each N and each mode in
---modes (fuse, erofs, and fuse-eager: fuse with `--meta-whole-max 1G`, every image's
-metadata read whole at mount, as erofs mode does; fuse reads a metadata layer over 1 MiB on
-demand):
+--modes (fuse, erofs, and fuse-eager and erofs-eager: the mode with `--meta-whole-max 1G`,
+every image's metadata read whole at mount; by default both modes read a metadata layer
+over 1 MiB on demand):
   ready  t0; `hoist mount --mode M --prefetch P IMAGE MNT` (P = --prefetch, default none:
          nothing is fetched but what is read; the daemon starts with the first mount, as
          on a fresh node) -> mount s and MB: until `hoist mount` returns; then `cat` of
@@ -661,8 +661,8 @@ def hoist_mount(ctx, n, mode, d):
     ref = f"docker://127.0.0.1:{ctx['port']}/{REPO}:{n}-hoist"
     drop_caches(ctx)
     b0, t0 = link_total(), time.perf_counter()
-    # fuse-eager: fuse with the whole metadata read at mount, however large.
-    extra = ["--meta-whole-max", "1G"] if mode == "fuse-eager" else []
+    # MODE-eager: the whole metadata read at mount, however large.
+    extra = ["--meta-whole-max", "1G"] if mode.endswith("-eager") else []
     attempt(hoist_cmd("mount", "--mode", mode.removesuffix("-eager"), "--prefetch", ctx["prefetch"],
                       *extra, ref, mnt), env=env, timeout=ctx["timeout"])
     return t0, time.perf_counter() - t0, link_total() - b0, b0, env, mnt
@@ -859,8 +859,8 @@ def main():
         if m not in METHODS:
             sys.exit(f"unknown method {m} (choose from {', '.join(METHODS)})")
     for m in modes:
-        if m not in ("fuse", "erofs", "fuse-eager"):
-            sys.exit(f"unknown mode {m} (fuse, erofs or fuse-eager)")
+        if m not in ("fuse", "erofs", "fuse-eager", "erofs-eager"):
+            sys.exit(f"unknown mode {m} (fuse, erofs, fuse-eager or erofs-eager)")
     fixtures = Path(args.fixtures or images.test_images()).resolve()
     scratch = Path(args.scratch).resolve()
     work = scratch / "work"

@@ -318,9 +318,15 @@ pub struct Stats {
     #[serde(default)]
     pub views_damaged: u64,
     /// erofs mode: whether the kernel reads every blob from its view on the local disk,
-    /// not through hoist: the image was fully cached when it was mounted, or every
-    /// blob's view has been swapped in behind its loop device since.
+    /// and the metadata from its local file, not through hoist: the image was fully
+    /// cached when it was mounted, or every blob's view and the metadata's file have
+    /// been swapped in behind their loop devices since.
     pub local_devices: bool,
+    /// erofs mode: whether the kernel reads the metadata from a file on the local disk,
+    /// not through hoist's `meta` device file (metadata read on demand moves there once
+    /// all of it is read).
+    #[serde(default)]
+    pub meta_local: bool,
     /// erofs mode: what the kernel reads the blobs through.
     pub devices: Devices,
     /// erofs mode: blobs read from their views on the local disk.

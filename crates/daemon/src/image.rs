@@ -151,20 +151,42 @@ pub(crate) fn device_sizes(image: &HoistImage) -> Vec<u64> {
         .collect()
 }
 
-/// The file the kernel mounts as the image's metadata (erofs mode): the cached
-/// metadata blob itself, or, for a blob stored as a chunked blob (format version 3),
-/// the metadata this process decoded and verified from it.
+/// The local file the kernel mounts as the image's metadata (erofs mode): the cached
+/// metadata blob itself, or, for a blob stored as a chunked blob (format version 3), the
+/// metadata this process decoded and verified from it. `None` while metadata read on
+/// demand is not all local: the kernel then mounts hoist's `meta` device file. A file
+/// left by an earlier mount is used, and spares every fetch, if each of its chunks
+/// matches the digests the manifest pins.
 pub(crate) fn kernel_meta(
     store: &hoist_cache::ChunkStore,
     image: &HoistImage,
-) -> std::io::Result<std::path::PathBuf> {
+) -> std::io::Result<Option<std::path::PathBuf>> {
     let hex = image.meta_digest.hex();
-    if image.meta_chunked {
-        let bytes = image.meta_all().map_err(std::io::Error::other)?;
-        store.put_meta_image(hex, &bytes)
-    } else {
-        Ok(store.meta_path(hex))
+    if !image.meta_chunked {
+        return Ok(Some(store.meta_path(hex)));
     }
+    let path = store.meta_image_path(hex);
+    if !image.meta_complete() {
+        let found = std::fs::read(&path).is_ok_and(|whole| image.adopt_meta(&whole));
+        return Ok(found.then_some(path));
+    }
+    let bytes = image.meta_all().map_err(std::io::Error::other)?;
+    store.put_meta_image(hex, &bytes).map(Some)
+}
+
+/// The two files the metadata's loop device may read (erofs mode): hoist's device file
+/// in `devdir`, and the local file it moves to.
+pub(crate) fn meta_backings(
+    store: &hoist_cache::ChunkStore,
+    image: &HoistImage,
+    devdir: &Path,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let hex = image.meta_digest.hex();
+    let local = match image.meta_chunked {
+        true => store.meta_image_path(hex),
+        false => store.meta_path(hex),
+    };
+    (devdir.join(hoist_fs::META_FILE), local)
 }
 
 /// Decoded metadata chunks kept in the chunk cache, as data chunks are: a remount, or a

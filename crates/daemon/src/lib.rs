@@ -36,6 +36,7 @@ pub mod api;
 pub mod holder;
 mod home;
 mod image;
+mod metadev;
 mod plan;
 mod record;
 mod served;

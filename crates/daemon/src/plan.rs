@@ -29,6 +29,7 @@ impl Served {
             self.progress.clone(),
         );
         let counted = self.trace_chunks.clone();
+        let meta_move = self.meta_move.clone();
         let name = self.spec.image.clone();
         let mode = self.spec.mode;
         // erofs on loop devices: each blob moves to its view once it is built.
@@ -80,6 +81,11 @@ impl Served {
                 }
                 if let Err(e) = prefetch::spawn(fetcher, stages, views, on_view, progress) {
                     tracing::warn!("{name}: starting prefetch: {e}");
+                }
+                if all && mode == Mode::Erofs {
+                    // The whole image local: the metadata read on demand too, while the
+                    // chunks are fetched.
+                    meta_move.complete();
                 }
             })
             .map(|_| ())

@@ -6,9 +6,10 @@ use crate::api::{
 };
 use crate::home::Home;
 use crate::image::{
-    device_sizes, image_error, joined, kernel_meta, mount_id, read_config, read_error, read_trace,
-    StoreMetaCache,
+    device_sizes, image_error, joined, kernel_meta, meta_backings, mount_id, read_config,
+    read_error, read_trace, StoreMetaCache,
 };
+use crate::metadev::MetaMove;
 use hoist_cache::prefetch::Progress;
 use hoist_cache::{
     BlobChunks, ChunkStore, FetchConfig, Fetcher, ImageChunks, Inflight, MetaCachingSource, View,
@@ -61,6 +62,11 @@ pub struct Served {
     devdir: Option<PathBuf>,
     local_devices: bool,
     pub(crate) loops: Option<Arc<LoopDevices>>,
+    /// erofs mode: moves the metadata's loop device to a local file once all of it is
+    /// read.
+    pub(crate) meta_move: Arc<MetaMove>,
+    /// erofs mode: the kernel mounted the metadata from a local file.
+    meta_mounted_local: bool,
     readahead_kib: u32,
     mount_secs: f64,
     config: serde_json::Value,
@@ -124,6 +130,7 @@ impl Served {
                 served.dev = Some(m.dev);
             }
             Mode::Erofs => {
+                // None: metadata read on demand, through hoist's `meta` device file.
                 let meta = kernel_meta(&store, &served.image).map_err(|e| {
                     DaemonError::Internal(format!(
                         "writing the metadata of {} for the kernel: {e}",
@@ -137,17 +144,20 @@ impl Served {
                 let views = (!served.spec.record)
                     .then(|| served.local_views(&sizes))
                     .flatten();
-                if let Some(views) = views {
+                if let (Some(views), Some(meta)) = (views, &meta) {
                     let (mp, ra) = (&served.spec.mountpoint, served.readahead_kib);
                     let privileges = served.spec.privileges();
-                    match kernel::mount_erofs(&meta, &views, mp, true, ra, privileges) {
-                        Ok(()) => served.local_devices = true,
+                    match kernel::mount_erofs(meta, &views, mp, true, ra, privileges) {
+                        Ok(()) => {
+                            served.local_devices = true;
+                            served.meta_mounted_local = true;
+                        }
                         // A view evicted since it was found: serve the blobs as usual.
                         Err(e) => tracing::info!("mounting over the views: {e}"),
                     }
                 }
                 if !served.local_devices {
-                    served.mount_blob_devices(home, &name, &meta, sizes)?;
+                    served.mount_blob_devices(home, &name, meta.as_deref(), sizes)?;
                 }
             }
         }
@@ -196,17 +206,14 @@ impl Served {
                     None
                 })),
             });
-            // In fuse mode hoist reads the metadata it needs when it needs it (version 3
-            // images); the kernel's EROFS mounts a file, which must hold all of it.
-            let image = match spec.mode {
-                Mode::Fuse => HoistImage::open_lazy(
-                    Box::new(source.clone()),
-                    source.clone(),
-                    Some(Arc::new(StoreMetaCache(store.clone()))),
-                    spec.meta_whole_max_bytes,
-                ),
-                Mode::Erofs => HoistImage::open(Box::new(source.clone())),
-            }
+            // Metadata is read when it is needed (version 3 images): by hoist in fuse
+            // mode, by the kernel through hoist's `meta` device file in erofs mode.
+            let image = HoistImage::open_lazy(
+                Box::new(source.clone()),
+                source.clone(),
+                Some(Arc::new(StoreMetaCache(store.clone()))),
+                spec.meta_whole_max_bytes,
+            )
             .map_err(read_error);
             (image, joined(config.join()), joined(trace.join()))
         });
@@ -254,6 +261,7 @@ impl Served {
         store.pin(&pins);
         let image = Arc::new(image);
         let counters = Arc::new(FsCounters::default());
+        let meta_move = MetaMove::new(image.clone(), store.clone());
         let mut served = Served {
             spec,
             image,
@@ -265,6 +273,8 @@ impl Served {
             devdir: None,
             local_devices: false,
             loops: None,
+            meta_move,
+            meta_mounted_local: false,
             readahead_kib: kernel::readahead_kib(store.root()),
             mount_secs: 0.0,
             config,
@@ -375,8 +385,7 @@ impl Served {
             (Mode::Erofs, Some(dev)) => {
                 served.rundir(home)?;
                 served.devdir = held.devdir;
-                let sizes = device_sizes(&served.image);
-                let fs = BlobDevFs::new(served.fetcher.clone(), sizes, served.counters.clone());
+                let fs = served.blob_dev_fs()?;
                 Some(hoist_fs::resume_fuse(
                     fs,
                     dev,
@@ -419,13 +428,7 @@ impl Served {
             return;
         };
         let store = self.fetcher.store();
-        let meta = match kernel_meta(store, &self.image) {
-            Ok(meta) => meta,
-            Err(e) => {
-                tracing::warn!("metadata of {} for the kernel: {e}", self.image.meta_digest);
-                return;
-            }
-        };
+        let meta = meta_backings(store, &self.image, &devdir);
         let blobs: Vec<(PathBuf, PathBuf)> = self
             .fetcher
             .blobs()
@@ -442,13 +445,16 @@ impl Served {
         match LoopDevices::reopen(paths, &meta, &blobs) {
             Ok(loops) => {
                 tracing::info!(
-                    "{}: took back loop devices {:?}, {} of {} blobs on their views",
+                    "{}: took back loop devices {:?}, {} of {} blobs on their views, metadata {}",
                     mp_display(self),
                     paths,
                     loops.local(),
-                    loops.len()
+                    loops.len(),
+                    if loops.meta_is_local() { "local" } else { "on hoist's device file" }
                 );
-                self.loops = Some(Arc::new(loops));
+                let loops = Arc::new(loops);
+                self.meta_move.set_loops(loops.clone(), &devdir);
+                self.loops = Some(loops);
                 // Views of blobs still on hoist's device files, built meanwhile.
                 if !self.spec.record {
                     self.verify_views_later(&device_sizes(&self.image));
@@ -474,7 +480,7 @@ impl Served {
         &mut self,
         home: &Home,
         name: &str,
-        meta: &Path,
+        meta: Option<&Path>,
         sizes: Vec<u64>,
     ) -> Result<(), DaemonError> {
         let devdir = self.rundir(home)?.join("dev");
@@ -491,7 +497,7 @@ impl Served {
             true => vec![None; sizes.len()],
             false => self.built_views(&sizes),
         };
-        let fs = BlobDevFs::new(self.fetcher.clone(), sizes.clone(), self.counters.clone());
+        let fs = self.blob_dev_fs()?;
         let m = hoist_fs::mount_fuse(
             fs,
             &devdir,
@@ -508,7 +514,18 @@ impl Served {
         })?;
         self.session = Some(m.session);
         self.dev = Some(m.dev);
-        self.devdir = Some(devdir);
+        self.devdir = Some(devdir.clone());
+        let meta = match meta {
+            Some(path) => Backing {
+                path: path.to_path_buf(),
+                local: true,
+            },
+            None => Backing {
+                path: devdir.join(hoist_fs::META_FILE),
+                local: false,
+            },
+        };
+        self.meta_mounted_local = meta.local;
         let backings: Vec<Backing> = devices
             .iter()
             .zip(views)
@@ -521,19 +538,26 @@ impl Served {
             })
             .collect();
         let (mp, ra) = (&self.spec.mountpoint, self.readahead_kib);
-        match LoopDevices::attach(meta, &backings) {
+        match LoopDevices::attach(&meta, &backings) {
             Ok(loops) => {
                 loops
                     .mount(mp, ra, self.spec.privileges())
                     .map_err(|e| DaemonError::Internal(e.to_string()))?;
                 tracing::info!(
-                    "{}: EROFS on loop devices {:?}, {} of {} blobs on their views",
+                    "{}: EROFS on loop devices {:?}, {} of {} blobs on their views, metadata {}",
                     mp.display(),
                     loops.paths(),
                     loops.local(),
-                    loops.len()
+                    loops.len(),
+                    if meta.local {
+                        "local"
+                    } else {
+                        "on hoist's device file"
+                    }
                 );
-                self.loops = Some(Arc::new(loops));
+                let loops = Arc::new(loops);
+                self.meta_move.set_loops(loops.clone(), &devdir);
+                self.loops = Some(loops);
                 if !self.spec.record {
                     self.verify_views_later(&sizes);
                 }
@@ -545,7 +569,7 @@ impl Served {
                     mp.display()
                 );
                 let privileges = self.spec.privileges();
-                kernel::mount_erofs(meta, &devices, mp, false, ra, privileges)
+                kernel::mount_erofs(&meta.path, &devices, mp, false, ra, privileges)
                     .map_err(|e| DaemonError::Internal(e.to_string()))
             }
         }
@@ -598,6 +622,28 @@ impl Served {
             });
         if let Err(e) = spawned {
             tracing::warn!("starting the verification of views: {e}");
+        }
+    }
+
+    /// The blob devices' filesystem, the metadata's file included.
+    fn blob_dev_fs(&self) -> Result<BlobDevFs, DaemonError> {
+        let meta_move = self.meta_move.clone();
+        BlobDevFs::new(
+            self.fetcher.clone(),
+            device_sizes(&self.image),
+            self.counters.clone(),
+            &self.image,
+            Some(Arc::new(move || meta_move.check())),
+        )
+        .map_err(|e| DaemonError::Internal(format!("metadata {}: {e}", self.image.meta_digest)))
+    }
+
+    /// erofs mode: whether the kernel reads the metadata from a file on the local disk.
+    fn meta_local(&self) -> bool {
+        match (&self.loops, self.spec.mode) {
+            (_, Mode::Fuse) => false,
+            (Some(l), _) => l.meta_is_local(),
+            (None, Mode::Erofs) => self.meta_mounted_local,
         }
     }
 
@@ -654,14 +700,14 @@ impl Served {
                     .is_some_and(|s| !s.guard.is_finished()))
     }
 
-    /// Whether the kernel reads every blob from the local disk (erofs mode), not
-    /// through hoist.
+    /// Whether the kernel reads the metadata and every blob from the local disk (erofs
+    /// mode), not through hoist.
     fn all_local(&self) -> bool {
         self.local_devices
             || self
                 .loops
                 .as_ref()
-                .is_some_and(|l| !l.is_empty() && l.local() == l.len())
+                .is_some_and(|l| !l.is_empty() && l.all_local())
     }
 
     /// Current statistics, as those of mount point `mp`, one of the `mountpoints`
@@ -733,6 +779,7 @@ impl Served {
             views_verified: c.views_verified.load(Relaxed),
             views_damaged: c.views_damaged.load(Relaxed),
             local_devices: self.all_local(),
+            meta_local: self.meta_local(),
             devices: match (self.spec.mode, &self.loops) {
                 (Mode::Fuse, _) => Devices::None,
                 (Mode::Erofs, Some(_)) => Devices::Loop,

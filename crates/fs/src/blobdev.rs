@@ -4,6 +4,10 @@
 //! (`1`, `2`, …). File `n` is the uncompressed address space of blob `n`: each chunk at
 //! its `uncompressed_offset`, zeros between chunks. EROFS mounts the metadata blob with
 //! these files as `device=`s, and reads through them fetch chunks on demand.
+//!
+//! File `meta` is the image's metadata, read through [`HoistImage::meta_reader`]: for
+//! metadata read on demand (format version 3), the kernel mounts this file until all of
+//! the metadata is local, and each block it reads fetches only the chunks it touches.
 
 use crate::session::{negotiate, FsCounters, TTL};
 use crate::tree::READAHEAD_CHUNKS;
@@ -13,42 +17,76 @@ use fuser::{
     Request,
 };
 use hoist_cache::Fetcher;
+use hoist_reader::{HoistImage, MetaReader};
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
+
+/// The name of the metadata's file.
+pub const META_FILE: &str = "meta";
+
+/// Called after each read of the metadata's file.
+pub type OnMetaRead = Arc<dyn Fn() + Send + Sync>;
 
 /// The FUSE filesystem of an image's blob devices.
 pub struct BlobDevFs {
     fetcher: Arc<Fetcher>,
     sizes: Vec<u64>,
     counters: Arc<FsCounters>,
+    meta: MetaReader,
+    meta_size: u64,
+    on_meta_read: Option<OnMetaRead>,
+}
+
+/// What a node of the directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Node {
+    Root,
+    Blob(usize),
+    Meta,
 }
 
 impl BlobDevFs {
-    /// Device files for the blobs of `fetcher`, of the given uncompressed sizes.
-    pub fn new(fetcher: Arc<Fetcher>, sizes: Vec<u64>, counters: Arc<FsCounters>) -> BlobDevFs {
-        BlobDevFs {
+    /// Device files for the blobs of `fetcher`, of the given uncompressed sizes, and
+    /// the metadata's file for `image`; `on_meta_read` runs after each read of that
+    /// file (to notice when all of the metadata has been read).
+    pub fn new(
+        fetcher: Arc<Fetcher>,
+        sizes: Vec<u64>,
+        counters: Arc<FsCounters>,
+        image: &HoistImage,
+        on_meta_read: Option<OnMetaRead>,
+    ) -> std::io::Result<BlobDevFs> {
+        Ok(BlobDevFs {
             fetcher,
             sizes,
             counters,
+            meta: image.meta_reader.clone(),
+            meta_size: image.meta_reader.size()?,
+            on_meta_read,
+        })
+    }
+
+    /// Node numbers: 1 the directory, 2.. the blobs in order, then the metadata.
+    fn node(&self, ino: INodeNo) -> Option<Node> {
+        let n = self.sizes.len() as u64;
+        match ino.0 {
+            1 => Some(Node::Root),
+            i if (2..n + 2).contains(&i) => Some(Node::Blob((i - 2) as usize)),
+            i if i == n + 2 => Some(Node::Meta),
+            _ => None,
         }
     }
 
-    fn blob_of(&self, ino: INodeNo) -> Option<usize> {
-        let b = usize::try_from(ino.0.checked_sub(2)?).ok()?;
-        (b < self.sizes.len()).then_some(b)
+    fn meta_ino(&self) -> INodeNo {
+        INodeNo(self.sizes.len() as u64 + 2)
     }
 
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
-        let (kind, size, perm, nlink) = if ino.0 == 1 {
-            (FileType::Directory, 0, 0o500, 2)
-        } else {
-            (
-                FileType::RegularFile,
-                self.sizes[self.blob_of(ino)?],
-                0o400,
-                1,
-            )
+        let (kind, size, perm, nlink) = match self.node(ino)? {
+            Node::Root => (FileType::Directory, 0, 0o500, 2),
+            Node::Blob(b) => (FileType::RegularFile, self.sizes[b], 0o400, 1),
+            Node::Meta => (FileType::RegularFile, self.meta_size, 0o400, 1),
         };
         Some(FileAttr {
             ino,
@@ -66,6 +104,20 @@ impl BlobDevFs {
             rdev: 0,
             blksize: 4096,
             flags: 0,
+        })
+    }
+
+    /// Reads the metadata from `offset` into `buf`; returns how many bytes (short at
+    /// the end).
+    fn read_meta(&self, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let n = self.meta_size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let read = self.meta.read_exact_at(&mut buf[..n], offset);
+        if let Some(f) = &self.on_meta_read {
+            f();
+        }
+        read.map(|()| n).map_err(|err| {
+            tracing::warn!("metadata at {offset}: {err}");
+            Errno::EIO
         })
     }
 
@@ -130,11 +182,17 @@ impl fuser::Filesystem for BlobDevFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = (parent.0 == 1)
-            .then(|| name.to_str()?.parse::<u64>().ok())
-            .flatten()
-            .filter(|n| *n >= 1)
-            .and_then(|n| self.attr(INodeNo(n.checked_add(1)?)));
+        let ino = match name.to_str() {
+            _ if parent.0 != 1 => None,
+            Some(META_FILE) => Some(self.meta_ino()),
+            Some(n) => n
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=self.sizes.len() as u64).contains(n))
+                .map(|n| INodeNo(n + 1)),
+            None => None,
+        };
+        let found = ino.and_then(|i| self.attr(i));
         match found {
             Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -149,9 +207,12 @@ impl fuser::Filesystem for BlobDevFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.blob_of(ino) {
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            None => reply.error(Errno::EISDIR),
+        match self.node(ino) {
+            Some(Node::Blob(_) | Node::Meta) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Some(Node::Root) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
@@ -167,11 +228,16 @@ impl fuser::Filesystem for BlobDevFs {
         reply: ReplyData,
     ) {
         self.counters.note(req);
-        let Some(blob) = self.blob_of(ino) else {
-            return reply.error(Errno::EISDIR);
-        };
-        self.counters
-            .reply_read(size, reply, |buf| self.read_blob(blob, offset, buf));
+        match self.node(ino) {
+            Some(Node::Blob(blob)) => self
+                .counters
+                .reply_read(size, reply, |buf| self.read_blob(blob, offset, buf)),
+            Some(Node::Meta) => self
+                .counters
+                .reply_read(size, reply, |buf| self.read_meta(offset, buf)),
+            Some(Node::Root) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
+        }
     }
 
     /// ENOSYS: nothing to flush on a read-only filesystem, and the kernel sends no
@@ -203,6 +269,11 @@ impl fuser::Filesystem for BlobDevFs {
         for n in 1..=self.sizes.len() as u64 {
             names.push((INodeNo(n + 1), FileType::RegularFile, n.to_string()));
         }
+        names.push((
+            self.meta_ino(),
+            FileType::RegularFile,
+            META_FILE.to_string(),
+        ));
         for (i, (ino, kind, name)) in names.into_iter().enumerate().skip(offset as usize) {
             if reply.add(ino, i as u64 + 1, kind, name) {
                 break;

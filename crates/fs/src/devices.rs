@@ -8,6 +8,11 @@
 //! by direct I/O: from then on the kernel reads that blob from the local disk and hoist
 //! is out of its read path, for processes that have files open already too. A daemon
 //! that dies then takes nothing with it: only blobs still on device files fail (EIO).
+//!
+//! The metadata's loop device works the same way. Metadata read on demand starts on
+//! hoist's `meta` device file; once all of it has been read and verified, hoist writes it
+//! to a local file and puts that file behind the device (read through the page cache:
+//! EROFS reads it a block at a time, and the page cache's readahead serves most of them).
 
 use crate::kernel;
 use hoist_loopdev::{LoopDevice, LoopError};
@@ -29,10 +34,11 @@ pub struct Backing {
 /// The loop devices of one EROFS mount: the metadata file's and one per blob.
 #[derive(Debug)]
 pub struct LoopDevices {
-    meta: LoopDevice,
+    meta: BlobDevice,
     blobs: Vec<BlobDevice>,
 }
 
+/// A loop device whose file hoist may change once.
 #[derive(Debug)]
 struct BlobDevice {
     dev: LoopDevice,
@@ -61,36 +67,18 @@ pub enum SwapError {
 }
 
 impl LoopDevices {
-    /// Binds loop devices to `meta` (the metadata file on the local disk, read through
-    /// the page cache) and to each blob's file, in device order. Nothing is mounted yet;
-    /// dropping the result before a mount frees the devices.
-    pub fn attach(meta: &Path, blobs: &[Backing]) -> Result<LoopDevices, String> {
-        let open = |p: &Path| File::open(p).map_err(|e| format!("opening {}: {e}", p.display()));
+    /// Binds loop devices to `meta` (the metadata: a file on the local disk, or hoist's
+    /// `meta` device file) and to each blob's file, in device order. Nothing is mounted
+    /// yet; dropping the result before a mount frees the devices.
+    pub fn attach(meta: &Backing, blobs: &[Backing]) -> Result<LoopDevices, String> {
         // The metadata through the page cache, not by direct I/O: EROFS reads it a block
         // at a time, and the file's readahead makes most of those blocks memory reads
         // (find | stat over the tree 1.24x native, against 1.07x by direct I/O). It is
         // small, so its second copy in the page cache costs little.
-        let meta = LoopDevice::attach(&open(meta)?, false).map_err(|e| e.to_string())?;
+        let meta = bind(meta, false)?;
         let blobs = blobs
             .iter()
-            .map(|b| {
-                let file = open(&b.path)?;
-                if !b.local {
-                    // The loop driver reads hoist's device file through this open file:
-                    // without readahead on it, the kernel asks hoist for what EROFS
-                    // reads, not for the rest of the blob after it (the neighbouring
-                    // files of the layer, mostly unused); hoist's own readahead follows
-                    // the readers that go forward (hoist_cache::readahead).
-                    rustix::fs::fadvise(&file, 0, 0, rustix::fs::Advice::Random)
-                        .map_err(|e| format!("{}: fadvise: {e}", b.path.display()))?;
-                }
-                let dev = LoopDevice::attach(&file, b.local).map_err(|e| e.to_string())?;
-                Ok(BlobDevice {
-                    dev,
-                    local: AtomicBool::new(b.local),
-                    swap: Mutex::new(()),
-                })
-            })
+            .map(|b| bind(b, b.local))
             .collect::<Result<_, String>>()?;
         Ok(LoopDevices { meta, blobs })
     }
@@ -98,12 +86,13 @@ impl LoopDevices {
     /// Opens again the devices that an earlier process bound and mounted EROFS on
     /// (`paths`, as [`LoopDevices::paths`] gave them), so that blobs still on their
     /// device files can move to their views. Each device must still read the file it was
-    /// given: `meta`, or blob k's device file `blobs[k].0` or its view `blobs[k].1`
-    /// (then the blob is local already). A device reading anything else is not this
-    /// mount's, and nothing is changed.
+    /// given, or the local file it was to move to: the metadata's device file `meta.0`
+    /// or its local file `meta.1`, blob k's device file `blobs[k].0` or its view
+    /// `blobs[k].1` (then it is local already). A device reading anything else is not
+    /// this mount's, and nothing is changed.
     pub fn reopen(
         paths: &[PathBuf],
-        meta: &Path,
+        meta: &(PathBuf, PathBuf),
         blobs: &[(PathBuf, PathBuf)],
     ) -> Result<LoopDevices, String> {
         if paths.len() != blobs.len() + 1 {
@@ -128,7 +117,12 @@ impl LoopDevices {
                     )
                 })
         };
-        let (meta, _) = open(&paths[0], &[meta])?;
+        let (dev, k) = open(&paths[0], &[meta.1.as_path(), meta.0.as_path()])?;
+        let meta = BlobDevice {
+            dev,
+            local: AtomicBool::new(k == 0),
+            swap: Mutex::new(()),
+        };
         let blobs = paths[1..]
             .iter()
             .zip(blobs)
@@ -154,7 +148,7 @@ impl LoopDevices {
     ) -> io::Result<()> {
         let devices: Vec<PathBuf> = self.blobs.iter().map(|b| b.dev.path()).collect();
         kernel::mount_erofs(
-            &self.meta.path(),
+            &self.meta.dev.path(),
             &devices,
             target,
             false,
@@ -168,23 +162,19 @@ impl LoopDevices {
     /// when the blob was local already.
     pub fn use_view(&self, blob: usize, view: &Path) -> Result<bool, SwapError> {
         let b = self.blobs.get(blob).ok_or(SwapError::NoBlob(blob))?;
-        let _held = b.swap.lock().unwrap_or_else(|p| p.into_inner());
-        if b.local.load(Relaxed) {
-            return Ok(false);
-        }
-        let file = File::open(view).map_err(|source| SwapError::Open {
-            path: view.to_path_buf(),
-            source,
-        })?;
-        let direct = b.dev.swap(&file, true)?;
-        b.local.store(true, Relaxed);
-        tracing::info!(
-            "{}: now reads {} ({})",
-            b.dev.path().display(),
-            view.display(),
-            if direct { "direct I/O" } else { "buffered" }
-        );
-        Ok(true)
+        b.move_to(view, true)
+    }
+
+    /// Puts `local`, a file on the local disk holding all of the metadata (verified),
+    /// behind the metadata's device in place of hoist's device file, read through the
+    /// page cache. Returns false when the metadata was local already.
+    pub fn use_meta(&self, local: &Path) -> Result<bool, SwapError> {
+        self.meta.move_to(local, false)
+    }
+
+    /// Whether the metadata is read from a file on the local disk.
+    pub fn meta_is_local(&self) -> bool {
+        self.meta.local.load(Relaxed)
     }
 
     /// Whether blob `blob` is read from its view.
@@ -207,12 +197,63 @@ impl LoopDevices {
         self.blobs.is_empty()
     }
 
+    /// Whether the metadata and every blob are read from the local disk: hoist is out
+    /// of the mount's read path.
+    pub fn all_local(&self) -> bool {
+        self.meta_is_local() && self.local() == self.len()
+    }
+
     /// The devices, metadata first, then the blobs in order.
     pub fn paths(&self) -> Vec<PathBuf> {
         std::iter::once(&self.meta)
-            .chain(self.blobs.iter().map(|b| &b.dev))
-            .map(LoopDevice::path)
+            .chain(&self.blobs)
+            .map(|b| b.dev.path())
             .collect()
+    }
+}
+
+/// Binds a loop device to `backing`, by direct I/O if `direct` and the file is local.
+fn bind(backing: &Backing, direct: bool) -> Result<BlobDevice, String> {
+    let file = File::open(&backing.path)
+        .map_err(|e| format!("opening {}: {e}", backing.path.display()))?;
+    if !backing.local {
+        // The loop driver reads hoist's device file through this open file: without
+        // readahead on it, the kernel asks hoist for what EROFS reads, not for the rest
+        // of the file after it (the neighbouring files of the layer, mostly unused);
+        // hoist's own readahead follows the readers that go forward
+        // (hoist_cache::readahead, and hoist_reader::lazy for the metadata).
+        rustix::fs::fadvise(&file, 0, 0, rustix::fs::Advice::Random)
+            .map_err(|e| format!("{}: fadvise: {e}", backing.path.display()))?;
+    }
+    let dev = LoopDevice::attach(&file, direct && backing.local).map_err(|e| e.to_string())?;
+    Ok(BlobDevice {
+        dev,
+        local: AtomicBool::new(backing.local),
+        swap: Mutex::new(()),
+    })
+}
+
+impl BlobDevice {
+    /// Puts `local` behind the device, by direct I/O if `direct`; false if it was
+    /// local already.
+    fn move_to(&self, local: &Path, direct: bool) -> Result<bool, SwapError> {
+        let _held = self.swap.lock().unwrap_or_else(|p| p.into_inner());
+        if self.local.load(Relaxed) {
+            return Ok(false);
+        }
+        let file = File::open(local).map_err(|source| SwapError::Open {
+            path: local.to_path_buf(),
+            source,
+        })?;
+        let direct = self.dev.swap(&file, direct)?;
+        self.local.store(true, Relaxed);
+        tracing::info!(
+            "{}: now reads {} ({})",
+            self.dev.path().display(),
+            local.display(),
+            if direct { "direct I/O" } else { "buffered" }
+        );
+        Ok(true)
     }
 }
 

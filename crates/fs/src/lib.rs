@@ -36,7 +36,7 @@ mod session;
 pub mod takeover;
 mod tree;
 
-pub use blobdev::BlobDevFs;
+pub use blobdev::{BlobDevFs, OnMetaRead, META_FILE};
 pub use devices::{Backing, LoopDevices, SwapError};
 pub use kernel::Privileges;
 pub use session::{mount_fuse, Contents, FsCounters, FuseMount, Latency, LATENCY_BOUNDS};

@@ -690,10 +690,11 @@ fn an_erofs_mount_moves_to_its_views_while_mounted_and_outlives_its_daemon() {
 /// open through the page cache (`sh: wc: Input/output error` on a cold `hoist run`,
 /// when the binary's chunk arrived between two opens of it). An inode keeps the mode of
 /// its first open while it is open; a later first open uses passthrough.
-/// Issue 20: a fuse mount of a version 3 image reads its metadata in chunks, as lookups
-/// need them, and serves the same tree as with all of it read at mount.
+/// Issue 20: a mount of a version 3 image reads its metadata in chunks, as lookups need
+/// them (fuse mode: hoist's; erofs mode: the kernel's, through hoist's `meta` device
+/// file), and serves the same tree as with all of it read at mount.
 #[test]
-fn a_fuse_mount_reads_its_metadata_on_demand_and_equals_umoci() {
+fn a_mount_reads_its_metadata_on_demand_and_equals_umoci() {
     if setup().is_none() {
         return;
     }
@@ -732,36 +733,102 @@ fn a_fuse_mount_reads_its_metadata_on_demand_and_equals_umoci() {
         .unwrap()["size"]
         .as_u64()
         .unwrap();
-    let home = Home::new("lazy-meta");
+    for mode in ["fuse", "erofs"] {
+        // Each mode from an empty cache.
+        let home = Home::new(&format!("lazy-meta-{mode}"));
+        let mp = home.mountpoint("root");
+        let mps = mp.display().to_string();
+        // 0: on demand whatever its size (by default only layers over 1 MiB are).
+        let args = [
+            "mount",
+            "--mode",
+            mode,
+            "--prefetch",
+            "none",
+            "--meta-whole-max",
+            "0",
+        ];
+        home.ok(&[&args[..], &[&image, &mps]].concat());
+        let s = home.stat(&mp);
+        let at_mount = s["meta_bytes"].as_u64().unwrap();
+        assert!(
+            at_mount * 2 < layer,
+            "{mode}: the mount read {at_mount} bytes of a {layer}-byte metadata layer"
+        );
+        assert_eq!(s["meta_local"], false, "{mode}: {s}");
+        assert_same_tree(
+            &src,
+            "many",
+            &mp,
+            &format!("{mode}: metadata read on demand"),
+        );
+        let walked = home.stat(&mp)["meta_bytes"].as_u64().unwrap();
+        assert!(
+            walked > at_mount,
+            "{mode}: a walk read no metadata: {walked}"
+        );
+        home.ok(&["umount", &mps]);
+
+        // Mounted again, the metadata read before, its chunk table included, comes from
+        // the cache: nothing is fetched.
+        home.ok(&[&args[..], &[&image, &mps]].concat());
+        assert_same_tree(
+            &src,
+            "many",
+            &mp,
+            &format!("{mode}: metadata from the cache"),
+        );
+        let again = home.stat(&mp)["meta_bytes"].as_u64().unwrap();
+        assert_eq!(again, 0, "{mode}: fetched {again} bytes of metadata again");
+        home.ok(&["umount", &mps]);
+    }
+
+    // erofs mode, the whole image wanted local: the metadata's loop device moves from
+    // hoist's device file to the local file, as the blobs' move to their views, and then
+    // not one read of the tree reaches hoist.
+    let home = Home::new("lazy-meta-all");
     let mp = home.mountpoint("root");
     let mps = mp.display().to_string();
-    // 0: on demand whatever its size (by default only layers over 1 MiB are).
-    let args = [
+    let all = [
         "mount",
         "--mode",
-        "fuse",
+        "erofs",
         "--prefetch",
-        "none",
+        "all",
         "--meta-whole-max",
         "0",
     ];
-    home.ok(&[&args[..], &[&image, &mps]].concat());
-    let at_mount = home.stat(&mp)["meta_bytes"].as_u64().unwrap();
-    assert!(
-        at_mount * 2 < layer,
-        "the mount read {at_mount} bytes of a {layer}-byte metadata layer"
+    home.ok(&[&all[..], &[&image, &mps]].concat());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = home.stat(&mp);
+        if s["local_devices"] == true {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "not all local: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(s["meta_local"], true, "{s}");
+    let local_meta = home.root.join("cache/meta").display().to_string();
+    assert_eq!(
+        loops_under(Path::new(&local_meta)).len(),
+        1,
+        "a loop device reading the local metadata"
     );
-    assert_same_tree(&src, "many", &mp, "fuse mount, metadata read on demand");
-    let walked = home.stat(&mp)["meta_bytes"].as_u64().unwrap();
-    assert!(walked > at_mount, "a walk read no metadata: {walked}");
+    drop_caches();
+    let reads = s["reads"].as_u64().unwrap();
+    assert_same_tree(&src, "many", &mp, "erofs: all local");
+    let s = home.stat(&mp);
+    assert_eq!(s["reads"].as_u64().unwrap(), reads, "{s}");
     home.ok(&["umount", &mps]);
 
-    // Mounted again, the metadata read before, its chunk table included, comes from
-    // the cache: nothing is fetched.
-    home.ok(&[&args[..], &[&image, &mps]].concat());
-    assert_same_tree(&src, "many", &mp, "fuse mount, metadata from the cache");
-    let again = home.stat(&mp)["meta_bytes"].as_u64().unwrap();
-    assert_eq!(again, 0, "fetched {again} bytes of metadata again");
+    // Mounted again, the local file is checked against the pinned digests and mounted:
+    // nothing is fetched, and nothing goes through hoist.
+    home.ok(&[&all[..3], &all[5..], &[&image, &mps]].concat());
+    let s = home.stat(&mp);
+    assert_eq!(s["meta_local"], true, "{s}");
+    assert_eq!(s["meta_bytes"].as_u64(), Some(0), "{s}");
+    assert_same_tree(&src, "many", &mp, "erofs: mounted again");
     home.ok(&["umount", &mps]);
 }
 

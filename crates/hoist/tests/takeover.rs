@@ -421,7 +421,9 @@ fn wait_stat(home: &Path, mp: &Path, what: &str, done: impl Fn(&Value) -> bool) 
 /// blobs' views are built and swapped in behind the loop devices (it prints which; the
 /// swap itself is one ioctl). Each successor takes the loop devices
 /// back from the record and finishes the move: in the end every blob is read from its
-/// view, no read reaches hoist, and the tree is exact, through one more kill.
+/// view, no read reaches hoist, and the tree is exact, through one more kill. The
+/// metadata is read on demand (`--meta-whole-max 0`), so its loop device starts on
+/// hoist's `meta` device file and moves to the local file the same way.
 #[test]
 fn an_erofs_mount_finishes_moving_to_its_views_under_a_successor() {
     let Some(layout) = setup() else { return };
@@ -437,6 +439,8 @@ fn an_erofs_mount_finishes_moving_to_its_views_under_a_successor() {
             "mount",
             "--mode",
             "erofs",
+            "--meta-whole-max",
+            "0",
             "--prefetch",
             "all",
             &image,
@@ -472,10 +476,19 @@ fn an_erofs_mount_finishes_moving_to_its_views_under_a_successor() {
         "killed with {} of {} views built, {} of {blobs} devices on views",
         s["prefetch"]["views_done"], s["prefetch"]["views_total"], s["devices_local"]
     );
-    let s = wait_stat(&home, &mp, "every blob on its view", |s| {
-        s["devices_local"].as_u64() == Some(blobs)
-    });
+    let s = wait_stat(
+        &home,
+        &mp,
+        "every blob on its view, the metadata local",
+        |s| s["devices_local"].as_u64() == Some(blobs) && s["meta_local"] == true,
+    );
     assert_eq!(s["local_devices"], true, "{s}");
+    let meta = home.join("cache/meta").display().to_string();
+    assert_eq!(
+        loops_under(Path::new(&meta)).len(),
+        1,
+        "a loop device reading the local metadata"
+    );
 
     // Every device now reads a view, per the kernel.
     let views = home.join("cache/views").display().to_string();

@@ -255,6 +255,33 @@ impl ChunkedMeta {
         streams.push((end, window));
     }
 
+    /// Whether every chunk has been read (the metadata is all in memory).
+    pub fn complete(&self) -> bool {
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner()).len() == self.table.entries.len()
+    }
+
+    /// Takes `whole`, all of the metadata as read from a local file, if every chunk of
+    /// it matches its digest in the pinned table: then nothing more is fetched. Returns
+    /// whether it was taken; a file that differs anywhere is not used at all.
+    pub fn adopt(&self, whole: &[u8]) -> bool {
+        if whole.len() as u64 != self.len {
+            return false;
+        }
+        let pieces: Vec<&[u8]> = whole.chunks(META_CHUNK_SIZE).collect();
+        let matches = pieces.len() == self.table.entries.len()
+            && pieces
+                .iter()
+                .zip(&self.table.entries)
+                .all(|(p, e)| hoist_codec::digest(p) == e.digest);
+        if matches {
+            let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, p) in pieces.into_iter().enumerate() {
+                chunks.entry(i).or_insert_with(|| Arc::new(p.to_vec()));
+            }
+        }
+        matches
+    }
+
     /// All of the metadata (for the kernel, which mounts a file).
     pub fn read_all(&self) -> io::Result<Vec<u8>> {
         let mut out = vec![0u8; self.len as usize];
@@ -443,5 +470,27 @@ mod tests {
         let (src, again) = open(&blob, &ann, None, Some(cache));
         assert_eq!(again.unwrap().unwrap().read_all().unwrap(), data);
         assert_eq!(src.reads.load(Relaxed), 0, "the table is cached too");
+    }
+
+    #[test]
+    fn a_local_copy_is_taken_only_if_every_chunk_matches() {
+        let (data, blob, ann) = sample();
+        let (src, meta) = open(&blob, &ann, None, None);
+        let meta = meta.unwrap().unwrap();
+        assert!(!meta.complete());
+        // One byte off in the last chunk, or one byte short: refused, nothing kept.
+        let mut damaged = data.clone();
+        *damaged.last_mut().unwrap() ^= 1;
+        assert!(!meta.adopt(&damaged));
+        assert!(!meta.adopt(&data[..data.len() - 1]));
+        assert!(meta.loaded(0).is_none());
+        assert!(meta.adopt(&data));
+        assert!(meta.complete());
+        assert_eq!(meta.read_all().unwrap(), data);
+        assert_eq!(
+            src.reads.load(Relaxed),
+            1,
+            "only the chunk table was fetched"
+        );
     }
 }

@@ -295,6 +295,19 @@ impl HoistImage {
         Ok(out)
     }
 
+    /// Whether all of the metadata is in memory: always, unless it is read on demand
+    /// and some chunks were never read.
+    pub fn meta_complete(&self) -> bool {
+        self.lazy.as_ref().is_none_or(|l| l.complete())
+    }
+
+    /// For metadata read on demand: takes `whole` (all of the metadata, from a local
+    /// file) if it matches the pinned digests chunk by chunk, and returns whether the
+    /// metadata is all in memory now.
+    pub fn adopt_meta(&self, whole: &[u8]) -> bool {
+        self.lazy.as_ref().is_none_or(|l| l.adopt(whole))
+    }
+
     /// For metadata read on demand: compressed bytes fetched so far and requests sent.
     pub fn meta_fetched(&self) -> Option<(u64, u64)> {
         self.lazy.as_ref().map(|l| l.fetched())

@@ -267,11 +267,12 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
         Devices::Views => {
             println!("  devices   the blobs' views on the local disk (hoist serves no file data)")
         }
-        Devices::Loop if local == total => println!(
-            "  devices   loop devices, all {total} on the blobs' views on the local disk (hoist serves no file data)"
+        Devices::Loop if local == total && s.meta_local => println!(
+            "  devices   loop devices, all {total} on the blobs' views and the metadata on its local file (hoist serves nothing)"
         ),
         Devices::Loop => println!(
-            "  devices   loop devices: {local} of {total} on the blobs' views, the others on hoist's device files"
+            "  devices   loop devices: {local} of {total} on the blobs' views, the others on hoist's device files; metadata {}",
+            if s.meta_local { "on its local file" } else { "on hoist's device file (read on demand)" }
         ),
         Devices::Files => println!(
             "  devices   hoist's device files (no loop devices: see the daemon log); hoist serves every read"
