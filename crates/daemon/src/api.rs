@@ -364,6 +364,13 @@ pub struct PrefetchStats {
     pub trace_chunks: u64,
     /// Where the trace came from.
     pub trace: TraceSource,
+    /// Metadata chunks of the trace (metadata read on demand), fetched before anything
+    /// asks for them.
+    #[serde(default)]
+    pub trace_meta_chunks: u64,
+    /// Whether those have been fetched.
+    #[serde(default)]
+    pub trace_meta_done: bool,
     /// Views built after the chunks (`--prefetch all`).
     pub views_done: u64,
     /// Views to build.

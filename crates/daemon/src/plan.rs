@@ -8,7 +8,9 @@ use crate::served::Served;
 use hoist_cache::prefetch::{self, Stage};
 use hoist_cache::{Priority, View};
 use hoist_reader::trace::Trace;
-use std::sync::atomic::Ordering::Relaxed;
+use hoist_reader::HoistImage;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 impl Served {
     /// Starts the prefetch the spec asks for, on a thread that first maps the trace
@@ -29,6 +31,7 @@ impl Served {
             self.progress.clone(),
         );
         let counted = self.trace_chunks.clone();
+        let trace_meta = self.trace_meta.clone();
         let meta_move = self.meta_move.clone();
         let name = self.spec.image.clone();
         let mode = self.spec.mode;
@@ -45,6 +48,9 @@ impl Served {
             .name("hoist-trace".into())
             .spawn(move || {
                 let mut stages = Vec::new();
+                if let Some(trace) = &trace {
+                    prefetch_meta(&image, trace, trace_meta, &name);
+                }
                 if let Some(trace) = trace {
                     let used = |(b, i): (usize, usize)| {
                         fetcher.blobs().get(b).is_some_and(|blob| blob.is_used(i))
@@ -90,5 +96,33 @@ impl Served {
             })
             .map(|_| ())
             .map_err(|e| DaemonError::Internal(format!("starting prefetch: {e}")))
+    }
+}
+
+/// Fetches the trace's metadata chunks (metadata read on demand) on a thread of its own,
+/// beside the trace's data: lookups then find the metadata they need local.
+fn prefetch_meta(
+    image: &Arc<HoistImage>,
+    trace: &Trace,
+    state: Arc<(AtomicU64, AtomicBool)>,
+    name: &str,
+) {
+    let chunks = trace.meta_chunks_for(image).to_vec();
+    if chunks.is_empty() {
+        return;
+    }
+    state.0.store(chunks.len() as u64, Relaxed);
+    let (image, named) = (image.clone(), name.to_string());
+    let spawned = std::thread::Builder::new()
+        .name("hoist-trace-meta".into())
+        .spawn(move || {
+            match image.prefetch_meta(&chunks) {
+                Ok(n) => tracing::debug!("{named}: {n} metadata chunks of the trace fetched"),
+                Err(e) => tracing::warn!("{named}: the trace's metadata: {e}"),
+            }
+            state.1.store(true, Relaxed);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("{name}: starting the trace's metadata fetch: {e}");
     }
 }

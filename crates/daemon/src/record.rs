@@ -16,6 +16,8 @@ impl Served {
                 self.spec.mountpoint.display()
             )));
         }
+        // Before the file index, whose walk of the tree reads the rest of the metadata.
+        let meta_chunks = self.image.recorded_meta();
         let index = FileIndex::build(&self.image)
             .map_err(|e| DaemonError::Internal(format!("indexing the image's files: {e}")))?;
         let mut files = Vec::new();
@@ -50,6 +52,11 @@ impl Served {
             chunk_size: 1 << self.image.meta.chunk_bits,
             meta_bytes: self.meta_bytes(),
             chunks,
+            meta_digest: match meta_chunks.is_empty() {
+                true => String::new(),
+                false => self.image.meta_digest.to_string(),
+            },
+            meta_chunks,
             files,
         })
     }

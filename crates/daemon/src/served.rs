@@ -72,6 +72,8 @@ pub struct Served {
     config: serde_json::Value,
     trace_source: TraceSource,
     pub(crate) trace_chunks: Arc<AtomicU64>,
+    /// Metadata chunks of the start-up trace, fetched early, and whether that is done.
+    pub(crate) trace_meta: Arc<(AtomicU64, std::sync::atomic::AtomicBool)>,
     /// The manifest as read, for a successor.
     manifest: Vec<u8>,
     /// The FUSE connection's `/dev/fuse` file, until the holder has a copy.
@@ -130,13 +132,17 @@ impl Served {
                 served.dev = Some(m.dev);
             }
             Mode::Erofs => {
-                // None: metadata read on demand, through hoist's `meta` device file.
-                let meta = kernel_meta(&store, &served.image).map_err(|e| {
-                    DaemonError::Internal(format!(
-                        "writing the metadata of {} for the kernel: {e}",
-                        served.image.meta_digest
-                    ))
-                })?;
+                // None: metadata read on demand, through hoist's `meta` device file (always
+                // when recording: the record notes the chunks the kernel reads).
+                let meta = match served.spec.record && !served.image.meta_complete() {
+                    true => None,
+                    false => kernel_meta(&store, &served.image).map_err(|e| {
+                        DaemonError::Internal(format!(
+                            "writing the metadata of {} for the kernel: {e}",
+                            served.image.meta_digest
+                        ))
+                    })?,
+                };
                 let sizes = device_sizes(&served.image);
                 // A fully cached image whose blob views are built is read by the kernel
                 // from the local disk (direct I/O: no second copy in the page cache),
@@ -261,7 +267,8 @@ impl Served {
         store.pin(&pins);
         let image = Arc::new(image);
         let counters = Arc::new(FsCounters::default());
-        let meta_move = MetaMove::new(image.clone(), store.clone());
+        // A recording mount reads the metadata through hoist, which notes the chunks.
+        let meta_move = MetaMove::new(image.clone(), store.clone(), !spec.record);
         let mut served = Served {
             spec,
             image,
@@ -280,6 +287,7 @@ impl Served {
             config,
             trace_source: TraceSource::None,
             trace_chunks: Arc::new(AtomicU64::new(0)),
+            trace_meta: Arc::default(),
             manifest: manifest_bytes,
             dev: None,
             rundir: None,
@@ -297,6 +305,7 @@ impl Served {
         };
         if served.spec.record {
             served.fetcher.start_recording();
+            served.image.start_recording_meta();
         }
         Ok((served, trace))
     }
@@ -800,6 +809,8 @@ impl Served {
                 done: self.progress.done.load(Relaxed),
                 total: self.progress.total.load(Relaxed),
                 trace_chunks: self.trace_chunks.load(Relaxed),
+                trace_meta_chunks: self.trace_meta.0.load(Relaxed),
+                trace_meta_done: self.trace_meta.1.load(Relaxed),
                 trace: self.trace_source,
                 views_done: self.progress.views_done.load(Relaxed),
                 views_total: self.progress.views_total.load(Relaxed),

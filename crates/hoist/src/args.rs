@@ -290,8 +290,9 @@ pub struct MountOptions {
     pub fetch_min: u64,
     /// Metadata layers up to this size are fetched whole when the image is mounted; a
     /// larger one (an image of many files) is read in 64 KiB chunks as lookups need
-    /// them, so the mount does not wait for all of it (fuse mode, images converted with
-    /// format version 3; suffixes K, M). 0 reads all metadata on demand.
+    /// them, so the mount does not wait for all of it (images converted with format
+    /// version 3; in erofs mode the kernel reads it through hoist until all of it is
+    /// local; suffixes K, M). 0 reads all metadata on demand.
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_size)]
     pub meta_whole_max: u64,
     /// Never hand cached files to the kernel by FUSE passthrough (fuse mode).

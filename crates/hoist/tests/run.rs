@@ -416,6 +416,97 @@ fn traces_are_recorded_stored_in_the_image_and_prefetched() {
     );
 }
 
+/// Issue 20: a trace records the metadata chunks the workload's lookups read (metadata
+/// read on demand), and a mount with that trace fetches them before anything asks:
+/// the traced read then fetches no metadata, where without the trace it does.
+#[test]
+fn a_trace_records_the_metadata_it_read_and_a_mount_fetches_it_first() {
+    let Some(layout) = setup() else { return };
+    let (oci, _, _) = image(&layout);
+    // The run image plus a layer of 20,000 small files: metadata of many chunks.
+    let s = scratch().join("trace-meta");
+    std::fs::create_dir_all(&s).unwrap();
+    let bundle = s.join("bundle");
+    let cfg = format!("{}:cfg", oci.display());
+    let many = format!("{}:many", oci.display());
+    sh(Command::new("umoci")
+        .args(["unpack", "--image", &cfg])
+        .arg(&bundle));
+    for d in 0..100 {
+        let dir = bundle.join(format!("rootfs/many/d{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..200 {
+            let body = format!("module.exports = {{ dir: {d}, file: {f} }};\n");
+            std::fs::write(dir.join(format!("f{f:03}.js")), body).unwrap();
+        }
+    }
+    sh(Command::new("umoci")
+        .args(["repack", "--image", &many])
+        .arg(&bundle));
+    let img = format!("oci:{}:many", s.join("hoist").display());
+    hoist_ok(&["convert", &format!("oci:{many}"), &img]);
+    let want = "module.exports = { dir: 77, file: 123 };\n";
+    let file = "/many/d77/f123.js";
+
+    let home = Home::new("trace-meta-record");
+    let trace = home.0.join("trace.json");
+    let t = trace.display().to_string();
+    let lazy = ["--meta-whole-max", "0"];
+    let cat = format!("cat {file}");
+    let (code, out, err) = home.run(
+        &[
+            &["record"][..],
+            &lazy,
+            &[&img, "--trace-out", &t, "--", &cat],
+        ]
+        .concat(),
+    );
+    assert_eq!((code, out.as_str()), (0, want), "{err}");
+    let rec = json(&trace);
+    let meta_chunks = rec["meta_chunks"].as_array().expect("metadata chunks");
+    assert!(!meta_chunks.is_empty(), "{rec}");
+    assert!(rec["meta_digest"].as_str().unwrap().starts_with("sha256:"));
+
+    // Each mount from an empty cache: the metadata its read fetches, without the trace
+    // and with it (once the trace's metadata chunks are in).
+    let read_fetches = |name: &str, extra: &[&str]| -> (u64, Value) {
+        let home = Home::new(name);
+        let mp = home.0.join("mnt");
+        std::fs::create_dir_all(&mp).unwrap();
+        let mps = mp.display().to_string();
+        let (code, _, err) = home.run(&[&["mount"][..], &lazy, extra, &[&img, &mps]].concat());
+        assert_eq!(code, 0, "{err}");
+        let stat = || {
+            let (code, out, err) = home.run(&["stat", "--json", &mps]);
+            assert_eq!(code, 0, "{err}");
+            serde_json::from_str::<Value>(&out).unwrap()
+        };
+        wait_until(60, "the trace's metadata fetched", || {
+            let p = &stat()["prefetch"];
+            p["trace_meta_chunks"] == 0 || p["trace_meta_done"] == true
+        });
+        let before = stat()["meta_bytes"].as_u64().unwrap();
+        let got = std::fs::read_to_string(mp.join(file.trim_start_matches('/'))).unwrap();
+        assert_eq!(got, want);
+        let s = stat();
+        let (code, _, err) = home.run(&["umount", &mps]);
+        assert_eq!(code, 0, "{err}");
+        (s["meta_bytes"].as_u64().unwrap() - before, s)
+    };
+    let (without, _) = read_fetches("trace-meta-without", &["--prefetch", "none"]);
+    assert!(
+        without > 0,
+        "the read fetched no metadata without the trace"
+    );
+    let (with, s) = read_fetches("trace-meta-with", &["--prefetch-trace", &t]);
+    assert_eq!(
+        s["prefetch"]["trace_meta_chunks"].as_u64(),
+        Some(meta_chunks.len() as u64),
+        "{s}"
+    );
+    assert_eq!(with, 0, "the traced read fetched metadata: {s}");
+}
+
 #[test]
 fn many_runs_started_at_once_share_the_daemon_one_of_them_starts() {
     // Issue 15: of 8 `hoist run`s started together with no daemon running, 3 failed

@@ -19,10 +19,11 @@ use hoist_format::chunk::{parse_blob_tail, ChunkTable, BLOB_TRAILER_SIZE, CHUNK_
 use hoist_format::meta::{MAX_META_SIZE, META_CHUNK_SIZE};
 use hoist_format::ReadAt;
 use hoist_oci::{media, Digest, ImageSource};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Chunks fetched after the ones a read needs, when they are missing too.
 pub const READAHEAD_CHUNKS: usize = 4;
@@ -30,6 +31,14 @@ pub const READAHEAD_CHUNKS: usize = 4;
 pub const MAX_READAHEAD_CHUNKS: usize = 64;
 /// Streams of sequential misses followed at once.
 const STREAMS: usize = 4;
+/// The longest a read waits for a chunk another read is fetching (the fetch itself is
+/// bounded by the source's timeouts, well within this).
+const WAIT_FOR_FETCH: Duration = Duration::from_secs(120);
+/// Ranged reads a prefetch keeps in flight.
+const PREFETCH_STREAMS: usize = 4;
+/// Chunks not asked for that a prefetch fetches to join two ranges into one request
+/// (128 KiB of metadata, a few KiB compressed: less than a round trip costs).
+const PREFETCH_GAP: usize = 2;
 
 /// Where decoded metadata chunks are kept between mounts and daemons (the chunk cache),
 /// so that a remount or a takeover needs no registry for what was read before.
@@ -52,6 +61,13 @@ pub struct ChunkedMeta {
     streams: Mutex<Vec<(usize, usize)>>,
     fetched: AtomicU64,
     requests: AtomicU64,
+    /// Chunks being fetched, so that concurrent reads of one chunk fetch it once; the
+    /// condition variable is signalled when a fetch ends.
+    inflight: Mutex<HashSet<usize>>,
+    fetch_ended: Condvar,
+    recording: AtomicBool,
+    /// Chunks read since recording started, in the order first read.
+    recorded: Mutex<(Vec<usize>, HashSet<usize>)>,
 }
 
 impl ChunkedMeta {
@@ -143,6 +159,10 @@ impl ChunkedMeta {
             streams: Mutex::new(Vec::new()),
             fetched: AtomicU64::new(fetched),
             requests: AtomicU64::new(u64::from(fetched > 0)),
+            inflight: Mutex::new(HashSet::new()),
+            fetch_ended: Condvar::new(),
+            recording: AtomicBool::new(false),
+            recorded: Mutex::new((Vec::new(), HashSet::new())),
         }))
     }
 
@@ -221,19 +241,75 @@ impl ChunkedMeta {
     /// Chunk `i`, fetching it (and the missing chunks after it, up to the readahead) if
     /// needed; `until` is the chunk after the last the caller needs.
     fn chunk(&self, i: usize, until: usize) -> io::Result<Arc<Vec<u8>>> {
-        if let Some(d) = self.local(i) {
-            return Ok(d);
+        if self.recording.load(Relaxed) {
+            let mut r = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+            if r.1.insert(i) {
+                r.0.push(i);
+            }
         }
-        let window = self.window(i);
-        let limit = (until + window).min(self.table.entries.len());
-        let mut last = i + 1;
-        while last < limit && self.local(last).is_none() {
-            last += 1;
+        let deadline = Instant::now() + WAIT_FOR_FETCH;
+        loop {
+            if let Some(d) = self.local(i) {
+                return Ok(d);
+            }
+            let window = self.window(i);
+            let limit = (until + window).min(self.table.entries.len());
+            let mut last = i + 1;
+            while last < limit && self.local(last).is_none() {
+                last += 1;
+            }
+            let Some(last) = self.claim(i, last, deadline)? else {
+                // Another read fetched chunk `i` meanwhile.
+                continue;
+            };
+            let fetched = self.fetch(i, last);
+            self.release(i, last);
+            fetched?;
+            self.ended(i, last, window);
+            return self
+                .loaded(i)
+                .ok_or_else(|| io::Error::other("metadata chunk lost after its fetch"));
         }
-        self.fetch(i, last)?;
-        self.ended(i, last, window);
-        self.loaded(i)
-            .ok_or_else(|| io::Error::other("metadata chunk lost after its fetch"))
+    }
+
+    /// Ends the caller's fetch of chunks `i..last`, and wakes the reads waiting for them.
+    fn release(&self, i: usize, last: usize) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|c| !(i..last).contains(c));
+        self.fetch_ended.notify_all();
+    }
+
+    /// Marks chunks `i..last` as being fetched by the caller, up to the first that
+    /// another read is fetching, and returns the end of what it marked; `None` once
+    /// chunk `i` itself was being fetched by another read and that fetch has ended
+    /// (waiting for it until `deadline`).
+    fn claim(&self, i: usize, last: usize, deadline: Instant) -> io::Result<Option<usize>> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight.contains(&i) {
+            while inflight.contains(&i) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "metadata {} chunk {i}: waited too long for its fetch",
+                            self.digest
+                        ),
+                    ));
+                }
+                inflight = self
+                    .fetch_ended
+                    .wait_timeout(inflight, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            return Ok(None);
+        }
+        let end = (i..last).find(|c| inflight.contains(c)).unwrap_or(last);
+        inflight.extend(i..end);
+        Ok(Some(end))
     }
 
     /// The readahead window of a miss at chunk `i`: doubled if it continues a stream.
@@ -253,6 +329,69 @@ impl ChunkedMeta {
             streams.remove(0);
         }
         streams.push((end, window));
+    }
+
+    /// Starts noting which chunks reads touch (for a start-up trace).
+    pub fn start_recording(&self) {
+        self.recording.store(true, Relaxed);
+    }
+
+    /// The chunks reads touched since [`ChunkedMeta::start_recording`], in the order
+    /// first touched.
+    pub fn recorded(&self) -> Vec<usize> {
+        self.recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Fetches the chunks of `wanted` (a start-up trace's) that are neither in memory
+    /// nor in the cache: neighbours joined into one ranged read, up to
+    /// [`PREFETCH_STREAMS`] reads in flight. Indices past the end are ignored. Returns
+    /// how many chunks were fetched.
+    pub fn prefetch(&self, wanted: &[usize]) -> io::Result<usize> {
+        let count = self.table.entries.len();
+        let mut missing: Vec<usize> = wanted
+            .iter()
+            .copied()
+            .filter(|&i| i < count && self.local(i).is_none())
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in missing {
+            match runs.last_mut() {
+                Some((_, end)) if i <= *end + PREFETCH_GAP => *end = i + 1,
+                _ => runs.push((i, i + 1)),
+            }
+        }
+        let fetched = runs.iter().map(|(a, b)| b - a).sum();
+        let next = Mutex::new(runs.into_iter());
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..PREFETCH_STREAMS)
+                .map(|_| {
+                    scope.spawn(|| loop {
+                        let run = next.lock().unwrap_or_else(|p| p.into_inner()).next();
+                        let Some((first, last)) = run else {
+                            return Ok(());
+                        };
+                        // What a read is fetching already is left to it.
+                        let deadline = Instant::now() + WAIT_FOR_FETCH;
+                        if let Some(end) = self.claim(first, last, deadline)? {
+                            let fetched = self.fetch(first, end);
+                            self.release(first, end);
+                            fetched?;
+                        }
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("prefetch panicked")))
+            })
+        })?;
+        Ok(fetched)
     }
 
     /// Whether every chunk has been read (the metadata is all in memory).
@@ -332,6 +471,8 @@ mod tests {
         blob: Vec<u8>,
         reads: AtomicU64,
         flip: Option<usize>,
+        /// Each ranged read takes this long (a network's latency).
+        latency: Duration,
     }
 
     impl ImageSource for Mem {
@@ -346,6 +487,7 @@ mod tests {
         }
         fn read_blob_range(&self, _: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
             self.reads.fetch_add(1, Relaxed);
+            std::thread::sleep(self.latency);
             let mut out = self.blob[offset as usize..(offset + len) as usize].to_vec();
             if let Some(at) = self.flip.and_then(|f| f.checked_sub(offset as usize)) {
                 if let Some(b) = out.get_mut(at) {
@@ -395,6 +537,7 @@ mod tests {
             blob: blob.to_vec(),
             reads: AtomicU64::new(0),
             flip,
+            latency: Duration::ZERO,
         });
         let digest = Digest::of(blob);
         let meta = ChunkedMeta::open(src.clone(), &digest, blob.len() as u64, annotations, cache);
@@ -470,6 +613,84 @@ mod tests {
         let (src, again) = open(&blob, &ann, None, Some(cache));
         assert_eq!(again.unwrap().unwrap().read_all().unwrap(), data);
         assert_eq!(src.reads.load(Relaxed), 0, "the table is cached too");
+    }
+
+    #[test]
+    fn a_recorded_read_is_prefetched_in_few_requests_and_then_read_locally() {
+        let (data, blob, ann) = sample();
+        let (_, meta) = open(&blob, &ann, None, None);
+        let meta = meta.unwrap().unwrap();
+        meta.start_recording();
+        let mut buf = vec![0u8; 10];
+        for i in [9, 2, 9, 17] {
+            meta.read_exact_at(&mut buf, (i * META_CHUNK_SIZE) as u64)
+                .unwrap();
+        }
+        let trace = meta.recorded();
+        assert_eq!(trace, vec![9, 2, 17], "first reads, in order");
+
+        // A new mount: the trace's chunks come in one request per range, 2 with its
+        // neighbour 3 (one chunk between), and 30 (past the end) is ignored.
+        let (src, meta) = open(&blob, &ann, None, None);
+        let meta = meta.unwrap().unwrap();
+        assert_eq!(meta.prefetch(&[9, 2, 4, 17, 30]).unwrap(), 1 + 3 + 1);
+        assert_eq!(
+            src.reads.load(Relaxed),
+            1 + 3,
+            "the table, then three ranges"
+        );
+        for i in [2, 3, 4, 9, 17] {
+            let at = i * META_CHUNK_SIZE;
+            meta.read_exact_at(&mut buf, at as u64).unwrap();
+            assert_eq!(buf, data[at..at + 10]);
+        }
+        assert_eq!(src.reads.load(Relaxed), 4, "read from memory");
+        assert_eq!(meta.prefetch(&[2, 9]).unwrap(), 0, "nothing missing");
+    }
+
+    #[test]
+    fn concurrent_reads_fetch_each_chunk_once() {
+        let (data, blob, ann) = sample();
+        let src = Arc::new(Mem {
+            blob: blob.clone(),
+            reads: AtomicU64::new(0),
+            flip: None,
+            latency: Duration::from_millis(20),
+        });
+        let meta = ChunkedMeta::open(
+            src.clone(),
+            &Digest::of(&blob),
+            blob.len() as u64,
+            &ann,
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        let table = meta.fetched().0;
+        // Eight readers through the whole metadata at once, each from its own start, and
+        // a prefetch of all of it beside them.
+        let all: Vec<usize> = (0..meta.table.entries.len()).collect();
+        std::thread::scope(|scope| {
+            scope.spawn(|| meta.prefetch(&all).unwrap());
+            for r in 0..8 {
+                let (meta, data) = (&meta, &data);
+                scope.spawn(move || {
+                    let mut buf = vec![0u8; 4096];
+                    for k in 0..data.len() / 4096 {
+                        let at = ((k + r * 37) % (data.len() / 4096)) * 4096;
+                        meta.read_exact_at(&mut buf, at as u64).unwrap();
+                        assert_eq!(buf, data[at..at + 4096]);
+                    }
+                });
+            }
+        });
+        let stored: u64 = meta
+            .table
+            .entries
+            .iter()
+            .map(|e| u64::from(e.compressed_size))
+            .sum();
+        assert_eq!(meta.fetched().0 - table, stored, "every chunk fetched once");
     }
 
     #[test]

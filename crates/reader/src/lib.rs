@@ -308,6 +308,30 @@ impl HoistImage {
         self.lazy.as_ref().is_none_or(|l| l.adopt(whole))
     }
 
+    /// For metadata read on demand: starts noting which of its chunks reads touch (for
+    /// a start-up trace).
+    pub fn start_recording_meta(&self) {
+        if let Some(l) = &self.lazy {
+            l.start_recording();
+        }
+    }
+
+    /// The metadata chunks reads touched since [`HoistImage::start_recording_meta`], in
+    /// the order first touched (empty unless the metadata is read on demand).
+    pub fn recorded_meta(&self) -> Vec<usize> {
+        self.lazy.as_ref().map_or_else(Vec::new, |l| l.recorded())
+    }
+
+    /// For metadata read on demand: fetches the chunks of `chunks` (a start-up trace's)
+    /// not read yet, a few ranged reads at once; returns how many were fetched.
+    pub fn prefetch_meta(&self, chunks: &[usize]) -> Result<usize, ReadError> {
+        let Some(l) = &self.lazy else { return Ok(0) };
+        l.prefetch(chunks).map_err(|source| ReadError::Io {
+            path: format!("metadata {}", self.meta_digest),
+            source,
+        })
+    }
+
     /// For metadata read on demand: compressed bytes fetched so far and requests sent.
     pub fn meta_fetched(&self) -> Option<(u64, u64)> {
         self.lazy.as_ref().map(|l| l.fetched())

@@ -69,6 +69,13 @@ pub struct Trace {
     /// Chunks in the order they were first read.
     #[serde(default)]
     pub chunks: Vec<TraceChunk>,
+    /// The metadata layer it was recorded on, for [`Trace::meta_chunks`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub meta_digest: String,
+    /// Metadata chunks (64 KiB pieces of the metadata read on demand, format version 3)
+    /// in the order first read; they apply to that metadata layer only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub meta_chunks: Vec<usize>,
     /// Files in the order they were first read.
     #[serde(default)]
     pub files: Vec<String>,
@@ -123,11 +130,15 @@ impl Trace {
                 t.version
             )));
         }
-        if t.chunks.len() > MAX_TRACE_ENTRIES || t.files.len() > MAX_TRACE_ENTRIES {
+        if t.chunks.len() > MAX_TRACE_ENTRIES
+            || t.files.len() > MAX_TRACE_ENTRIES
+            || t.meta_chunks.len() > MAX_TRACE_ENTRIES
+        {
             return Err(TraceError::Invalid(format!(
-                "trace of {} chunks and {} files; at most {MAX_TRACE_ENTRIES} each",
+                "trace of {} chunks, {} files and {} metadata chunks; at most {MAX_TRACE_ENTRIES} each",
                 t.chunks.len(),
-                t.files.len()
+                t.files.len(),
+                t.meta_chunks.len()
             )));
         }
         Ok(t)
@@ -136,6 +147,16 @@ impl Trace {
     /// The trace as JSON.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).expect("a trace always serialises")
+    }
+
+    /// The metadata chunks to fetch early for `image`: those recorded, if the trace was
+    /// recorded on this metadata layer, else none (another layer's chunks are other
+    /// bytes).
+    pub fn meta_chunks_for(&self, image: &HoistImage) -> &[usize] {
+        match self.meta_digest == image.meta_digest.as_str() {
+            true => &self.meta_chunks,
+            false => &[],
+        }
     }
 
     /// Compressed bytes of its distinct chunks.
