@@ -150,6 +150,8 @@ pub struct Chunker {
     dedup: HashMap<[u8; 32], Loc>,
     /// Digests of the small files of the current layer stored in its frames.
     layer_files: HashMap<[u8; 32], Loc>,
+    /// Where the dictionary's chunks hold small files ([`crate::dict`]).
+    dict_files: crate::dict::DictFiles,
     dict_blobs: u16,
     current: Option<Pipeline>,
     remaps: Vec<Remap>,
@@ -168,6 +170,7 @@ impl Chunker {
             frame_size,
             dedup: HashMap::new(),
             layer_files: HashMap::new(),
+            dict_files: crate::dict::DictFiles::default(),
             dict_blobs: 0,
             current: None,
             remaps: Vec::new(),
@@ -179,6 +182,12 @@ impl Chunker {
     /// at the stored copies ([`apply_remaps`]) before the tree is written or cached.
     pub fn take_remaps(&mut self) -> Vec<Remap> {
         std::mem::take(&mut self.remaps)
+    }
+
+    /// Registers where the dictionary's chunks hold small files (their blobs numbered
+    /// as [`Chunker::add_dict_blob`] numbers them).
+    pub fn add_dict_files(&mut self, files: crate::dict::DictFiles) {
+        self.dict_files = files;
     }
 
     /// Registers the chunks of a dictionary blob; returns its provisional index.
@@ -342,7 +351,15 @@ impl ChunkSink for Chunker {
             return Ok(ChunkRef::Hole);
         }
         let d = digest(&data);
-        if let Some(loc) = self.dedup.get(&d).or(self.layer_files.get(&d)).copied() {
+        let in_dict = || {
+            let p = self.dict_files.find(&data)?;
+            Some(Loc {
+                blob: p.blob,
+                blkaddr: p.blkaddr,
+            })
+        };
+        let found = self.dedup.get(&d).or(self.layer_files.get(&d)).copied();
+        if let Some(loc) = found.or_else(in_dict) {
             self.count_dedup(loc, len);
             return Ok(loc.chunk_ref());
         }

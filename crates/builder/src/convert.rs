@@ -223,6 +223,16 @@ pub fn convert(
                 opts.chunk_size
             )));
         }
+        if opts.frame_size > 0 {
+            let limit = opts.frame_size / 8;
+            let files = crate::dict::small_files(dict, &dict_meta, opts.frame_size, limit)?;
+            tracing::info!(
+                "chunk dictionary {}: {} places of small files keyed",
+                dict.describe(),
+                files.len()
+            );
+            chunker.add_dict_files(files);
+        }
         for b in dict_meta.blobs {
             chunker.add_dict_blob(&b)?;
             let d = Digest::from_sha256(b.digest);

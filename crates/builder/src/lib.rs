@@ -18,6 +18,7 @@ pub mod apply;
 pub mod cache;
 pub mod chunker;
 pub mod convert;
+pub mod dict;
 mod layer;
 mod spool;
 
