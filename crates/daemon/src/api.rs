@@ -258,8 +258,12 @@ pub struct Stats {
     /// image's, shared by all of them.
     #[serde(default)]
     pub mountpoints: u64,
-    /// Bytes of the metadata blob (read whole at mount).
+    /// Bytes of the metadata blob read: all of it when it is read whole at mount, else
+    /// what was fetched so far (metadata read on demand).
     pub meta_bytes: u64,
+    /// Bytes of the metadata blob (the layer).
+    #[serde(default)]
+    pub meta_layer_bytes: u64,
     /// Compressed bytes of all data blobs.
     pub blob_bytes: u64,
     /// Chunks the image's files use.

@@ -50,7 +50,7 @@ impl Served {
             image: self.spec.image.clone(),
             manifest: self.image.manifest_digest.to_string(),
             chunk_size: 1 << self.image.meta.chunk_bits,
-            meta_bytes: self.meta_bytes(),
+            meta_bytes: self.meta_layer_bytes(),
             chunks,
             meta_digest: match meta_chunks.is_empty() {
                 true => String::new(),

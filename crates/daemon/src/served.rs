@@ -679,9 +679,14 @@ impl Served {
     /// Bytes of metadata read: what was fetched so far when it is read on demand, else
     /// the whole metadata blob.
     pub(crate) fn meta_bytes(&self) -> u64 {
-        if let Some((fetched, _)) = self.image.meta_fetched() {
-            return fetched;
+        match self.image.meta_fetched() {
+            Some((fetched, _)) => fetched,
+            None => self.meta_layer_bytes(),
         }
+    }
+
+    /// Bytes of the metadata blob.
+    pub(crate) fn meta_layer_bytes(&self) -> u64 {
         self.image
             .layers
             .iter()
@@ -749,6 +754,7 @@ impl Served {
             mount_secs: self.mount_secs,
             mountpoints: 1,
             meta_bytes: self.meta_bytes(),
+            meta_layer_bytes: self.meta_layer_bytes(),
             blob_bytes: self
                 .image
                 .meta

@@ -233,8 +233,11 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
         human(s.bytes_fetched),
         s.requests,
         human(s.meta_bytes),
-        pct(s.bytes_fetched + s.meta_bytes, s.blob_bytes + s.meta_bytes),
-        human(s.blob_bytes + s.meta_bytes)
+        pct(
+            s.bytes_fetched + s.meta_bytes,
+            s.blob_bytes + s.meta_layer_bytes
+        ),
+        human(s.blob_bytes + s.meta_layer_bytes)
     );
     println!(
         "  cached    {} of {} chunks ({} of {}); the cache evicted {} chunks, {} fetched again",
