@@ -11,8 +11,10 @@
 //!   the kernel does not mix the two on one inode, so an inode keeps its first open's mode
 //!   while it is open.
 //! - **erofs** ([`BlobDevFs`] + [`LoopDevices`] + [`kernel`]): the kernel's own EROFS
-//!   mounts the metadata blob (a local file) with one `device=` per data blob, so
-//!   metadata operations never leave the kernel. The devices are loop devices; behind
+//!   mounts the metadata (a local file, or, while metadata read on demand is not all
+//!   local, the `meta` file of the same private FUSE filesystem) with one `device=` per
+//!   data blob, so metadata operations never leave the kernel once the metadata is
+//!   cached. The devices are loop devices; behind
 //!   each is a file of a small private FUSE filesystem, the uncompressed address space
 //!   of one blob, filled on demand by the fetcher, until the blob's view is built: then
 //!   the view takes its place behind the same loop device, read by direct I/O, and hoist
