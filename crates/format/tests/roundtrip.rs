@@ -245,12 +245,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic_the_reader(bytes in prop::collection::vec(any::<u8>(), 0..20000)) {
         if let Ok(img) = Image::open(bytes) {
-            let _ = img.walk(|_, i| {
-                let _ = img.xattrs(i);
-                if i.is_file() { let _ = img.chunks(i); }
-                if i.is_dir() { let _ = img.lookup(i, b"a"); }
-                Ok(())
-            });
+            let _ = img.walk(|_, i| { let _ = img.xattrs(i); if i.is_file() { let _ = img.chunks(i); } Ok(()) });
         }
     }
 }
@@ -319,56 +314,4 @@ fn the_writer_refuses_trees_deeper_than_the_reader_walks() {
     assert_eq!(dirs, MAX_DEPTH, "the root and {} levels", MAX_DEPTH - 1);
     let err = erofs::write_image(&chain(MAX_DEPTH), &[], &opts).unwrap_err();
     assert!(err.to_string().contains("nested 4096 levels deep"), "{err}");
-}
-
-/// Issue 20: a lookup bisects a directory's blocks, as the kernel does, and finds what
-/// reading the whole directory finds: every name, and nothing for names between them,
-/// before the first or after the last.
-#[test]
-fn a_lookup_bisects_the_blocks_and_finds_what_the_listing_holds() {
-    for count in [0usize, 1, 40, 3000] {
-        let mut tree = Tree::new(Metadata::default());
-        let dir = tree.add(Node {
-            meta: Metadata::default(),
-            kind: NodeKind::Dir(BTreeMap::new()),
-        });
-        tree.dir_mut(Tree::ROOT).unwrap().insert(b"d".to_vec(), dir);
-        for i in 0..count {
-            let f = tree.add(Node {
-                meta: Metadata::default(),
-                kind: NodeKind::Fifo,
-            });
-            let name = format!("n{:05}-{}", i * 2, "x".repeat(i % 40));
-            tree.dir_mut(dir).unwrap().insert(name.into_bytes(), f);
-        }
-        let img = Image::open(
-            erofs::write_image(&tree, &[], &erofs::WriteOptions { chunk_bits: 20 }).unwrap(),
-        )
-        .unwrap();
-        let root = img.inode(img.root_nid()).unwrap();
-        let d = img
-            .inode(img.lookup(&root, b"d").unwrap().unwrap().nid)
-            .unwrap();
-        let listed = img.read_dir(&d).unwrap();
-        assert_eq!(listed.len(), count + 2, "{count}");
-        for e in &listed {
-            assert_eq!(
-                img.lookup(&d, &e.name).unwrap().as_ref(),
-                Some(e),
-                "{count}"
-            );
-        }
-        for i in 0..count {
-            let between = format!("n{:05}", i * 2 + 1);
-            assert_eq!(img.lookup(&d, between.as_bytes()).unwrap(), None);
-        }
-        for outside in [&b"-"[..], b"zzz", b""] {
-            assert_eq!(img.lookup(&d, outside).unwrap(), None, "{count}");
-        }
-        if count > 0 {
-            // Not a directory: an error, not a search.
-            let fifo = img.inode(listed[2].nid).unwrap();
-            assert!(img.lookup(&fifo, b"x").is_err());
-        }
-    }
 }

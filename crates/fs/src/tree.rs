@@ -22,9 +22,6 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// Cached chunks after the one being entered that a read asks the kernel to load ahead.
 pub(crate) const READAHEAD_CHUNKS: usize = 4;
-/// Directories larger than this (8 blocks, a few hundred entries) are bisected for a
-/// lookup unless they were listed already; smaller ones are read and kept whole.
-const BISECT_MIN_BYTES: u64 = 32 << 10;
 
 const SEEK_DATA: i32 = 3;
 const SEEK_HOLE: i32 = 4;
@@ -198,30 +195,14 @@ impl TreeFs {
     }
 
     fn lookup_child(&self, parent: INodeNo, name: &OsStr) -> Result<Inode, Errno> {
-        let parent = self.inode(parent)?;
+        let dir = self.dir(&self.inode(parent)?)?;
         let name = name.as_bytes();
-        let cached = lock(&self.dirs).get(&parent.nid).cloned();
-        // EROFS keeps directory entries sorted by name. A large directory not listed
-        // yet is bisected block by block, as the kernel does: a lookup then reads a few
-        // of its blocks, not all of them (metadata read on demand fetches fewer chunks).
-        let nid = match cached {
-            None if parent.is_dir() && parent.size > BISECT_MIN_BYTES => {
-                let found = self.image.fs.lookup(&parent, name).map_err(|e| {
-                    tracing::warn!("directory {}: {e}", parent.nid);
-                    Errno::EIO
-                })?;
-                found.ok_or(Errno::ENOENT)?.nid
-            }
-            _ => {
-                let dir = self.dir(&parent)?;
-                let i = dir
-                    .binary_search_by(|e| e.name.as_slice().cmp(name))
-                    .map_err(|_| Errno::ENOENT)?;
-                dir[i].nid
-            }
-        };
-        self.image.fs.inode(nid).map_err(|e| {
-            tracing::warn!("inode {nid}: {e}");
+        // EROFS keeps directory entries sorted by name (the kernel bisects them too).
+        let i = dir
+            .binary_search_by(|e| e.name.as_slice().cmp(name))
+            .map_err(|_| Errno::ENOENT)?;
+        self.image.fs.inode(dir[i].nid).map_err(|e| {
+            tracing::warn!("inode {}: {e}", dir[i].nid);
             Errno::EIO
         })
     }

@@ -255,9 +255,8 @@ impl<R: ReadAt> Image<R> {
         Ok(inode)
     }
 
-    /// How a flat inode's data splits: bytes in full blocks at `i_u`, then bytes inline
-    /// after the inode.
-    fn flat_split(&self, inode: &Inode) -> Result<(u64, u64), FormatError> {
+    /// Reads the whole data of a directory or symlink (flat layouts only).
+    pub fn read_flat(&self, inode: &Inode) -> Result<Vec<u8>, FormatError> {
         let nid = inode.nid;
         if inode.size > MAX_DIR_SIZE {
             return Err(corrupt(format!(
@@ -266,64 +265,47 @@ impl<R: ReadAt> Image<R> {
             )));
         }
         let size = inode.size;
-        match inode.layout {
-            LAYOUT_FLAT_PLAIN => Ok((size, 0)),
+        let mut out = vec![0u8; size as usize];
+        let (full, tail) = match inode.layout {
+            LAYOUT_FLAT_PLAIN => (size, 0),
             LAYOUT_FLAT_INLINE => {
                 let tail = if size.is_multiple_of(BLOCK_SIZE) {
                     BLOCK_SIZE.min(size)
                 } else {
                     size % BLOCK_SIZE
                 };
-                if inode.data_off % BLOCK_SIZE + tail > BLOCK_SIZE {
-                    return Err(corrupt(format!(
-                        "inode {nid}: inline data crosses a block boundary"
-                    )));
-                }
-                Ok((size - tail, tail))
+                (size - tail, tail)
             }
-            other => Err(corrupt(format!(
-                "inode {nid}: layout {other} has no flat data"
-            ))),
-        }
-    }
-
-    /// Reads `len` bytes of a flat inode's data from `offset` (within its size).
-    fn read_flat_at(&self, inode: &Inode, offset: u64, out: &mut [u8]) -> Result<(), FormatError> {
-        let nid = inode.nid;
-        let (full, _) = self.flat_split(inode)?;
-        let end = offset + out.len() as u64;
-        if end > inode.size {
-            return Err(corrupt(format!("inode {nid}: read past its data")));
-        }
-        let split = (full.clamp(offset, end) - offset) as usize;
-        if split > 0 {
-            let at = u64::from(inode.i_u) * BLOCK_SIZE + offset;
+            other => {
+                return Err(corrupt(format!(
+                    "inode {nid}: layout {other} has no flat data"
+                )))
+            }
+        };
+        if full > 0 {
+            let at = u64::from(inode.i_u) * BLOCK_SIZE;
             read_checked(
                 &self.r,
                 self.size,
                 at,
-                &mut out[..split],
+                &mut out[..full as usize],
                 &format!("data of inode {nid}"),
             )?;
         }
-        if split < out.len() {
-            let at = inode.data_off + (offset + split as u64 - full);
+        if tail > 0 {
+            if inode.data_off % BLOCK_SIZE + tail > BLOCK_SIZE {
+                return Err(corrupt(format!(
+                    "inode {nid}: inline data crosses a block boundary"
+                )));
+            }
             read_checked(
                 &self.r,
                 self.size,
-                at,
-                &mut out[split..],
+                inode.data_off,
+                &mut out[full as usize..],
                 &format!("inline data of inode {nid}"),
             )?;
         }
-        Ok(())
-    }
-
-    /// Reads the whole data of a directory or symlink (flat layouts only).
-    pub fn read_flat(&self, inode: &Inode) -> Result<Vec<u8>, FormatError> {
-        self.flat_split(inode)?;
-        let mut out = vec![0u8; inode.size as usize];
-        self.read_flat_at(inode, 0, &mut out)?;
         Ok(out)
     }
 
@@ -336,43 +318,52 @@ impl<R: ReadAt> Image<R> {
         let data = self.read_flat(inode)?;
         let mut out = Vec::new();
         for block in data.chunks(BLOCK_SIZE as usize) {
-            out.extend(dir_block(nid, block)?);
-        }
-        Ok(out)
-    }
-
-    /// The entry `name` of directory `inode`, found as the kernel finds it: by bisecting
-    /// the directory's blocks (entries are sorted across them), so a lookup reads about
-    /// log2(blocks) + 1 of them, not the whole directory.
-    pub fn lookup(&self, inode: &Inode, name: &[u8]) -> Result<Option<DirEntry>, FormatError> {
-        let nid = inode.nid;
-        if !inode.is_dir() {
-            return Err(corrupt(format!("inode {nid} is not a directory")));
-        }
-        self.flat_split(inode)?;
-        let (mut lo, mut hi) = (0, inode.size.div_ceil(BLOCK_SIZE));
-        let mut block = vec![0u8; BLOCK_SIZE as usize];
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let at = mid * BLOCK_SIZE;
-            let len = BLOCK_SIZE.min(inode.size - at) as usize;
-            self.read_flat_at(inode, at, &mut block[..len])?;
-            let entries = dir_block(nid, &block[..len])?;
-            let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-                return Err(corrupt(format!("directory {nid}: an empty block")));
-            };
-            if name < first.name.as_slice() {
-                hi = mid;
-            } else if name > last.name.as_slice() {
-                lo = mid + 1;
-            } else {
-                return Ok(entries
-                    .binary_search_by(|e| e.name.as_slice().cmp(name))
-                    .ok()
-                    .map(|i| entries[i].clone()));
+            let first = Dirent::read_from_prefix(block)
+                .map_err(|_| corrupt(format!("directory {nid}: short block")))?
+                .0;
+            let names_start = usize::from(first.nameoff.get());
+            if names_start == 0 || names_start % 12 != 0 || names_start > block.len() {
+                return Err(corrupt(format!(
+                    "directory {nid}: bad first name offset {names_start}"
+                )));
+            }
+            let count = names_start / 12;
+            for i in 0..count {
+                let d = Dirent::read_from_prefix(&block[i * 12..])
+                    .map_err(|_| corrupt(format!("directory {nid}: entry {i}")))?
+                    .0;
+                let start = usize::from(d.nameoff.get());
+                let end = if i + 1 < count {
+                    let next = Dirent::read_from_prefix(&block[(i + 1) * 12..])
+                        .map_err(|_| corrupt(format!("directory {nid}: entry {i}")))?
+                        .0;
+                    usize::from(next.nameoff.get())
+                } else {
+                    // The last name runs to the first NUL or the end of the block.
+                    let rest = block.get(start..).unwrap_or(&[]);
+                    start + rest.iter().position(|&b| b == 0).unwrap_or(rest.len())
+                };
+                if start < names_start
+                    || end <= start
+                    || end > block.len()
+                    || end - start > NAME_LEN_MAX
+                {
+                    return Err(corrupt(format!(
+                        "directory {nid}: entry {i} has a bad name range {start}..{end}"
+                    )));
+                }
+                let name = block[start..end].to_vec();
+                if name.contains(&b'/') || name.contains(&0) {
+                    return Err(corrupt(format!("directory {nid}: name with '/' or NUL")));
+                }
+                out.push(DirEntry {
+                    name,
+                    nid: d.nid.get(),
+                    file_type: d.file_type,
+                });
             }
         }
-        Ok(None)
+        Ok(out)
     }
 
     /// The target of a symlink.
@@ -569,50 +560,4 @@ fn read_checked<R: ReadAt>(
     }
     r.read_exact_at(buf, at)
         .map_err(|e| FormatError::Io(format!("{what} at offset {at}"), e))
-}
-
-/// The entries of one directory block of directory `nid`.
-fn dir_block(nid: u64, block: &[u8]) -> Result<Vec<DirEntry>, FormatError> {
-    let first = Dirent::read_from_prefix(block)
-        .map_err(|_| corrupt(format!("directory {nid}: short block")))?
-        .0;
-    let names_start = usize::from(first.nameoff.get());
-    if names_start == 0 || names_start % 12 != 0 || names_start > block.len() {
-        return Err(corrupt(format!(
-            "directory {nid}: bad first name offset {names_start}"
-        )));
-    }
-    let count = names_start / 12;
-    let mut out = Vec::with_capacity(count);
-    for i in 0..count {
-        let d = Dirent::read_from_prefix(&block[i * 12..])
-            .map_err(|_| corrupt(format!("directory {nid}: entry {i}")))?
-            .0;
-        let start = usize::from(d.nameoff.get());
-        let end = if i + 1 < count {
-            let next = Dirent::read_from_prefix(&block[(i + 1) * 12..])
-                .map_err(|_| corrupt(format!("directory {nid}: entry {i}")))?
-                .0;
-            usize::from(next.nameoff.get())
-        } else {
-            // The last name runs to the first NUL or the end of the block.
-            let rest = block.get(start..).unwrap_or(&[]);
-            start + rest.iter().position(|&b| b == 0).unwrap_or(rest.len())
-        };
-        if start < names_start || end <= start || end > block.len() || end - start > NAME_LEN_MAX {
-            return Err(corrupt(format!(
-                "directory {nid}: entry {i} has a bad name range {start}..{end}"
-            )));
-        }
-        let name = block[start..end].to_vec();
-        if name.contains(&b'/') || name.contains(&0) {
-            return Err(corrupt(format!("directory {nid}: name with '/' or NUL")));
-        }
-        out.push(DirEntry {
-            name,
-            nid: d.nid.get(),
-            file_type: d.file_type,
-        });
-    }
-    Ok(out)
 }
