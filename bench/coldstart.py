@@ -5,7 +5,8 @@ over an emulated WAN link: a full pull (skopeo + umoci + runc) vs `hoist run`.
     sudo bench/coldstart.py [--fixtures DIR] [--runs N] [--rate-mbit 100] [--rtt-ms 20]
                             [--workloads main,readmost] [--hoist-modes erofs,fuse]
                             [--methods full-pull,hoist-lazy,hoist-trace,hoist-all,bound]
-                            [--trace WORKLOAD=FILE] [--scratch DIR] [--keep] [--json OUT]
+                            [--trace WORKLOAD=FILE] [--hoist PATH] [--scratch DIR] [--keep]
+                            [--json OUT]
 
 The link. A network namespace `hoistbench` joined to the host by a veth pair (host hb0
 10.213.0.1/24, namespace hb1 10.213.0.2/24) runs Debian's docker-registry (distribution 2.8)
@@ -925,9 +926,10 @@ def report(results, bounds, rows, workloads):
 
 
 def main():
-    global BASE_TAG
+    global BASE_TAG, HOIST
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", help=images.HELP)
+    ap.add_argument("--hoist", default=str(HOIST), help="the hoist binary (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rate-mbit", type=float, default=100, help="link rate, each direction")
     ap.add_argument("--rtt-ms", type=float, default=20, help="round-trip time the relay adds")
@@ -953,6 +955,7 @@ def main():
     args = ap.parse_args()
     args.fixtures = args.fixtures or images.test_images()
     BASE_TAG = args.tag
+    HOIST = Path(args.hoist).resolve()
     if args.relay:
         return relay_main(args)
 
@@ -1089,7 +1092,8 @@ def main():
 
     print(f"\ncold start of {BASE_TAG} over {args.rate_mbit:g} Mbit/s, {args.rtt_ms:g} ms RTT (measured "
           f"{link['rtt_ms']:.1f} ms, {link['blob']['mbit_s']:.1f} Mbit/s); median of {args.runs} runs, "
-          f"empty local state and caches dropped before each; kernel {platform.release()}, {os.cpu_count()} cores")
+          f"empty local state and caches dropped before each; kernel {platform.release()}, {os.cpu_count()} cores; "
+          f"hoist {HOIST}")
     report(results, bounds, rows, workloads)
     fp = results.get("full-pull")
     for wl in workloads:

@@ -698,20 +698,21 @@ fn a_mount_reads_its_metadata_on_demand_and_equals_umoci() {
     if setup().is_none() {
         return;
     }
-    // An image of many small files, whose metadata is many chunks.
+    // An image of many small files, whose metadata is many chunks, in directories of
+    // 3,000 entries (many blocks each).
     let src = scratch().join("many-files");
     let _ = std::fs::remove_dir_all(&src);
     let mut entries = vec![raw_entry(b"many/", b'5', b"", b"")];
-    for d in 0..100 {
+    for d in 0..10 {
         entries.push(raw_entry(
             format!("many/d{d:02}/").as_bytes(),
             b'5',
             b"",
             b"",
         ));
-        for f in 0..300 {
+        for f in 0..3000 {
             let body = format!("module.exports = {{ dir: {d}, file: {f} }};\n");
-            let path = format!("many/d{d:02}/f{f:03}.js");
+            let path = format!("many/d{d:02}/f{f:04}.js");
             entries.push(raw_entry(path.as_bytes(), b'0', b"", body.as_bytes()));
         }
     }
@@ -756,6 +757,34 @@ fn a_mount_reads_its_metadata_on_demand_and_equals_umoci() {
             "{mode}: the mount read {at_mount} bytes of a {layer}-byte metadata layer"
         );
         assert_eq!(s["meta_local"], false, "{mode}: {s}");
+        // Lookups in directories not listed yet, then the whole tree.
+        for (path, want) in [
+            (
+                "many/d07/f2345.js",
+                Some("module.exports = { dir: 7, file: 2345 };\n"),
+            ),
+            (
+                "many/d07/f0000.js",
+                Some("module.exports = { dir: 7, file: 0 };\n"),
+            ),
+            (
+                "many/d03/f2999.js",
+                Some("module.exports = { dir: 3, file: 2999 };\n"),
+            ),
+            ("many/d07/f2345.jsx", None),
+            ("many/d07/a", None),
+            ("many/d07/z", None),
+        ] {
+            let got = std::fs::read_to_string(mp.join(path));
+            match want {
+                Some(w) => assert_eq!(got.unwrap(), w, "{mode}: {path}"),
+                None => assert_eq!(
+                    got.unwrap_err().kind(),
+                    std::io::ErrorKind::NotFound,
+                    "{mode}: {path}"
+                ),
+            }
+        }
         assert_same_tree(
             &src,
             "many",
