@@ -374,6 +374,8 @@ impl Served {
         let (mut served, trace) = Served::open(held.spec, source, store, inflight)?;
         served.mount_secs = held.mount_secs;
         served.local_devices = held.local_devices;
+        // Mounted over the views, the kernel reads the metadata's local file too.
+        served.meta_mounted_local = held.local_devices;
         let contents = match served.spec.mode {
             Mode::Fuse => hoist_fs::Contents::Tree(served.spec.privileges()),
             Mode::Erofs => hoist_fs::Contents::Devices,

@@ -144,6 +144,8 @@ fn mounts_equal_umoci_in_both_modes_cold_warm_and_from_views() {
                     let devices = if round == "views" { "views" } else { "loop" };
                     assert_eq!(s["devices"], devices, "{tag} {round}: {s}");
                     assert_eq!(s["local_devices"], round == "views", "{tag} {round}: {s}");
+                    // The fixtures' metadata is read whole, into a local file.
+                    assert_eq!(s["meta_local"], true, "{tag} {round}: {s}");
                 }
                 assert_same_tree(&layout, tag, &mp, &format!("{mode} mount ({round} cache)"));
                 if round == "views" && mode == "fuse" {
