@@ -267,6 +267,28 @@ fn token_auth_renews_tokens_that_expire_during_a_conversion() {
         &["--creds", "bob:builder"],
         &env,
     );
+
+    // A request that reaches the registry after its fresh token expired (held on the
+    // way, as a loaded client or link may): renewed again, not taken for refused
+    // credentials. The first two reads of the manifest are held past a token's life.
+    proxy.clear();
+    proxy.on("GET", "/manifests/", 2, Fault::Hold { ms: 2500 });
+    let rejected = proxy.rejected_tokens();
+    let out = hoist_env_ok(
+        &["--plain-http", "--creds", "bob:builder", "inspect", &dst],
+        &env,
+    );
+    assert!(out.contains("hoist"), "{out}");
+    assert!(
+        proxy.rejected_tokens() > rejected,
+        "no token expired on the way; the test proves nothing"
+    );
+    // Refused credentials still fail at once, after one renewal.
+    let err = hoist_err(
+        &["--plain-http", "--creds", "bob:wrong", "inspect", &dst],
+        &env,
+    );
+    assert!(err.contains("refused the credentials"), "{err}");
 }
 
 #[test]

@@ -3,8 +3,10 @@
 //! Every request goes through [`Client::send`], which
 //! - adds the `Authorization` header the registry asked for (Basic, or a Bearer token
 //!   fetched from the challenge's realm for this repository's scope),
-//! - on a 401, renews the token (or learns the challenge) once and resends, so a token
-//!   that expires in the middle of a long conversion is replaced transparently,
+//! - on a 401, renews the token (or learns the challenge) and resends, so a token that
+//!   expires in the middle of a long conversion is replaced transparently; a renewed
+//!   token refused at once means refused credentials, one refused after a long request
+//!   is renewed again (a few times at most),
 //! - on a connection error, a timeout, 429 or 5xx, waits with exponential backoff and
 //!   resends, at most [`RegistryConfig::retries`] times and within
 //!   [`RegistryConfig::retry_budget`].
@@ -307,7 +309,9 @@ impl Client {
         let mirror = k + 1 < self.routes.len();
         let start = Instant::now();
         let mut attempt = 0u32;
-        let mut renewed = false;
+        // When this request last renewed its token, and how often it did.
+        let mut renewed: Option<Instant> = None;
+        let mut renewals = 0u32;
         loop {
             let req = match build(&route.http).build() {
                 Ok(r) => self.request_for(k, r),
@@ -347,7 +351,12 @@ impl Client {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             let retry_in = match route.http.execute(req) {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
-                    if renewed {
+                    // A token refused right after it was issued means the credentials
+                    // are refused; one refused after a long request (a large upload on
+                    // a slow link) may have expired in flight, and is renewed again.
+                    let expired_in_flight =
+                        renewed.is_some_and(|at| at.elapsed() >= IN_FLIGHT_EXPIRY);
+                    if renewed.is_some() && (!expired_in_flight || renewals >= MAX_RENEWALS) {
                         let e = self.unauthorized(k, what, resp);
                         return match mirror {
                             true => Outcome::Next {
@@ -358,7 +367,6 @@ impl Client {
                         };
                     }
                     tracing::debug!("{what}: 401 from {}, authenticating", route.endpoint.origin);
-                    renewed = true;
                     if let Err(e) = self.authenticate(k, what, resp.headers()) {
                         return match mirror {
                             true => Outcome::Next {
@@ -368,6 +376,8 @@ impl Client {
                             false => Outcome::Done(Err(e)),
                         };
                     }
+                    renewed = Some(Instant::now());
+                    renewals += 1;
                     continue;
                 }
                 Ok(resp)
@@ -699,6 +709,12 @@ impl Client {
 /// service, scope) fit in far less; anything longer is refused unparsed (to prevent
 /// denial of service).
 pub const MAX_CHALLENGE: usize = 16 << 10;
+
+/// A token refused this long after this request renewed it may have expired while the
+/// request was in flight; a refusal sooner means the credentials are refused.
+const IN_FLIGHT_EXPIRY: Duration = Duration::from_secs(1);
+/// Most times one request renews its token.
+const MAX_RENEWALS: u32 = 3;
 
 /// Whether hyper could not parse the response (a head over its 400 KiB limit, an invalid
 /// header or status line): the registry will send the same again, so resending is futile.

@@ -51,6 +51,12 @@ pub enum Fault {
         /// Rate.
         bytes_per_sec: u64,
     },
+    /// Hold the request this long, then forward it: a request that reaches the registry
+    /// late (a slow or congested client), carrying a token that expired meanwhile.
+    Hold {
+        /// Milliseconds.
+        ms: u64,
+    },
     /// Answer `307` to `base` + the original path.
     Redirect {
         /// `http://host:port` of the new location.
@@ -275,6 +281,7 @@ fn handle(conn: TcpStream, s: &Shared) -> std::io::Result<()> {
             );
             return send(resp.as_bytes(), &mut out);
         }
+        Some(Fault::Hold { ms }) => std::thread::sleep(Duration::from_millis(*ms)),
         _ => {}
     }
     // Forward.
