@@ -117,7 +117,7 @@ fn prefetch_meta(
         .name("hoist-trace-meta".into())
         .spawn(move || {
             match image.prefetch_meta(&chunks) {
-                Ok(n) => tracing::debug!("{named}: {n} metadata chunks of the trace fetched"),
+                Ok(n) => tracing::debug!("{named}: {n} metadata chunks of the trace were missing"),
                 Err(e) => tracing::warn!("{named}: the trace's metadata: {e}"),
             }
             state.1.store(true, Relaxed);

@@ -323,7 +323,7 @@ impl HoistImage {
     }
 
     /// For metadata read on demand: fetches the chunks of `chunks` (a start-up trace's)
-    /// not read yet, a few ranged reads at once; returns how many were fetched.
+    /// not read yet, a few ranged reads at once; returns how many were missing.
     pub fn prefetch_meta(&self, chunks: &[usize]) -> Result<usize, ReadError> {
         let Some(l) = &self.lazy else { return Ok(0) };
         l.prefetch(chunks).map_err(|source| ReadError::Io {
