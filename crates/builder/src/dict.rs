@@ -156,8 +156,12 @@ pub fn small_files(
             let len = last.compressed_offset + u64::from(last.compressed_size) - start;
             let bytes = src.read_blob_range(&digest, start, len)?;
             for i in run {
-                match chunk_of(&entries[i], &bytes, start) {
-                    Some(data) => out.add_chunk(blob, &entries[i], &data, limit),
+                let e = &entries[i];
+                let data = e
+                    .stored_in(&bytes, start)
+                    .and_then(|stored| hoist_codec::decode_verified(e, stored).ok());
+                match data {
+                    Some(data) => out.add_chunk(blob, e, &data, limit),
                     None => tracing::warn!(
                         "chunk dictionary: blob {digest} chunk {i} is damaged; its files are not deduplicated against"
                     ),
@@ -166,13 +170,6 @@ pub fn small_files(
         }
     }
     Ok(out)
-}
-
-/// Chunk `e`'s bytes out of `bytes` (read from compressed offset `start`), verified.
-fn chunk_of(e: &ChunkEntry, bytes: &[u8], start: u64) -> Option<Vec<u8>> {
-    let at = usize::try_from(e.compressed_offset.checked_sub(start)?).ok()?;
-    let stored = bytes.get(at..at.checked_add(e.compressed_size as usize)?)?;
-    hoist_codec::decode_verified(e, stored).ok()
 }
 
 #[cfg(test)]

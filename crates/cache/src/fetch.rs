@@ -920,8 +920,7 @@ impl Inner {
         };
         let t_read = Instant::now();
         for (k, (e, slot)) in chunks.iter().zip(&job.slots).enumerate() {
-            let at = (e.compressed_offset - start) as usize;
-            let stored = answer.get(at..at + e.compressed_size as usize);
+            let stored = e.stored_in(&answer, start);
             let r = self
                 .verified(job.blob, job.first + k, e, stored)
                 .and_then(|data| {

@@ -8,11 +8,10 @@
 //! it behind the same loop device, as blobs move to their views: from then on the kernel
 //! reads the metadata without hoist, and a daemon that dies takes none of it along.
 
-use crate::image::{kernel_meta, meta_backings};
+use crate::image::kernel_meta;
 use hoist_cache::ChunkStore;
 use hoist_fs::LoopDevices;
 use hoist_reader::HoistImage;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 
@@ -25,38 +24,22 @@ pub(crate) struct MetaMove {
     /// would keep the devices bound after the mount is gone.
     loops: OnceLock<Weak<LoopDevices>>,
     started: AtomicBool,
-    /// Whether a local file an earlier mount left may be used.
-    adopt: bool,
 }
 
 impl MetaMove {
-    /// The move of `image`'s metadata; with `adopt`, a local file that an earlier
-    /// mount left is used if it matches the pinned digests.
-    pub(crate) fn new(
-        image: Arc<HoistImage>,
-        store: Arc<ChunkStore>,
-        adopt: bool,
-    ) -> Arc<MetaMove> {
+    /// The move of `image`'s metadata.
+    pub(crate) fn new(image: Arc<HoistImage>, store: Arc<ChunkStore>) -> Arc<MetaMove> {
         Arc::new(MetaMove {
             image,
             store,
             loops: OnceLock::new(),
             started: AtomicBool::new(false),
-            adopt,
         })
     }
 
-    /// The mount's loop devices, once they are bound (or bound again by a successor,
-    /// `devdir` holding hoist's device files): a local file that an earlier mount left
-    /// is taken if it may be and matches the pinned digests, and the move starts if all
-    /// of the metadata is here.
-    pub(crate) fn set_loops(self: &Arc<Self>, loops: Arc<LoopDevices>, devdir: &Path) {
-        if self.adopt && !loops.meta_is_local() && !self.image.meta_complete() {
-            let (_, local) = meta_backings(&self.store, &self.image, devdir);
-            if let Ok(whole) = std::fs::read(local) {
-                self.image.adopt_meta(&whole);
-            }
-        }
+    /// The mount's loop devices, once they are bound (or bound again by a successor):
+    /// the move starts if all of the metadata is here.
+    pub(crate) fn set_loops(self: &Arc<Self>, loops: Arc<LoopDevices>) {
         let _ = self.loops.set(Arc::downgrade(&loops));
         self.check();
     }

@@ -267,8 +267,7 @@ impl Served {
         store.pin(&pins);
         let image = Arc::new(image);
         let counters = Arc::new(FsCounters::default());
-        // A recording mount reads the metadata through hoist, which notes the chunks.
-        let meta_move = MetaMove::new(image.clone(), store.clone(), !spec.record);
+        let meta_move = MetaMove::new(image.clone(), store.clone());
         let mut served = Served {
             spec,
             image,
@@ -463,8 +462,15 @@ impl Served {
                     loops.len(),
                     if loops.meta_is_local() { "local" } else { "on hoist's device file" }
                 );
+                // A local copy of the metadata left meanwhile is taken if it matches
+                // (not when recording: the record needs the kernel's reads).
+                if !loops.meta_is_local() && !self.spec.record {
+                    if let Err(e) = kernel_meta(store, &self.image) {
+                        tracing::warn!("metadata {}: {e}", self.image.meta_digest);
+                    }
+                }
                 let loops = Arc::new(loops);
-                self.meta_move.set_loops(loops.clone(), &devdir);
+                self.meta_move.set_loops(loops.clone());
                 self.loops = Some(loops);
                 // Views of blobs still on hoist's device files, built meanwhile.
                 if !self.spec.record {
@@ -567,7 +573,7 @@ impl Served {
                     }
                 );
                 let loops = Arc::new(loops);
-                self.meta_move.set_loops(loops.clone(), &devdir);
+                self.meta_move.set_loops(loops.clone());
                 self.loops = Some(loops);
                 if !self.spec.record {
                     self.verify_views_later(&sizes);

@@ -118,6 +118,14 @@ pub struct ChunkEntry {
 }
 
 impl ChunkEntry {
+    /// This chunk's stored bytes within `bytes`, a ranged read of its blob from
+    /// compressed offset `start`; `None` unless all of them are inside it (a table need
+    /// not list compressed ranges in order: it is untrusted).
+    pub fn stored_in<'a>(&self, bytes: &'a [u8], start: u64) -> Option<&'a [u8]> {
+        let at = usize::try_from(self.compressed_offset.checked_sub(start)?).ok()?;
+        bytes.get(at..at.checked_add(self.compressed_size as usize)?)
+    }
+
     /// The on-disk form.
     pub fn to_raw(&self) -> RawChunkEntry {
         RawChunkEntry {

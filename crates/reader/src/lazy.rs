@@ -216,12 +216,8 @@ impl ChunkedMeta {
         self.fetched.fetch_add(end - start, Relaxed);
         self.requests.fetch_add(1, Relaxed);
         for (k, e) in entries.iter().enumerate() {
-            // The table need not list compressed ranges in order (it is untrusted).
             let stored = e
-                .compressed_offset
-                .checked_sub(start)
-                .map(|at| at as usize)
-                .and_then(|at| bytes.get(at..at + e.compressed_size as usize))
+                .stored_in(&bytes, start)
                 .ok_or_else(|| io::Error::other("metadata chunks out of order in their table"))?;
             let data = hoist_codec::decode_verified(e, stored).map_err(|err| {
                 io::Error::other(format!(
