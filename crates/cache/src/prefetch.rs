@@ -100,13 +100,29 @@ pub fn all_chunks(fetcher: &Fetcher) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// Chunks of a stage that are worked out on the prefetch thread.
+pub type Later = Box<dyn FnOnce() -> Vec<(usize, usize)> + Send>;
+
 /// A list of chunks (pairs of blob and chunk index) to fetch at one priority.
-#[derive(Debug, Clone)]
 pub struct Stage {
     /// [`Priority::Trace`] or [`Priority::Prefetch`].
     pub priority: Priority,
     /// The chunks, in the order wanted.
     pub chunks: Vec<(usize, usize)>,
+    /// More chunks at the same priority, worked out on the prefetch thread once
+    /// `chunks` are fetched: for lists that are slow to compute and must not hold back
+    /// the first ones (a trace's files, which take a walk of the whole tree).
+    pub later: Option<Later>,
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("priority", &self.priority)
+            .field("chunks", &self.chunks.len())
+            .field("later", &self.later.is_some())
+            .finish()
+    }
 }
 
 /// Called with a view's place in the list and the view, once it is built.
@@ -128,6 +144,7 @@ pub fn spawn(
         .map(|s| Stage {
             priority: s.priority,
             chunks: s.chunks.into_iter().filter(|c| seen.insert(*c)).collect(),
+            later: s.later,
         })
         .collect();
     for s in stages.iter().filter(|s| s.priority == Priority::Trace) {
@@ -139,7 +156,35 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("hoist-prefetch".into())
         .spawn(move || {
-            for stage in stages {
+            let mut stages = VecDeque::from(stages);
+            // Chunks of the stages run so far.
+            let mut done: HashSet<(usize, usize)> = HashSet::new();
+            while let Some(mut stage) = stages.pop_front() {
+                let (priority, later) = (stage.priority, stage.later.take());
+                done.extend(stage.chunks.iter().copied());
+                if !run(&fetcher, stage, &progress) {
+                    return progress.set(PrefetchState::Stopped);
+                }
+                let Some(later) = later else { continue };
+                let chunks: Vec<_> = later().into_iter().filter(|c| done.insert(*c)).collect();
+                if chunks.is_empty() {
+                    continue;
+                }
+                // Fetched now at this stage's priority, not again by a later stage.
+                let now: HashSet<_> = chunks.iter().copied().collect();
+                for s in stages.iter_mut() {
+                    s.chunks.retain(|c| !now.contains(c));
+                }
+                let new = chunks.iter().filter(|c| !seen.contains(*c)).count();
+                progress.total.fetch_add(new as u64, Relaxed);
+                if priority == Priority::Trace {
+                    fetcher.foresee(chunks.iter().copied());
+                }
+                let stage = Stage {
+                    priority,
+                    chunks,
+                    later: None,
+                };
                 if !run(&fetcher, stage, &progress) {
                     return progress.set(PrefetchState::Stopped);
                 }

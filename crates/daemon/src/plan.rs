@@ -9,6 +9,7 @@ use hoist_cache::prefetch::{self, Stage};
 use hoist_cache::{Priority, View};
 use hoist_reader::trace::Trace;
 use hoist_reader::HoistImage;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -52,15 +53,33 @@ impl Served {
                     prefetch_meta(&image, trace, trace_meta, &name);
                 }
                 if let Some(trace) = trace {
-                    let used = |(b, i): (usize, usize)| {
-                        fetcher.blobs().get(b).is_some_and(|blob| blob.is_used(i))
+                    let blobs = fetcher.clone();
+                    let used = move |(b, i): (usize, usize)| {
+                        blobs.blobs().get(b).is_some_and(|blob| blob.is_used(i))
                     };
-                    match trace.resolve(&image, used) {
+                    match trace.resolve_chunks(&image, &used) {
                         Ok(chunks) => {
                             counted.store(chunks.len() as u64, Relaxed);
+                            // The files it lists take a walk of the tree, which must
+                            // not hold back the chunks.
+                            let (image, counted, name) =
+                                (image.clone(), counted.clone(), name.clone());
+                            let listed: HashSet<_> = chunks.iter().copied().collect();
+                            let later = move || match trace.resolve_files(&image, &used) {
+                                Ok(mut files) => {
+                                    files.retain(|c| !listed.contains(c));
+                                    counted.fetch_add(files.len() as u64, Relaxed);
+                                    files
+                                }
+                                Err(e) => {
+                                    tracing::warn!("{name}: the start-up trace's files: {e}");
+                                    Vec::new()
+                                }
+                            };
                             stages.push(Stage {
                                 priority: Priority::Trace,
                                 chunks,
+                                later: Some(Box::new(later)),
                             });
                         }
                         Err(e) => tracing::warn!("{name}: mapping the start-up trace: {e}"),
@@ -71,6 +90,7 @@ impl Served {
                     stages.push(Stage {
                         priority: Priority::Prefetch,
                         chunks: prefetch::all_chunks(&fetcher),
+                        later: None,
                     });
                     // The whole image is wanted local: once it is, copy it into views
                     // that the kernel reads without hoist (files of several chunks for

@@ -240,12 +240,24 @@ proptest! {
         let mut nlinks: BTreeMap<u64, u32> = BTreeMap::new();
         img.walk(|_, i| { if !i.is_dir() { *names.entry(i.nid).or_default() += 1; nlinks.insert(i.nid, i.nlink); } Ok(()) }).unwrap();
         prop_assert_eq!(names, nlinks);
+        // Every path the walk visits is found by bisecting directories, as that inode;
+        // a name no directory holds is not.
+        let mut paths = Vec::new();
+        img.walk(|p, i| { paths.push((p.to_vec(), i.nid)); Ok(()) }).unwrap();
+        for (path, nid) in &paths {
+            prop_assert_eq!(img.lookup_path(path).unwrap().map(|i| i.nid), Some(*nid));
+            // Under a file, or a name no generated tree holds.
+            let mut missing = path.clone();
+            missing.extend_from_slice(b"/\xff\xfe-none");
+            prop_assert_eq!(img.lookup_path(&missing).unwrap().map(|i| i.nid), None);
+        }
     }
 
     #[test]
     fn arbitrary_bytes_never_panic_the_reader(bytes in prop::collection::vec(any::<u8>(), 0..20000)) {
         if let Ok(img) = Image::open(bytes) {
             let _ = img.walk(|_, i| { let _ = img.xattrs(i); if i.is_file() { let _ = img.chunks(i); } Ok(()) });
+            let _ = img.lookup_path(b"/a/b/../c");
         }
     }
 }

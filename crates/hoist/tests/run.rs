@@ -481,9 +481,10 @@ fn a_trace_records_the_metadata_it_read_and_a_mount_fetches_it_first() {
             assert_eq!(code, 0, "{err}");
             serde_json::from_str::<Value>(&out).unwrap()
         };
-        wait_until(60, "the trace's metadata fetched", || {
+        wait_until(60, "the trace's metadata and chunks fetched", || {
             let p = &stat()["prefetch"];
-            p["trace_meta_chunks"] == 0 || p["trace_meta_done"] == true
+            (p["trace_meta_chunks"] == 0 || p["trace_meta_done"] == true)
+                && (p["state"] == "idle" || p["state"] == "done")
         });
         let before = stat()["meta_bytes"].as_u64().unwrap();
         let got = std::fs::read_to_string(mp.join(file.trim_start_matches('/'))).unwrap();
@@ -505,6 +506,16 @@ fn a_trace_records_the_metadata_it_read_and_a_mount_fetches_it_first() {
         "{s}"
     );
     assert_eq!(with, 0, "the traced read fetched metadata: {s}");
+    // The trace's files (it lists the one read) are looked up, not found by a walk of
+    // the tree, which would fetch all of the metadata.
+    assert!(
+        !rec["files"].as_array().unwrap().is_empty(),
+        "the trace lists no files: {rec}"
+    );
+    assert!(
+        s["meta_bytes"].as_u64().unwrap() < s["meta_layer_bytes"].as_u64().unwrap() / 2,
+        "a mount with the trace fetched most of the metadata: {s}"
+    );
 }
 
 #[test]

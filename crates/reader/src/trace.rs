@@ -170,28 +170,39 @@ impl Trace {
     }
 
     /// The chunks of `image` this trace names, in trace order, each once: the chunk
-    /// entries first (by position, digest or file), then every chunk of each listed
-    /// file. Chunks for which `used` is false (no file of the image uses them), and names
-    /// the image lacks, are skipped.
-    ///
-    /// A trace recorded on this image resolves by position alone: the digest index and
-    /// the file index (a walk of the whole tree) are built only for entries that need
-    /// them, so that a mount's trace fetching starts at once. Fails only if the file
-    /// index was needed and the tree cannot be walked.
+    /// entries first (by position, digest or file, [`Trace::resolve_chunks`]), then
+    /// every chunk of each listed file ([`Trace::resolve_files`]). Chunks for which
+    /// `used` is false (no file of the image uses them), and names the image lacks, are
+    /// skipped. Fails only if metadata a lookup needed cannot be read.
     pub fn resolve(
         &self,
         image: &HoistImage,
         used: impl Fn((usize, usize)) -> bool,
     ) -> Result<Vec<(usize, usize)>, crate::ReadError> {
+        let mut out = self.resolve_chunks(image, &used)?;
+        let mut seen: HashSet<(usize, usize)> = out.iter().copied().collect();
+        out.extend(
+            self.resolve_files(image, &used)?
+                .into_iter()
+                .filter(|c| seen.insert(*c)),
+        );
+        Ok(out)
+    }
+
+    /// The chunk entries of the trace on `image`, in trace order, each once.
+    ///
+    /// A trace recorded on this image resolves by position alone: the digest index is
+    /// built, and files looked up, only for entries that need them, so that a mount's
+    /// trace fetching starts at once.
+    pub fn resolve_chunks(
+        &self,
+        image: &HoistImage,
+        used: impl Fn((usize, usize)) -> bool,
+    ) -> Result<Vec<(usize, usize)>, crate::ReadError> {
         let mut by_digest: Option<HashMap<[u8; 32], (usize, usize)>> = None;
-        let mut index: Option<FileIndex> = None;
+        let mut files: HashMap<String, Option<FileChunks>> = HashMap::new();
         let mut out = Vec::new();
         let mut seen = HashSet::new();
-        let mut push = |c: (usize, usize), out: &mut Vec<(usize, usize)>| {
-            if used(c) && seen.insert(c) {
-                out.push(c);
-            }
-        };
         for c in &self.chunks {
             let digest = parse_hex32(&c.digest);
             let at = image
@@ -209,30 +220,51 @@ impl Trace {
             };
             if found.is_none() {
                 if let Some(path) = c.file.as_deref() {
-                    let index = match &mut index {
-                        Some(index) => index,
-                        None => index.insert(FileIndex::build(image)?),
+                    let path = normalize(path);
+                    let chunks = match files.get(&path) {
+                        Some(chunks) => chunks,
+                        None => {
+                            let chunks = file_chunks(image, &path)?;
+                            files.entry(path).or_insert(chunks)
+                        }
                     };
                     let k = c.file_offset >> image.meta.chunk_bits;
-                    found = index
-                        .files
-                        .get(&normalize(path))
-                        .and_then(|file| file.iter().find(|(at, _, _)| *at == k))
-                        .map(|(_, b, i)| (*b, *i));
+                    found = chunks
+                        .as_ref()
+                        .and_then(|file| usize::try_from(k).ok().and_then(|k| file.get(k)))
+                        .copied()
+                        .flatten();
                 }
             }
-            if let Some(found) = found {
-                push(found, &mut out);
+            if let Some(c) = found.filter(|c| used(*c)) {
+                if seen.insert(c) {
+                    out.push(c);
+                }
             }
         }
-        if !self.files.is_empty() {
-            let index = match &mut index {
-                Some(index) => index,
-                None => index.insert(FileIndex::build(image)?),
-            };
-            for f in &self.files {
-                for (_, b, i) in index.files.get(&normalize(f)).into_iter().flatten() {
-                    push((*b, *i), &mut out);
+        Ok(out)
+    }
+
+    /// Every chunk of the trace's listed files, file by file, each once (empty when it
+    /// lists none). Each file is looked up (the directories on its path are read, which
+    /// may fetch metadata read on demand): a mount does this after the trace's chunk
+    /// entries are on their way. A recorded trace lists the files whose chunks it holds,
+    /// and those read by passthrough, whose chunks it cannot see.
+    pub fn resolve_files(
+        &self,
+        image: &HoistImage,
+        used: impl Fn((usize, usize)) -> bool,
+    ) -> Result<Vec<(usize, usize)>, crate::ReadError> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for f in &self.files {
+            for c in file_chunks(image, &normalize(f))?
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if used(c) && seen.insert(c) {
+                    out.push(c);
                 }
             }
         }
@@ -305,6 +337,32 @@ impl FileIndex {
 }
 
 /// `/a/b` for `a/b`, `./a/b` or `/a//b`.
+/// A file's chunks (blob, chunk index) by position in the file; `None` for a hole.
+type FileChunks = Vec<Option<(usize, usize)>>;
+
+/// The chunks of the regular file at `path` in `image`, by position in the file (`None`
+/// for a hole); `None` when the image has no regular file there. Reads the directories
+/// on the path only (a lookup, not a walk of the tree).
+fn file_chunks(image: &HoistImage, path: &str) -> Result<Option<FileChunks>, crate::ReadError> {
+    let meta = |source| crate::ReadError::Meta {
+        digest: image.meta_digest.to_string(),
+        source,
+    };
+    let Some(inode) = image.fs.lookup_path(path.as_bytes()).map_err(meta)? else {
+        return Ok(None);
+    };
+    if !inode.is_file() {
+        return Ok(None);
+    }
+    let chunks = image.chunks(&inode).map_err(meta)?;
+    Ok(Some(
+        chunks
+            .into_iter()
+            .map(|c| image.resolve(c).map(|at| (at.blob, at.index)))
+            .collect(),
+    ))
+}
+
 fn normalize(p: &str) -> String {
     let parts: Vec<&str> = p
         .split('/')

@@ -498,6 +498,28 @@ impl<R: ReadAt> Image<R> {
             .collect()
     }
 
+    /// The inode at `path` (components separated by `/`; empty and `.` ones skipped),
+    /// found by bisecting each directory on the way, as the kernel's lookups do: it
+    /// reads those directories only, not the tree. Symlinks are not followed; a name
+    /// that is missing, `..`, or under a non-directory gives `None`.
+    pub fn lookup_path(&self, path: &[u8]) -> Result<Option<Inode>, FormatError> {
+        let mut inode = self.inode(self.root_nid)?;
+        for name in path
+            .split(|&b| b == b'/')
+            .filter(|n| !n.is_empty() && *n != b".")
+        {
+            if !inode.is_dir() || name == b".." {
+                return Ok(None);
+            }
+            let dir = self.read_dir(&inode)?;
+            let Ok(i) = dir.binary_search_by(|e| e.name.as_slice().cmp(name)) else {
+                return Ok(None);
+            };
+            inode = self.inode(dir[i].nid)?;
+        }
+        Ok(Some(inode))
+    }
+
     /// Walks the tree depth-first from the root, calling `visit(path, entry_inode)` for
     /// every entry (the root as `/`). Directories are visited before their children;
     /// hardlinked files are visited once per name. Refuses cycles and deep nesting.
