@@ -30,8 +30,14 @@ pub struct User {
 
 /// Resolves `spec` (the config's `User`) against the databases of the root `rootfs`.
 pub fn resolve(rootfs: &Path, spec: &str) -> Result<User, RuntimeError> {
-    let passwd = read_in_root(rootfs, "etc/passwd")?;
-    let group = read_in_root(rootfs, "etc/group")?;
+    // Read both at once: on a lazy mount each read may wait for a fetch.
+    let (passwd, group) = std::thread::scope(|s| {
+        let group = s.spawn(|| read_in_root(rootfs, "etc/group"));
+        let passwd = read_in_root(rootfs, "etc/passwd");
+        (passwd, group.join())
+    });
+    let passwd = passwd?;
+    let group = group.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
     resolve_in(&passwd, &group, spec)
 }
 
