@@ -51,8 +51,13 @@ pub struct FetchConfig {
     pub min_fetch: u64,
     /// Compressed bytes a prefetch job fetches at least.
     pub prefetch_fetch: u64,
-    /// Compressed bytes a trace job fetches at most (smaller than prefetch jobs: many
-    /// requests in flight keep a long link full and the trace's order close).
+    /// Compressed bytes a trace job fetches at most. A job takes only chunks of the
+    /// trace that lie next to each other in a blob, which start-up reads together (a
+    /// program, a library, a data file), so a large one costs its readers little and
+    /// saves requests: python's start-up from its trace was ready in 0.39 s at 1 Gbit/s
+    /// with 4 MiB and 0.58 s with 1 MiB (eight 1 MiB reads of one file racing for a
+    /// short queue, one of them losing its tail to a retransmission timeout), 1.61-1.66 s
+    /// against 1.70-1.80 s at 100 Mbit/s.
     pub trace_fetch: u64,
     /// Worker threads: the most ranged reads in flight at once.
     pub workers: usize,
@@ -79,7 +84,7 @@ impl Default for FetchConfig {
         FetchConfig {
             min_fetch: 64 << 10,
             prefetch_fetch: 4 << 20,
-            trace_fetch: 1 << 20,
+            trace_fetch: 4 << 20,
             workers: 10,
             trace_workers: 8,
             prefetch_workers: 2,
