@@ -216,6 +216,8 @@ struct Pending {
     blob: usize,
     first: usize,
     slots: Vec<Arc<Slot>>,
+    /// Compressed bytes of the job.
+    bytes: u64,
 }
 
 /// Fetches a stage until every chunk is cached; false when the fetcher stops first.
@@ -238,6 +240,7 @@ fn run(fetcher: &Fetcher, stage: Stage, progress: &Progress) -> bool {
         // Chunks a job of this pass covers already (a merged trace job takes chunks that
         // come later in the trace).
         let mut covered: HashSet<(usize, usize)> = HashSet::new();
+        let mut jobs = 0u32;
         let mut i = 0;
         while i < todo.len() {
             let (blob, first) = todo[i];
@@ -245,9 +248,26 @@ fn run(fetcher: &Fetcher, stage: Stage, progress: &Progress) -> bool {
                 i += 1;
                 continue;
             }
-            let take =
-                |next: usize| stage.priority != Priority::Trace || wanted.contains(&(blob, next));
+            // Trace jobs start small and double up to the job size: the first chunks are
+            // the ones start-up waits for first, and a reader of a job's chunk waits for
+            // the whole job.
+            let cap = match stage.priority {
+                Priority::Trace => {
+                    (TRACE_RAMP_START << jobs.min(16)).min(fetcher.config().trace_fetch)
+                }
+                _ => u64::MAX,
+            };
+            let bytes = std::cell::Cell::new(size(fetcher, blob, first));
+            let take = |next: usize| {
+                if stage.priority != Priority::Trace {
+                    return true;
+                }
+                let more = bytes.get() + size(fetcher, blob, next);
+                bytes.set(more);
+                wanted.contains(&(blob, next)) && more <= cap
+            };
             let (slots, next) = fetcher.prefetch(blob, first, stage.priority, &take);
+            jobs += 1;
             i += 1;
             if slots.is_empty() {
                 progress.done.fetch_add(1, Relaxed);
@@ -258,8 +278,21 @@ fn run(fetcher: &Fetcher, stage: Stage, progress: &Progress) -> bool {
                 i += 1;
             }
             covered.extend((first..next).map(|k| (blob, k)));
-            pending.push_back(Pending { blob, first, slots });
-            while pending.len() >= window {
+            let bytes = (first..next).map(|k| size(fetcher, blob, k)).sum();
+            pending.push_back(Pending {
+                blob,
+                first,
+                slots,
+                bytes,
+            });
+            // Trace jobs in flight hold at most TRACE_IN_FLIGHT bytes (large jobs, few
+            // at once: each gets a larger share of the link, so a reader waiting for one
+            // waits no longer than for a small one among many).
+            while pending.len() >= window
+                || (stage.priority == Priority::Trace
+                    && pending.len() > 1
+                    && pending.iter().map(|p| p.bytes).sum::<u64>() >= TRACE_IN_FLIGHT)
+            {
                 let Some(p) = pending.pop_front() else { break };
                 if !settle(fetcher, p, progress, &mut failed) {
                     return false;
@@ -292,6 +325,21 @@ fn run(fetcher: &Fetcher, stage: Stage, progress: &Progress) -> bool {
         progress.set(PrefetchState::Running);
         todo = failed;
     }
+}
+
+/// Compressed bytes of trace jobs submitted and not yet done, at most (a job that
+/// alone exceeds it still goes).
+const TRACE_IN_FLIGHT: u64 = 8 << 20;
+
+/// The first trace job's size; each next one may take twice as much, up to
+/// [`crate::FetchConfig::trace_fetch`].
+const TRACE_RAMP_START: u64 = 256 << 10;
+
+/// The compressed size of chunk `index` of blob `blob` (0 if there is none).
+fn size(fetcher: &Fetcher, blob: usize, index: usize) -> u64 {
+    fetcher
+        .entry(blob, index)
+        .map_or(0, |e| u64::from(e.compressed_size))
 }
 
 /// Waits for a job's chunks; false when the fetcher stops.
