@@ -111,7 +111,8 @@ pub struct Stage {
     pub chunks: Vec<(usize, usize)>,
     /// More chunks at the same priority, worked out on the prefetch thread once
     /// `chunks` are fetched: for lists that are slow to compute and must not hold back
-    /// the first ones (a trace's files, which take a walk of the whole tree).
+    /// the first ones (a trace's files, each looked up in metadata that may have to be
+    /// fetched).
     pub later: Option<Later>,
 }
 

@@ -60,8 +60,9 @@ impl Served {
                     match trace.resolve_chunks(&image, &used) {
                         Ok(chunks) => {
                             counted.store(chunks.len() as u64, Relaxed);
-                            // The files it lists take a walk of the tree, which must
-                            // not hold back the chunks.
+                            // The files it lists are looked up (metadata read on
+                            // demand may be fetched), which must not hold back the
+                            // chunks.
                             let (image, counted, name) =
                                 (image.clone(), counted.clone(), name.clone());
                             let listed: HashSet<_> = chunks.iter().copied().collect();
