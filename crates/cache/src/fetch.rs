@@ -234,6 +234,10 @@ struct Job {
     first: usize,
     slots: Vec<Arc<Slot>>,
     priority: Priority,
+    /// A reader's miss outside any stream of reads (the minimum fetch): its chunks
+    /// may hint at what comes next ([`crate::elf`]). A walker's misses need no hint:
+    /// its stream reads ahead of it.
+    lone: bool,
 }
 
 /// The queues of jobs, by priority, and how many background jobs of each run.
@@ -334,6 +338,9 @@ struct Inner {
     /// Chunks a start-up trace is fetching: reads of them are foreseen, and start no
     /// readahead (which would fetch what the trace knows start-up does not read).
     foreseen: Mutex<HashSet<(usize, usize)>>,
+    /// Chunks of programs and libraries read ahead whole ([`crate::elf`]): the loader's
+    /// page faults on them jump about, and start no readahead either.
+    mapped: Mutex<HashSet<(usize, usize)>>,
     blobs: Vec<BlobChunks>,
     store: Arc<ChunkStore>,
     inflight: Arc<Inflight>,
@@ -377,6 +384,7 @@ impl Fetcher {
             source,
             streams: Mutex::new(Streams::new(cfg.min_fetch, cfg.readahead_max)),
             foreseen: Mutex::new(HashSet::new()),
+            mapped: Mutex::new(HashSet::new()),
             blobs,
             store,
             inflight,
@@ -676,7 +684,15 @@ impl Inner {
         if lock(&self.foreseen).contains(&(blob, index)) {
             return Plan::default();
         }
-        let plan = lock(&self.streams).access(blob, index, &b.entries, &|k| b.is_used(k));
+        let mapped = lock(&self.mapped);
+        if mapped.contains(&(blob, index)) {
+            return Plan::default();
+        }
+        // A program's chunks are neither a stream's steps nor gaps in one: a walker
+        // reading it whole (tar) goes on after it as if it had skipped it.
+        let used = |k: usize| b.is_used(k) && !mapped.contains(&(blob, k));
+        let plan = lock(&self.streams).access(blob, index, &b.entries, &used);
+        drop(mapped);
         if let Some((from, to)) = plan.ahead {
             self.read_ahead(blob, from, to);
         }
@@ -712,6 +728,33 @@ impl Inner {
             );
             i = next.max(i + 1);
         }
+    }
+
+    /// Starts readahead of the chunks after chunk `index` of blob `blob` that hold the
+    /// first `len` bytes of the ELF file starting there (a file's chunks lie in order
+    /// in its blob), at most [`FetchConfig::readahead_max`] compressed bytes of them.
+    fn read_ahead_mapped(&self, blob: usize, index: usize, len: u64) {
+        let entries = &self.blobs[blob].entries;
+        if lock(&self.foreseen).contains(&(blob, index)) {
+            return;
+        }
+        let end = entries[index].uncompressed_offset.saturating_add(len);
+        let last = entries.partition_point(|e| e.uncompressed_offset < end);
+        let (Some(first), Some(last)) = (entries.get(index + 1), last.checked_sub(1)) else {
+            return;
+        };
+        if last <= index {
+            return;
+        }
+        let to = entries[last].compressed_offset + u64::from(entries[last].compressed_size);
+        let to = to.min(first.compressed_offset + self.cfg.readahead_max);
+        lock(&self.mapped).extend((index..=last).map(|k| (blob, k)));
+        tracing::debug!(
+            "chunk {index} of blob {} starts an ELF file mapping {len} bytes: reading ahead chunks {}..={last}",
+            self.blobs[blob].digest,
+            index + 1
+        );
+        self.read_ahead(blob, first.compressed_offset, to);
     }
 
     /// The slot of a demanded chunk: a new job of at least `want` compressed bytes, or
@@ -757,7 +800,12 @@ impl Inner {
         let mut next = index + 1;
         while let Some(e) = entries.get(next) {
             let bytes = end - entries[index].compressed_offset;
+            // A reader waits for its whole job: a miss takes the small chunks after it
+            // up to `want`, never a large one past it (python's start-up fetched 0.7 MB
+            // of neighbours it never read when a 64 KiB miss could take one of 300 KiB).
+            let past = priority == Priority::Demand && bytes + u64::from(e.compressed_size) > want;
             if bytes >= want
+                || past
                 || e.compressed_offset != end
                 || !self.blobs[blob].is_used(next)
                 || !take(next)
@@ -777,6 +825,7 @@ impl Inner {
             first: index,
             slots: slots.clone(),
             priority,
+            lone: priority == Priority::Demand && want <= self.cfg.min_fetch,
         };
         let mut q = self.lock();
         q.push(job);
@@ -924,17 +973,28 @@ impl Inner {
             Err(SourceError::Corrupt(_)) => Vec::new(),
         };
         let t_read = Instant::now();
+        // Programs and libraries about to be mapped (crate::elf), for chunks of a lone
+        // miss; a stream reads ahead by itself, and a trace knows what start-up reads.
+        let hint = job.lone;
+        let mut mapped = None;
         for (k, (e, slot)) in chunks.iter().zip(&job.slots).enumerate() {
             let stored = e.stored_in(&answer, start);
             let r = self
                 .verified(job.blob, job.first + k, e, stored)
                 .and_then(|data| {
+                    if hint {
+                        mapped = crate::elf::mapped_len(&data);
+                    }
                     self.store
                         .put_chunk(&e.digest, &data)
                         .map_err(|err| format!("writing the chunk cache: {err}").into())
                 });
             if r.is_ok() {
                 c.chunks_fetched.fetch_add(1, Relaxed);
+            }
+            // Queued before the reader wakes, to be under way before its next fault.
+            if let Some(len) = mapped.take() {
+                self.read_ahead_mapped(job.blob, job.first + k, len);
             }
             self.inflight.finish(&e.digest, slot, r);
         }
@@ -1092,30 +1152,39 @@ mod tests {
         chunks: Vec<Vec<u8>>,
     }
 
+    /// Chunk `i` of a test blob: `len` distinct bytes.
+    fn chunk(i: usize, len: usize) -> Vec<u8> {
+        let mut c: Vec<u8> = (0..len).map(|k| (i * 7 + k * 13 + k / 251) as u8).collect();
+        // Distinct digests: no two chunks dedup into one.
+        c[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        c
+    }
+
     /// A blob of `n` stored (uncompressed) chunks of distinct bytes, all used.
     fn setup(n: usize, fake: Fake, cfg: FetchConfig) -> Setup {
-        let chunks: Vec<Vec<u8>> = (0..n)
-            .map(|i| {
-                let mut c: Vec<u8> = (0..CHUNK as usize)
-                    .map(|k| (i * 7 + k * 13 + k / 251) as u8)
-                    .collect();
-                // Distinct digests: no two chunks dedup into one.
-                c[..8].copy_from_slice(&(i as u64).to_le_bytes());
-                c
-            })
-            .collect();
+        let chunks = (0..n).map(|i| chunk(i, CHUNK as usize)).collect();
+        setup_chunks(chunks, fake, cfg)
+    }
+
+    /// A blob of these stored chunks (each a multiple of 4 KiB), all used.
+    fn setup_chunks(chunks: Vec<Vec<u8>>, fake: Fake, cfg: FetchConfig) -> Setup {
+        let mut at = 0;
         let entries: Vec<ChunkEntry> = chunks
             .iter()
-            .enumerate()
-            .map(|(i, c)| ChunkEntry {
-                uncompressed_offset: i as u64 * u64::from(CHUNK),
-                compressed_offset: i as u64 * u64::from(CHUNK),
-                uncompressed_size: CHUNK,
-                compressed_size: CHUNK,
-                compressor: Compressor::None,
-                digest: hoist_codec::digest(c),
+            .map(|c| {
+                let e = ChunkEntry {
+                    uncompressed_offset: at,
+                    compressed_offset: at,
+                    uncompressed_size: c.len() as u32,
+                    compressed_size: c.len() as u32,
+                    compressor: Compressor::None,
+                    digest: hoist_codec::digest(c),
+                };
+                at += c.len() as u64;
+                e
             })
             .collect();
+        let n = chunks.len();
         let fake = Arc::new(Fake {
             blob: chunks.concat(),
             ..fake
@@ -1143,7 +1212,7 @@ mod tests {
     }
 
     fn read(s: &Setup, index: usize) -> Vec<u8> {
-        let mut buf = vec![0; CHUNK as usize];
+        let mut buf = vec![0; s.chunks[index].len()];
         s.fetcher.read_at(0, index, 0, &mut buf).unwrap();
         buf
     }
@@ -1161,6 +1230,87 @@ mod tests {
         // readahead past them.)
         let asked = s.fake.asked.lock().unwrap().clone();
         assert!(asked[1..].iter().all(|a| a.0 >= 12 * 16384), "{asked:?}");
+    }
+
+    #[test]
+    fn a_miss_never_takes_a_large_chunk_past_the_minimum() {
+        // Small chunks, then one of 256 KiB, then small ones again.
+        let sizes = [16, 16, 16, 256, 16, 16].map(|k| k << 10);
+        let chunks = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| chunk(i, n))
+            .collect();
+        let s = setup_chunks(chunks, Fake::default(), FetchConfig::default());
+        assert_eq!(read(&s, 1), s.chunks[1]);
+        // Chunk 2 fits in the 64 KiB a miss takes; chunk 3 would make it 288 KiB.
+        assert_eq!(*s.fake.asked.lock().unwrap(), vec![(16 << 10, 32 << 10)]);
+        assert_eq!(read(&s, 3), s.chunks[3]);
+        assert_eq!(s.fake.asked.lock().unwrap()[1], (48 << 10, 256 << 10));
+    }
+
+    /// A 64-bit ELF header whose one loadable segment maps the file's first `len` bytes,
+    /// at the start of a chunk of `size` bytes.
+    fn elf_chunk(i: usize, size: usize, len: u64) -> Vec<u8> {
+        let mut c = chunk(i, size);
+        let mut h = [0u8; 64 + 56];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 2; // 64 bits
+        h[5] = 1; // little-endian
+        h[6] = 1; // version
+        h[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        h[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        h[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        h[64..68].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD at offset 0
+        h[64 + 32..64 + 40].copy_from_slice(&len.to_le_bytes()); // p_filesz
+        c[..h.len()].copy_from_slice(&h);
+        c
+    }
+
+    #[test]
+    fn a_program_whose_header_is_read_gets_its_mapped_range_read_ahead() {
+        // Chunks 2..=4 hold a program mapping 2.5 chunks; the chunks around it are
+        // other files.
+        let mut chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, CHUNK as usize)).collect();
+        chunks[2] = elf_chunk(2, CHUNK as usize, 5 * u64::from(CHUNK) / 2);
+        let cfg = FetchConfig {
+            min_fetch: CHUNK.into(),
+            ..FetchConfig::default()
+        };
+        let s = setup_chunks(chunks, Fake::default(), cfg);
+        let c = u64::from(CHUNK);
+        assert_eq!(read(&s, 2), s.chunks[2]);
+        // The loader's faults, in no order: no request of their own, and no stream
+        // readahead past the program.
+        for i in [4, 3, 4, 3] {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        assert_eq!(
+            *s.fake.asked.lock().unwrap(),
+            vec![(2 * c, c), (3 * c, 2 * c)]
+        );
+        assert_eq!(s.fetcher.counters().readaheads.load(Relaxed), 1);
+        // A walker reading on after the program is still one stream: the program's
+        // chunks count as skipped, and the third step after it fetches ahead.
+        for i in [0, 1] {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        for i in [5, 6, 7] {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        assert_eq!(s.fetcher.counters().readaheads.load(Relaxed), 2);
+        // The same header read by a trace's job starts nothing: the trace knows.
+        let mut chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, CHUNK as usize)).collect();
+        chunks[2] = elf_chunk(2, CHUNK as usize, 3 * c);
+        let s = setup_chunks(chunks, Fake::default(), FetchConfig::default());
+        let (slots, _) = s.fetcher.prefetch(0, 2, Priority::Trace, &|k| k == 2);
+        for slot in slots {
+            assert_eq!(
+                slot.wait(Instant::now() + Duration::from_secs(10)),
+                Some(Ok(()))
+            );
+        }
+        assert_eq!(*s.fake.asked.lock().unwrap(), vec![(2 * c, c)]);
     }
 
     #[test]
@@ -1324,6 +1474,7 @@ mod tests {
             first: k as usize,
             slots: vec![slot],
             priority: p,
+            lone: false,
         }
     }
 

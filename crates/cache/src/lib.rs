@@ -20,6 +20,7 @@
 //! images exact (one copy per digest), eviction an unlink, and crash safety a rename
 //! plus a hash on first use, at the cost of one open per chunk read.
 
+pub mod elf;
 mod fetch;
 mod meta;
 pub mod prefetch;
