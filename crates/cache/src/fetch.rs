@@ -24,9 +24,12 @@
 //! workers, so a reader always finds one free. A queued background job that a reader
 //! starts waiting for is promoted to a reader's job.
 //!
-//! A source's answer is never trusted: each chunk is decoded and checked against its
-//! digest. A chunk that fails is discarded and fetched again on its own, once; the
-//! other chunks of the answer are kept. Only a chunk that fails twice fails its readers.
+//! A source's answer is streamed ([`ChunkSource::open_range`]): each chunk is served to
+//! its readers as soon as its bytes are in, so a reader of a job's first chunk does not
+//! wait for the rest of a large job. An answer is never trusted: each chunk is decoded
+//! and checked against its digest. A chunk that fails is discarded and fetched again on
+//! its own, once; the other chunks of the answer are kept. Only a chunk that fails twice
+//! fails its readers. An answer that breaks off keeps the chunks that came whole.
 //! A reader waits at most [`FetchConfig::read_timeout`] and then gets an error (EIO at
 //! the filesystem), whatever the registry does; the job itself goes on and fills the
 //! cache if it succeeds. Nothing is remembered of failures: the next read tries again,
@@ -40,6 +43,7 @@ use hoist_format::chunk::ChunkEntry;
 use hoist_oci::Digest;
 use std::collections::{HashSet, VecDeque};
 use std::fs::File;
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -772,8 +776,8 @@ impl Inner {
             }
             Claim::Mine(slot) if self.cached_meanwhile(&d, &slot) => slot,
             Claim::Mine(slot) => {
-                // The reader waits for the whole answer: a large window is fetched
-                // ahead, in readahead jobs, not by its own job.
+                // A large window is fetched ahead, in readahead jobs in flight
+                // together, not by the reader's own job.
                 let want = want.min(self.cfg.readahead_job).max(self.cfg.min_fetch);
                 self.enqueue(blob, index, slot.clone(), Priority::Demand, want, &|_| true);
                 slot
@@ -800,9 +804,9 @@ impl Inner {
         let mut next = index + 1;
         while let Some(e) = entries.get(next) {
             let bytes = end - entries[index].compressed_offset;
-            // A reader waits for its whole job: a miss takes the small chunks after it
-            // up to `want`, never a large one past it (python's start-up fetched 0.7 MB
-            // of neighbours it never read when a 64 KiB miss could take one of 300 KiB).
+            // A miss takes the small chunks after it up to `want`, never a large one
+            // past it (python's start-up fetched 0.7 MB of neighbours it never read
+            // when a 64 KiB miss could take one of 300 KiB).
             let past = priority == Priority::Demand && bytes + u64::from(e.compressed_size) > want;
             if bytes >= want
                 || past
@@ -959,26 +963,69 @@ impl Inner {
         let len = last.compressed_offset + u64::from(last.compressed_size) - start;
         let c = &self.counters;
         let t0 = Instant::now();
-        let answer = match self.read(&blob.digest, start, len) {
-            Ok(b) => b,
+        let what = || {
+            format!(
+                "{len} bytes at {start} of blob {} from {}",
+                blob.digest,
+                self.source.describe()
+            )
+        };
+        c.requests.fetch_add(1, Relaxed);
+        // The answer is streamed: each chunk is verified, stored and handed to its
+        // readers as soon as its bytes are in, not when the whole range is.
+        let mut answer = match self.source.open_range(&blob.digest, start, len) {
+            Ok(r) => Some(r),
             Err(SourceError::Unavailable(why)) => {
-                tracing::warn!(
-                    "fetching {len} bytes at {start} of blob {} from {}: {why}",
-                    blob.digest,
-                    self.source.describe()
-                );
+                c.errors.fetch_add(1, Relaxed);
+                tracing::warn!("fetching {}: {why}", what());
                 return self.fail_job(job, why);
             }
             // Nothing of it is usable: each chunk is fetched on its own below.
-            Err(SourceError::Corrupt(_)) => Vec::new(),
+            Err(SourceError::Corrupt(why)) => {
+                c.errors.fetch_add(1, Relaxed);
+                tracing::warn!("fetching {}: {why}", what());
+                None
+            }
         };
-        let t_read = Instant::now();
+        let mut first_in = None;
         // Programs and libraries about to be mapped (crate::elf), for chunks of a lone
         // miss; a stream reads ahead by itself, and a trace knows what start-up reads.
         let hint = job.lone;
         let mut mapped = None;
+        let mut bytes = Vec::new();
         for (k, (e, slot)) in chunks.iter().zip(&job.slots).enumerate() {
-            let stored = e.stored_in(&answer, start);
+            let got = answer.as_mut().map(|r| {
+                bytes.resize(e.compressed_size as usize, 0);
+                r.read_exact(&mut bytes)
+            });
+            let stored = match got {
+                None => None,
+                Some(Ok(())) => {
+                    c.bytes_fetched.fetch_add(bytes.len() as u64, Relaxed);
+                    first_in.get_or_insert_with(Instant::now);
+                    Some(bytes.as_slice())
+                }
+                // A short answer is a wrong one: the rest is fetched chunk by chunk.
+                Some(Err(err)) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    c.errors.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        "fetching {}: the answer ended before chunk {} (the source served damaged data)",
+                        what(),
+                        job.first + k
+                    );
+                    answer = None;
+                    None
+                }
+                Some(Err(err)) => {
+                    c.errors.fetch_add(1, Relaxed);
+                    tracing::warn!("fetching {}: {err}", what());
+                    let why: Arc<str> = err.to_string().into();
+                    for (e, slot) in chunks[k..].iter().zip(&job.slots[k..]) {
+                        self.inflight.finish(&e.digest, slot, Err(why.clone()));
+                    }
+                    return;
+                }
+            };
             let r = self
                 .verified(job.blob, job.first + k, e, stored)
                 .and_then(|data| {
@@ -998,13 +1045,14 @@ impl Inner {
             }
             self.inflight.finish(&e.digest, slot, r);
         }
+        let ms = |t: Instant| (t - t0).as_secs_f64() * 1e3;
         tracing::debug!(
-            "{:?} job: {len} bytes at {start} of blob {}, {} chunks: read in {:.1} ms, decoded and stored in {:.1} ms",
+            "{:?} job: {len} bytes at {start} of blob {}, {} chunks: first chunk in {:.1} ms, all in {:.1} ms",
             job.priority,
             blob.digest,
             chunks.len(),
-            (t_read - t0).as_secs_f64() * 1e3,
-            t_read.elapsed().as_secs_f64() * 1e3
+            first_in.map_or(0.0, ms),
+            ms(Instant::now()),
         );
     }
 
@@ -1096,6 +1144,41 @@ mod tests {
         /// While set, every request waits until it is cleared (bounded) and then fails.
         stall: Mutex<bool>,
         unstalled: Condvar,
+        /// When set, answers are streamed ([`ChunkSource::open_range`]) and hold after
+        /// this many bytes until it is cleared; then they go on, or break off if `cut`
+        /// is set or nobody cleared it within 5 s.
+        hold_after: Mutex<Option<u64>>,
+        released: Condvar,
+        cut: AtomicBool,
+    }
+
+    /// A streamed answer of the fake.
+    struct Held<'a> {
+        fake: &'a Fake,
+        bytes: std::io::Cursor<Vec<u8>>,
+        hold: u64,
+    }
+
+    impl Read for Held<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let at = self.bytes.position();
+            if at >= self.hold {
+                let g = self.fake.hold_after.lock().unwrap();
+                let (g, _) = self
+                    .fake
+                    .released
+                    .wait_timeout_while(g, Duration::from_secs(5), |h| h.is_some())
+                    .unwrap();
+                if self.fake.cut.load(Relaxed) || g.is_some() {
+                    return Err(std::io::Error::other("connection reset"));
+                }
+                self.hold = u64::MAX;
+            }
+            let n = buf
+                .len()
+                .min((self.hold - at).min(usize::MAX as u64) as usize);
+            self.bytes.read(&mut buf[..n])
+        }
     }
 
     impl ChunkSource for Fake {
@@ -1136,6 +1219,31 @@ mod tests {
         }
         fn describe(&self) -> String {
             "the fake".into()
+        }
+
+        fn open_range(
+            &self,
+            blob: &Digest,
+            offset: u64,
+            len: u64,
+        ) -> Result<Box<dyn Read + Send + '_>, SourceError> {
+            let hold = *self.hold_after.lock().unwrap();
+            let bytes = self.read_range(blob, offset, len)?;
+            Ok(match hold {
+                None => Box::new(std::io::Cursor::new(bytes)),
+                Some(hold) => Box::new(Held {
+                    fake: self,
+                    bytes: std::io::Cursor::new(bytes),
+                    hold,
+                }),
+            })
+        }
+    }
+
+    impl Fake {
+        fn release(&self) {
+            *self.hold_after.lock().unwrap() = None;
+            self.released.notify_all();
         }
     }
 
@@ -1352,8 +1460,10 @@ mod tests {
             assert_eq!(read(&s, i), s.chunks[i]);
         }
         assert_eq!(s.fetcher.counters().readaheads.load(Relaxed), 0);
-        let fetched = s.fetcher.counters().bytes_fetched.load(Relaxed);
-        assert_eq!(fetched, reads.len() as u64 * (64 << 10));
+        // (Asked of the source: a reader may wake before the rest of its job's answer
+        // is in and counted.)
+        let asked: u64 = s.fake.asked.lock().unwrap().iter().map(|a| a.1).sum();
+        assert_eq!(asked, reads.len() as u64 * (64 << 10));
     }
 
     #[test]
@@ -1383,6 +1493,51 @@ mod tests {
         // Whether a chunk fetched ahead is still in flight when the reader reaches it
         // depends on scheduling with an instant source (a miss, though no request of
         // its own): the request count above is what bounds the reader's own fetches.
+    }
+
+    #[test]
+    fn a_chunk_is_served_as_soon_as_its_bytes_are_in_not_the_whole_answer() {
+        let c = u64::from(CHUNK);
+        let fake = Fake::default();
+        // The answer stops after its first two chunks until released.
+        *fake.hold_after.lock().unwrap() = Some(2 * c);
+        let s = setup(16, fake, FetchConfig::default());
+        let (slots, next) = s.fetcher.prefetch(0, 4, Priority::Trace, &|k| k < 8);
+        assert_eq!((slots.len(), next), (4, 8), "one job of four chunks");
+        // Readers of the first two get them while the rest of the answer is held.
+        assert_eq!(read(&s, 4), s.chunks[4]);
+        assert_eq!(read(&s, 5), s.chunks[5]);
+        assert!(
+            s.fake.hold_after.lock().unwrap().is_some(),
+            "released too early"
+        );
+        s.fake.release();
+        assert_eq!(read(&s, 7), s.chunks[7]);
+        assert_eq!(read(&s, 6), s.chunks[6]);
+        assert_eq!(*s.fake.asked.lock().unwrap(), vec![(4 * c, 4 * c)]);
+    }
+
+    #[test]
+    fn an_answer_that_breaks_off_keeps_what_came_and_fails_only_the_rest() {
+        let c = u64::from(CHUNK);
+        let fake = Fake::default();
+        *fake.hold_after.lock().unwrap() = Some(c + c / 2);
+        fake.cut.store(true, Relaxed);
+        let s = setup(16, fake, FetchConfig::default());
+        let (slots, _) = s.fetcher.prefetch(0, 0, Priority::Trace, &|k| k < 4);
+        assert_eq!(read(&s, 0), s.chunks[0]);
+        s.fake.release();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ends: Vec<bool> = slots
+            .iter()
+            .map(|slot| matches!(slot.wait(deadline), Some(Ok(()))))
+            .collect();
+        assert_eq!(ends, [true, false, false, false]);
+        assert!(s.fetcher.counters().errors.load(Relaxed) >= 1);
+        // Nothing is remembered of the failure: the next read fetches again.
+        s.fake.cut.store(false, Relaxed);
+        assert_eq!(read(&s, 1), s.chunks[1]);
+        assert_eq!(s.fake.asked.lock().unwrap()[1].0, c);
     }
 
     #[test]

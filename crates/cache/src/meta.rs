@@ -66,6 +66,14 @@ impl ImageSource for MetaCachingSource {
     fn read_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
         self.inner.read_blob_range(digest, offset, len)
     }
+    fn open_blob_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn std::io::Read + Send>, OciError> {
+        self.inner.open_blob_range(digest, offset, len)
+    }
     fn read_blob(&self, digest: &Digest, size: u64, limit: u64) -> Result<Vec<u8>, OciError> {
         let cached = self
             .store

@@ -250,8 +250,8 @@ fn run(fetcher: &Fetcher, stage: Stage, progress: &Progress) -> bool {
                 continue;
             }
             // Trace jobs start small and double up to the job size: the first chunks are
-            // the ones start-up waits for first, and a reader of a job's chunk waits for
-            // the whole job.
+            // the ones start-up waits for first, and small first jobs share the link
+            // with fewer bytes ahead of them.
             let cap = match stage.priority {
                 Priority::Trace => {
                     (TRACE_RAMP_START << jobs.min(16)).min(fetcher.config().trace_fetch)

@@ -10,12 +10,27 @@
 //! a range costs one chunk, not the range.
 
 use hoist_oci::{Digest, ImageSource, OciError};
+use std::io::Read;
 use std::sync::Arc;
 
 /// Ranged reads of data blobs.
 pub trait ChunkSource: Send + Sync {
     /// Reads `len` bytes of blob `blob` from `offset`. Unverified: the caller verifies.
     fn read_range(&self, blob: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, SourceError>;
+    /// Streams the same bytes as they arrive, so that the first chunks of a long range
+    /// are served before its last ones come. A stream that ends before `len` bytes is
+    /// a corrupt answer; one that fails is an unavailable source. By default one
+    /// [`ChunkSource::read_range`].
+    fn open_range(
+        &self,
+        blob: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send + '_>, SourceError> {
+        Ok(Box::new(std::io::Cursor::new(
+            self.read_range(blob, offset, len)?,
+        )))
+    }
     /// What the source is, for messages (a registry and repository, a peer).
     fn describe(&self) -> String;
 }
@@ -49,14 +64,29 @@ impl ChunkSource for ImageChunks {
     fn read_range(&self, blob: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
         self.0
             .read_blob_range(blob, offset, len)
-            .map_err(|e| match e {
-                // The blob is there and answered, with other bytes than its descriptor's.
-                OciError::DigestMismatch { .. } => SourceError::Corrupt(e.to_string().into()),
-                e => SourceError::Unavailable(e.to_string().into()),
-            })
+            .map_err(source_error)
+    }
+
+    fn open_range(
+        &self,
+        blob: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send + '_>, SourceError> {
+        self.0
+            .open_blob_range(blob, offset, len)
+            .map_err(source_error)
     }
 
     fn describe(&self) -> String {
         self.0.describe()
+    }
+}
+
+fn source_error(e: OciError) -> SourceError {
+    match e {
+        // The blob is there and answered, with other bytes than its descriptor's.
+        OciError::DigestMismatch { .. } => SourceError::Corrupt(e.to_string().into()),
+        e => SourceError::Unavailable(e.to_string().into()),
     }
 }

@@ -90,6 +90,20 @@ pub trait ImageSource: Send + Sync {
     fn open_blob(&self, digest: &Digest, size: u64) -> Result<Box<dyn Read + Send>, OciError>;
     /// Reads `len` bytes of a blob from `offset`, unverified (callers verify chunks).
     fn read_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, OciError>;
+    /// Streams `len` bytes of a blob from `offset`, unverified, as they arrive: a caller
+    /// can use the first bytes of a large range before the last ones come. The stream
+    /// ends after `len` bytes, or early if the source has no more (the caller checks).
+    /// By default one [`ImageSource::read_blob_range`].
+    fn open_blob_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send>, OciError> {
+        Ok(Box::new(std::io::Cursor::new(
+            self.read_blob_range(digest, offset, len)?,
+        )))
+    }
 
     /// The document the reference names, as stored: an image index or a manifest, with
     /// its digest and media type. [`ImageSource::manifest`] follows an index to this
@@ -136,6 +150,14 @@ impl<T: ImageSource + ?Sized> ImageSource for std::sync::Arc<T> {
     fn read_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
         (**self).read_blob_range(digest, offset, len)
     }
+    fn open_blob_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send>, OciError> {
+        (**self).open_blob_range(digest, offset, len)
+    }
     fn read_blob(&self, digest: &Digest, size: u64, limit: u64) -> Result<Vec<u8>, OciError> {
         (**self).read_blob(digest, size, limit)
     }
@@ -176,6 +198,14 @@ impl ImageSource for Pinned<'_> {
     }
     fn read_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
         self.inner.read_blob_range(digest, offset, len)
+    }
+    fn open_blob_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send>, OciError> {
+        self.inner.open_blob_range(digest, offset, len)
     }
     fn read_blob(&self, digest: &Digest, size: u64, limit: u64) -> Result<Vec<u8>, OciError> {
         self.inner.read_blob(digest, size, limit)

@@ -602,6 +602,19 @@ impl ImageSource for LocalBlobs {
         })?;
         Ok(buf)
     }
+    fn open_blob_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn std::io::Read + Send>, hoist_oci::OciError> {
+        if !self.files.contains_key(digest) {
+            return self.inner.open_blob_range(digest, offset, len);
+        }
+        Ok(Box::new(std::io::Cursor::new(
+            self.read_blob_range(digest, offset, len)?,
+        )))
+    }
 }
 
 /// Placeholder while the source is being swapped; never read.

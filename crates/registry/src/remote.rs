@@ -331,7 +331,7 @@ impl ImageSource for RemoteImage {
         let stream = BlobStream {
             image: self.clone(),
             digest: digest.clone(),
-            size,
+            end: size,
             resp: Some(resp),
             pos: 0,
             resumes: 0,
@@ -341,47 +341,55 @@ impl ImageSource for RemoteImage {
     }
 
     fn read_blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, OciError> {
+        let what = || {
+            format!(
+                "blob {digest} bytes {offset}..{} of {}",
+                offset + len,
+                self.client.name()
+            )
+        };
+        let mut buf = Vec::with_capacity(len.min(64 << 20) as usize);
+        self.open_blob_range(digest, offset, len)?
+            .read_to_end(&mut buf)
+            .map_err(|source| RegistryError::Body {
+                what: what(),
+                source,
+            })?;
+        if buf.len() as u64 != len {
+            return Err(RegistryError::Protocol {
+                what: what(),
+                why: format!("response ended after {} bytes", buf.len()),
+            }
+            .into());
+        }
+        Ok(buf)
+    }
+
+    /// One ranged request whose body resumes from where it broke off (as a whole
+    /// blob's does), within the retry bounds.
+    fn open_blob_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send>, OciError> {
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok(Box::new(io::empty()));
         }
         let end = offset
             .checked_add(len)
             .ok_or_else(|| OciError::Invalid(format!("range of blob {digest} overflows")))?;
-        let what = format!("blob {digest} bytes {offset}..{end}");
-        let mut attempt = 0;
-        loop {
-            let resp = self.get_blob(digest, Some((offset, end)))?;
-            let mut buf = Vec::with_capacity(len as usize);
-            match resp.take(len).read_to_end(&mut buf) {
-                Ok(_) if buf.len() as u64 == len => {
-                    self.client
-                        .counters
-                        .bytes_in
-                        .fetch_add(len, Ordering::Relaxed);
-                    return Ok(buf);
-                }
-                // A short body or a stalled read: ask again, within the retry bounds.
-                Ok(_) | Err(_) if attempt < self.client.cfg.retries => {
-                    std::thread::sleep(self.client.backoff(attempt));
-                    attempt += 1;
-                    self.client.counters.retries.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(_) => {
-                    return Err(RegistryError::Protocol {
-                        what: format!("{what} of {}", self.client.name()),
-                        why: format!("response ended after {} bytes", buf.len()),
-                    }
-                    .into())
-                }
-                Err(e) => {
-                    return Err(RegistryError::Body {
-                        what: format!("{what} of {}", self.client.name()),
-                        source: e,
-                    }
-                    .into())
-                }
-            }
-        }
+        let resp = self.get_blob(digest, Some((offset, end)))?;
+        let stream = BlobStream {
+            image: self.clone(),
+            digest: digest.clone(),
+            end,
+            resp: Some(resp),
+            pos: offset,
+            resumes: 0,
+            progress: Instant::now(),
+        };
+        Ok(Box::new(stream.take(len)))
     }
 }
 
@@ -396,8 +404,9 @@ impl ImageSource for RemoteImage {
 struct BlobStream {
     image: RemoteImage,
     digest: Digest,
-    /// Size the descriptor gives (the verifier checks it too).
-    size: u64,
+    /// Where the bytes asked for end: the size the descriptor gives for a whole blob
+    /// (the verifier checks it too), or the end of a range.
+    end: u64,
     resp: Option<Response>,
     pos: u64,
     resumes: u32,
@@ -429,7 +438,7 @@ impl Read for BlobStream {
                         return Ok(n);
                     }
                     // All bytes arrived and only the end of the response broke: done.
-                    Err(_) if self.pos >= self.size => return Ok(0),
+                    Err(_) if self.pos >= self.end => return Ok(0),
                     Err(e) => e,
                 },
                 None => io::Error::other("no response"),
@@ -446,7 +455,7 @@ impl Read for BlobStream {
                             repository: client.name(),
                             stalled: idle,
                             at: self.pos,
-                            size: self.size,
+                            size: self.end,
                             resumes: self.resumes,
                         },
                     ));
@@ -472,10 +481,14 @@ impl Read for BlobStream {
             client.counters.retries.fetch_add(1, Ordering::Relaxed);
             self.resp = None;
             let url = client.url(&format!("blobs/{}", self.digest));
-            let pos = self.pos;
+            let (pos, end) = (self.pos, self.end);
+            if pos >= end {
+                return Ok(0);
+            }
             let resp = client
                 .send("resuming a blob", Idempotent::Yes, |h| {
-                    h.get(&url).header(RANGE, format!("bytes={pos}-"))
+                    h.get(&url)
+                        .header(RANGE, format!("bytes={pos}-{}", end - 1))
                 })
                 .map_err(io::Error::other)?;
             let starts_at_pos = resp

@@ -56,6 +56,25 @@ fn ranged_reads_return_exact_bytes_and_refuse_whole_blob_answers() {
     let got = img.read_blob_range(&digest, 1000, 50_000).unwrap();
     assert_eq!(got, &local[1000..51_000]);
 
+    // Streamed, a range that breaks off resumes where it broke: the same bytes, and
+    // one more request.
+    let retries = |img: &hoist_registry::RemoteImage| {
+        img.client()
+            .counters
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = retries(&img);
+    proxy.on("GET", "/blobs/", 1, Fault::Truncate { after: 100 });
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(
+        &mut img.open_blob_range(&digest, 2000, 40_000).unwrap(),
+        &mut got,
+    )
+    .unwrap();
+    assert_eq!(got, &local[2000..42_000]);
+    assert_eq!(retries(&img), before + 1);
+
     // A registry that ignores Range answers 200: an error, never a silent full download.
     proxy.on("GET", "/blobs/", 1, Fault::DropRange);
     let err = img
