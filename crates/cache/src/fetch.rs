@@ -51,7 +51,8 @@ use std::time::{Duration, Instant};
 /// Tuning of a [`Fetcher`].
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
-    /// Compressed bytes a miss fetches at least, by taking the chunks after it.
+    /// Compressed bytes a miss fetches: its chunk, and the chunks after it as long as
+    /// they fit within this size.
     pub min_fetch: u64,
     /// Compressed bytes a prefetch job fetches at least.
     pub prefetch_fetch: u64,

@@ -281,10 +281,10 @@ pub struct MountOptions {
     /// with EIO.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub read_timeout: u64,
-    /// Compressed bytes a read of uncached data fetches at least, by taking the chunks
-    /// that follow in the same blob (which hold the files that follow in the layer).
-    /// Larger means fewer round trips for a reader that goes on, more bytes for one
-    /// that does not (suffixes K, M). 64K measured best for python start-up
+    /// Compressed bytes a read of uncached data fetches: its chunk, and the chunks that
+    /// follow in the same blob (which hold the files that follow in the layer) as long
+    /// as they fit within this size. Larger means fewer round trips for a reader that
+    /// goes on, more bytes for one that does not (suffixes K, M). 64K measured best for python start-up
     /// (bench/fetch_min.py).
     #[arg(long, value_name = "BYTES", default_value = "64K", value_parser = parse_size)]
     pub fetch_min: u64,
