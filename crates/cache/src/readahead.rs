@@ -159,8 +159,15 @@ impl Streams {
         if s.ahead < end {
             s.ahead = end;
         }
-        if s.hits >= CONFIRM && s.ahead < at + s.window / 2 {
-            let to = at + s.window;
+        // A window of less than three of the chunks read would not reach past the
+        // next one: a reader of a file of 1 MiB chunks (EROFS through a blob device,
+        // one request at a time) got nothing ahead until its window had grown to 4 MiB.
+        let window = s
+            .window
+            .max(3 * u64::from(e.compressed_size))
+            .min(self.max_window);
+        if s.hits >= CONFIRM && s.ahead < at + window / 2 {
+            let to = at + window;
             plan.ahead = Some((s.ahead, to));
             s.ahead = to;
         }
@@ -233,6 +240,20 @@ mod tests {
         }
         assert_eq!(&windows[..4], &[128 << 10, 256 << 10, 512 << 10, 1 << 20]);
         assert_eq!(*windows.last().unwrap(), 4 << 20, "capped at the maximum");
+    }
+
+    #[test]
+    fn a_reader_of_large_chunks_gets_the_next_one_once_confirmed() {
+        let t = table(64, 1 << 20);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        let plans: Vec<Plan> = (0..=CONFIRM as usize)
+            .map(|i| s.access(0, i, &t, &|_| true))
+            .collect();
+        let next = u64::from(CONFIRM + 1) << 20;
+        match plans[CONFIRM as usize].ahead {
+            Some((from, to)) => assert!(from <= next && to > next, "{from}..{to}"),
+            None => panic!("nothing ahead: {plans:?}"),
+        }
     }
 
     #[test]
