@@ -753,6 +753,11 @@ impl Inner {
         }
         let to = entries[last].compressed_offset + u64::from(entries[last].compressed_size);
         let to = to.min(first.compressed_offset + self.cfg.readahead_max);
+        // Past the cap, a large file's reader gets its stream's readahead as any other.
+        let last = (index + 1..=last)
+            .take_while(|&k| entries[k].compressed_offset < to)
+            .last()
+            .unwrap_or(index);
         lock(&self.mapped).extend((index..=last).map(|k| (blob, k)));
         tracing::debug!(
             "chunk {index} of blob {} starts an ELF file mapping {len} bytes: reading ahead chunks {}..={last}",
@@ -1408,6 +1413,25 @@ mod tests {
             assert_eq!(read(&s, i), s.chunks[i]);
         }
         assert_eq!(s.fetcher.counters().readaheads.load(Relaxed), 2);
+        // A program larger than the readahead window: what lies past it is read by the
+        // reader's stream as any other file's chunks.
+        let mut chunks: Vec<Vec<u8>> = (0..16).map(|i| chunk(i, CHUNK as usize)).collect();
+        chunks[2] = elf_chunk(2, CHUNK as usize, 12 * c);
+        let cfg = FetchConfig {
+            min_fetch: c,
+            readahead_max: 2 * c,
+            ..FetchConfig::default()
+        };
+        let s = setup_chunks(chunks, Fake::default(), cfg);
+        for i in 2..=7 {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        let asked = s.fake.asked.lock().unwrap().clone();
+        assert_eq!(asked[..2], [(2 * c, c), (3 * c, 2 * c)]);
+        assert!(
+            s.fetcher.counters().readaheads.load(Relaxed) >= 2,
+            "{asked:?}"
+        );
         // The same header read by a trace's job starts nothing: the trace knows.
         let mut chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, CHUNK as usize)).collect();
         chunks[2] = elf_chunk(2, CHUNK as usize, 3 * c);

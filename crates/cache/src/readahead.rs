@@ -162,10 +162,7 @@ impl Streams {
         // A window of less than three of the chunks read would not reach past the
         // next one: a reader of a file of 1 MiB chunks (EROFS through a blob device,
         // one request at a time) got nothing ahead until its window had grown to 4 MiB.
-        let window = s
-            .window
-            .max(3 * u64::from(e.compressed_size))
-            .min(self.max_window);
+        let window = s.window.max(3 * u64::from(e.compressed_size));
         if s.hits >= CONFIRM && s.ahead < at + window / 2 {
             let to = at + window;
             plan.ahead = Some((s.ahead, to));
