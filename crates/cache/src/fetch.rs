@@ -35,6 +35,10 @@
 //! cache if it succeeds. Nothing is remembered of failures: the next read tries again,
 //! so fetching resumes by itself when the registry is back.
 
+mod libraries;
+
+pub use libraries::Files;
+
 use crate::readahead::{Plan, Streams};
 use crate::source::{ChunkSource, SourceError};
 use crate::store::{ChunkStore, Claim, Inflight, Slot};
@@ -207,6 +211,9 @@ pub struct Counters {
     pub corrupt: AtomicU64,
     /// Readahead jobs started.
     pub readaheads: AtomicU64,
+    /// Libraries fetched because a program loading them was read (see
+    /// [`crate::Files`]).
+    pub libraries: AtomicU64,
     /// Views built (see [`crate::View`]).
     pub views_built: AtomicU64,
     /// Views found on disk and verified before first use.
@@ -239,10 +246,10 @@ struct Job {
     first: usize,
     slots: Vec<Arc<Slot>>,
     priority: Priority,
-    /// A reader's miss outside any stream of reads (the minimum fetch): its chunks
-    /// may hint at what comes next ([`crate::elf`]). A walker's misses need no hint:
-    /// its stream reads ahead of it.
-    lone: bool,
+    /// A reader's miss outside any stream of reads (the minimum fetch), or a library
+    /// a program loads: its chunks may hint at what comes next ([`crate::elf`]). A
+    /// walker's misses need no hint: its stream reads ahead of it.
+    hint: bool,
 }
 
 /// The queues of jobs, by priority, and how many background jobs of each run.
@@ -346,6 +353,8 @@ struct Inner {
     /// Chunks of programs and libraries read ahead whole ([`crate::elf`]): the loader's
     /// page faults on them jump about, and start no readahead either.
     mapped: Mutex<HashSet<(usize, usize)>>,
+    /// The libraries of the programs read ([`libraries`]).
+    libraries: libraries::Libraries,
     blobs: Vec<BlobChunks>,
     store: Arc<ChunkStore>,
     inflight: Arc<Inflight>,
@@ -390,6 +399,7 @@ impl Fetcher {
             streams: Mutex::new(Streams::new(cfg.min_fetch, cfg.readahead_max)),
             foreseen: Mutex::new(HashSet::new()),
             mapped: Mutex::new(HashSet::new()),
+            libraries: libraries::Libraries::default(),
             blobs,
             store,
             inflight,
@@ -404,6 +414,14 @@ impl Fetcher {
             me: me.clone(),
         });
         Fetcher { inner }
+    }
+
+    /// Gives the fetcher the image's tree, so that a program's libraries are fetched
+    /// as soon as its dynamic section is in, before the loader opens them one by one
+    /// (see [`Files`]). Without it, only each file's own mapped range is read ahead.
+    /// Only the first call counts.
+    pub fn set_files(&self, files: Arc<dyn Files>) {
+        self.inner.libraries.set_files(files);
     }
 
     /// The blobs and their chunks.
@@ -730,6 +748,7 @@ impl Inner {
                 Priority::Readahead,
                 self.cfg.readahead_job,
                 &within,
+                false,
             );
             i = next.max(i + 1);
         }
@@ -785,7 +804,16 @@ impl Inner {
                 // A large window is fetched ahead, in readahead jobs in flight
                 // together, not by the reader's own job.
                 let want = want.min(self.cfg.readahead_job).max(self.cfg.min_fetch);
-                self.enqueue(blob, index, slot.clone(), Priority::Demand, want, &|_| true);
+                let hint = want <= self.cfg.min_fetch;
+                self.enqueue(
+                    blob,
+                    index,
+                    slot.clone(),
+                    Priority::Demand,
+                    want,
+                    &|_| true,
+                    hint,
+                );
                 slot
             }
         }
@@ -793,8 +821,10 @@ impl Inner {
 
     /// Builds and queues a job of `priority` starting with `index`, whose slot the
     /// caller claimed, taking the chunks after it (adjacent, used, missing, not in
-    /// flight, and for which `take` holds) until it holds `want` compressed bytes.
-    /// Returns the job's slots and the index after its last chunk.
+    /// flight, and for which `take` holds) until it holds `want` compressed bytes; with
+    /// `hint`, its chunks may say what is read next (see [`Job`]). Returns the job's
+    /// slots and the index after its last chunk.
+    #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &self,
         blob: usize,
@@ -803,6 +833,7 @@ impl Inner {
         priority: Priority,
         want: u64,
         take: &dyn Fn(usize) -> bool,
+        hint: bool,
     ) -> (Vec<Arc<Slot>>, usize) {
         let entries = &self.blobs[blob].entries;
         let mut slots = vec![first];
@@ -835,7 +866,7 @@ impl Inner {
             first: index,
             slots: slots.clone(),
             priority,
-            lone: priority == Priority::Demand && want <= self.cfg.min_fetch,
+            hint,
         };
         let mut q = self.lock();
         q.push(job);
@@ -865,7 +896,7 @@ impl Inner {
         match self.inflight.claim(&e.digest) {
             Claim::Theirs(slot) => (vec![slot], index + 1),
             Claim::Mine(slot) if self.cached_meanwhile(&e.digest, &slot) => (Vec::new(), index + 1),
-            Claim::Mine(slot) => self.enqueue(blob, index, slot, priority, want, take),
+            Claim::Mine(slot) => self.enqueue(blob, index, slot, priority, want, take, false),
         }
     }
 
@@ -994,10 +1025,11 @@ impl Inner {
             }
         };
         let mut first_in = None;
-        // Programs and libraries about to be mapped (crate::elf), for chunks of a lone
-        // miss; a stream reads ahead by itself, and a trace knows what start-up reads.
-        let hint = job.lone;
-        let mut mapped = None;
+        // Programs and libraries about to be mapped (crate::elf), for the chunk a lone
+        // miss asked for (not the neighbours it took along) or a library's header; a
+        // stream reads ahead by itself, and a trace knows what start-up reads.
+        let hint = job.hint;
+        let mut program = None;
         let mut bytes = Vec::new();
         for (k, (e, slot)) in chunks.iter().zip(&job.slots).enumerate() {
             let got = answer.as_mut().map(|r| {
@@ -1035,8 +1067,8 @@ impl Inner {
             let r = self
                 .verified(job.blob, job.first + k, e, stored)
                 .and_then(|data| {
-                    if hint {
-                        mapped = crate::elf::mapped_len(&data);
+                    if hint && k == 0 {
+                        program = crate::elf::Program::parse(&data);
                     }
                     self.store
                         .put_chunk(&e.digest, &data)
@@ -1045,9 +1077,14 @@ impl Inner {
             if r.is_ok() {
                 c.chunks_fetched.fetch_add(1, Relaxed);
             }
-            // Queued before the reader wakes, to be under way before its next fault.
-            if let Some(len) = mapped.take() {
-                self.read_ahead_mapped(job.blob, job.first + k, len);
+            // Queued before the reader wakes, to be under way before its next fault
+            // (or the loader's next open).
+            if let Some(p) = program.take().filter(|_| r.is_ok()) {
+                self.read_ahead_mapped(job.blob, job.first + k, p.mapped);
+                self.watch_program(job.blob, job.first + k, p);
+            }
+            if r.is_ok() {
+                self.chunk_in(job.blob, job.first + k);
             }
             self.inflight.finish(&e.digest, slot, r);
         }
@@ -1381,6 +1418,96 @@ mod tests {
         c
     }
 
+    /// A program of one chunk (chunk `i` of `CHUNK` bytes) that loads `libraries`.
+    fn program_chunk(i: usize, libraries: &[&str]) -> Vec<u8> {
+        use object::elf;
+        let mut strtab = vec![0u8];
+        let mut dynamic = Vec::new();
+        for l in libraries {
+            dynamic.push((u64::from(elf::DT_NEEDED), strtab.len() as u64));
+            strtab.extend_from_slice(l.as_bytes());
+            strtab.push(0);
+        }
+        dynamic.push((u64::from(elf::DT_STRTAB), 0x40_1000));
+        dynamic.push((u64::from(elf::DT_STRSZ), strtab.len() as u64));
+        let f = crate::elf::tests::dynamic_program(&strtab, &dynamic);
+        let mut c = chunk(i, CHUNK as usize);
+        c[..f.len()].copy_from_slice(&f);
+        c
+    }
+
+    /// An image tree of a few libraries: path → (blob, index).
+    struct Tree(HashMap<String, (usize, usize)>);
+
+    impl Files for Tree {
+        fn first_chunk(&self, path: &str) -> Option<(usize, usize)> {
+            self.0.get(path).copied()
+        }
+    }
+
+    /// Waits (bounded) for chunk `index`, which must be in flight or cached: never
+    /// starts a fetch of it.
+    fn wait_fetched(s: &Setup, index: usize) {
+        let (slots, _) = s.fetcher.prefetch(0, index, Priority::Prefetch, &|_| false);
+        for slot in slots {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            assert_eq!(slot.wait(deadline), Some(Ok(())), "chunk {index}");
+        }
+    }
+
+    #[test]
+    fn the_libraries_a_program_loads_are_fetched_before_the_loader_asks() {
+        // Chunk 2 is a program loading libfoo (chunk 7, which loads libbar, chunk 10,
+        // and libfoo again) and libnone, which the tree lacks.
+        let mut chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, CHUNK as usize)).collect();
+        chunks[2] = program_chunk(2, &["libfoo.so.1", "libnone.so"]);
+        chunks[7] = program_chunk(7, &["libbar.so", "libfoo.so.1"]);
+        let cfg = FetchConfig {
+            min_fetch: CHUNK.into(),
+            ..FetchConfig::default()
+        };
+        let s = setup_chunks(chunks, Fake::default(), cfg);
+        s.fetcher.set_files(Arc::new(Tree(HashMap::from([
+            ("/lib/x86_64-linux-gnu/libfoo.so.1".to_owned(), (0, 7)),
+            ("/usr/lib/libbar.so".to_owned(), (0, 10)),
+        ]))));
+        let c = u64::from(CHUNK);
+        assert_eq!(read(&s, 2), s.chunks[2]);
+        // libfoo was asked for before the program's reader woke (and libbar, maybe
+        // already, once libfoo's header is in); nothing twice.
+        assert!((1..=2).contains(&s.fetcher.counters().libraries.load(Relaxed)));
+        wait_fetched(&s, 7);
+        assert_eq!(s.fetcher.counters().libraries.load(Relaxed), 2);
+        wait_fetched(&s, 10);
+        assert_eq!(s.fetcher.counters().libraries.load(Relaxed), 2);
+        let mut asked = s.fake.asked.lock().unwrap().clone();
+        asked.sort();
+        assert_eq!(asked, vec![(2 * c, c), (7 * c, c), (10 * c, c)]);
+        // The loader's reads find them cached.
+        for i in [7, 10] {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        assert_eq!(s.fetcher.counters().misses.load(Relaxed), 1);
+        assert_eq!(s.fake.requests(), 3);
+        // With no tree given, a program loads nothing; nor does one that a miss of the
+        // chunk before it took along (nobody asked for it).
+        let mut chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, CHUNK as usize)).collect();
+        chunks[2] = program_chunk(2, &["libfoo.so.1"]);
+        let s = setup_chunks(chunks.clone(), Fake::default(), FetchConfig::default());
+        assert_eq!(read(&s, 2), s.chunks[2]);
+        assert_eq!(s.fetcher.counters().libraries.load(Relaxed), 0);
+        let s = setup_chunks(chunks, Fake::default(), FetchConfig::default());
+        s.fetcher.set_files(Arc::new(Tree(HashMap::from([(
+            "/usr/lib/libfoo.so.1".to_owned(),
+            (0, 7),
+        )]))));
+        assert_eq!(read(&s, 1), s.chunks[1]);
+        // Chunk 2 is handed over once it has been looked at.
+        assert_eq!(read(&s, 2), s.chunks[2]);
+        assert_eq!(*s.fake.asked.lock().unwrap(), vec![(c, 4 * c)]);
+        assert_eq!(s.fetcher.counters().libraries.load(Relaxed), 0);
+    }
+
     #[test]
     fn a_program_whose_header_is_read_gets_its_mapped_range_read_ahead() {
         // Chunks 2..=4 hold a program mapping 2.5 chunks; the chunks around it are
@@ -1654,7 +1781,7 @@ mod tests {
             first: k as usize,
             slots: vec![slot],
             priority: p,
-            lone: false,
+            hint: false,
         }
     }
 

@@ -10,7 +10,9 @@
 //!   ([`readahead`]), never fetching a chunk twice at once, bounding concurrency and the
 //!   time a reader waits, verifying every chunk (a bad one is fetched again on its own),
 //!   and putting readers before readahead, readahead before a start-up trace's chunks,
-//!   and those before other prefetch; it can record the chunks read.
+//!   and those before other prefetch; it can record the chunks read. Programs and
+//!   libraries ([`elf`]) have their mapped range read ahead and, given the image's
+//!   tree ([`Files`]), the libraries they load fetched before the loader asks.
 //! - [`View`]: cached chunks copied into one file shaped like a file of the image or a
 //!   blob's address space, for FUSE passthrough and EROFS devices the kernel reads
 //!   without hoist.
@@ -29,7 +31,7 @@ mod source;
 mod store;
 mod views;
 
-pub use fetch::{BlobChunks, Counters, FetchConfig, FetchError, Fetcher, Priority};
+pub use fetch::{BlobChunks, Counters, FetchConfig, FetchError, Fetcher, Files, Priority};
 pub use meta::MetaCachingSource;
 pub use source::{ChunkSource, ImageChunks, SourceError};
 pub use store::{ChunkDigest, ChunkStore, Claim, Inflight, PruneReport, Slot, StoreStats};

@@ -292,6 +292,10 @@ pub struct Stats {
     /// Readahead jobs started for readers going forward through a blob.
     #[serde(default)]
     pub readaheads: u64,
+    /// Libraries fetched because a program that loads them was read, before the
+    /// loader asked for them.
+    #[serde(default)]
+    pub libraries: u64,
     /// Chunks the cache evicted (all mounts of the cache: past `--cache-size`, chunks
     /// of mounted images go too, least recently used first).
     #[serde(default)]

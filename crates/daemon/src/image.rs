@@ -208,6 +208,22 @@ impl hoist_reader::lazy::MetaChunkCache for StoreMetaCache {
     }
 }
 
+/// An image's tree as the fetcher looks up the libraries a program loads.
+pub(crate) struct ImageFiles(pub std::sync::Arc<HoistImage>);
+
+impl hoist_cache::Files for ImageFiles {
+    fn first_chunk(&self, path: &str) -> Option<(usize, usize)> {
+        let image = &self.0;
+        let inode = image.fs.resolve_path(path.as_bytes()).ok()??;
+        if !inode.is_file() {
+            return None;
+        }
+        let first = *image.chunks(&inode).ok()?.first()?;
+        let at = image.resolve(first)?;
+        Some((at.blob, at.index))
+    }
+}
+
 /// A file-name-safe id of a mount point.
 pub(crate) fn mount_id(mountpoint: &Path) -> String {
     let digest = hoist_oci::Digest::of(mountpoint.as_os_str().as_encoded_bytes());

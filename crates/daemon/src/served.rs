@@ -7,7 +7,7 @@ use crate::api::{
 use crate::home::Home;
 use crate::image::{
     device_sizes, image_error, joined, kernel_meta, meta_backings, mount_id, read_config,
-    read_error, read_trace, StoreMetaCache,
+    read_error, read_trace, ImageFiles, StoreMetaCache,
 };
 use crate::metadev::MetaMove;
 use hoist_cache::prefetch::Progress;
@@ -266,6 +266,8 @@ impl Served {
         ));
         store.pin(&pins);
         let image = Arc::new(image);
+        // A program's libraries are fetched as soon as it names them.
+        fetcher.set_files(Arc::new(ImageFiles(image.clone())));
         let counters = Arc::new(FsCounters::default());
         let meta_move = MetaMove::new(image.clone(), store.clone());
         let mut served = Served {
@@ -782,6 +784,7 @@ impl Served {
             timeouts: c.timeouts.load(Relaxed),
             corrupt: c.corrupt.load(Relaxed),
             readaheads: c.readaheads.load(Relaxed),
+            libraries: c.libraries.load(Relaxed),
             cache_evictions: evictions.0,
             cache_refetches: evictions.1,
             reads: self.counters.reads.load(Relaxed),

@@ -258,6 +258,7 @@ proptest! {
         if let Ok(img) = Image::open(bytes) {
             let _ = img.walk(|_, i| { let _ = img.xattrs(i); if i.is_file() { let _ = img.chunks(i); } Ok(()) });
             let _ = img.lookup_path(b"/a/b/../c");
+            let _ = img.resolve_path(b"/a/b/../c");
         }
     }
 }
@@ -326,4 +327,102 @@ fn the_writer_refuses_trees_deeper_than_the_reader_walks() {
     assert_eq!(dirs, MAX_DEPTH, "the root and {} levels", MAX_DEPTH - 1);
     let err = erofs::write_image(&chain(MAX_DEPTH), &[], &opts).unwrap_err();
     assert!(err.to_string().contains("nested 4096 levels deep"), "{err}");
+}
+
+/// `resolve_path` follows symlinks as a process rooted at the image would: a merged-usr
+/// `/lib`, a library's relative version link, absolute targets, `..` (which stops at the
+/// root), loops and dangling links.
+#[test]
+fn paths_resolve_through_symlinks_as_a_process_would() {
+    let mut tree = Tree::new(Metadata {
+        mode: 0o755,
+        ..Default::default()
+    });
+    let add = |tree: &mut Tree, parent: NodeId, name: &str, kind: NodeKind| {
+        let mode = match kind {
+            NodeKind::Dir(_) => 0o755,
+            _ => 0o644,
+        };
+        let id = tree.add(Node {
+            meta: Metadata {
+                mode,
+                ..Default::default()
+            },
+            kind,
+        });
+        tree.dir_mut(parent)
+            .unwrap()
+            .insert(name.as_bytes().to_vec(), id);
+        id
+    };
+    let dir = || NodeKind::Dir(BTreeMap::new());
+    let link = |t: &str| NodeKind::Symlink(t.as_bytes().to_vec());
+    let file = || NodeKind::File {
+        size: 0,
+        chunks: vec![],
+    };
+    let usr = add(&mut tree, Tree::ROOT, "usr", dir());
+    let lib = add(&mut tree, usr, "lib", dir());
+    let arch = add(&mut tree, lib, "x86_64-linux-gnu", dir());
+    add(&mut tree, arch, "libz.so.1.2.13", file());
+    add(&mut tree, arch, "libz.so.1", link("libz.so.1.2.13"));
+    add(
+        &mut tree,
+        arch,
+        "abs",
+        link("/usr/lib/x86_64-linux-gnu/libz.so.1"),
+    );
+    add(
+        &mut tree,
+        arch,
+        "up",
+        link("../../../../../usr/lib/x86_64-linux-gnu/libz.so.1"),
+    );
+    add(&mut tree, arch, "loop1", link("loop2"));
+    add(&mut tree, arch, "loop2", link("./loop1"));
+    add(&mut tree, arch, "dangling", link("nothing"));
+    add(&mut tree, arch, "through-file", link("libz.so.1.2.13/x"));
+    add(&mut tree, Tree::ROOT, "lib", link("usr/lib"));
+    add(
+        &mut tree,
+        Tree::ROOT,
+        "lib64",
+        link("/lib/./x86_64-linux-gnu/.."),
+    );
+    let img = Image::open(
+        erofs::write_image(&tree, &[], &erofs::WriteOptions { chunk_bits: 20 }).unwrap(),
+    )
+    .unwrap();
+    let nid_of = |p: &str| img.resolve_path(p.as_bytes()).unwrap().map(|i| i.nid);
+    let libz_nid = img
+        .lookup_path(b"/usr/lib/x86_64-linux-gnu/libz.so.1.2.13")
+        .unwrap()
+        .unwrap()
+        .nid;
+    let lib_nid = img.lookup_path(b"/usr/lib").unwrap().unwrap().nid;
+    for p in [
+        "/lib/x86_64-linux-gnu/libz.so.1",
+        "lib//x86_64-linux-gnu/./libz.so.1.2.13",
+        "/usr/lib/x86_64-linux-gnu/abs",
+        "/lib/x86_64-linux-gnu/up",
+        "/../../lib/x86_64-linux-gnu/libz.so.1",
+        "/lib64/x86_64-linux-gnu/libz.so.1",
+    ] {
+        assert_eq!(nid_of(p), Some(libz_nid), "{p}");
+    }
+    assert_eq!(nid_of("/lib64"), Some(lib_nid));
+    for p in [
+        "/lib/x86_64-linux-gnu/loop1",
+        "/lib/x86_64-linux-gnu/dangling",
+        "/lib/x86_64-linux-gnu/through-file",
+        "/lib/x86_64-linux-gnu/libz.so.1/x",
+        "/nothing",
+    ] {
+        assert_eq!(nid_of(p), None, "{p}");
+    }
+    // Not followed by the plain lookup.
+    assert!(!img
+        .lookup_path(b"/lib/x86_64-linux-gnu/libz.so.1")
+        .unwrap()
+        .is_some_and(|i| i.is_file()));
 }

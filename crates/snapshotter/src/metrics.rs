@@ -138,7 +138,7 @@ impl Collector for Metrics {
                 .collect()
         };
         use MetricType::{Counter, Gauge};
-        let counters: [Field; 15] = [
+        let counters: [Field; 16] = [
             (
                 "hoist_fetched_bytes",
                 "Bytes fetched from the registry",
@@ -183,6 +183,11 @@ impl Collector for Metrics {
                 "hoist_readaheads",
                 "Readahead jobs for readers going forward",
                 |s| s.readaheads,
+            ),
+            (
+                "hoist_libraries",
+                "Libraries fetched for the programs that load them",
+                |s| s.libraries,
             ),
             (
                 "hoist_cache_evictions",

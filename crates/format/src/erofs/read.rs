@@ -22,6 +22,15 @@ pub const MAX_DIR_SIZE: u64 = 256 << 20;
 /// trees too, so `hoist convert` never makes an image that `check`, `unpack` and `mount`
 /// would refuse.
 pub const MAX_DEPTH: usize = 4096;
+/// Symlinks [`Image::resolve_path`] follows on one path before it gives up, as Linux's
+/// `MAXSYMLINKS` (a loop ends there).
+pub const MAX_SYMLINKS: usize = 40;
+
+/// The names of a path's components: empty and `.` ones skipped.
+fn components(path: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    path.split(|&b| b == b'/')
+        .filter(|n| !n.is_empty() && *n != b".")
+}
 
 /// A device table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -504,10 +513,7 @@ impl<R: ReadAt> Image<R> {
     /// that is missing, `..`, or under a non-directory gives `None`.
     pub fn lookup_path(&self, path: &[u8]) -> Result<Option<Inode>, FormatError> {
         let mut inode = self.inode(self.root_nid)?;
-        for name in path
-            .split(|&b| b == b'/')
-            .filter(|n| !n.is_empty() && *n != b".")
-        {
+        for name in components(path) {
             if !inode.is_dir() || name == b".." {
                 return Ok(None);
             }
@@ -518,6 +524,56 @@ impl<R: ReadAt> Image<R> {
             inode = self.inode(dir[i].nid)?;
         }
         Ok(Some(inode))
+    }
+
+    /// The inode at `path` as a process whose root is the image's root would open it:
+    /// symlinks are followed in every component (absolute targets from the root,
+    /// relative ones from their directory), `..` goes up (and stays at the root), and
+    /// more than [`MAX_SYMLINKS`] links on the way (a loop) gives `None`, as does a
+    /// missing name or a name under a non-directory.
+    pub fn resolve_path(&self, path: &[u8]) -> Result<Option<Inode>, FormatError> {
+        let root = self.inode(self.root_nid)?;
+        // The directories from the root down to where the walk is.
+        let mut dirs = vec![root.clone()];
+        // Components still to walk, the next one last.
+        let mut todo: Vec<Vec<u8>> = components(path).rev().map(<[u8]>::to_vec).collect();
+        let mut links = 0;
+        let mut at = root;
+        while let Some(name) = todo.pop() {
+            if !at.is_dir() {
+                return Ok(None);
+            }
+            if name == b".." {
+                if dirs.len() > 1 {
+                    dirs.pop();
+                }
+                at = dirs[dirs.len() - 1].clone();
+                continue;
+            }
+            let entries = self.read_dir(&at)?;
+            let Ok(i) = entries.binary_search_by(|e| e.name.as_slice().cmp(&name)) else {
+                return Ok(None);
+            };
+            let child = self.inode(entries[i].nid)?;
+            if child.file_type() == mode::S_IFLNK {
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    return Ok(None);
+                }
+                let target = self.read_link(&child)?;
+                if target.starts_with(b"/") {
+                    dirs.truncate(1);
+                }
+                todo.extend(components(&target).rev().map(<[u8]>::to_vec));
+                at = dirs[dirs.len() - 1].clone();
+                continue;
+            }
+            if child.is_dir() {
+                dirs.push(child.clone());
+            }
+            at = child;
+        }
+        Ok(Some(at))
     }
 
     /// Walks the tree depth-first from the root, calling `visit(path, entry_inode)` for

@@ -1,0 +1,224 @@
+//! The libraries a program loads, fetched before the loader asks for them.
+//!
+//! The dynamic loader opens a program's libraries one after the other, and each first
+//! read of a header it has not got is a round trip: python's start-up waited for libm,
+//! libz, libexpat and libc in turn. Their names are in the program's dynamic section
+//! ([`crate::elf`]), which is in the last chunk of the mapped range the fetcher is
+//! reading ahead already. When that chunk is in, the fetcher reads the names, finds
+//! each library in the image's tree ([`Files`], the loader's search order of
+//! [`crate::elf::search_paths`]) and fetches the first chunks of all of them at once,
+//! at readahead priority; each is a program in its turn (its mapped range is read
+//! ahead, its own libraries found).
+//!
+//! What it costs: nothing a start-up does not read, but for a library the search finds
+//! in another directory than the loader does (which reads `/etc/ld.so.cache`), and a
+//! program started but never run past its header. Each program is looked at once.
+
+use super::{lock, Inner, Priority};
+use crate::elf::{search_paths, Program};
+use crate::store::Claim;
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The files of an image as the loader finds them: the owner of the image's tree gives
+/// it to the fetcher ([`crate::Fetcher::set_files`]).
+pub trait Files: Send + Sync {
+    /// The first chunk (blob, index) of the regular file at `path`, following symlinks
+    /// as a process rooted at the image would; `None` if there is none (or the file
+    /// is empty, or its first chunk is a hole).
+    fn first_chunk(&self, path: &str) -> Option<(usize, usize)>;
+}
+
+/// Programs waiting for the chunks of their dynamic section, at most this many (the
+/// oldest are dropped past it).
+const MAX_WAITING: usize = 64;
+
+/// The programs seen and those waiting for their dynamic section.
+#[derive(Default)]
+pub(super) struct Libraries {
+    files: OnceLock<Arc<dyn Files>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// First chunks of the programs looked at.
+    seen: HashSet<(usize, usize)>,
+    waiting: Vec<Waiting>,
+}
+
+struct Waiting {
+    blob: usize,
+    /// The program's first chunk.
+    first: usize,
+    program: Program,
+    /// The chunks holding its dynamic section.
+    holding: std::ops::RangeInclusive<usize>,
+}
+
+impl Libraries {
+    pub(super) fn set_files(&self, files: Arc<dyn Files>) {
+        let _ = self.files.set(files);
+    }
+}
+
+impl Inner {
+    /// A program (or library) starts at chunk `first` of blob `blob`: once the chunks
+    /// of its dynamic section are in, its libraries are fetched.
+    pub(super) fn watch_program(&self, blob: usize, first: usize, program: Program) {
+        if self.libraries.files.get().is_none() {
+            return;
+        }
+        let Some((offset, len)) = program.dynamic.filter(|&(_, len)| len > 0) else {
+            return;
+        };
+        let entries = &self.blobs[blob].entries;
+        let base = entries[first].uncompressed_offset;
+        let (Some(start), Some(end)) = (base.checked_add(offset), base.checked_add(offset + len))
+        else {
+            return;
+        };
+        // The chunks whose uncompressed bytes hold start..end (a file's chunks lie in
+        // order in its blob).
+        let from = entries
+            .partition_point(|e| e.uncompressed_offset <= start)
+            .saturating_sub(1);
+        let to = entries
+            .partition_point(|e| e.uncompressed_offset < end)
+            .saturating_sub(1);
+        if from < first || to < from {
+            return;
+        }
+        let w = Waiting {
+            blob,
+            first,
+            program,
+            holding: from..=to,
+        };
+        let mut s = lock(&self.libraries.state);
+        if !s.seen.insert((blob, first)) {
+            return;
+        }
+        if self.holds(&w) {
+            drop(s);
+            return self.fetch_libraries(w);
+        }
+        if s.waiting.len() >= MAX_WAITING {
+            s.waiting.remove(0);
+        }
+        s.waiting.push(w);
+    }
+
+    /// Chunk `index` of blob `blob` is in: the programs that waited for it, and now
+    /// have their dynamic section, get their libraries fetched.
+    pub(super) fn chunk_in(&self, blob: usize, index: usize) {
+        let ready: Vec<Waiting> = {
+            let mut s = lock(&self.libraries.state);
+            if s.waiting.is_empty() {
+                return;
+            }
+            let (ready, wait) = std::mem::take(&mut s.waiting)
+                .into_iter()
+                .partition(|w| w.blob == blob && w.holding.contains(&index) && self.holds(w));
+            s.waiting = wait;
+            ready
+        };
+        for w in ready {
+            self.fetch_libraries(w);
+        }
+    }
+
+    /// Whether every chunk of `w`'s dynamic section is cached.
+    fn holds(&self, w: &Waiting) -> bool {
+        let entries = &self.blobs[w.blob].entries;
+        w.holding
+            .clone()
+            .all(|k| self.store.contains(&entries[k].digest))
+    }
+
+    /// Bytes `at..at + len` of the file that starts at chunk `first` of blob `blob`,
+    /// from the cache; `None` if a chunk of them is not there.
+    fn read_file(&self, blob: usize, first: usize, at: u64, len: u64) -> Option<Vec<u8>> {
+        let entries = &self.blobs[blob].entries;
+        let start = entries[first].uncompressed_offset.checked_add(at)?;
+        let end = start.checked_add(len)?;
+        let mut out = Vec::with_capacity(usize::try_from(len).ok()?);
+        let mut k = entries
+            .partition_point(|e| e.uncompressed_offset <= start)
+            .checked_sub(1)?;
+        while (out.len() as u64) < len {
+            let e = entries.get(k)?;
+            let lo = start.max(e.uncompressed_offset);
+            let hi = end.min(e.uncompressed_offset + u64::from(e.uncompressed_size));
+            if hi <= lo {
+                return None;
+            }
+            let f = self
+                .store
+                .open_chunk(&e.digest, e.uncompressed_size)
+                .ok()??;
+            let mut buf = vec![0; (hi - lo) as usize];
+            f.read_exact_at(&mut buf, lo - e.uncompressed_offset).ok()?;
+            out.extend(buf);
+            k += 1;
+        }
+        Some(out)
+    }
+
+    /// Reads `w`'s libraries from its dynamic section, and fetches the first chunk of
+    /// each one the tree has that is neither cached nor being fetched.
+    fn fetch_libraries(&self, w: Waiting) {
+        let Some(files) = self.libraries.files.get() else {
+            return;
+        };
+        let Some((at, len)) = w.program.dynamic else {
+            return;
+        };
+        let read = |at, len| self.read_file(w.blob, w.first, at, len);
+        let Some(needs) = read(at, len).and_then(|d| w.program.needs(&d, read)) else {
+            return;
+        };
+        let mut asked = Vec::new();
+        for name in &needs.libraries {
+            let found = search_paths(name, &needs.search, w.program.machine)
+                .iter()
+                .find_map(|p| files.first_chunk(p));
+            let Some((blob, index)) = found else {
+                continue;
+            };
+            let Some(e) = self.blobs.get(blob).and_then(|b| b.entries.get(index)) else {
+                continue;
+            };
+            if !self.blobs[blob].is_used(index) || self.store.contains(&e.digest) {
+                continue;
+            }
+            let Claim::Mine(slot) = self.inflight.claim(&e.digest) else {
+                continue;
+            };
+            if self.cached_meanwhile(&e.digest, &slot) {
+                continue;
+            }
+            self.counters.libraries.fetch_add(1, Relaxed);
+            self.enqueue(
+                blob,
+                index,
+                slot,
+                Priority::Readahead,
+                self.cfg.min_fetch,
+                // The header the loader reads first; the rest of the library is its
+                // mapped range, read ahead once the header is in.
+                &|_| false,
+                true,
+            );
+            asked.push(name.as_str());
+        }
+        tracing::debug!(
+            "the program at chunk {} of blob {} loads {:?}: fetching {asked:?}",
+            w.first,
+            self.blobs[w.blob].digest,
+            needs.libraries,
+        );
+    }
+}
