@@ -23,6 +23,15 @@
 //! ranges are in flight before they are read. What to fetch is returned as a [`Plan`];
 //! the fetcher turns it into jobs below readers' priority.
 //!
+//! A stream that has only read one large file (chunks of the full chunk size, one after
+//! the other) reads ahead no further than that file's end: the first chunk smaller than
+//! the chunk size, which is the file's tail or a frame of the small files after it.
+//! Until it crosses such a chunk it is a reader of one file, as the kernel's readahead
+//! stops at a file's size; once it has, it is a walker, whose window runs on across
+//! files. Measured on an image of one layer, where python's 8 MiB `data.bin` lies
+//! before /etc and /usr/bin: its reader's window fetched 6.7 MB of programs after it,
+//! and python's start-up moved 23.5 MB for the 16.4 MB it needed.
+//!
 //! Pure logic over the chunk table: no I/O, no threads; the fetcher holds it in a mutex.
 
 use hoist_format::chunk::ChunkEntry;
@@ -48,6 +57,9 @@ struct Stream {
     window: u64,
     /// Accesses that continued it.
     hits: u32,
+    /// Whether it has gone past the end of a file (a chunk smaller than the chunk
+    /// size): a walker, whose readahead runs across files.
+    walker: bool,
     /// When it was last used (a counter), to replace the least recently used.
     used: u64,
 }
@@ -69,6 +81,8 @@ pub struct Streams {
     clock: u64,
     min_fetch: u64,
     max_window: u64,
+    /// The full chunk size of each blob seen (its largest chunk), by blob.
+    full: Vec<Option<u32>>,
 }
 
 impl Streams {
@@ -80,7 +94,27 @@ impl Streams {
             clock: 0,
             min_fetch,
             max_window: max_window.max(min_fetch),
+            full: Vec::new(),
         }
+    }
+
+    /// The full chunk size of blob `blob` (its largest chunk), found once.
+    fn full_size(&mut self, blob: usize, entries: &[ChunkEntry]) -> u32 {
+        let largest = || {
+            entries
+                .iter()
+                .map(|e| e.uncompressed_size)
+                .max()
+                .unwrap_or(0)
+        };
+        // Blob indexes are few (an image's layers); a stray large one is not kept.
+        if blob >= 1 << 16 {
+            return largest();
+        }
+        if self.full.len() <= blob {
+            self.full.resize(blob + 1, None);
+        }
+        *self.full[blob].get_or_insert_with(largest)
     }
 
     /// Notes an access to chunk `index` of blob `blob`, whose chunk table is
@@ -98,6 +132,10 @@ impl Streams {
         };
         self.clock += 1;
         let clock = self.clock;
+        let full = self.full_size(blob, entries);
+        // A chunk smaller than the chunk size ends a file (its tail), or holds small
+        // files (a frame).
+        let ends_file = |i: usize| entries.get(i).is_some_and(|e| e.uncompressed_size < full);
         let at = e.compressed_offset;
         let end_of = |i: usize| {
             entries
@@ -127,6 +165,7 @@ impl Streams {
                 ahead: end_of(index),
                 window: self.min_fetch,
                 hits: 0,
+                walker: false,
                 used: clock,
             };
             if self.streams.len() < STREAMS {
@@ -147,6 +186,9 @@ impl Streams {
                 ahead: None,
             };
         }
+        if (s.last..index).any(ends_file) {
+            s.walker = true;
+        }
         s.last = index;
         s.hits += 1;
         s.window = (s.window * 2).min(self.max_window);
@@ -164,9 +206,20 @@ impl Streams {
         // one request at a time) got nothing ahead until its window had grown to 4 MiB.
         let window = s.window.max(3 * u64::from(e.compressed_size));
         if s.hits >= CONFIRM && s.ahead < at + window / 2 {
-            let to = at + window;
-            plan.ahead = Some((s.ahead, to));
-            s.ahead = to;
+            let mut to = at + window;
+            if !s.walker {
+                // No further than the end of the file being read.
+                let tail = (index..entries.len())
+                    .take_while(|&k| entries[k].compressed_offset < to)
+                    .find(|&k| ends_file(k));
+                if let Some(k) = tail {
+                    to = to.min(end_of(k));
+                }
+            }
+            if to > s.ahead {
+                plan.ahead = Some((s.ahead, to));
+                s.ahead = to;
+            }
         }
         plan
     }
@@ -188,6 +241,70 @@ mod tests {
                 digest: [i as u8; 32],
             })
             .collect()
+    }
+
+    /// Chunks of these uncompressed sizes, each compressed to half, back to back.
+    fn sized(sizes: &[u32]) -> Vec<ChunkEntry> {
+        let (mut u, mut c) = (0, 0);
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| {
+                let e = ChunkEntry {
+                    compressed_offset: c,
+                    compressed_size: size / 2,
+                    uncompressed_offset: u,
+                    uncompressed_size: size,
+                    compressor: hoist_format::chunk::Compressor::Zstd,
+                    digest: [i as u8; 32],
+                };
+                (u, c) = (u + u64::from(size), c + u64::from(size / 2));
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reader_of_one_large_file_reads_ahead_no_further_than_its_end() {
+        // A file of twelve 1 MiB chunks and a tail, then frames of small files, then
+        // another large file.
+        let mut sizes = vec![1 << 20; 12];
+        sizes.push(300 << 10);
+        sizes.extend([256 << 10; 40]);
+        sizes.extend([1 << 20; 12]);
+        let t = sized(&sizes);
+        let end = |i: usize| t[i].compressed_offset + u64::from(t[i].compressed_size);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        let mut furthest = 0;
+        for i in 0..=12 {
+            if let Some((_, to)) = s.access(0, i, &t, &|_| true).ahead {
+                furthest = furthest.max(to);
+            }
+        }
+        // It was read ahead (the window reached the tail) and not past the tail.
+        assert_eq!(furthest, end(12));
+        // Once the reader goes on into the small files, it is a walker: its window
+        // runs on across them and into the next large file.
+        for i in 13..=20 {
+            if let Some((_, to)) = s.access(0, i, &t, &|_| true).ahead {
+                furthest = furthest.max(to);
+            }
+        }
+        assert!(furthest > end(53), "{furthest} <= {}", end(53));
+        // A file of full chunks only (no tail) is bounded by the first small chunk
+        // after it.
+        let mut sizes = vec![1 << 20; 8];
+        sizes.extend([256 << 10; 40]);
+        let t = sized(&sizes);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        let furthest = (0..8)
+            .filter_map(|i| s.access(0, i, &t, &|_| true).ahead)
+            .map(|(_, to)| to)
+            .max();
+        assert_eq!(
+            furthest,
+            Some(t[8].compressed_offset + u64::from(t[8].compressed_size))
+        );
     }
 
     #[test]
