@@ -88,7 +88,7 @@ impl Program {
         self.loads
             .iter()
             .find(|&&(v, _, len)| vaddr >= v && vaddr - v < len)
-            .map(|&(v, off, _)| off + (vaddr - v))
+            .and_then(|&(v, off, _)| off.checked_add(vaddr - v))
     }
 
     /// The libraries named by `dynamic` (the bytes of the dynamic section), reading their
@@ -406,12 +406,15 @@ pub(crate) mod tests {
             table in prop::collection::vec(any::<u8>(), 0..400),
             class64 in any::<bool>(),
             big_endian in any::<bool>(),
+            loads in prop::collection::vec((any::<u64>(), any::<u64>(), any::<u64>()), 0..4),
         ) {
+            let mut loads = loads;
+            loads.push((0, 0, 0x3000));
             let p = Program {
                 mapped: 0x3000,
                 dynamic: Some((0, dynamic.len() as u64)),
                 machine: elf::EM_X86_64,
-                loads: vec![(0, 0, 0x3000)],
+                loads,
                 class64,
                 big_endian,
             };

@@ -1456,6 +1456,26 @@ mod tests {
     }
 
     #[test]
+    fn a_program_whose_dynamic_section_lies_anywhere_loads_nothing_and_breaks_nothing() {
+        let tree = || {
+            Arc::new(Tree(HashMap::from([(
+                "/usr/lib/libfoo.so.1".to_owned(),
+                (0, 7),
+            )])))
+        };
+        for offset in [u64::MAX - 8, u64::MAX / 2, 40 * u64::from(CHUNK), 0x3000] {
+            let mut chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, CHUNK as usize)).collect();
+            chunks[2] = program_chunk(2, &["libfoo.so.1"]);
+            // p_offset of the PT_DYNAMIC header (the second program header).
+            chunks[2][64 + 56 + 8..64 + 56 + 16].copy_from_slice(&offset.to_le_bytes());
+            let s = setup_chunks(chunks, Fake::default(), FetchConfig::default());
+            s.fetcher.set_files(tree());
+            assert_eq!(read(&s, 2), s.chunks[2], "dynamic section at {offset}");
+            assert_eq!(s.fetcher.counters().libraries.load(Relaxed), 0);
+        }
+    }
+
+    #[test]
     fn the_libraries_a_program_loads_are_fetched_before_the_loader_asks() {
         // Chunk 2 is a program loading libfoo (chunk 7, which loads libbar, chunk 10,
         // and libfoo again) and libnone, which the tree lacks.

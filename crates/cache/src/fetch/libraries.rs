@@ -68,7 +68,8 @@ impl Inner {
     /// A program (or library) starts at chunk `first` of blob `blob`: once the chunks
     /// of its dynamic section are in, its libraries are fetched.
     pub(super) fn watch_program(&self, blob: usize, first: usize, program: Program) {
-        if self.libraries.files.get().is_none() {
+        // A trace knows what start-up loads.
+        if self.libraries.files.get().is_none() || lock(&self.foreseen).contains(&(blob, first)) {
             return;
         }
         let Some((offset, len)) = program.dynamic.filter(|&(_, len)| len > 0) else {
@@ -76,8 +77,11 @@ impl Inner {
         };
         let entries = &self.blobs[blob].entries;
         let base = entries[first].uncompressed_offset;
-        let (Some(start), Some(end)) = (base.checked_add(offset), base.checked_add(offset + len))
-        else {
+        // Offsets from the header are untrusted: no overflow.
+        let (Some(start), Some(end)) = (
+            base.checked_add(offset),
+            offset.checked_add(len).and_then(|e| base.checked_add(e)),
+        ) else {
             return;
         };
         // The chunks whose uncompressed bytes hold start..end (a file's chunks lie in
@@ -151,7 +155,10 @@ impl Inner {
         while (out.len() as u64) < len {
             let e = entries.get(k)?;
             let lo = start.max(e.uncompressed_offset);
-            let hi = end.min(e.uncompressed_offset + u64::from(e.uncompressed_size));
+            let hi = end.min(
+                e.uncompressed_offset
+                    .saturating_add(u64::from(e.uncompressed_size)),
+            );
             if hi <= lo {
                 return None;
             }
