@@ -183,6 +183,7 @@ impl Inner {
         let Some((at, len)) = w.program.dynamic else {
             return;
         };
+        let t0 = std::time::Instant::now();
         let read = |at, len| self.read_file(w.blob, w.first, at, len);
         let Some(needs) = read(at, len).and_then(|d| w.program.needs(&d, read)) else {
             return;
@@ -222,10 +223,11 @@ impl Inner {
             asked.push(name.as_str());
         }
         tracing::debug!(
-            "the program at chunk {} of blob {} loads {:?}: fetching {asked:?}",
+            "the program at chunk {} of blob {} loads {:?}: fetching {asked:?} (found in {:.2} ms)",
             w.first,
             self.blobs[w.blob].digest,
             needs.libraries,
+            t0.elapsed().as_secs_f64() * 1e3,
         );
     }
 }
