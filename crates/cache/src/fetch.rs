@@ -36,8 +36,9 @@
 //! so fetching resumes by itself when the registry is back.
 
 mod libraries;
+mod modules;
 
-pub use libraries::Files;
+pub use libraries::{Files, Located};
 
 use crate::readahead::{Plan, Streams};
 use crate::source::{ChunkSource, SourceError};
@@ -214,6 +215,9 @@ pub struct Counters {
     /// Libraries fetched because a program loading them was read (see
     /// [`crate::Files`]).
     pub libraries: AtomicU64,
+    /// Python modules fetched because a module importing them was read (see
+    /// [`crate::python`]).
+    pub modules: AtomicU64,
     /// Views built (see [`crate::View`]).
     pub views_built: AtomicU64,
     /// Views found on disk and verified before first use.
@@ -355,6 +359,8 @@ struct Inner {
     mapped: Mutex<HashSet<(usize, usize)>>,
     /// The libraries of the programs read ([`libraries`]).
     libraries: libraries::Libraries,
+    /// The python modules imported by the modules read ([`modules`]).
+    modules: modules::Modules,
     blobs: Vec<BlobChunks>,
     store: Arc<ChunkStore>,
     inflight: Arc<Inflight>,
@@ -400,6 +406,7 @@ impl Fetcher {
             foreseen: Mutex::new(HashSet::new()),
             mapped: Mutex::new(HashSet::new()),
             libraries: libraries::Libraries::default(),
+            modules: modules::Modules::default(),
             blobs,
             store,
             inflight,
@@ -418,8 +425,9 @@ impl Fetcher {
 
     /// Gives the fetcher the image's tree, so that a program's libraries are fetched
     /// as soon as its dynamic section is in, before the loader opens them one by one
-    /// (see [`Files`]). Without it, only each file's own mapped range is read ahead.
-    /// Only the first call counts.
+    /// (see [`Files`]), and a python module's imports as soon as it is read (see
+    /// [`crate::python`]). Without it, only each file's own mapped range is read
+    /// ahead. Only the first call counts.
     pub fn set_files(&self, files: Arc<dyn Files>) {
         self.inner.libraries.set_files(files);
     }
@@ -534,6 +542,7 @@ impl Fetcher {
         use std::os::unix::fs::FileExt;
         let f = self.open_chunk(blob, index)?;
         f.read_exact_at(buf, offset)?;
+        self.inner.module_read(blob, index, offset, buf);
         Ok(())
     }
 
@@ -784,6 +793,37 @@ impl Inner {
             index + 1
         );
         self.read_ahead(blob, first.compressed_offset, to);
+    }
+
+    /// Fetches chunk `index` of blob `blob` alone, at readahead priority, unless it is
+    /// unused, cached or being fetched, counting it in `counter`; whether it asked. For
+    /// files a chunk just read names (a program's libraries, a module's imports): the
+    /// chunk is the file's start, and hints in turn (a program's header says what else
+    /// it maps and loads).
+    fn fetch_named(&self, blob: usize, index: usize, counter: &AtomicU64) -> bool {
+        let Some(e) = self.blobs.get(blob).and_then(|b| b.entries.get(index)) else {
+            return false;
+        };
+        if !self.blobs[blob].is_used(index) || self.store.contains(&e.digest) {
+            return false;
+        }
+        let Claim::Mine(slot) = self.inflight.claim(&e.digest) else {
+            return false;
+        };
+        if self.cached_meanwhile(&e.digest, &slot) {
+            return false;
+        }
+        counter.fetch_add(1, Relaxed);
+        self.enqueue(
+            blob,
+            index,
+            slot,
+            Priority::Readahead,
+            self.cfg.min_fetch,
+            &|_| false,
+            true,
+        );
+        true
     }
 
     /// The slot of a demanded chunk: a new job of at least `want` compressed bytes, or
@@ -1085,6 +1125,7 @@ impl Inner {
             }
             if r.is_ok() {
                 self.chunk_in(job.blob, job.first + k);
+                self.module_chunk_in(job.blob, job.first + k);
             }
             self.inflight.finish(&e.digest, slot, r);
         }
@@ -1169,13 +1210,13 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::atomic::AtomicUsize;
 
-    const CHUNK: u32 = 16 << 10;
+    pub(super) const CHUNK: u32 = 16 << 10;
 
     #[derive(Default)]
-    struct Fake {
+    pub(super) struct Fake {
         blob: Vec<u8>,
         /// (offset, len) of every request, in order.
-        asked: Mutex<Vec<(u64, u64)>>,
+        pub(super) asked: Mutex<Vec<(u64, u64)>>,
         /// Requests being answered, and the most at once.
         now: AtomicUsize,
         most: AtomicUsize,
@@ -1291,20 +1332,20 @@ mod tests {
     }
 
     impl Fake {
-        fn requests(&self) -> usize {
+        pub(super) fn requests(&self) -> usize {
             self.asked.lock().unwrap().len()
         }
     }
 
-    struct Setup {
+    pub(super) struct Setup {
         _dir: tempfile::TempDir,
-        fake: Arc<Fake>,
-        fetcher: Fetcher,
-        chunks: Vec<Vec<u8>>,
+        pub(super) fake: Arc<Fake>,
+        pub(super) fetcher: Fetcher,
+        pub(super) chunks: Vec<Vec<u8>>,
     }
 
     /// Chunk `i` of a test blob: `len` distinct bytes.
-    fn chunk(i: usize, len: usize) -> Vec<u8> {
+    pub(super) fn chunk(i: usize, len: usize) -> Vec<u8> {
         let mut c: Vec<u8> = (0..len).map(|k| (i * 7 + k * 13 + k / 251) as u8).collect();
         // Distinct digests: no two chunks dedup into one.
         c[..8].copy_from_slice(&(i as u64).to_le_bytes());
@@ -1318,7 +1359,7 @@ mod tests {
     }
 
     /// A blob of these stored chunks (each a multiple of 4 KiB), all used.
-    fn setup_chunks(chunks: Vec<Vec<u8>>, fake: Fake, cfg: FetchConfig) -> Setup {
+    pub(super) fn setup_chunks(chunks: Vec<Vec<u8>>, fake: Fake, cfg: FetchConfig) -> Setup {
         let mut at = 0;
         let entries: Vec<ChunkEntry> = chunks
             .iter()
@@ -1362,7 +1403,7 @@ mod tests {
         }
     }
 
-    fn read(s: &Setup, index: usize) -> Vec<u8> {
+    pub(super) fn read(s: &Setup, index: usize) -> Vec<u8> {
         let mut buf = vec![0; s.chunks[index].len()];
         s.fetcher.read_at(0, index, 0, &mut buf).unwrap();
         buf

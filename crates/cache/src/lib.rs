@@ -12,7 +12,8 @@
 //!   and putting readers before readahead, readahead before a start-up trace's chunks,
 //!   and those before other prefetch; it can record the chunks read. Programs and
 //!   libraries ([`elf`]) have their mapped range read ahead and, given the image's
-//!   tree ([`Files`]), the libraries they load fetched before the loader asks.
+//!   tree ([`Files`]), the libraries they load fetched before the loader asks, and
+//!   the python modules a module imports ([`python`]) before the interpreter asks.
 //! - [`View`]: cached chunks copied into one file shaped like a file of the image or a
 //!   blob's address space, for FUSE passthrough and EROFS devices the kernel reads
 //!   without hoist.
@@ -26,12 +27,13 @@ pub mod elf;
 mod fetch;
 mod meta;
 pub mod prefetch;
+pub mod python;
 pub mod readahead;
 mod source;
 mod store;
 mod views;
 
-pub use fetch::{BlobChunks, Counters, FetchConfig, FetchError, Fetcher, Files, Priority};
+pub use fetch::{BlobChunks, Counters, FetchConfig, FetchError, Fetcher, Files, Located, Priority};
 pub use meta::MetaCachingSource;
 pub use source::{ChunkSource, ImageChunks, SourceError};
 pub use store::{ChunkDigest, ChunkStore, Claim, Inflight, PruneReport, Slot, StoreStats};

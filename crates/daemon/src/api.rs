@@ -296,6 +296,10 @@ pub struct Stats {
     /// loader asked for them.
     #[serde(default)]
     pub libraries: u64,
+    /// Python modules fetched because a module that imports them was read, before
+    /// the interpreter asked for them.
+    #[serde(default)]
+    pub modules: u64,
     /// Chunks the cache evicted (all mounts of the cache: past `--cache-size`, chunks
     /// of mounted images go too, least recently used first).
     #[serde(default)]

@@ -208,7 +208,8 @@ impl hoist_reader::lazy::MetaChunkCache for StoreMetaCache {
     }
 }
 
-/// An image's tree as the fetcher looks up the libraries a program loads.
+/// An image's tree as the fetcher looks up the libraries a program loads and the
+/// python modules a module imports.
 pub(crate) struct ImageFiles(pub std::sync::Arc<HoistImage>);
 
 impl hoist_cache::Files for ImageFiles {
@@ -221,6 +222,42 @@ impl hoist_cache::Files for ImageFiles {
         let first = *image.chunks(&inode).ok()?.first()?;
         let at = image.resolve(first)?;
         Some((at.blob, at.index))
+    }
+
+    fn locate(&self, path: &str) -> Option<hoist_cache::Located> {
+        let image = &self.0;
+        let inode = image.fs.resolve_path(path.as_bytes()).ok()??;
+        if !inode.is_file() {
+            return None;
+        }
+        let [c] = image.chunks(&inode).ok()?[..] else {
+            return None;
+        };
+        let at = image.resolve(c)?;
+        (at.available() >= inode.size).then_some(hoist_cache::Located {
+            blob: at.blob,
+            index: at.index,
+            skip: at.skip,
+            size: inode.size,
+        })
+    }
+
+    fn list(&self, path: &str) -> Option<std::sync::Arc<[String]>> {
+        let image = &self.0;
+        let inode = image.fs.resolve_path(path.as_bytes()).ok()??;
+        if !inode.is_dir() {
+            return None;
+        }
+        let mut names: Vec<String> = image
+            .fs
+            .read_dir(&inode)
+            .ok()?
+            .into_iter()
+            .filter(|e| e.name != b"." && e.name != b"..")
+            .filter_map(|e| String::from_utf8(e.name).ok())
+            .collect();
+        names.sort_unstable();
+        Some(names.into())
     }
 }
 

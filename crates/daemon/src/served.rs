@@ -266,7 +266,8 @@ impl Served {
         ));
         store.pin(&pins);
         let image = Arc::new(image);
-        // A program's libraries are fetched as soon as it names them.
+        // A program's libraries are fetched as soon as it names them, and a python
+        // module's imports as soon as it is read.
         fetcher.set_files(Arc::new(ImageFiles(image.clone())));
         let counters = Arc::new(FsCounters::default());
         let meta_move = MetaMove::new(image.clone(), store.clone());
@@ -785,6 +786,7 @@ impl Served {
             corrupt: c.corrupt.load(Relaxed),
             readaheads: c.readaheads.load(Relaxed),
             libraries: c.libraries.load(Relaxed),
+            modules: c.modules.load(Relaxed),
             cache_evictions: evictions.0,
             cache_refetches: evictions.1,
             reads: self.counters.reads.load(Relaxed),

@@ -418,6 +418,7 @@ fn containerd_runs_hoist_images_lazily_and_ordinary_images_through_overlayfs() {
         ("hoist_cache_misses_total", "cache_misses"),
         ("hoist_reads_total", "reads"),
         ("hoist_libraries_total", "libraries"),
+        ("hoist_modules_total", "modules"),
     ] {
         let name = format!("{metric}{labels}");
         let (lo, hi) = (value(&before, &name), value(&after, &name));

@@ -138,7 +138,7 @@ impl Collector for Metrics {
                 .collect()
         };
         use MetricType::{Counter, Gauge};
-        let counters: [Field; 16] = [
+        let counters: [Field; 17] = [
             (
                 "hoist_fetched_bytes",
                 "Bytes fetched from the registry",
@@ -188,6 +188,11 @@ impl Collector for Metrics {
                 "hoist_libraries",
                 "Libraries fetched for the programs that load them",
                 |s| s.libraries,
+            ),
+            (
+                "hoist_modules",
+                "Python modules fetched for the modules that import them",
+                |s| s.modules,
             ),
             (
                 "hoist_cache_evictions",

@@ -14,12 +14,10 @@
 //! in another directory than the loader does (which reads `/etc/ld.so.cache`), and a
 //! program started but never run past its header. Each program is looked at once.
 
-use super::{lock, Inner, Priority};
+use super::{lock, Inner};
 use crate::elf::{search_paths, Program};
-use crate::store::Claim;
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The files of an image as the loader finds them: the owner of the image's tree gives
@@ -29,6 +27,32 @@ pub trait Files: Send + Sync {
     /// as a process rooted at the image would; `None` if there is none (or the file
     /// is empty, or its first chunk is a hole).
     fn first_chunk(&self, path: &str) -> Option<(usize, usize)>;
+
+    /// Where the data of the regular file at `path` lies when it all lies in one
+    /// chunk (a small file in a frame, or a file of one chunk); `None` otherwise. The
+    /// python modules a module imports are found this way ([`crate::python`]).
+    fn locate(&self, _path: &str) -> Option<Located> {
+        None
+    }
+
+    /// The names in the directory at `path` (symlinks followed), sorted; `None` if
+    /// there is no such directory.
+    fn list(&self, _path: &str) -> Option<Arc<[String]>> {
+        None
+    }
+}
+
+/// Where a file's data lies: all of it in one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Located {
+    /// The blob.
+    pub blob: usize,
+    /// The chunk's index in the blob.
+    pub index: usize,
+    /// Where the file starts in the chunk's uncompressed bytes.
+    pub skip: u64,
+    /// The file's size.
+    pub size: u64,
 }
 
 /// Programs waiting for the chunks of their dynamic section, at most this many (the
@@ -61,6 +85,11 @@ struct Waiting {
 impl Libraries {
     pub(super) fn set_files(&self, files: Arc<dyn Files>) {
         let _ = self.files.set(files);
+    }
+
+    /// The image's tree, once given.
+    pub(super) fn files(&self) -> Option<&Arc<dyn Files>> {
+        self.files.get()
     }
 }
 
@@ -196,30 +225,11 @@ impl Inner {
             let Some((blob, index)) = found else {
                 continue;
             };
-            let Some(e) = self.blobs.get(blob).and_then(|b| b.entries.get(index)) else {
-                continue;
-            };
-            if !self.blobs[blob].is_used(index) || self.store.contains(&e.digest) {
-                continue;
-            }
-            let Claim::Mine(slot) = self.inflight.claim(&e.digest) else {
-                continue;
-            };
-            if self.cached_meanwhile(&e.digest, &slot) {
+            // The header the loader reads first; the rest of the library is its mapped
+            // range, read ahead once the header is in.
+            if !self.fetch_named(blob, index, &self.counters.libraries) {
                 continue;
             }
-            self.counters.libraries.fetch_add(1, Relaxed);
-            self.enqueue(
-                blob,
-                index,
-                slot,
-                Priority::Readahead,
-                self.cfg.min_fetch,
-                // The header the loader reads first; the rest of the library is its
-                // mapped range, read ahead once the header is in.
-                &|_| false,
-                true,
-            );
             asked.push(name.as_str());
         }
         tracing::debug!(

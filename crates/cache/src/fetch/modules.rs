@@ -1,0 +1,529 @@
+//! Python modules fetched before the interpreter imports them.
+//!
+//! python's start-up imports module after module, and each module it reads names the
+//! next ones ([`crate::python`]). When a reader reads the start of a compiled module
+//! (a `.pyc`, known by its magic number) or of python source that starts with an
+//! import, the fetcher reads the module's imports, finds the files the interpreter will
+//! read for them in the image's tree ([`Files`]), and fetches those at readahead
+//! priority, each alone; as each comes in, its own imports are fetched in turn. So a
+//! chain of imports costs about one round trip per level of the import graph, not one
+//! per module. An extension module is fetched as a program ([`crate::elf`]): its
+//! mapped range is read ahead and its libraries are found.
+//!
+//! The parsing and the lookups run on a thread of their own, never on a reader's or a
+//! fetch worker's: a lookup may have to fetch a block of the image's metadata. What it
+//! costs is in [`crate::python`]: module-level imports that are never run.
+
+use super::{lock, Inner};
+use crate::fetch::libraries::Files;
+use crate::python::{self, Dirs, Importer};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+/// The most module files looked at per image (to bound the memory the feature uses).
+const MAX_SEEN: usize = 16_384;
+/// The most modules waiting for their chunk (the oldest are dropped past it).
+const MAX_WAITING: usize = 4096;
+/// The most directory listings kept, and names in them (to bound the memory the
+/// feature uses).
+const MAX_DIRS: usize = 4096;
+const MAX_DIR_NAMES: usize = 1 << 20;
+/// Files start on these boundaries in their chunk (the image's block size).
+const FILE_ALIGN: u64 = 4096;
+
+/// The modules seen, those waiting for their chunk, and those to read.
+#[derive(Default)]
+pub(super) struct Modules {
+    state: Mutex<State>,
+    /// Directory listings, for the modules thread only.
+    dirs: Mutex<Listings>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Files looked at: (blob, uncompressed offset).
+    seen: HashSet<(usize, u64)>,
+    /// Modules whose chunk is being fetched, by chunk.
+    waiting: HashMap<(usize, usize), Vec<Module>>,
+    waiting_count: usize,
+    /// Modules whose chunk is in, to read.
+    todo: VecDeque<Module>,
+    /// Whether the modules thread runs.
+    running: bool,
+    /// The python versions the image has, once looked up.
+    versions: Option<Arc<[(u8, u8)]>>,
+}
+
+/// A module file: where it starts, and its path when the fetcher found it by name.
+#[derive(Debug, Clone)]
+struct Module {
+    blob: usize,
+    index: usize,
+    skip: u64,
+    path: Option<String>,
+}
+
+/// Whether bytes at the start of a file may be a python module: a compiled one's
+/// magic number, or text that could start python source (an import, a comment or a
+/// docstring; [`python::source_imports`] decides).
+fn may_be_module(head: &[u8]) -> bool {
+    python::compiled_version(head).is_some()
+        || head.starts_with(b"import ")
+        || head.starts_with(b"from ")
+        || head.starts_with(b"#")
+        || head.starts_with(b"\"\"\"")
+        || head.starts_with(b"'''")
+}
+
+impl Inner {
+    /// A reader read `head` at `offset` of chunk `index` of blob `blob`: if a python
+    /// module starts there, its imports are fetched.
+    pub(super) fn module_read(&self, blob: usize, index: usize, offset: u64, head: &[u8]) {
+        if !offset.is_multiple_of(FILE_ALIGN)
+            || !may_be_module(head)
+            || self.libraries.files().is_none()
+        {
+            return;
+        }
+        // A trace knows what start-up imports.
+        if lock(&self.foreseen).contains(&(blob, index)) {
+            return;
+        }
+        let Some(at) = self.blobs[blob].entries[index]
+            .uncompressed_offset
+            .checked_add(offset)
+        else {
+            return;
+        };
+        let mut s = lock(&self.modules.state);
+        if s.seen.len() >= MAX_SEEN || !s.seen.insert((blob, at)) {
+            return;
+        }
+        s.todo.push_back(Module {
+            blob,
+            index,
+            skip: offset,
+            path: None,
+        });
+        self.start_modules(&mut s);
+    }
+
+    /// Chunk `index` of blob `blob` is in: the modules waiting for it are read.
+    pub(super) fn module_chunk_in(&self, blob: usize, index: usize) {
+        let mut s = lock(&self.modules.state);
+        if s.waiting.is_empty() {
+            return;
+        }
+        let Some(ready) = s.waiting.remove(&(blob, index)) else {
+            return;
+        };
+        s.waiting_count -= ready.len();
+        s.todo.extend(ready);
+        self.start_modules(&mut s);
+    }
+
+    /// Starts the modules thread unless it runs.
+    fn start_modules(&self, s: &mut State) {
+        if s.running || s.todo.is_empty() || self.stop.load(Relaxed) {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("hoist-modules".into())
+            .spawn(move || me.read_modules());
+        match spawned {
+            Ok(_) => s.running = true,
+            Err(e) => {
+                tracing::warn!("starting the python modules thread: {e}");
+                s.todo.clear();
+            }
+        }
+    }
+
+    /// The modules thread: reads modules while there are some.
+    fn read_modules(&self) {
+        loop {
+            let m = {
+                let mut s = lock(&self.modules.state);
+                match s.todo.pop_front().filter(|_| !self.stop.load(Relaxed)) {
+                    Some(m) => m,
+                    None => {
+                        s.running = false;
+                        s.todo.clear();
+                        return;
+                    }
+                }
+            };
+            self.read_module(m);
+        }
+    }
+
+    /// Reads module `m`'s imports and fetches the files found for them.
+    fn read_module(&self, m: Module) {
+        let Some(files) = self.libraries.files().cloned() else {
+            return;
+        };
+        let t0 = std::time::Instant::now();
+        let Some(data) = self.chunk_tail(m.blob, m.index, m.skip) else {
+            return;
+        };
+        let dirs = Listing {
+            files: files.as_ref(),
+            cache: &self.modules.dirs,
+        };
+        let (imports, source, versions): (_, _, Arc<[(u8, u8)]>) =
+            if let Some(c) = python::compiled(&data) {
+                // The source path it was compiled from is trusted when the image has the
+                // module compiled there: relative imports and its own tree need it.
+                let here = (m.blob, m.index, m.skip);
+                let known =
+                    python::compiled_path(&c.source, c.version).is_some_and(|p| match &m.path {
+                        Some(path) => *path == p,
+                        None => files
+                            .locate(&p)
+                            .is_some_and(|l| (l.blob, l.index, l.skip) == here),
+                    });
+                (c.imports, known.then_some(c.source), Arc::new([c.version]))
+            } else if let Some(imports) = python::source_imports(&data) {
+                let source = m.path.clone().filter(|p| p.ends_with(".py"));
+                (imports, source, self.python_versions(&dirs))
+            } else {
+                return;
+            };
+        let importer = Importer {
+            source: source.as_deref(),
+            versions: &versions,
+        };
+        let found = python::resolve(&importer, &imports, &dirs);
+        let mut asked = Vec::new();
+        for path in &found {
+            let (blob, index) = match files.locate(path) {
+                Some(l) => {
+                    if path.ends_with(".py") || path.ends_with(".pyc") {
+                        self.watch_module(Module {
+                            blob: l.blob,
+                            index: l.index,
+                            skip: l.skip,
+                            path: Some(path.clone()),
+                        });
+                    }
+                    (l.blob, l.index)
+                }
+                // An extension module of several chunks: its header, as a program's.
+                None => match files.first_chunk(path) {
+                    Some(first) => first,
+                    None => continue,
+                },
+            };
+            if self.fetch_named(blob, index, &self.counters.modules) {
+                asked.push(path.as_str());
+            }
+        }
+        tracing::debug!(
+            "the python module at {} (chunk {} of blob {}) imports {} modules: {} files found, fetching {asked:?} (in {:.2} ms)",
+            source.as_deref().unwrap_or("?"),
+            m.index,
+            self.blobs[m.blob].digest,
+            imports.len(),
+            found.len(),
+            t0.elapsed().as_secs_f64() * 1e3,
+        );
+    }
+
+    /// Module `m` is to be read once its chunk is in (now, if it is cached).
+    fn watch_module(&self, m: Module) {
+        let Some(e) = self.blobs.get(m.blob).and_then(|b| b.entries.get(m.index)) else {
+            return;
+        };
+        let Some(at) = e.uncompressed_offset.checked_add(m.skip) else {
+            return;
+        };
+        let mut s = lock(&self.modules.state);
+        if s.seen.len() >= MAX_SEEN || !s.seen.insert((m.blob, at)) {
+            return;
+        }
+        // Checked under the lock: a chunk that comes in after this finds `m` waiting.
+        if self.store.contains(&e.digest) {
+            s.todo.push_back(m);
+            return self.start_modules(&mut s);
+        }
+        if s.waiting_count >= MAX_WAITING {
+            return;
+        }
+        s.waiting.entry((m.blob, m.index)).or_default().push(m);
+        s.waiting_count += 1;
+    }
+
+    /// The bytes of cached chunk `index` of blob `blob` from `skip` to its end.
+    fn chunk_tail(&self, blob: usize, index: usize, skip: u64) -> Option<Vec<u8>> {
+        let e = self.blobs.get(blob)?.entries.get(index)?;
+        let len = u64::from(e.uncompressed_size).checked_sub(skip)?;
+        let f = self
+            .store
+            .open_chunk(&e.digest, e.uncompressed_size)
+            .ok()??;
+        let mut buf = vec![0; usize::try_from(len).ok()?];
+        f.read_exact_at(&mut buf, skip).ok()?;
+        Some(buf)
+    }
+
+    /// The python versions the image has, looked up once.
+    fn python_versions(&self, dirs: &Listing) -> Arc<[(u8, u8)]> {
+        if let Some(v) = &lock(&self.modules.state).versions {
+            return v.clone();
+        }
+        let v: Arc<[(u8, u8)]> = python::versions(dirs).into();
+        lock(&self.modules.state).versions = Some(v.clone());
+        v
+    }
+}
+
+/// The image's directories, listed through its tree and kept.
+struct Listing<'a> {
+    files: &'a dyn Files,
+    cache: &'a Mutex<Listings>,
+}
+
+/// Directory listings kept, and the names in them.
+#[derive(Default)]
+struct Listings {
+    dirs: HashMap<String, Option<Arc<[String]>>>,
+    names: usize,
+}
+
+impl Dirs for Listing<'_> {
+    fn list(&self, dir: &str) -> Option<Arc<[String]>> {
+        if let Some(l) = lock(self.cache).dirs.get(dir) {
+            return l.clone();
+        }
+        // Not under the lock: it may fetch a block of metadata.
+        let l = self.files.list(dir);
+        let mut c = lock(self.cache);
+        let n = l.as_ref().map_or(0, |l| l.len());
+        if c.dirs.len() < MAX_DIRS && c.names + n <= MAX_DIR_NAMES {
+            c.names += n;
+            c.dirs.insert(dir.to_string(), l.clone());
+        }
+        l
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{chunk, read, setup_chunks, Fake, Setup, CHUNK};
+    use super::*;
+    use crate::python::tests::{pyc, Tree};
+    use crate::{FetchConfig, Located};
+    use std::time::{Duration, Instant};
+
+    /// An image tree: the files' locations, and the directories holding them.
+    struct PyTree {
+        files: HashMap<String, Located>,
+        dirs: Tree,
+    }
+
+    impl Files for PyTree {
+        fn first_chunk(&self, path: &str) -> Option<(usize, usize)> {
+            self.files.get(path).map(|l| (l.blob, l.index))
+        }
+        fn locate(&self, path: &str) -> Option<Located> {
+            self.files.get(path).copied()
+        }
+        fn list(&self, path: &str) -> Option<Arc<[String]>> {
+            self.dirs.list(path)
+        }
+    }
+
+    const STD: &str = "/usr/lib/python3.11";
+
+    /// Chunks 0..12 of a blob with python modules in some of them, and the tree of
+    /// the image: `/app/main.py` (chunk 2) imports json (chunk 5, whose decoder at
+    /// 4 KiB into the same chunk imports the extension `_json`, chunk 9) and re
+    /// (chunk 8), which imports the frozen os (chunk 6) and enum (chunk 10), which
+    /// imports functools (chunk 11); the script also imports a module the image lacks.
+    fn image() -> (Vec<Vec<u8>>, PyTree) {
+        let mut chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, CHUNK as usize)).collect();
+        let mut put = |i: usize, skip: usize, data: &[u8]| {
+            chunks[i][skip..skip + data.len()].copy_from_slice(data);
+            chunks[i][skip + data.len()] = 0;
+            data.len() as u64
+        };
+        let v = (3, 11);
+        let module = |name: &str, imports: &[(&str, u32, Option<&[&str]>)]| {
+            pyc(v, &format!("{STD}/{name}.py"), imports, 0)
+        };
+        let mut files = HashMap::new();
+        let mut at = |path: &str, index: usize, skip: u64, size: u64| {
+            let l = Located {
+                blob: 0,
+                index,
+                skip,
+                size,
+            };
+            files.insert(path.to_string(), l);
+        };
+        let n = put(2, 0, b"import json\nimport missing, re\n");
+        at("/app/main.py", 2, 0, n);
+        let n = put(
+            5,
+            0,
+            &module("json/__init__", &[("decoder", 1, Some(&["JSONDecoder"]))]),
+        );
+        at(
+            &format!("{STD}/json/__pycache__/__init__.cpython-311.pyc"),
+            5,
+            0,
+            n,
+        );
+        let n = put(5, 4096, &module("json/decoder", &[("_json", 0, None)]));
+        at(
+            &format!("{STD}/json/__pycache__/decoder.cpython-311.pyc"),
+            5,
+            4096,
+            n,
+        );
+        let n = put(6, 0, &module("os", &[]));
+        at(&format!("{STD}/__pycache__/os.cpython-311.pyc"), 6, 0, n);
+        let n = put(
+            8,
+            0,
+            &module("re/__init__", &[("os", 0, None), ("enum", 0, None)]),
+        );
+        at(
+            &format!("{STD}/re/__pycache__/__init__.cpython-311.pyc"),
+            8,
+            0,
+            n,
+        );
+        at(
+            &format!("{STD}/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so"),
+            9,
+            0,
+            100,
+        );
+        let n = put(10, 0, &module("enum", &[("functools", 0, None)]));
+        at(&format!("{STD}/__pycache__/enum.cpython-311.pyc"), 10, 0, n);
+        let n = put(11, 0, &module("functools", &[]));
+        at(
+            &format!("{STD}/__pycache__/functools.cpython-311.pyc"),
+            11,
+            0,
+            n,
+        );
+        let mut paths: Vec<String> = files.keys().cloned().collect();
+        for source in [
+            "json/__init__",
+            "json/decoder",
+            "os",
+            "re/__init__",
+            "enum",
+            "functools",
+        ] {
+            paths.push(format!("{STD}/{source}.py"));
+        }
+        let dirs = Tree::of(&paths.iter().map(String::as_str).collect::<Vec<_>>());
+        (chunks, PyTree { files, dirs })
+    }
+
+    /// Waits (bounded) until chunks `want` are cached, and the modules thread and the
+    /// fetch workers are idle.
+    fn settle(s: &Setup, want: &[usize]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let inner = &s.fetcher.inner;
+        loop {
+            let cached = want
+                .iter()
+                .all(|&i| inner.store.contains(&inner.blobs[0].entries[i].digest));
+            let idle = {
+                let st = lock(&inner.modules.state);
+                !st.running && st.todo.is_empty()
+            };
+            let fetching = {
+                let q = inner.lock();
+                !q.demand.is_empty()
+                    || q.background.iter().any(|b| !b.is_empty())
+                    || q.idle < q.workers
+            };
+            if cached && idle && !fetching {
+                return;
+            }
+            assert!(Instant::now() < deadline, "chunks {want:?} never came in");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn the_modules_a_script_imports_are_fetched_level_by_level_before_it_asks() {
+        let (chunks, tree) = image();
+        let cfg = FetchConfig {
+            min_fetch: CHUNK.into(),
+            ..FetchConfig::default()
+        };
+        let s = setup_chunks(chunks, Fake::default(), cfg);
+        s.fetcher.set_files(Arc::new(tree));
+        let c = u64::from(CHUNK);
+        // The interpreter reads the script.
+        assert_eq!(read(&s, 2), s.chunks[2]);
+        settle(&s, &[5, 8, 9, 10, 11]);
+        let mut asked = s.fake.asked.lock().unwrap().clone();
+        asked.sort();
+        // Each alone, once; not the frozen os, nor anything for the missing module.
+        assert_eq!(
+            asked,
+            [2, 5, 8, 9, 10, 11].map(|i| (i * c, c)),
+            "{:?}",
+            s.fake.asked.lock().unwrap()
+        );
+        assert_eq!(s.fetcher.counters().modules.load(Relaxed), 5);
+        // The interpreter's reads of them are hits.
+        for i in [5, 8, 9, 10, 11] {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        assert_eq!(s.fetcher.counters().misses.load(Relaxed), 1);
+        assert_eq!(s.fake.requests(), 6);
+    }
+
+    #[test]
+    fn a_read_that_is_no_modules_start_fetches_nothing() {
+        let (chunks, tree) = image();
+        // With no tree given, nothing.
+        let s = setup_chunks(chunks.clone(), Fake::default(), FetchConfig::default());
+        let mut buf = vec![0; 100];
+        s.fetcher.read_at(0, 2, 0, &mut buf).unwrap();
+        settle(&s, &[]);
+        assert_eq!(s.fetcher.counters().modules.load(Relaxed), 0);
+        // With one: a read in the middle of a file, a file that is not python, and a
+        // compiled module cut short or damaged fetch nothing either.
+        let mut chunks = chunks;
+        chunks[3][..11].copy_from_slice(b"x = 1\nimpor");
+        let damaged = pyc((3, 11), "/usr/lib/python3.11/x.py", &[("enum", 0, None)], 0);
+        chunks[7][..damaged.len()].copy_from_slice(&damaged);
+        // The code's length says it runs past the module.
+        chunks[7][16 + 1 + 20 + 1..16 + 1 + 20 + 5].copy_from_slice(&u32::MAX.to_le_bytes());
+        let cfg = FetchConfig {
+            min_fetch: CHUNK.into(),
+            ..FetchConfig::default()
+        };
+        let s = setup_chunks(chunks, Fake::default(), cfg);
+        s.fetcher.set_files(Arc::new(tree));
+        s.fetcher.read_at(0, 2, 4096, &mut buf).unwrap();
+        s.fetcher.read_at(0, 2, 1, &mut buf).unwrap();
+        assert_eq!(read(&s, 3), s.chunks[3]);
+        assert_eq!(read(&s, 7), s.chunks[7]);
+        settle(&s, &[]);
+        assert_eq!(s.fetcher.counters().modules.load(Relaxed), 0);
+        let c = u64::from(CHUNK);
+        // Only what was read (and the chunk after chunk 3, read ahead of a reader going
+        // forward): none of the modules' chunks (5, 6, 8 to 11).
+        let asked = s.fake.asked.lock().unwrap().clone();
+        let chunks: Vec<u64> = asked
+            .iter()
+            .flat_map(|&(at, len)| at / c..(at + len) / c)
+            .collect();
+        assert!(chunks.iter().all(|i| [2, 3, 4, 7].contains(i)), "{asked:?}");
+    }
+}
