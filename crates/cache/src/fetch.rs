@@ -256,10 +256,23 @@ struct Job {
     hint: bool,
 }
 
+impl Job {
+    /// Whether it fetches a file that a chunk just read names (a program's library, a
+    /// module's import: [`Inner::fetch_named`]), the one readahead job with a hint.
+    fn is_named(&self) -> bool {
+        self.hint && self.priority == Priority::Readahead
+    }
+}
+
 /// The queues of jobs, by priority, and how many background jobs of each run.
 #[derive(Default)]
 struct Queue {
     demand: VecDeque<Job>,
+    /// Files a chunk just read names: after readers, before other background jobs and
+    /// outside their limits. Each is one small chunk that a reader will most likely
+    /// ask for within a round trip or two (its loader or interpreter is running); behind
+    /// a window of readahead jobs it came 0.5 s late.
+    named: VecDeque<Job>,
     /// Readahead, trace and prefetch jobs, in priority order.
     background: [VecDeque<Job>; 3],
     busy: [usize; 3],
@@ -280,6 +293,9 @@ fn rank(p: Priority) -> Option<usize> {
 
 impl Queue {
     fn push(&mut self, job: Job) {
+        if job.is_named() {
+            return self.named.push_back(job);
+        }
         match rank(job.priority) {
             None => self.demand.push_back(job),
             Some(r) => self.background[r].push_back(job),
@@ -288,6 +304,10 @@ impl Queue {
 
     fn pop(&mut self, cfg: &FetchConfig) -> Option<Job> {
         if let Some(j) = self.demand.pop_front() {
+            return Some(j);
+        }
+        if let Some(j) = self.named.pop_front() {
+            // Outside the background limits (its end is not counted: see `done`).
             return Some(j);
         }
         // A queued job a reader waits for goes first, and past the limits.
@@ -329,11 +349,14 @@ impl Queue {
 
     /// Jobs queued, of every priority.
     fn queued(&self) -> usize {
-        self.demand.len() + self.background.iter().map(VecDeque::len).sum::<usize>()
+        self.demand.len()
+            + self.named.len()
+            + self.background.iter().map(VecDeque::len).sum::<usize>()
     }
 
     fn drain(&mut self) -> Vec<Job> {
         let mut jobs: Vec<Job> = self.demand.drain(..).collect();
+        jobs.extend(self.named.drain(..));
         for q in &mut self.background {
             jobs.extend(q.drain(..));
         }
@@ -994,7 +1017,7 @@ impl Inner {
             if ran.is_err() {
                 self.fail_job(&job, "internal error while fetching (see the log)".into());
             }
-            if job.priority != Priority::Demand {
+            if job.priority != Priority::Demand && !job.is_named() {
                 self.lock().done(job.priority);
                 self.cv.notify_all();
             }
@@ -1131,8 +1154,11 @@ impl Inner {
         }
         let ms = |t: Instant| (t - t0).as_secs_f64() * 1e3;
         tracing::debug!(
-            "{:?} job: {len} bytes at {start} of blob {}, {} chunks: first chunk in {:.1} ms, all in {:.1} ms",
-            job.priority,
+            "{} job: {len} bytes at {start} of blob {}, {} chunks: first chunk in {:.1} ms, all in {:.1} ms",
+            match job.is_named() {
+                true => "Named".to_string(),
+                false => format!("{:?}", job.priority),
+            },
             blob.digest,
             chunks.len(),
             first_in.map_or(0.0, ms),
@@ -1728,6 +1754,58 @@ mod tests {
         assert_eq!(read(&s, 7), s.chunks[7]);
         assert_eq!(read(&s, 6), s.chunks[6]);
         assert_eq!(*s.fake.asked.lock().unwrap(), vec![(4 * c, 4 * c)]);
+    }
+
+    #[test]
+    fn a_file_a_chunk_names_is_fetched_while_readahead_fills_its_workers() {
+        let c = u64::from(CHUNK);
+        let fake = Fake::default();
+        // Every answer holds after its first byte until released: what has started
+        // shows in the requests asked.
+        *fake.hold_after.lock().unwrap() = Some(1);
+        let cfg = FetchConfig {
+            readahead_workers: 1,
+            readahead_job: c,
+            ..FetchConfig::default()
+        };
+        let s = setup(16, fake, cfg);
+        let inner = &s.fetcher.inner;
+        // A window of four readahead jobs: one runs, three wait for the one worker.
+        inner.read_ahead(0, 0, 4 * c);
+        let asked = || s.fake.asked.lock().unwrap().clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while asked().is_empty() {
+            assert!(Instant::now() < deadline, "no readahead started");
+            std::thread::yield_now();
+        }
+        // A library or module a chunk named starts at once, past the queued window.
+        let named = AtomicU64::new(0);
+        assert!(inner.fetch_named(0, 9, &named));
+        while !asked().contains(&(9 * c, c)) {
+            assert!(
+                Instant::now() < deadline,
+                "the named file waits: {:?}",
+                asked()
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(asked().len(), 2, "{:?}", asked());
+        assert_eq!(named.load(Relaxed), 1);
+        s.fake.release();
+        for i in [0, 1, 2, 3, 9] {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        // Once all ended, no readahead worker is counted busy: the named job took none.
+        loop {
+            let q = inner.lock();
+            if q.queued() == 0 && q.idle == q.workers {
+                assert_eq!(q.busy, [0, 0, 0]);
+                break;
+            }
+            drop(q);
+            assert!(Instant::now() < deadline, "the jobs never ended");
+            std::thread::yield_now();
+        }
     }
 
     #[test]

@@ -41,6 +41,13 @@ pub const MAX_OBJECTS: usize = 1 << 20;
 pub const MAX_IMPORTS: usize = 256;
 /// The most lines of a source file read (to prevent denial of service).
 pub const MAX_LINES: usize = 20_000;
+/// The most names taken from one `from` list (to prevent denial of service).
+pub const MAX_NAMES: usize = 64;
+/// The deepest relative import followed (to prevent denial of service; a path has no
+/// more levels than this to go up in practice).
+pub const MAX_LEVEL: u32 = 32;
+/// The longest statement continued over lines that is read.
+const MAX_STATEMENT: usize = 4096;
 
 /// One import statement of a module's top level.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +193,10 @@ impl Code {
                         Some(Obj::Int(l)) => u32::try_from(*l).unwrap_or(0),
                         _ => 0,
                     };
+                    if level > MAX_LEVEL {
+                        loaded = [None, None];
+                        continue;
+                    }
                     let names = match loaded[1] {
                         Some(Obj::Tuple(t)) => t
                             .iter()
@@ -193,6 +204,7 @@ impl Code {
                                 Obj::Str(s) => Some(s.to_string()),
                                 _ => None,
                             })
+                            .take(MAX_NAMES)
                             .collect(),
                         _ => Vec::new(),
                     };
@@ -315,7 +327,8 @@ impl<'a> Reader<'a> {
             b'z' | b'Z' => self.string(true)?,
             c @ (b'(' | b')') => {
                 let n = self.count(c == b')')?;
-                let mut items = Vec::with_capacity(n);
+                // Each item takes a byte of input at least, but more room here.
+                let mut items = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
                     items.push(self.object(depth + 1)?);
                 }
@@ -388,7 +401,12 @@ impl<'a> Reader<'a> {
 /// left out; those under a module-level `if`, `try` or `with` are kept.
 pub fn source_imports(data: &[u8]) -> Option<Vec<Import>> {
     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-    let text = std::str::from_utf8(&data[..end]).ok()?;
+    let text = match std::str::from_utf8(&data[..end]) {
+        Ok(text) => text,
+        // Cut in the middle of a character (the end of what was read): up to it.
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&data[..e.valid_up_to()]).ok()?,
+        Err(_) => return None,
+    };
     let mut out = Vec::new();
     let mut in_string: Option<&str> = None;
     let mut in_body = false;
@@ -406,8 +424,14 @@ pub fn source_imports(data: &[u8]) -> Option<Vec<Import>> {
         if let Some(p) = pending.as_mut() {
             p.push(' ');
             p.push_str(code.trim_end_matches('\\'));
-            if !continued(code, p) {
+            if p.len() > MAX_STATEMENT {
+                pending = None;
+            } else if !continued(code, p) {
                 out.extend(parse_import(&pending.take()?));
+            }
+            if out.len() >= MAX_IMPORTS {
+                out.truncate(MAX_IMPORTS);
+                break;
             }
             continue;
         }
@@ -498,11 +522,15 @@ fn parse_import(statement: &str) -> Vec<Import> {
     if !(module.is_empty() && level > 0 || ident(module)) {
         return Vec::new();
     }
+    if level > MAX_LEVEL {
+        return Vec::new();
+    }
     let names = names
         .replace(['(', ')'], " ")
         .split(',')
         .map(first_word)
         .filter(|n| ident(n) && !n.contains('.'))
+        .take(MAX_NAMES)
         .collect();
     vec![Import {
         module: module.to_string(),
@@ -562,6 +590,9 @@ pub struct Importer<'a> {
     /// The path of the importing module's source (`co_filename`, or the script's
     /// path), if known: relative imports and the importer's own tree need it.
     pub source: Option<&'a str>,
+    /// Whether it is the script python runs (its directory is first on the search
+    /// path), not a module it imports.
+    pub script: bool,
     /// The versions of python that may run it: a compiled module's own, or those the
     /// image has ([`versions`]).
     pub versions: &'a [(u8, u8)],
@@ -620,7 +651,7 @@ pub fn resolve(importer: &Importer, imports: &[Import], dirs: &dyn Dirs) -> Vec<
                 (_, None) => continue,
                 (level, Some(source)) => {
                     let mut dir = parent(source);
-                    for _ in 1..level {
+                    for _ in 1..level.min(MAX_LEVEL) {
                         dir = parent(dir);
                     }
                     vec![dir.to_string()]
@@ -656,30 +687,37 @@ pub fn resolve(importer: &Importer, imports: &[Import], dirs: &dyn Dirs) -> Vec<
     out
 }
 
-/// The interpreter's search path for version `v`: the importer's own tree (the
-/// directory above its top package; a script's directory), then the standard library,
-/// its extension modules and the site packages, as distributions and the python image
-/// lay them out.
+/// The interpreter's search path for version `v`: a script's directory first, then
+/// the standard library, its extension modules and the site packages, as the python
+/// image (`/usr/local`, whose interpreter comes first on its `PATH`) and distributions
+/// lay them out; then the importer's own tree (the directory above its top package: a
+/// virtual environment's or an application's packages) when it is none of those.
 fn roots(importer: &Importer, (major, minor): (u8, u8), dirs: &dyn Dirs) -> Vec<String> {
     let mut roots = Vec::new();
-    if let Some(source) = importer.source {
+    let own = importer.source.map(|source| {
         let mut dir = parent(source);
         while dir != "/" && dirs.list(dir).is_some_and(|n| has(&n, "__init__.py")) {
             dir = parent(dir);
         }
-        roots.push(dir.to_string());
+        dir.to_string()
+    });
+    if importer.script {
+        roots.extend(own.clone());
     }
     let py = format!("python{major}.{minor}");
     for r in [
-        format!("/usr/lib/{py}"),
-        format!("/usr/lib/{py}/lib-dynload"),
         format!("/usr/local/lib/{py}"),
         format!("/usr/local/lib/{py}/lib-dynload"),
-        format!("/usr/local/lib/{py}/dist-packages"),
+        format!("/usr/lib/{py}"),
+        format!("/usr/lib/{py}/lib-dynload"),
         format!("/usr/local/lib/{py}/site-packages"),
+        format!("/usr/local/lib/{py}/dist-packages"),
         format!("/usr/lib/python{major}/dist-packages"),
         format!("/usr/lib/{py}/site-packages"),
-    ] {
+    ]
+    .into_iter()
+    .chain(own)
+    {
         if !roots.contains(&r) && dirs.list(&r).is_some() {
             roots.push(r);
         }
@@ -789,8 +827,13 @@ pub(crate) mod tests {
         /// A flagged tuple of strings (its slot is taken before its items').
         fn tuple(&mut self, items: &[&str]) {
             self.slots += 1;
-            self.out.push(b')' | FLAG_REF);
-            self.out.push(items.len() as u8);
+            match u8::try_from(items.len()) {
+                Ok(n) => self.out.extend_from_slice(&[b')' | FLAG_REF, n]),
+                Err(_) => {
+                    self.out.push(b'(' | FLAG_REF);
+                    self.u32(items.len() as u32);
+                }
+            }
             for s in items {
                 self.str(s);
             }
@@ -955,6 +998,40 @@ pub(crate) mod tests {
         let mut dangling = data[..16].to_vec();
         dangling.extend_from_slice(&[b'r', 9, 0, 0, 0]);
         assert_eq!(compiled(&dangling), None);
+    }
+
+    #[test]
+    fn from_lists_and_levels_are_bounded() {
+        let many: Vec<String> = (0..1000).map(|i| format!("n{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let data = pyc(
+            (3, 11),
+            "/m.py",
+            &[
+                ("a", 0, Some(&many)),
+                ("b", i32::MAX as u32, None),
+                ("c", 3, None),
+            ],
+            0,
+        );
+        let c = compiled(&data).unwrap();
+        assert_eq!(c.imports.len(), 2);
+        assert_eq!(c.imports[0].names.len(), MAX_NAMES);
+        assert_eq!(c.imports[1], import("c", 3, &[]));
+        let text = format!(
+            "from {} import x\nfrom a import {}\n",
+            ".".repeat(1000),
+            many.join(", ")
+        );
+        let got = source_imports(text.as_bytes()).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].names.len(), MAX_NAMES);
+        // A statement left open runs no further than its bound.
+        let open = format!("import a\nfrom b import (c,\n{}", "d,\n".repeat(100_000));
+        assert_eq!(
+            source_imports(open.as_bytes()).unwrap(),
+            vec![import("a", 0, &[])]
+        );
     }
 
     proptest! {
@@ -1242,6 +1319,7 @@ for p in sorted(glob.glob(std + "/__pycache__/*.cpython-*.pyc") + glob.glob(std 
         let v = versions(&tree);
         assert_eq!(v, [(3, 11)]);
         let script = Importer {
+            script: true,
             source: Some("/app/main.py"),
             versions: &v,
         };
@@ -1288,6 +1366,7 @@ for p in sorted(glob.glob(std + "/__pycache__/*.cpython-*.pyc") + glob.glob(std 
         // Relative imports from a package's submodule; the module's own tree is the
         // directory above its top package.
         let deep = Importer {
+            script: false,
             source: Some("/app/pkg/inner/deep.py"),
             versions: &v,
         };
@@ -1314,6 +1393,7 @@ for p in sorted(glob.glob(std + "/__pycache__/*.cpython-*.pyc") + glob.glob(std 
         // Without the importer's path, relative imports are skipped; the version
         // picks the compiled files.
         let unknown = Importer {
+            script: false,
             source: None,
             versions: &[(3, 10)],
         };

@@ -17,6 +17,7 @@
 use super::{lock, Inner};
 use crate::fetch::libraries::Files;
 use crate::python::{self, Dirs, Importer};
+use crate::store::ChunkDigest;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
@@ -24,7 +25,8 @@ use std::sync::{Arc, Mutex};
 
 /// The most module files looked at per image (to bound the memory the feature uses).
 const MAX_SEEN: usize = 16_384;
-/// The most modules waiting for their chunk (the oldest are dropped past it).
+/// The most modules waiting for their chunk (past it, a module is read when the
+/// interpreter reads it).
 const MAX_WAITING: usize = 4096;
 /// The most directory listings kept, and names in them (to bound the memory the
 /// feature uses).
@@ -45,8 +47,9 @@ pub(super) struct Modules {
 struct State {
     /// Files looked at: (blob, uncompressed offset).
     seen: HashSet<(usize, u64)>,
-    /// Modules whose chunk is being fetched, by chunk.
-    waiting: HashMap<(usize, usize), Vec<Module>>,
+    /// Modules whose chunk is being fetched, by the chunk's digest (the chunk may
+    /// come in under another index, or through another image's fetcher).
+    waiting: HashMap<ChunkDigest, Vec<Module>>,
     waiting_count: usize,
     /// Modules whose chunk is in, to read.
     todo: VecDeque<Module>,
@@ -65,16 +68,16 @@ struct Module {
     path: Option<String>,
 }
 
-/// Whether bytes at the start of a file may be a python module: a compiled one's
-/// magic number, or text that could start python source (an import, a comment or a
-/// docstring; [`python::source_imports`] decides).
-fn may_be_module(head: &[u8]) -> bool {
+/// Whether bytes read at the start of a file are a python module's: a compiled one's
+/// magic number, or python source whose first statement (in its first 4 KiB) is an
+/// import. Text that starts otherwise (a configuration file, a shell script) costs
+/// no more than a look at its first lines.
+fn is_module(head: &[u8]) -> bool {
     python::compiled_version(head).is_some()
-        || head.starts_with(b"import ")
-        || head.starts_with(b"from ")
-        || head.starts_with(b"#")
-        || head.starts_with(b"\"\"\"")
-        || head.starts_with(b"'''")
+        || ([&b"import "[..], b"from ", b"#", b"\"\"\"", b"'''"]
+            .iter()
+            .any(|p| head.starts_with(p))
+            && python::source_imports(&head[..head.len().min(4096)]).is_some())
 }
 
 impl Inner {
@@ -82,8 +85,8 @@ impl Inner {
     /// module starts there, its imports are fetched.
     pub(super) fn module_read(&self, blob: usize, index: usize, offset: u64, head: &[u8]) {
         if !offset.is_multiple_of(FILE_ALIGN)
-            || !may_be_module(head)
             || self.libraries.files().is_none()
+            || !is_module(head)
         {
             return;
         }
@@ -97,10 +100,28 @@ impl Inner {
         else {
             return;
         };
+        let digest = self.blobs[blob].entries[index].digest;
         let mut s = lock(&self.modules.state);
-        if s.seen.len() >= MAX_SEEN || !s.seen.insert((blob, at)) {
+        if s.seen.contains(&(blob, at)) {
+            // Found by name and waiting for a chunk that came in another way: read now.
+            let Some(w) = s.waiting.get_mut(&digest) else {
+                return;
+            };
+            let Some(i) = w.iter().position(|m| m.skip == offset) else {
+                return;
+            };
+            let m = w.swap_remove(i);
+            if w.is_empty() {
+                s.waiting.remove(&digest);
+            }
+            s.waiting_count -= 1;
+            s.todo.push_back(m);
+            return self.start_modules(&mut s);
+        }
+        if s.seen.len() >= MAX_SEEN {
             return;
         }
+        s.seen.insert((blob, at));
         s.todo.push_back(Module {
             blob,
             index,
@@ -116,7 +137,8 @@ impl Inner {
         if s.waiting.is_empty() {
             return;
         }
-        let Some(ready) = s.waiting.remove(&(blob, index)) else {
+        let digest = self.blobs[blob].entries[index].digest;
+        let Some(ready) = s.waiting.remove(&digest) else {
             return;
         };
         s.waiting_count -= ready.len();
@@ -158,7 +180,12 @@ impl Inner {
                     }
                 }
             };
-            self.read_module(m);
+            // A bug must not stop the thread with `running` set: the module is skipped.
+            let read =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.read_module(m)));
+            if read.is_err() {
+                tracing::warn!("reading a python module's imports failed (see the log above)");
+            }
         }
     }
 
@@ -175,7 +202,7 @@ impl Inner {
             files: files.as_ref(),
             cache: &self.modules.dirs,
         };
-        let (imports, source, versions): (_, _, Arc<[(u8, u8)]>) =
+        let (imports, source, versions, script): (_, _, Arc<[(u8, u8)]>, _) =
             if let Some(c) = python::compiled(&data) {
                 // The source path it was compiled from is trusted when the image has the
                 // module compiled there: relative imports and its own tree need it.
@@ -187,14 +214,22 @@ impl Inner {
                             .locate(&p)
                             .is_some_and(|l| (l.blob, l.index, l.skip) == here),
                     });
-                (c.imports, known.then_some(c.source), Arc::new([c.version]))
+                (
+                    c.imports,
+                    known.then_some(c.source),
+                    Arc::new([c.version]),
+                    false,
+                )
             } else if let Some(imports) = python::source_imports(&data) {
+                // Source read before any module named it: the script python runs.
                 let source = m.path.clone().filter(|p| p.ends_with(".py"));
-                (imports, source, self.python_versions(&dirs))
+                let script = m.path.is_none();
+                (imports, source, self.python_versions(&dirs), script)
             } else {
                 return;
             };
         let importer = Importer {
+            script,
             source: source.as_deref(),
             versions: &versions,
         };
@@ -243,18 +278,21 @@ impl Inner {
             return;
         };
         let mut s = lock(&self.modules.state);
-        if s.seen.len() >= MAX_SEEN || !s.seen.insert((m.blob, at)) {
+        if s.seen.len() >= MAX_SEEN || s.seen.contains(&(m.blob, at)) {
             return;
         }
         // Checked under the lock: a chunk that comes in after this finds `m` waiting.
         if self.store.contains(&e.digest) {
+            s.seen.insert((m.blob, at));
             s.todo.push_back(m);
             return self.start_modules(&mut s);
         }
+        // Past the bound it is left to the interpreter's read of it.
         if s.waiting_count >= MAX_WAITING {
             return;
         }
-        s.waiting.entry((m.blob, m.index)).or_default().push(m);
+        s.seen.insert((m.blob, at));
+        s.waiting.entry(e.digest).or_default().push(m);
         s.waiting_count += 1;
     }
 
@@ -456,8 +494,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_modules_a_script_imports_are_fetched_level_by_level_before_it_asks() {
+    /// The image of [`image`], its tree given, fetched a chunk per miss.
+    fn mounted() -> Setup {
         let (chunks, tree) = image();
         let cfg = FetchConfig {
             min_fetch: CHUNK.into(),
@@ -465,6 +503,12 @@ mod tests {
         };
         let s = setup_chunks(chunks, Fake::default(), cfg);
         s.fetcher.set_files(Arc::new(tree));
+        s
+    }
+
+    #[test]
+    fn the_modules_a_script_imports_are_fetched_level_by_level_before_it_asks() {
+        let s = mounted();
         let c = u64::from(CHUNK);
         // The interpreter reads the script.
         assert_eq!(read(&s, 2), s.chunks[2]);
@@ -485,6 +529,33 @@ mod tests {
         }
         assert_eq!(s.fetcher.counters().misses.load(Relaxed), 1);
         assert_eq!(s.fake.requests(), 6);
+    }
+
+    #[test]
+    fn a_module_whose_chunk_another_fetcher_brings_is_read_when_the_interpreter_reads_it() {
+        let s = mounted();
+        // Another image's fetcher (sharing the store and the chunks in flight) is
+        // fetching json's chunk.
+        let inner = &s.fetcher.inner;
+        let json = inner.blobs[0].entries[5].digest;
+        let crate::Claim::Mine(theirs) = inner.inflight.claim(&json) else {
+            panic!("json's chunk is in flight already");
+        };
+        assert_eq!(read(&s, 2), s.chunks[2]);
+        settle(&s, &[8, 10, 11]);
+        // Not fetched twice; the other fetcher brings it in.
+        assert_eq!(s.fetcher.counters().modules.load(Relaxed), 3);
+        inner.store.put_chunk(&json, &s.chunks[5]).unwrap();
+        inner.inflight.finish(&json, &theirs, Ok(()));
+        // The interpreter reads json: its decoder (in the same chunk) is read, and
+        // `_json` fetched.
+        assert_eq!(read(&s, 5), s.chunks[5]);
+        settle(&s, &[9]);
+        assert_eq!(s.fetcher.counters().modules.load(Relaxed), 4);
+        let c = u64::from(CHUNK);
+        let mut asked = s.fake.asked.lock().unwrap().clone();
+        asked.sort();
+        assert_eq!(asked, [2, 8, 9, 10, 11].map(|i| (i * c, c)));
     }
 
     #[test]
