@@ -4,8 +4,8 @@
 //! next ones ([`crate::python`]). When a reader reads the start of a compiled module
 //! (a `.pyc`, known by its magic number) or of python source that starts with an
 //! import, the fetcher reads the module's imports, finds the files the interpreter will
-//! read for them in the image's tree ([`Files`]), and fetches those at readahead
-//! priority, each alone; as each comes in, its own imports are fetched in turn. So a
+//! read for them in the image's tree ([`Files`]), and fetches those each alone,
+//! after readers and ahead of readahead; as each comes in, its own imports are fetched in turn. So a
 //! chain of imports costs about one round trip per level of the import graph, not one
 //! per module. An extension module is fetched as a program ([`crate::elf`]): its
 //! mapped range is read ahead and its libraries are found.
