@@ -492,6 +492,11 @@ impl Fetcher {
     /// Opens a chunk's verified bytes in the cache, fetching it first if needed. Waits at
     /// most the configured read timeout.
     pub fn open_chunk(&self, blob: usize, index: usize) -> Result<File, FetchError> {
+        self.open_planned(blob, index).map(|(f, _)| f)
+    }
+
+    /// [`Fetcher::open_chunk`], with the plan of the reader's stream for the access.
+    fn open_planned(&self, blob: usize, index: usize) -> Result<(File, Plan), FetchError> {
         let e = *self.entry(blob, index)?;
         let plan = self.inner.access(blob, index);
         let deadline = Instant::now() + self.inner.cfg.read_timeout;
@@ -507,7 +512,7 @@ impl Fetcher {
                 if attempt == 0 {
                     c.hits.fetch_add(1, Relaxed);
                 }
-                return Ok(f);
+                return Ok((f, plan));
             }
             if attempt == 0 {
                 c.misses.fetch_add(1, Relaxed);
@@ -563,9 +568,13 @@ impl Fetcher {
         buf: &mut [u8],
     ) -> Result<(), FetchError> {
         use std::os::unix::fs::FileExt;
-        let f = self.open_chunk(blob, index)?;
+        let (f, plan) = self.open_planned(blob, index)?;
         f.read_exact_at(buf, offset)?;
-        self.inner.module_read(blob, index, offset, buf);
+        // A walker's stream reads ahead of it (tar reading every module of a tree
+        // needs none of their imports fetched ahead).
+        if !plan.confirmed {
+            self.inner.module_read(blob, index, offset, buf);
+        }
         Ok(())
     }
 

@@ -72,6 +72,10 @@ pub struct Plan {
     /// Chunks to fetch ahead: from this compressed offset of the blob up to the second
     /// (exclusive), when the stream's window needs topping up.
     pub ahead: Option<(u64, u64)>,
+    /// Whether the access continues a confirmed stream (one that reads ahead of its
+    /// reader): what the reader reads next is fetched already, so its chunks need not
+    /// say.
+    pub confirmed: bool,
 }
 
 /// The streams of one fetcher.
@@ -96,6 +100,14 @@ impl Streams {
             max_window: max_window.max(min_fetch),
             full: Vec::new(),
         }
+    }
+
+    /// Whether a walker (a confirmed stream that has gone past the end of a file)
+    /// reads blob `blob`: a tree walk, whose stream fetches what it reads next.
+    pub fn walked(&self, blob: usize) -> bool {
+        self.streams
+            .iter()
+            .any(|s| s.blob == blob && s.walker && s.hits >= CONFIRM)
     }
 
     /// The full chunk size of blob `blob` (its largest chunk), found once.
@@ -176,6 +188,7 @@ impl Streams {
             return Plan {
                 demand: self.min_fetch,
                 ahead: None,
+                confirmed: false,
             };
         };
         s.used = clock;
@@ -184,6 +197,7 @@ impl Streams {
             return Plan {
                 demand: s.window.min(self.max_window),
                 ahead: None,
+                confirmed: s.hits >= CONFIRM,
             };
         }
         if (s.last..index).any(ends_file) {
@@ -195,6 +209,7 @@ impl Streams {
         let mut plan = Plan {
             demand: s.window,
             ahead: None,
+            confirmed: s.hits >= CONFIRM,
         };
         // Top the window up once the reader is past half of what was asked ahead.
         let end = end_of(index);
@@ -308,6 +323,31 @@ mod tests {
     }
 
     #[test]
+    fn a_blob_is_walked_once_a_confirmed_stream_goes_past_files() {
+        let mut sizes = vec![1 << 20; 4];
+        sizes.extend([64 << 10; 40]);
+        let t = sized(&sizes);
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        // One large file read through: no walk.
+        for i in 0..4 {
+            s.access(0, i, &t, &|_| true);
+        }
+        assert!(!s.walked(0));
+        // On into the small files: a walk, of this blob only.
+        for i in 4..8 {
+            s.access(0, i, &t, &|_| true);
+        }
+        assert!(s.walked(0));
+        assert!(!s.walked(1));
+        // Scattered reads of small files are none.
+        let mut s = Streams::new(64 << 10, 8 << 20);
+        for i in [10, 30, 5, 20, 40] {
+            s.access(0, i, &t, &|_| true);
+        }
+        assert!(!s.walked(0));
+    }
+
+    #[test]
     fn a_lone_access_fetches_the_minimum_and_nothing_ahead() {
         let t = table(1000, 16 << 10);
         let mut s = Streams::new(64 << 10, 8 << 20);
@@ -316,7 +356,8 @@ mod tests {
             p,
             Plan {
                 demand: 64 << 10,
-                ahead: None
+                ahead: None,
+                confirmed: false
             }
         );
         // Random accesses far apart never start fetching ahead.
@@ -396,7 +437,8 @@ mod tests {
                 p,
                 Plan {
                     demand: 64 << 10,
-                    ahead: None
+                    ahead: None,
+                    confirmed: false
                 },
                 "access {k}"
             );
@@ -442,7 +484,8 @@ mod tests {
             p,
             Plan {
                 demand: 64 << 10,
-                ahead: None
+                ahead: None,
+                confirmed: false
             }
         );
     }
@@ -478,7 +521,8 @@ mod tests {
             s.access(0, 2, &t, &|_| true),
             Plan {
                 demand: 64 << 10,
-                ahead: None
+                ahead: None,
+                confirmed: false
             }
         );
     }

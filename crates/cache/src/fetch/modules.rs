@@ -194,6 +194,12 @@ impl Inner {
         let Some(files) = self.libraries.files().cloned() else {
             return;
         };
+        // A tree walk (tar) reads modules one after the other, and its stream fetches
+        // them ahead: their imports, fetched alone, would only split its requests.
+        let walked = |blob| lock(&self.streams).walked(blob);
+        if walked(m.blob) {
+            return;
+        }
         let t0 = std::time::Instant::now();
         let Some(data) = self.chunk_tail(m.blob, m.index, m.skip) else {
             return;
@@ -254,7 +260,7 @@ impl Inner {
                     None => continue,
                 },
             };
-            if self.fetch_named(blob, index, &self.counters.modules) {
+            if !walked(blob) && self.fetch_named(blob, index, &self.counters.modules) {
                 asked.push(path.as_str());
             }
         }
@@ -556,6 +562,29 @@ mod tests {
         let mut asked = s.fake.asked.lock().unwrap().clone();
         asked.sort();
         assert_eq!(asked, [2, 8, 9, 10, 11].map(|i| (i * c, c)));
+    }
+
+    #[test]
+    fn a_walker_reading_modules_has_no_imports_fetched() {
+        // tar reading the tree: its stream reads ahead of it, module or not.
+        let s = mounted();
+        let mut buf = vec![0; 4096];
+        for i in 0..5 {
+            s.fetcher.read_at(0, i, 4096, &mut buf).unwrap();
+        }
+        for i in [5, 8] {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        settle(&s, &[]);
+        assert!(lock(&s.fetcher.inner.modules.state).seen.is_empty());
+        assert_eq!(s.fetcher.counters().modules.load(Relaxed), 0);
+        // The same reads one by one, a module at a time, are looked at.
+        let s = mounted();
+        for i in [5, 8] {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        settle(&s, &[9, 10, 11]);
+        assert!(!lock(&s.fetcher.inner.modules.state).seen.is_empty());
     }
 
     #[test]
