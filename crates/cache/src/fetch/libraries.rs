@@ -7,8 +7,8 @@
 //! reading ahead already. When that chunk is in, the fetcher reads the names, finds
 //! each library in the image's tree ([`Files`], the loader's search order of
 //! [`crate::elf::search_paths`]) and fetches the first chunks of all of them at once,
-//! after readers and ahead of readahead; each is a program in its turn (its mapped range is read
-//! ahead, its own libraries found).
+//! after readers and ahead of readahead; each is a program in its turn (its mapped
+//! range is read ahead, its own libraries found).
 //!
 //! What it costs: nothing a start-up does not read, but for a library the search finds
 //! in another directory than the loader does (which reads `/etc/ld.so.cache`), and a
