@@ -1053,30 +1053,32 @@ pub(crate) mod tests {
         }
     }
 
-    /// What the host's python compiles `source` to, and the imports its own `dis`
-    /// finds in the module-level code: the referee.
-    fn python_compiles(dir: &std::path::Path, name: &str, source: &str) -> (Vec<u8>, Vec<Import>) {
-        let src = dir.join(format!("{name}.py"));
-        std::fs::write(&src, source).unwrap();
-        let script = r#"
-import dis, json, marshal, py_compile, sys
-pyc = py_compile.compile(sys.argv[1], cfile=sys.argv[1] + "c", doraise=True)
-code = marshal.loads(open(pyc, "rb").read()[16:])
-out, consts = [], []
-for i in dis.get_instructions(code):
-    if i.opname == "LOAD_CONST":
-        consts = (consts + [i.argval])[-2:]
-    elif i.opname == "IMPORT_NAME":
-        level, names = consts if len(consts) == 2 else (0, None)
-        out.append([i.argval, level, list(names or ())])
-        consts = []
-    elif i.opname not in ("CACHE", "EXTENDED_ARG"):
-        consts = []
-print(json.dumps(out))
+    /// The referee: python's own `dis` finding a code object's module-level imports
+    /// (`imports(pyc_path)`, as JSON `[[module, level, [names]]]`), for the scripts of
+    /// [`python`].
+    const REFEREE: &str = r#"
+import dis, json, marshal
+def imports(pyc):
+    code = marshal.loads(open(pyc, "rb").read()[16:])
+    out, consts = [], []
+    for i in dis.get_instructions(code):
+        if i.opname == "LOAD_CONST":
+            consts = (consts + [i.argval])[-2:]
+        elif i.opname == "IMPORT_NAME":
+            level, names = consts if len(consts) == 2 else (0, None)
+            out.append([i.argval, level, list(names or ())])
+            consts = []
+        elif i.opname not in ("CACHE", "EXTENDED_ARG"):
+            consts = []
+    return json.dumps(out)
 "#;
+
+    /// What the host's python prints running [`REFEREE`] and then `script` with `args`.
+    fn python(script: &str, args: &[&std::path::Path]) -> String {
         let out = std::process::Command::new("python3")
-            .args(["-c", script])
-            .arg(&src)
+            .arg("-c")
+            .arg(format!("{REFEREE}{script}"))
+            .args(args)
             .output()
             .expect("python3 (the referee of these tests) is not installed");
         assert!(
@@ -1084,17 +1086,33 @@ print(json.dumps(out))
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let list: Vec<(String, u32, Vec<String>)> = serde_json_lite(&out.stdout);
-        let pyc = std::fs::read(dir.join(format!("{name}.pyc"))).unwrap();
-        let imports = list
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The imports of the referee's JSON.
+    fn refereed(json: &str) -> Vec<Import> {
+        serde_json_lite(json.as_bytes())
             .into_iter()
             .map(|(module, level, names)| Import {
                 module,
                 level,
                 names,
             })
-            .collect();
-        (pyc, imports)
+            .collect()
+    }
+
+    /// What the host's python compiles `source` to, and the imports its own `dis`
+    /// finds in the module-level code.
+    fn python_compiles(dir: &std::path::Path, name: &str, source: &str) -> (Vec<u8>, Vec<Import>) {
+        let src = dir.join(format!("{name}.py"));
+        std::fs::write(&src, source).unwrap();
+        let script = r#"
+import py_compile, sys
+print(imports(py_compile.compile(sys.argv[1], cfile=sys.argv[1] + "c", doraise=True)))
+"#;
+        let expected = refereed(&python(script, &[&src]));
+        let pyc = std::fs::read(dir.join(format!("{name}.pyc"))).unwrap();
+        (pyc, expected)
     }
 
     /// Parses python's `json.dumps` of `[[str, int, [str]]]` (no serde_json here).
@@ -1161,43 +1179,16 @@ print(json.dumps(out))
         // The compiled modules of the host's standard library (its top level and the
         // packages under it), read by this reader and by python's own `dis`.
         let script = r#"
-import dis, glob, json, marshal, sysconfig
+import glob, sysconfig
 std = sysconfig.get_path("stdlib")
 for p in sorted(glob.glob(std + "/__pycache__/*.cpython-*.pyc") + glob.glob(std + "/*/__pycache__/*.cpython-*.pyc")):
-    code = marshal.loads(open(p, "rb").read()[16:])
-    out, consts = [], []
-    for i in dis.get_instructions(code):
-        if i.opname == "LOAD_CONST":
-            consts = (consts + [i.argval])[-2:]
-        elif i.opname == "IMPORT_NAME":
-            level, names = consts if len(consts) == 2 else (0, None)
-            out.append([i.argval, level, list(names or ())])
-            consts = []
-        elif i.opname not in ("CACHE", "EXTENDED_ARG"):
-            consts = []
-    print(p + "\t" + json.dumps(out))
+    print(p + "\t" + imports(p))
 "#;
-        let out = std::process::Command::new("python3")
-            .args(["-c", script])
-            .output()
-            .expect("python3 (the referee of these tests) is not installed");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
+        let text = python(script, &[]);
         let mut checked = 0;
         for line in text.lines() {
             let (path, list) = line.split_once('\t').unwrap();
-            let expected: Vec<Import> = serde_json_lite(list.as_bytes())
-                .into_iter()
-                .map(|(module, level, names)| Import {
-                    module,
-                    level,
-                    names,
-                })
-                .collect();
+            let expected = refereed(list);
             let c = compiled(&std::fs::read(path).unwrap()).unwrap_or_else(|| panic!("{path}"));
             assert_eq!(c.imports, expected, "{path}");
             checked += 1;

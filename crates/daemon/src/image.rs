@@ -212,33 +212,34 @@ impl hoist_reader::lazy::MetaChunkCache for StoreMetaCache {
 /// python modules a module imports.
 pub(crate) struct ImageFiles(pub std::sync::Arc<HoistImage>);
 
-impl hoist_cache::Files for ImageFiles {
-    fn first_chunk(&self, path: &str) -> Option<(usize, usize)> {
-        let image = &self.0;
-        let inode = image.fs.resolve_path(path.as_bytes()).ok()??;
+impl ImageFiles {
+    /// The regular file at `path` (symlinks followed) and its chunk references.
+    fn file(&self, path: &str) -> Option<(u64, Vec<hoist_format::tree::ChunkRef>)> {
+        let inode = self.0.fs.resolve_path(path.as_bytes()).ok()??;
         if !inode.is_file() {
             return None;
         }
-        let first = *image.chunks(&inode).ok()?.first()?;
-        let at = image.resolve(first)?;
+        Some((inode.size, self.0.chunks(&inode).ok()?))
+    }
+}
+
+impl hoist_cache::Files for ImageFiles {
+    fn first_chunk(&self, path: &str) -> Option<(usize, usize)> {
+        let (_, chunks) = self.file(path)?;
+        let at = self.0.resolve(*chunks.first()?)?;
         Some((at.blob, at.index))
     }
 
     fn locate(&self, path: &str) -> Option<hoist_cache::Located> {
-        let image = &self.0;
-        let inode = image.fs.resolve_path(path.as_bytes()).ok()??;
-        if !inode.is_file() {
-            return None;
-        }
-        let [c] = image.chunks(&inode).ok()?[..] else {
+        let (size, chunks) = self.file(path)?;
+        let [c] = chunks[..] else {
             return None;
         };
-        let at = image.resolve(c)?;
-        (at.available() >= inode.size).then_some(hoist_cache::Located {
+        let at = self.0.resolve(c)?;
+        (at.available() >= size).then_some(hoist_cache::Located {
             blob: at.blob,
             index: at.index,
             skip: at.skip,
-            size: inode.size,
         })
     }
 

@@ -51,8 +51,6 @@ pub struct Located {
     pub index: usize,
     /// Where the file starts in the chunk's uncompressed bytes.
     pub skip: u64,
-    /// The file's size.
-    pub size: u64,
 }
 
 /// Programs waiting for the chunks of their dynamic section, at most this many (the

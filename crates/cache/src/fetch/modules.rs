@@ -391,72 +391,41 @@ mod tests {
     /// imports functools (chunk 11); the script also imports a module the image lacks.
     fn image() -> (Vec<Vec<u8>>, PyTree) {
         let mut chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, CHUNK as usize)).collect();
-        let mut put = |i: usize, skip: usize, data: &[u8]| {
-            chunks[i][skip..skip + data.len()].copy_from_slice(data);
-            chunks[i][skip + data.len()] = 0;
-            data.len() as u64
-        };
-        let v = (3, 11);
-        let module = |name: &str, imports: &[(&str, u32, Option<&[&str]>)]| {
-            pyc(v, &format!("{STD}/{name}.py"), imports, 0)
-        };
         let mut files = HashMap::new();
-        let mut at = |path: &str, index: usize, skip: u64, size: u64| {
+        // A file at `skip` into chunk `index`, holding `data` (if any).
+        let mut file = |path: &str, index: usize, skip: usize, data: &[u8]| {
+            if !data.is_empty() {
+                chunks[index][skip..skip + data.len()].copy_from_slice(data);
+                chunks[index][skip + data.len()] = 0;
+            }
             let l = Located {
                 blob: 0,
                 index,
-                skip,
-                size,
+                skip: skip as u64,
             };
             files.insert(path.to_string(), l);
         };
-        let n = put(2, 0, b"import json\nimport missing, re\n");
-        at("/app/main.py", 2, 0, n);
-        let n = put(
-            5,
-            0,
-            &module("json/__init__", &[("decoder", 1, Some(&["JSONDecoder"]))]),
-        );
-        at(
-            &format!("{STD}/json/__pycache__/__init__.cpython-311.pyc"),
-            5,
-            0,
-            n,
-        );
-        let n = put(5, 4096, &module("json/decoder", &[("_json", 0, None)]));
-        at(
-            &format!("{STD}/json/__pycache__/decoder.cpython-311.pyc"),
-            5,
-            4096,
-            n,
-        );
-        let n = put(6, 0, &module("os", &[]));
-        at(&format!("{STD}/__pycache__/os.cpython-311.pyc"), 6, 0, n);
-        let n = put(
-            8,
-            0,
-            &module("re/__init__", &[("os", 0, None), ("enum", 0, None)]),
-        );
-        at(
-            &format!("{STD}/re/__pycache__/__init__.cpython-311.pyc"),
-            8,
-            0,
-            n,
-        );
-        at(
-            &format!("{STD}/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so"),
-            9,
-            0,
-            100,
-        );
-        let n = put(10, 0, &module("enum", &[("functools", 0, None)]));
-        at(&format!("{STD}/__pycache__/enum.cpython-311.pyc"), 10, 0, n);
-        let n = put(11, 0, &module("functools", &[]));
-        at(
-            &format!("{STD}/__pycache__/functools.cpython-311.pyc"),
+        let module = |name: &str, imports: &[(&str, u32, Option<&[&str]>)]| {
+            pyc((3, 11), &format!("{STD}/{name}.py"), imports, 0)
+        };
+        let cached = |name: &str| format!("{STD}/{name}.cpython-311.pyc");
+        file("/app/main.py", 2, 0, b"import json\nimport missing, re\n");
+        let json = module("json/__init__", &[("decoder", 1, Some(&["JSONDecoder"]))]);
+        file(&cached("json/__pycache__/__init__"), 5, 0, &json);
+        let decoder = module("json/decoder", &[("_json", 0, None)]);
+        file(&cached("json/__pycache__/decoder"), 5, 4096, &decoder);
+        file(&cached("__pycache__/os"), 6, 0, &module("os", &[]));
+        let re = module("re/__init__", &[("os", 0, None), ("enum", 0, None)]);
+        file(&cached("re/__pycache__/__init__"), 8, 0, &re);
+        let extension = format!("{STD}/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so");
+        file(&extension, 9, 0, &[]);
+        let enum_ = module("enum", &[("functools", 0, None)]);
+        file(&cached("__pycache__/enum"), 10, 0, &enum_);
+        file(
+            &cached("__pycache__/functools"),
             11,
             0,
-            n,
+            &module("functools", &[]),
         );
         let mut paths: Vec<String> = files.keys().cloned().collect();
         for source in [
