@@ -46,6 +46,10 @@ pub struct Program {
     pub dynamic: Option<(u64, u64)>,
     /// The machine it runs on (`e_machine`), which picks the library directories.
     pub machine: u16,
+    /// The program interpreter (`PT_INTERP`: the dynamic loader the kernel maps with
+    /// it), when its path lies within the parsed bytes, is absolute and at most
+    /// [`MAX_INTERP`] bytes long.
+    pub interp: Option<String>,
     /// Loadable segments: (virtual address, file offset, file size).
     loads: Vec<(u64, u64, u64)>,
     class64: bool,
@@ -58,6 +62,8 @@ pub const MAX_DYNAMIC: u64 = 64 << 10;
 pub const MAX_STRTAB: u64 = 1 << 20;
 /// The most libraries taken from one program (to prevent denial of service).
 pub const MAX_NEEDED: usize = 64;
+/// The longest interpreter path taken (the kernel's limit is a page).
+pub const MAX_INTERP: u64 = 4096;
 
 /// What a program's dynamic section asks of the loader.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -158,12 +164,13 @@ fn program<H: FileHeader<Endian = object::Endianness>>(
     let endian = header.endian().ok()?;
     let phdrs = header.program_headers(endian, data).ok()?;
     let mut loads = Vec::new();
-    let mut dynamic = None;
+    let (mut dynamic, mut interp) = (None, None);
     for p in phdrs {
         let (offset, filesz): (u64, u64) = (p.p_offset(endian).into(), p.p_filesz(endian).into());
         match p.p_type(endian) {
             elf::PT_LOAD => loads.push((p.p_vaddr(endian).into(), offset, filesz)),
             elf::PT_DYNAMIC => dynamic = Some((offset, filesz.min(MAX_DYNAMIC))),
+            elf::PT_INTERP if filesz <= MAX_INTERP => interp = interp_path(data, offset, filesz),
             _ => {}
         }
     }
@@ -172,10 +179,21 @@ fn program<H: FileHeader<Endian = object::Endianness>>(
         mapped,
         dynamic,
         machine: header.e_machine(endian),
+        interp,
         loads,
         class64,
         big_endian: endian == object::Endianness::Big,
     })
+}
+
+/// The NUL-terminated absolute path at `offset..offset + len` of `data`, if all of it
+/// is there.
+fn interp_path(data: &[u8], offset: u64, len: u64) -> Option<String> {
+    let start = usize::try_from(offset).ok()?;
+    let bytes = data.get(start..start.checked_add(usize::try_from(len).ok()?)?)?;
+    let path = &bytes[..bytes.iter().position(|&b| b == 0)?];
+    let path = std::str::from_utf8(path).ok()?;
+    path.starts_with('/').then(|| path.to_owned())
 }
 
 /// The paths the dynamic loader would try for library `name`, first to last: a name
@@ -270,6 +288,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_interpreter_when_its_path_is_at_hand() {
+        let with = |path: &[u8], len: u64| {
+            let mut h = elf64(&[(elf::PT_INTERP, 0x200, len), (elf::PT_LOAD, 0, 0x1000)]);
+            h.resize(0x200, 0);
+            h.extend_from_slice(path);
+            Program::parse(&h).map(|p| p.interp)
+        };
+        let ld = b"/lib64/ld-linux-x86-64.so.2\0";
+        assert_eq!(
+            with(ld, ld.len() as u64),
+            Some(Some("/lib64/ld-linux-x86-64.so.2".into()))
+        );
+        // Cut short, unterminated, relative, or past the bound: no interpreter, the
+        // rest of the header still read.
+        assert_eq!(with(&ld[..10], ld.len() as u64), Some(None));
+        assert_eq!(with(&ld[..ld.len() - 1], ld.len() as u64 - 1), Some(None));
+        assert_eq!(with(b"ld.so\0", 6), Some(None));
+        assert_eq!(with(ld, MAX_INTERP + 1), Some(None));
+        // This test's own executable names the loader that runs it.
+        let exe = std::fs::read("/proc/self/exe").unwrap();
+        let p = Program::parse(&exe[..exe.len().min(1 << 20)]).unwrap();
+        let interp = p.interp.expect("the test binary is dynamically linked");
+        assert!(std::path::Path::new(&interp).exists(), "{interp}");
+    }
+
+    #[test]
     fn a_real_program_maps_most_of_itself() {
         // This test's own executable, as the loader saw it.
         let exe = std::fs::read("/proc/self/exe").unwrap();
@@ -283,18 +327,39 @@ pub(crate) mod tests {
     /// `strtab` at file offset 0x1000, and a dynamic section of `dynamic` (tag, value)
     /// entries at file offset 0x2000; returns the file.
     pub(crate) fn dynamic_program(strtab: &[u8], dynamic: &[(u64, u64)]) -> Vec<u8> {
-        let mut f = elf64(&[
-            (elf::PT_LOAD, 0, 0x3000),
-            (elf::PT_DYNAMIC, 0x2000, 16 * dynamic.len() as u64),
-        ]);
+        program_file(strtab, dynamic, 0x2000, 0x3000, None)
+    }
+
+    /// A program whose one loadable segment (file offset 0, loaded at 0x400000) maps
+    /// its first `mapped` bytes (at least 0x3000), holding `strtab` at file offset
+    /// 0x1000, a dynamic section of `dynamic` (tag, value) entries at file offset `at`
+    /// (at least 0x2000), and the path of `interp` (if any) at 0x800; returns the file.
+    pub(crate) fn program_file(
+        strtab: &[u8],
+        dynamic: &[(u64, u64)],
+        at: u64,
+        mapped: u64,
+        interp: Option<&str>,
+    ) -> Vec<u8> {
+        let mut phdrs = vec![
+            (elf::PT_LOAD, 0, mapped),
+            (elf::PT_DYNAMIC, at, 16 * dynamic.len() as u64),
+        ];
+        if let Some(i) = interp {
+            phdrs.push((elf::PT_INTERP, 0x800, i.len() as u64 + 1));
+        }
+        let mut f = elf64(&phdrs);
         // p_vaddr of the loadable segment.
         f[64 + 16..64 + 24].copy_from_slice(&0x40_0000u64.to_le_bytes());
-        f.resize(0x3000, 0);
+        f.resize(mapped as usize, 0);
+        if let Some(i) = interp {
+            f[0x800..0x800 + i.len()].copy_from_slice(i.as_bytes());
+        }
         f[0x1000..0x1000 + strtab.len()].copy_from_slice(strtab);
         for (k, &(tag, val)) in dynamic.iter().enumerate() {
-            let at = 0x2000 + 16 * k;
-            f[at..at + 8].copy_from_slice(&tag.to_le_bytes());
-            f[at + 8..at + 16].copy_from_slice(&val.to_le_bytes());
+            let e = at as usize + 16 * k;
+            f[e..e + 8].copy_from_slice(&tag.to_le_bytes());
+            f[e + 8..e + 16].copy_from_slice(&val.to_le_bytes());
         }
         f
     }
@@ -414,6 +479,7 @@ pub(crate) mod tests {
                 mapped: 0x3000,
                 dynamic: Some((0, dynamic.len() as u64)),
                 machine: elf::EM_X86_64,
+                interp: None,
                 loads,
                 class64,
                 big_endian,
@@ -432,6 +498,20 @@ pub(crate) mod tests {
             data.push(class);
             data.extend(rest);
             let _ = mapped_len(&data);
+        }
+
+        #[test]
+        fn an_interpreter_anywhere_gives_an_answer_not_a_panic(
+            offset in prop_oneof![0u64..0x300, any::<u64>()],
+            len in prop_oneof![0u64..0x300, any::<u64>()],
+            tail in prop::collection::vec(any::<u8>(), 0..0x200),
+        ) {
+            let mut h = elf64(&[(elf::PT_INTERP, offset, len), (elf::PT_LOAD, 0, 0x1000)]);
+            h.extend(tail);
+            let p = Program::parse(&h).expect("the header is whole");
+            if let Some(i) = p.interp {
+                prop_assert!(i.starts_with('/') && i.len() as u64 <= MAX_INTERP);
+            }
         }
 
         #[test]

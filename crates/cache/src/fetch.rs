@@ -37,8 +37,10 @@
 
 mod libraries;
 mod modules;
+mod process;
 
 pub use libraries::{Files, Located};
+pub use process::{Process, DEFAULT_PATH};
 
 use crate::readahead::{Plan, Streams};
 use crate::source::{ChunkSource, SourceError};
@@ -218,6 +220,9 @@ pub struct Counters {
     /// Python modules fetched because a module importing them was read (see
     /// [`crate::python`]).
     pub modules: AtomicU64,
+    /// Files fetched because a process about to start names them: its program and
+    /// the files its arguments name (see [`Process`]).
+    pub process_files: AtomicU64,
     /// Views built (see [`crate::View`]).
     pub views_built: AtomicU64,
     /// Views found on disk and verified before first use.
@@ -453,6 +458,14 @@ impl Fetcher {
     /// ahead. Only the first call counts.
     pub fn set_files(&self, files: Arc<dyn Files>) {
         self.inner.libraries.set_files(files);
+    }
+
+    /// A process is about to start in the image: the first chunks of its program and
+    /// of the files its arguments name are fetched now, before its reads (see
+    /// [`Process`]). Returns at once; does nothing without the image's tree
+    /// ([`Fetcher::set_files`]).
+    pub fn will_run(&self, process: Process) {
+        self.inner.will_run(process);
     }
 
     /// The blobs and their chunks.
@@ -1152,8 +1165,10 @@ impl Inner {
             // Queued before the reader wakes, to be under way before its next fault
             // (or the loader's next open).
             if let Some(p) = program.take().filter(|_| r.is_ok()) {
-                self.read_ahead_mapped(job.blob, job.first + k, p.mapped);
-                self.watch_program(job.blob, job.first + k, p);
+                let mapped = p.mapped;
+                if !self.watch_program(job.blob, job.first + k, p) {
+                    self.read_ahead_mapped(job.blob, job.first + k, mapped);
+                }
             }
             if r.is_ok() {
                 self.chunk_in(job.blob, job.first + k);
@@ -1496,6 +1511,18 @@ mod tests {
 
     /// A program of one chunk (chunk `i` of `CHUNK` bytes) that loads `libraries`.
     fn program_chunk(i: usize, libraries: &[&str]) -> Vec<u8> {
+        program_chunks(i, libraries, 1, None).remove(0)
+    }
+
+    /// A program of `n` chunks (chunks `i..i + n` of `CHUNK` bytes, all mapped) that
+    /// loads `libraries`, whose dynamic section lies in its last chunk, and whose
+    /// interpreter is `interp`.
+    pub(super) fn program_chunks(
+        i: usize,
+        libraries: &[&str],
+        n: usize,
+        interp: Option<&str>,
+    ) -> Vec<Vec<u8>> {
         use object::elf;
         let mut strtab = vec![0u8];
         let mut dynamic = Vec::new();
@@ -1506,10 +1533,21 @@ mod tests {
         }
         dynamic.push((u64::from(elf::DT_STRTAB), 0x40_1000));
         dynamic.push((u64::from(elf::DT_STRSZ), strtab.len() as u64));
-        let f = crate::elf::tests::dynamic_program(&strtab, &dynamic);
-        let mut c = chunk(i, CHUNK as usize);
-        c[..f.len()].copy_from_slice(&f);
-        c
+        let c = CHUNK as usize;
+        let (at, mapped) = match n {
+            1 => (0x2000, 0x3000),
+            _ => ((n - 1) * c + 0x100, n * c),
+        };
+        let f =
+            crate::elf::tests::program_file(&strtab, &dynamic, at as u64, mapped as u64, interp);
+        // The chunks keep their own bytes (distinct digests) but for the header, the
+        // interpreter's path and the string table (0..0x2000), and the dynamic section.
+        let mut out: Vec<Vec<u8>> = (0..n).map(|k| chunk(i + k, c)).collect();
+        let head = if n == 1 { f.len() } else { 0x2000 };
+        out[0][..head].copy_from_slice(&f[..head]);
+        let d = at..at + 16 * dynamic.len();
+        out[n - 1][d.start - (n - 1) * c..d.end - (n - 1) * c].copy_from_slice(&f[d]);
+        out
     }
 
     /// An image tree of a few libraries: path → (blob, index).
@@ -1602,6 +1640,57 @@ mod tests {
         assert_eq!(read(&s, 2), s.chunks[2]);
         assert_eq!(*s.fake.asked.lock().unwrap(), vec![(c, 4 * c)]);
         assert_eq!(s.fetcher.counters().libraries.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_programs_dynamic_section_comes_alone_and_first_then_its_libraries_and_mapped_range() {
+        // Chunks 2..=6 hold a program whose dynamic section lies in chunk 6, which
+        // loads libfoo (chunk 10) and is run by the loader at chunk 9.
+        let mut chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, CHUNK as usize)).collect();
+        let program = program_chunks(2, &["libfoo.so.1"], 5, Some("/lib64/ld.so"));
+        for (k, c) in program.into_iter().enumerate() {
+            chunks[2 + k] = c;
+        }
+        let cfg = FetchConfig {
+            min_fetch: CHUNK.into(),
+            ..FetchConfig::default()
+        };
+        let s = setup_chunks(chunks, Fake::default(), cfg);
+        s.fetcher.set_files(Arc::new(Tree(HashMap::from([
+            ("/lib64/ld.so".to_owned(), (0, 9)),
+            ("/lib/x86_64-linux-gnu/libfoo.so.1".to_owned(), (0, 10)),
+        ]))));
+        let c = u64::from(CHUNK);
+        assert_eq!(read(&s, 2), s.chunks[2]);
+        for i in [3, 4, 5, 6, 9, 10] {
+            wait_fetched(&s, i);
+        }
+        let asked = s.fake.asked.lock().unwrap().clone();
+        let at = |r: (u64, u64)| asked.iter().position(|&a| a == r);
+        let dynamic = at((6 * c, c)).expect("the dynamic section's chunk, alone");
+        let library = at((10 * c, c)).expect("the library, alone");
+        assert!(at((9 * c, c)).is_some(), "the loader: {asked:?}");
+        // The rest of the mapped range is read ahead once the dynamic section is in,
+        // and the library once its name is known; each chunk once.
+        let of = |k: u64| {
+            let mut holding = asked
+                .iter()
+                .enumerate()
+                .filter(|(_, &(at, len))| (at..at + len).contains(&(k * c)));
+            let first = holding.next().map(|(n, _)| n);
+            assert!(holding.next().is_none(), "chunk {k} twice: {asked:?}");
+            first.unwrap_or_else(|| panic!("chunk {k} never asked: {asked:?}"))
+        };
+        for k in 3..=5 {
+            assert!(dynamic < of(k), "{asked:?}");
+        }
+        assert!(dynamic < library, "{asked:?}");
+        assert_eq!(s.fetcher.counters().libraries.load(Relaxed), 2);
+        // The loader's reads are hits.
+        for i in [3, 4, 5, 6, 9, 10] {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        assert_eq!(s.fetcher.counters().misses.load(Relaxed), 1);
     }
 
     #[test]

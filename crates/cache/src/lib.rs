@@ -13,7 +13,9 @@
 //!   and those before other prefetch; it can record the chunks read. Programs and
 //!   libraries ([`elf`]) have their mapped range read ahead and, given the image's
 //!   tree ([`Files`]), the libraries they load fetched before the loader asks, and
-//!   the python modules a module imports ([`python`]) before the interpreter asks.
+//!   the python modules a module imports ([`python`]) before the interpreter asks;
+//!   told of a process about to start ([`Process`]), it fetches its program and
+//!   script before the runtime execs it.
 //! - [`View`]: cached chunks copied into one file shaped like a file of the image or a
 //!   blob's address space, for FUSE passthrough and EROFS devices the kernel reads
 //!   without hoist.
@@ -33,7 +35,10 @@ mod source;
 mod store;
 mod views;
 
-pub use fetch::{BlobChunks, Counters, FetchConfig, FetchError, Fetcher, Files, Located, Priority};
+pub use fetch::{
+    BlobChunks, Counters, FetchConfig, FetchError, Fetcher, Files, Located, Priority, Process,
+    DEFAULT_PATH,
+};
 pub use meta::MetaCachingSource;
 pub use source::{ChunkSource, ImageChunks, SourceError};
 pub use store::{ChunkDigest, ChunkStore, Claim, Inflight, PruneReport, Slot, StoreStats};

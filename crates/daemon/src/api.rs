@@ -135,6 +135,14 @@ pub enum Request {
         /// The mount point.
         mountpoint: PathBuf,
     },
+    /// A process is about to start on a mount: the files it reads first are fetched
+    /// before it starts.
+    WillRun {
+        /// The mount point.
+        mountpoint: PathBuf,
+        /// The process.
+        process: Process,
+    },
     /// Every mount.
     List,
     /// Usage of a chunk cache.
@@ -239,6 +247,29 @@ pub enum TraceSource {
     None,
 }
 
+/// A process about to start on a mount ([`Request::WillRun`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    /// Its command line; the first is the program.
+    pub args: Vec<String>,
+    /// The `PATH` of its environment; `None`: the default
+    /// ([`hoist_cache::DEFAULT_PATH`]).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Its working directory in the image.
+    pub cwd: String,
+}
+
+impl From<Process> for hoist_cache::Process {
+    fn from(p: Process) -> Self {
+        hoist_cache::Process {
+            args: p.args,
+            path: p.path,
+            cwd: p.cwd,
+        }
+    }
+}
+
 /// What `hoist stat` shows of a mount.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stats {
@@ -300,6 +331,10 @@ pub struct Stats {
     /// the interpreter asked for them.
     #[serde(default)]
     pub modules: u64,
+    /// Files fetched because a process about to start names them (its program, the
+    /// files its arguments name: `hoist run` says), before it read them.
+    #[serde(default)]
+    pub process_files: u64,
     /// Chunks the cache evicted (all mounts of the cache: past `--cache-size`, chunks
     /// of mounted images go too, least recently used first).
     #[serde(default)]
@@ -405,6 +440,8 @@ pub enum Reply {
     Trace(Box<Trace>),
     /// To [`Request::Stat`].
     Stat(Box<Stats>),
+    /// To [`Request::WillRun`]: the fetching has started.
+    WillRun,
     /// To [`Request::List`].
     List(Vec<Stats>),
     /// To [`Request::CacheStat`].
@@ -543,6 +580,16 @@ impl Client {
             mountpoint: mountpoint.to_path_buf(),
         };
         expect!(self.call(&req)?, Reply::Stat(s) => *s)
+    }
+
+    /// Tells the daemon a process is about to start on mount `mountpoint`, so that it
+    /// fetches the process's program and script now; returns at once.
+    pub fn will_run(&mut self, mountpoint: &Path, process: Process) -> Result<(), ClientError> {
+        let req = Request::WillRun {
+            mountpoint: mountpoint.to_path_buf(),
+            process,
+        };
+        expect!(self.call(&req)?, Reply::WillRun => ())
     }
 
     /// Every mount.

@@ -787,6 +787,7 @@ impl Served {
             readaheads: c.readaheads.load(Relaxed),
             libraries: c.libraries.load(Relaxed),
             modules: c.modules.load(Relaxed),
+            process_files: c.process_files.load(Relaxed),
             cache_evictions: evictions.0,
             cache_refetches: evictions.1,
             reads: self.counters.reads.load(Relaxed),

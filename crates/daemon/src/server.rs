@@ -141,6 +141,13 @@ impl Daemon {
                     .map(|s| Reply::Stat(Box::new(s)))
                     .ok_or_else(|| not_mounted(&mountpoint))
             }
+            Request::WillRun {
+                mountpoint,
+                process,
+            } => self
+                .with_served(&mountpoint, |s| s.fetcher.will_run(process.into()))
+                .map(|()| Reply::WillRun)
+                .ok_or_else(|| not_mounted(&mountpoint)),
             Request::List => {
                 let mounts: Vec<(PathBuf, PathBuf)> = lock(&self.mounts)
                     .iter()

@@ -422,6 +422,38 @@ fn python_runs_lazily_under_runc_in_both_modes() {
         Command::new("umount").arg(&merged).status().unwrap();
         home.ok(&["umount", &mps]);
     }
+    // `hoist run` tells the daemon what it runs: python3 and main.py are fetched while
+    // runc starts, and main.py's imports as soon as it is in.
+    for mode in MODES {
+        let home = Home::new(&format!("run-{mode}"));
+        let stats = home.root.join("stats.json");
+        let s = stats.display().to_string();
+        let args = [
+            "--plain-http",
+            "run",
+            "--rm",
+            "--mode",
+            mode,
+            "--stats-json",
+            &s,
+        ];
+        let got = home.ok(&[&args[..], &[image.as_str(), "--"], &cmd[..]].concat());
+        assert_eq!(
+            got, want,
+            "{mode}: hoist run's output differs from the reference run"
+        );
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        let s = &v["stat"];
+        eprintln!(
+            "{mode}: hoist run fetched {} files for the process, {} libraries, {} python modules ahead; {} misses",
+            s["process_files"], s["libraries"], s["modules"], s["cache_misses"]
+        );
+        assert_eq!(
+            s["process_files"], 2,
+            "{mode}: python3 and /app/main.py: {s}"
+        );
+        assert!(s["modules"].as_u64().unwrap() >= 10, "{mode}: {s}");
+    }
 }
 
 fn read(path: &Path) -> std::io::Result<Vec<u8>> {

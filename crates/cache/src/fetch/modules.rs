@@ -15,7 +15,7 @@
 //! costs is in [`crate::python`]: module-level imports that are never run.
 
 use super::{lock, Inner};
-use crate::fetch::libraries::Files;
+use crate::fetch::libraries::{Files, Located};
 use crate::python::{self, Dirs, Importer};
 use crate::store::ChunkDigest;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -61,11 +61,27 @@ struct State {
 
 /// A module file: where it starts, and its path when the fetcher found it by name.
 #[derive(Debug, Clone)]
-struct Module {
+pub(super) struct Module {
     blob: usize,
     index: usize,
     skip: u64,
     path: Option<String>,
+    /// A file a process's command line names ([`super::process`]): read only if it
+    /// is a module, as the script python runs.
+    script: bool,
+}
+
+impl Module {
+    /// The file at `path`, which lies at `l`, named on a process's command line.
+    pub(super) fn script(l: Located, path: String) -> Module {
+        Module {
+            blob: l.blob,
+            index: l.index,
+            skip: l.skip,
+            path: Some(path),
+            script: true,
+        }
+    }
 }
 
 /// Whether bytes read at the start of a file are a python module's: a compiled one's
@@ -127,6 +143,7 @@ impl Inner {
             index,
             skip: offset,
             path: None,
+            script: false,
         });
         self.start_modules(&mut s);
     }
@@ -204,6 +221,9 @@ impl Inner {
         let Some(data) = self.chunk_tail(m.blob, m.index, m.skip) else {
             return;
         };
+        if m.script && !is_module(&data) {
+            return;
+        }
         let dirs = Listing {
             files: files.as_ref(),
             cache: &self.modules.dirs,
@@ -227,9 +247,10 @@ impl Inner {
                     false,
                 )
             } else if let Some(imports) = python::source_imports(&data) {
-                // Source read before any module named it: the script python runs.
-                let source = m.path.clone().filter(|p| p.ends_with(".py"));
-                let script = m.path.is_none();
+                // Source read before any module named it, or named on the command
+                // line: the script python runs.
+                let script = m.script || m.path.is_none();
+                let source = m.path.clone().filter(|p| script || p.ends_with(".py"));
                 (imports, source, self.python_versions(&dirs), script)
             } else {
                 return;
@@ -250,6 +271,7 @@ impl Inner {
                             index: l.index,
                             skip: l.skip,
                             path: Some(path.clone()),
+                            script: false,
                         });
                     }
                     (l.blob, l.index)
@@ -276,7 +298,7 @@ impl Inner {
     }
 
     /// Module `m` is to be read once its chunk is in (now, if it is cached).
-    fn watch_module(&self, m: Module) {
+    pub(super) fn watch_module(&self, m: Module) {
         let Some(e) = self.blobs.get(m.blob).and_then(|b| b.entries.get(m.index)) else {
             return;
         };
@@ -358,9 +380,10 @@ impl Dirs for Listing<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{chunk, read, setup_chunks, Fake, Setup, CHUNK};
+    use super::super::tests::{chunk, program_chunks, read, setup_chunks, Fake, Setup, CHUNK};
     use super::*;
     use crate::python::tests::{pyc, Tree};
+    use crate::Process;
     use crate::{FetchConfig, Located};
     use std::time::{Duration, Instant};
 
@@ -388,7 +411,8 @@ mod tests {
     /// the image: `/app/main.py` (chunk 2) imports json (chunk 5, whose decoder at
     /// 4 KiB into the same chunk imports the extension `_json`, chunk 9) and re
     /// (chunk 8), which imports the frozen os (chunk 6) and enum (chunk 10), which
-    /// imports functools (chunk 11); the script also imports a module the image lacks.
+    /// imports functools (chunk 11); the script also imports a module the image lacks,
+    /// and `helpers` beside it (chunk 1), which only its path finds.
     fn image() -> (Vec<Vec<u8>>, PyTree) {
         let mut chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, CHUNK as usize)).collect();
         let mut files = HashMap::new();
@@ -409,7 +433,13 @@ mod tests {
             pyc((3, 11), &format!("{STD}/{name}.py"), imports, 0)
         };
         let cached = |name: &str| format!("{STD}/{name}.cpython-311.pyc");
-        file("/app/main.py", 2, 0, b"import json\nimport missing, re\n");
+        file(
+            "/app/main.py",
+            2,
+            0,
+            b"import json\nimport missing, re\nimport helpers\n",
+        );
+        file("/app/helpers.py", 1, 0, b"VALUE = 1\n");
         let json = module("json/__init__", &[("decoder", 1, Some(&["JSONDecoder"]))]);
         file(&cached("json/__pycache__/__init__"), 5, 0, &json);
         let decoder = module("json/decoder", &[("_json", 0, None)]);
@@ -504,6 +534,71 @@ mod tests {
         }
         assert_eq!(s.fetcher.counters().misses.load(Relaxed), 1);
         assert_eq!(s.fake.requests(), 6);
+    }
+
+    #[test]
+    fn a_process_about_to_start_has_its_program_and_script_fetched_before_it_reads() {
+        // python3 (chunk 3), run by the loader at chunk 4, loads libz (chunk 7).
+        let (mut chunks, mut tree) = image();
+        chunks[3] =
+            program_chunks(3, &["libz.so.1"], 1, Some("/lib64/ld-linux-x86-64.so.2")).remove(0);
+        for (path, index) in [
+            ("/usr/bin/python3", 3),
+            ("/lib64/ld-linux-x86-64.so.2", 4),
+            ("/lib/x86_64-linux-gnu/libz.so.1", 7),
+        ] {
+            let l = Located {
+                blob: 0,
+                index,
+                skip: 0,
+            };
+            tree.files.insert(path.into(), l);
+        }
+        let cfg = FetchConfig {
+            min_fetch: CHUNK.into(),
+            ..FetchConfig::default()
+        };
+        let s = setup_chunks(chunks, Fake::default(), cfg);
+        s.fetcher.set_files(Arc::new(tree));
+        let args = ["python3", "main.py", "-u", "/absent"].map(String::from);
+        s.fetcher.will_run(Process {
+            args: args.to_vec(),
+            path: Some("/usr/local/bin:/usr/bin".into()),
+            cwd: "/app".into(),
+        });
+        let all = [1, 2, 3, 4, 5, 7, 8, 9, 10, 11];
+        settle(&s, &all);
+        // Each alone, once, before any read: the program, its loader and library,
+        // the script, its imports and the module beside it.
+        let c = u64::from(CHUNK);
+        let mut asked = s.fake.asked.lock().unwrap().clone();
+        asked.sort();
+        assert_eq!(asked, all.map(|i| (i as u64 * c, c)));
+        let counters = s.fetcher.counters();
+        assert_eq!(counters.process_files.load(Relaxed), 2);
+        assert_eq!(counters.libraries.load(Relaxed), 2);
+        assert_eq!(counters.modules.load(Relaxed), 6);
+        // The process's reads are all hits (backwards: reads in order would be a
+        // stream, which reads ahead).
+        for i in all.into_iter().rev() {
+            assert_eq!(read(&s, i), s.chunks[i]);
+        }
+        assert_eq!(counters.misses.load(Relaxed), 0);
+        assert_eq!(s.fake.requests(), all.len());
+        // No tree, or no program: nothing.
+        let (chunks, _) = image();
+        let s = setup_chunks(chunks, Fake::default(), FetchConfig::default());
+        s.fetcher.will_run(Process {
+            args: args.to_vec(),
+            path: None,
+            cwd: "/app".into(),
+        });
+        settle(&s, &[]);
+        assert_eq!(s.fake.requests(), 0);
+        let s = mounted();
+        s.fetcher.will_run(Process::default());
+        settle(&s, &[]);
+        assert_eq!(s.fake.requests(), 0);
     }
 
     #[test]

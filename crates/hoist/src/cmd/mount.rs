@@ -253,8 +253,8 @@ pub fn stat(cx: &Context, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
         s.cache_hits, s.cache_misses, s.fetch_errors, s.timeouts, s.reads, s.read_errors
     );
     println!(
-        "  fetching  {} readahead jobs for readers going forward; {} libraries fetched for the programs that load them; {} python modules for the modules that import them; {} damaged chunks discarded and fetched again",
-        s.readaheads, s.libraries, s.modules, s.corrupt
+        "  fetching  {} readahead jobs for readers going forward; {} files for the process about to start; {} libraries fetched for the programs that load them; {} python modules for the modules that import them; {} damaged chunks discarded and fetched again",
+        s.readaheads, s.process_files, s.libraries, s.modules, s.corrupt
     );
     if s.passthrough {
         println!("  passthrough on: {} opens", s.passthrough_opens);

@@ -224,10 +224,33 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     interrupted(&mut signals)?;
     let config = ImageConfig::from_json(&mounted.config)
         .with_context(|| format!("the config of {}", l.image))?;
+    let args = config.process(l.entrypoint, l.cmd)?;
+    let cwd = if config.working_dir.is_empty() {
+        "/".to_string()
+    } else {
+        config.working_dir.clone()
+    };
     overlay::mount(&image_mp, &upper, &work, &rootfs)?;
     cleanup.overlaid = true;
     let user = user::resolve(&rootfs, &config.user)?;
     let env = hoist_runtime::environment(&config.env, l.env, &user.home, l.tty);
+    // The daemon fetches the program and its script while runc starts (about 0.1 s
+    // before the kernel reads the program). After the user's lookup, whose reads of
+    // /etc would share the link with them. A recording leaves the reads as they come.
+    if l.record.is_none() {
+        let process = hoist_daemon::api::Process {
+            args: args.clone(),
+            path: env
+                .vars
+                .iter()
+                .find_map(|e| e.strip_prefix("PATH="))
+                .map(str::to_owned),
+            cwd: cwd.clone(),
+        };
+        if let Err(e) = client.will_run(&image_mp, process) {
+            tracing::warn!("telling the daemon what {} runs: {e}", l.image);
+        }
+    }
     for e in &env.dropped {
         tracing::warn!(
             "environment entry {e:?} (of the config of {} or -e) has no '=': not passed to \
@@ -236,13 +259,9 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
         );
     }
     let container = spec::Container {
-        args: config.process(l.entrypoint, l.cmd)?,
+        args,
         env: env.vars,
-        cwd: if config.working_dir.is_empty() {
-            "/".into()
-        } else {
-            config.working_dir.clone()
-        },
+        cwd,
         user,
         rootfs: rootfs.clone(),
         hostname: name.chars().take(63).collect(),
