@@ -582,17 +582,20 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// runc's status of container `name` in `home`, or None when runc does not know it.
-fn runc_status(home: &Home, name: &str) -> Option<String> {
+/// runc's state of container `name` in `home`, or None when runc does not know it.
+fn runc_state(home: &Home, name: &str) -> Option<Value> {
     let out = Command::new("runc")
         .arg("--root")
         .arg(home.0.join("runc"))
         .args(["state", name])
         .output()
         .unwrap();
-    out.status
-        .success()
-        .then(|| json_of(&out.stdout)["status"].as_str().unwrap().to_string())
+    out.status.success().then(|| json_of(&out.stdout))
+}
+
+/// runc's status of container `name` in `home`, or None when runc does not know it.
+fn runc_status(home: &Home, name: &str) -> Option<String> {
+    runc_state(home, name).map(|s| s["status"].as_str().unwrap().to_string())
 }
 
 fn json_of(bytes: &[u8]) -> Value {
@@ -712,6 +715,16 @@ fn a_killed_hoist_run_leaves_no_container_and_ps_shows_the_rest() {
         home.run(&["run", "-d", "--rm", "--name", "rd", img, "--", "sleep 1000"]);
     assert_eq!((code, out.as_str()), (0, "rd\n"), "{err}");
     assert_eq!(runc_status(&home, "rd").as_deref(), Some("running"));
+    // Its cgroup is its home's and its name's, not the bare name that a container of
+    // the same name in another home would share.
+    let pid = runc_state(&home, "rd").unwrap()["pid"].as_u64().unwrap();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups
+            .lines()
+            .all(|l| l.contains("/hoist-") && l.ends_with("-rd")),
+        "{cgroups}"
+    );
     let (_, out, _) = home.run(&["ps", "--json"]);
     let listed = json_of(out.as_bytes());
     assert_eq!(listed[0]["name"], "rd");

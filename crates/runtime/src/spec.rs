@@ -34,6 +34,10 @@ pub struct Container {
     pub hostname: String,
     /// Give it a terminal.
     pub terminal: bool,
+    /// Its cgroup (runc's `cgroupsPath`). runc's default, the container's name at the
+    /// top of each hierarchy, is shared by containers of one name in two hoist homes,
+    /// and by a container and the processes its namesake left behind.
+    pub cgroup: String,
 }
 
 /// docker's default capabilities (moby `oci/caps/defaults.go`).
@@ -120,6 +124,7 @@ pub fn build(c: &Container) -> Result<Spec, RuntimeError> {
         if let Some(ns) = linux.namespaces_mut() {
             ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
         }
+        linux.set_cgroups_path(Some(c.cgroup.clone().into()));
     }
     Ok(spec)
 }
@@ -153,6 +158,7 @@ mod tests {
             rootfs: "/tmp/rootfs".into(),
             hostname: "box".into(),
             terminal: false,
+            cgroup: "/hoist-0123-box".into(),
         };
         let v = serde_json::to_value(build(&c).unwrap()).unwrap();
         let p = &v["process"];
@@ -170,6 +176,7 @@ mod tests {
         assert_eq!(v["root"]["path"], "/tmp/rootfs");
         assert_eq!(v["root"]["readonly"], false);
         assert_eq!(v["hostname"], "box");
+        assert_eq!(v["linux"]["cgroupsPath"], "/hoist-0123-box");
         let ns: Vec<&str> = v["linux"]["namespaces"]
             .as_array()
             .unwrap()

@@ -266,6 +266,11 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
         rootfs: rootfs.clone(),
         hostname: name.chars().take(63).collect(),
         terminal: l.tty,
+        // One per home and name: two homes may both have a container `web`.
+        cgroup: format!(
+            "/hoist-{}-{name}",
+            &hoist_oci::Digest::of(home.root.as_os_str().as_encoded_bytes()).hex()[..12]
+        ),
     };
     spec::write(&dir, &spec::build(&container)?)?;
     let mount_secs = t0.elapsed().as_secs_f64();
