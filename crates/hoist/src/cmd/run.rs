@@ -247,8 +247,10 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
                 .map(str::to_owned),
             cwd: cwd.clone(),
         };
+        // Only a head start: the container runs the same without it (a daemon being
+        // restarted, or one too old to know the request).
         if let Err(e) = client.will_run(&image_mp, process) {
-            tracing::warn!("telling the daemon what {} runs: {e}", l.image);
+            tracing::debug!("telling the daemon what {} runs: {e}", l.image);
         }
     }
     for e in &env.dropped {
