@@ -4,6 +4,8 @@
 //! may carry registry credentials.
 
 use hoist_cache::prefetch::PrefetchState;
+/// A process about to start on a mount ([`Request::WillRun`]).
+pub use hoist_cache::Process;
 use hoist_cache::{PruneReport, StoreStats};
 use hoist_reader::trace::Trace;
 use serde::{Deserialize, Serialize};
@@ -245,29 +247,6 @@ pub enum TraceSource {
     Mount,
     /// There is none.
     None,
-}
-
-/// A process about to start on a mount ([`Request::WillRun`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Process {
-    /// Its command line; the first is the program.
-    pub args: Vec<String>,
-    /// The `PATH` of its environment; `None`: the default
-    /// ([`hoist_cache::DEFAULT_PATH`]).
-    #[serde(default)]
-    pub path: Option<String>,
-    /// Its working directory in the image.
-    pub cwd: String,
-}
-
-impl From<Process> for hoist_cache::Process {
-    fn from(p: Process) -> Self {
-        hoist_cache::Process {
-            args: p.args,
-            path: p.path,
-            cwd: p.cwd,
-        }
-    }
 }
 
 /// What `hoist stat` shows of a mount.

@@ -145,7 +145,7 @@ impl Daemon {
                 mountpoint,
                 process,
             } => self
-                .with_served(&mountpoint, |s| s.fetcher.will_run(process.into()))
+                .with_served(&mountpoint, |s| s.fetcher.will_run(process))
                 .map(|()| Reply::WillRun)
                 .ok_or_else(|| not_mounted(&mountpoint)),
             Request::List => {

@@ -35,12 +35,13 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// The most `PATH` entries tried.
 const MAX_PATH_DIRS: usize = 32;
 
-/// A process about to start in the image.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A process about to start in the image (also the daemon's typed request for it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Process {
     /// Its command line; the first is the program.
     pub args: Vec<String>,
     /// The `PATH` of its environment (`None`: [`DEFAULT_PATH`]).
+    #[serde(default)]
     pub path: Option<String>,
     /// Its working directory, absolute.
     pub cwd: String,
