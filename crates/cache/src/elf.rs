@@ -207,16 +207,40 @@ pub fn search_paths(name: &str, search: &[String], machine: u16) -> Vec<String> 
     if name.contains('/') {
         return vec![name.to_owned()];
     }
-    let mut dirs: Vec<String> = search.to_vec();
+    search
+        .iter()
+        .cloned()
+        .chain(library_dirs(machine))
+        .map(|d| format!("{}/{name}", d.trim_end_matches('/')))
+        .collect()
+}
+
+/// The directories the loader looks in for `machine`'s libraries after a program's
+/// own search path, in its order: Debian's multiarch ones, then the usual ones.
+pub fn library_dirs(machine: u16) -> Vec<String> {
+    let mut dirs = Vec::new();
     if let Some(t) = triplet(machine) {
         for d in ["/usr/local/lib", "/lib", "/usr/lib"] {
             dirs.push(format!("{d}/{t}"));
         }
     }
     dirs.extend(["/usr/local/lib", "/lib64", "/usr/lib64", "/lib", "/usr/lib"].map(str::to_owned));
-    dirs.into_iter()
-        .map(|d| format!("{}/{name}", d.trim_end_matches('/')))
-        .collect()
+    dirs
+}
+
+/// The machine (`e_machine`) of this host's programs: those of the containers hoist
+/// runs here.
+pub fn host_machine() -> u16 {
+    match std::env::consts::ARCH {
+        "x86_64" => elf::EM_X86_64,
+        "aarch64" => elf::EM_AARCH64,
+        "x86" => elf::EM_386,
+        "arm" => elf::EM_ARM,
+        "powerpc64" => elf::EM_PPC64,
+        "s390x" => elf::EM_S390,
+        "riscv64" => elf::EM_RISCV,
+        _ => elf::EM_NONE,
+    }
 }
 
 /// Debian's multiarch directory name for `machine`'s programs.

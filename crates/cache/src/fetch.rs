@@ -220,8 +220,9 @@ pub struct Counters {
     /// Python modules fetched because a module importing them was read (see
     /// [`crate::python`]).
     pub modules: AtomicU64,
-    /// Files fetched because a process about to start names them: its program and
-    /// the files its arguments name (see [`Process`]).
+    /// Files fetched because a process about to start reads them first: its program,
+    /// the files its arguments name, the C library's files python's start reads (see
+    /// [`Process`]).
     pub process_files: AtomicU64,
     /// Views built (see [`crate::View`]).
     pub views_built: AtomicU64,

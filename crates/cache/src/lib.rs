@@ -27,6 +27,7 @@
 
 pub mod elf;
 mod fetch;
+pub mod glibc;
 mod meta;
 pub mod prefetch;
 pub mod python;

@@ -584,6 +584,61 @@ const FROZEN: &[&str] = &[
     "zipimport",
 ];
 
+/// Whether a program named `name` (a path or a file name) is CPython's interpreter:
+/// `python`, `python3` or `python3.N`.
+pub fn is_interpreter(name: &str) -> bool {
+    let name = name.rsplit('/').next().unwrap_or(name);
+    match name.strip_prefix("python") {
+        Some("" | "3") => true,
+        Some(v) => v.strip_prefix("3.").is_some_and(|m| {
+            !m.is_empty() && m.len() <= 3 && m.bytes().all(|b| b.is_ascii_digit())
+        }),
+        None => false,
+    }
+}
+
+/// The modules CPython's initialization imports before it runs any code of the
+/// command line's, which no module names: the codec registry's package
+/// (`encodings`, whose own imports follow from it), the codec of the file system and
+/// standard streams (`utf_8`: the locale's, which [`ctype_locales`] makes UTF-8
+/// unless the environment asks otherwise), `site` (frozen from 3.11) and the hooks it
+/// imports when the image has them.
+pub fn startup_imports() -> Vec<Import> {
+    [
+        "encodings",
+        "encodings.utf_8",
+        "site",
+        "sitecustomize",
+        "usercustomize",
+    ]
+    .map(|m| Import {
+        module: m.to_string(),
+        level: 0,
+        names: Vec::new(),
+    })
+    .to_vec()
+}
+
+/// The locales CPython's initialization sets `LC_CTYPE` to, first to last, given the
+/// environment (`var`): the one `LC_ALL`, `LC_CTYPE` or `LANG` names (the first that
+/// is set), then, if it is the C locale or missing, C.UTF-8 ("locale coercion", PEP
+/// 538), unless `LC_ALL` forces the C locale or `PYTHONCOERCECLOCALE=0` turns it off.
+pub fn ctype_locales<'a>(var: impl Fn(&str) -> Option<&'a str>) -> Vec<String> {
+    let set = |n: &str| var(n).filter(|v| !v.is_empty());
+    let all = set("LC_ALL");
+    let name = all.or_else(|| set("LC_CTYPE")).or_else(|| set("LANG"));
+    let c = |n: &str| n == "C" || n == "POSIX";
+    let mut out: Vec<String> = name
+        .filter(|n| !c(n))
+        .map(str::to_owned)
+        .into_iter()
+        .collect();
+    if all.is_none() && var("PYTHONCOERCECLOCALE") != Some("0") {
+        out.push("C.UTF-8".into());
+    }
+    out
+}
+
 /// Who imports: where its source is, and which python runs it.
 #[derive(Debug, Clone, Copy)]
 pub struct Importer<'a> {
@@ -1237,6 +1292,16 @@ for p in sorted(glob.glob(std + "/__pycache__/*.cpython-*.pyc") + glob.glob(std 
     pub(crate) struct Tree(HashMap<String, Vec<String>>);
 
     impl Tree {
+        /// The files of the tree (the names that are no directory).
+        pub(crate) fn files(&self) -> Vec<String> {
+            let mut out: Vec<String> = (self.0.iter())
+                .flat_map(|(d, names)| names.iter().map(move |n| join(d, n)))
+                .filter(|p| !self.0.contains_key(p))
+                .collect();
+            out.sort();
+            out
+        }
+
         /// A tree holding these files (and their directories).
         pub(crate) fn of(files: &[&str]) -> Tree {
             let mut dirs: HashMap<String, Vec<String>> = HashMap::new();
@@ -1291,6 +1356,82 @@ for p in sorted(glob.glob(std + "/__pycache__/*.cpython-*.pyc") + glob.glob(std 
         .collect();
         files.extend(more.iter().map(|f| f.to_string()));
         Tree::of(&files.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn the_interpreter_by_name() {
+        for n in [
+            "python",
+            "python3",
+            "/usr/bin/python3.11",
+            "/usr/local/bin/python3.13",
+        ] {
+            assert!(is_interpreter(n), "{n}");
+        }
+        for n in [
+            "python2",
+            "python3.",
+            "python3.x",
+            "python3-config",
+            "pythonista",
+            "sh",
+            "",
+        ] {
+            assert!(!is_interpreter(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn the_interpreters_start_up_imports_resolve_to_its_files() {
+        let tree = std_tree(&[
+            "/usr/lib/python3.11/encodings/__init__.py",
+            "/usr/lib/python3.11/encodings/__pycache__/__init__.cpython-311.pyc",
+            "/usr/lib/python3.11/encodings/utf_8.py",
+            "/usr/lib/python3.11/encodings/__pycache__/utf_8.cpython-311.pyc",
+            "/usr/lib/python3.11/site.py",
+            "/usr/lib/python3.11/sitecustomize.py",
+        ]);
+        let v = versions(&tree);
+        let interpreter = Importer {
+            script: false,
+            source: None,
+            versions: &v,
+        };
+        // site is frozen in 3.11; there is no usercustomize.
+        assert_eq!(
+            resolve(&interpreter, &startup_imports(), &tree),
+            [
+                "/usr/lib/python3.11/encodings/__pycache__/__init__.cpython-311.pyc",
+                "/usr/lib/python3.11/encodings/__pycache__/utf_8.cpython-311.pyc",
+                "/usr/lib/python3.11/sitecustomize.py",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_locale_the_interpreter_sets_lc_ctype_to() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |n: &str| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| *v)
+        };
+        // Unset, or the C locale: coerced to C.UTF-8.
+        assert_eq!(ctype_locales(env(&[])), ["C.UTF-8"]);
+        assert_eq!(ctype_locales(env(&[("LANG", "C")])), ["C.UTF-8"]);
+        // A locale of its own, C.UTF-8 if the image lacks it.
+        assert_eq!(
+            ctype_locales(env(&[("LANG", "C"), ("LC_CTYPE", "fr_FR.UTF-8")])),
+            ["fr_FR.UTF-8", "C.UTF-8"]
+        );
+        assert_eq!(
+            ctype_locales(env(&[("LANG", "de_DE.UTF-8"), ("LC_CTYPE", "")])),
+            ["de_DE.UTF-8", "C.UTF-8"]
+        );
+        // LC_ALL wins, and no coercion under it; nor when it is turned off.
+        assert_eq!(
+            ctype_locales(env(&[("LANG", "de_DE.UTF-8"), ("LC_ALL", "en_GB.UTF-8")])),
+            ["en_GB.UTF-8"]
+        );
+        assert!(ctype_locales(env(&[("LC_ALL", "C")])).is_empty());
+        assert!(ctype_locales(env(&[("PYTHONCOERCECLOCALE", "0")])).is_empty());
     }
 
     #[test]

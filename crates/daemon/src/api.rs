@@ -310,8 +310,9 @@ pub struct Stats {
     /// the interpreter asked for them.
     #[serde(default)]
     pub modules: u64,
-    /// Files fetched because a process about to start names them (its program, the
-    /// files its arguments name: `hoist run` says), before it read them.
+    /// Files fetched because a process about to start reads them first (its program,
+    /// the files its arguments name, the C library's files python's start reads:
+    /// `hoist run` says what it runs), before it read them.
     #[serde(default)]
     pub process_files: u64,
     /// Chunks the cache evicted (all mounts of the cache: past `--cache-size`, chunks

@@ -11,9 +11,13 @@
 //! after readers and ahead of readahead; each is a program in its turn (its mapped
 //! range is read ahead, its own libraries found).
 //!
+//! The loader's own first read, its cache (`/etc/ld.so.cache`, [`crate::glibc`]), is
+//! fetched with it when the program names glibc's loader.
+//!
 //! What it costs: nothing a start-up does not read, but for a library the search finds
-//! in another directory than the loader does (which reads `/etc/ld.so.cache`), and a
-//! program started but never run past its header. Each program is looked at once.
+//! in another directory than the loader does (the search does not read the loader's
+//! cache), and a program started but never run past its header. Each program is
+//! looked at once.
 
 use super::{lock, Inner};
 use crate::elf::{search_paths, Program};
@@ -110,9 +114,13 @@ impl Inner {
         }
         // The loader the kernel maps with a program: fetched ahead when the program
         // is (a process about to start), else asked for at once by the kernel.
-        if let Some(path) = &program.interp {
-            if let Some((b, k)) = self.libraries.files.get().and_then(|f| f.first_chunk(path)) {
-                self.fetch_named(b, k, &self.counters.libraries);
+        // glibc's loader reads its cache before it opens a library.
+        if let (Some(path), Some(files)) = (&program.interp, self.libraries.files.get()) {
+            let cache = crate::glibc::is_loader(path).then_some(crate::glibc::LOADER_CACHE);
+            for p in std::iter::once(path.as_str()).chain(cache) {
+                if let Some((b, k)) = files.first_chunk(p) {
+                    self.fetch_named(b, k, &self.counters.libraries);
+                }
             }
         }
         let Some((offset, len)) = program.dynamic.filter(|&(_, len)| len > 0) else {

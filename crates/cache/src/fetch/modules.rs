@@ -18,6 +18,7 @@ use super::{lock, Inner};
 use crate::fetch::libraries::{Files, Located};
 use crate::python::{self, Dirs, Importer};
 use crate::store::ChunkDigest;
+use crate::Process;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
@@ -69,17 +70,22 @@ pub(super) struct Module {
     /// A file a process's command line names ([`super::process`]): read only if it
     /// is a module, as the script python runs.
     script: bool,
+    /// The process that runs it as its program: if it is a script (`#!`), its
+    /// interpreter is fetched ([`Inner::script_runs`]).
+    program: Option<Arc<Process>>,
 }
 
 impl Module {
-    /// The file at `path`, which lies at `l`, named on a process's command line.
-    pub(super) fn script(l: Located, path: String) -> Module {
+    /// The file at `path`, which lies at `l`, named on a process's command line; run
+    /// as the program of `program`, if given.
+    pub(super) fn script(l: Located, path: String, program: Option<Arc<Process>>) -> Module {
         Module {
             blob: l.blob,
             index: l.index,
             skip: l.skip,
             path: Some(path),
             script: true,
+            program,
         }
     }
 }
@@ -144,6 +150,7 @@ impl Inner {
             skip: offset,
             path: None,
             script: false,
+            program: None,
         });
         self.start_modules(&mut s);
     }
@@ -221,6 +228,9 @@ impl Inner {
         let Some(data) = self.chunk_tail(m.blob, m.index, m.skip) else {
             return;
         };
+        if let Some(process) = &m.program {
+            self.script_runs(files.as_ref(), &data, process);
+        }
         if m.script && !is_module(&data) {
             return;
         }
@@ -261,8 +271,24 @@ impl Inner {
             versions: &versions,
         };
         let found = python::resolve(&importer, &imports, &dirs);
+        let asked = self.fetch_modules(files.as_ref(), &found);
+        tracing::debug!(
+            "the python module at {} (chunk {} of blob {}) imports {} modules: {} files found, fetching {asked:?} (in {:.2} ms)",
+            source.as_deref().unwrap_or("?"),
+            m.index,
+            self.blobs[m.blob].digest,
+            imports.len(),
+            found.len(),
+            t0.elapsed().as_secs_f64() * 1e3,
+        );
+    }
+
+    /// Fetches the files `found` for imports (each watched as a module, so its own
+    /// imports follow), but those of a blob a tree walk reads; the paths asked for.
+    fn fetch_modules(&self, files: &dyn Files, found: &[String]) -> Vec<String> {
+        let walked = |blob| lock(&self.streams).walked(blob);
         let mut asked = Vec::new();
-        for path in &found {
+        for path in found {
             let (blob, index) = match files.locate(path) {
                 Some(l) => {
                     if path.ends_with(".py") || path.ends_with(".pyc") {
@@ -272,6 +298,7 @@ impl Inner {
                             skip: l.skip,
                             path: Some(path.clone()),
                             script: false,
+                            program: None,
                         });
                     }
                     (l.blob, l.index)
@@ -283,18 +310,27 @@ impl Inner {
                 },
             };
             if !walked(blob) && self.fetch_named(blob, index, &self.counters.modules) {
-                asked.push(path.as_str());
+                asked.push(path.clone());
             }
         }
-        tracing::debug!(
-            "the python module at {} (chunk {} of blob {}) imports {} modules: {} files found, fetching {asked:?} (in {:.2} ms)",
-            source.as_deref().unwrap_or("?"),
-            m.index,
-            self.blobs[m.blob].digest,
-            imports.len(),
-            found.len(),
-            t0.elapsed().as_secs_f64() * 1e3,
-        );
+        asked
+    }
+
+    /// The interpreter is about to start: fetches the modules its initialization
+    /// imports ([`python::startup_imports`]); the paths asked for.
+    pub(super) fn fetch_startup_modules(&self, files: &dyn Files) -> Vec<String> {
+        let dirs = Listing {
+            files,
+            cache: &self.modules.dirs,
+        };
+        let versions = self.python_versions(&dirs);
+        let interpreter = Importer {
+            script: false,
+            source: None,
+            versions: &versions,
+        };
+        let found = python::resolve(&interpreter, &python::startup_imports(), &dirs);
+        self.fetch_modules(files, &found)
     }
 
     /// Module `m` is to be read once its chunk is in (now, if it is cached).
@@ -536,24 +572,71 @@ mod tests {
         assert_eq!(s.fake.requests(), 6);
     }
 
-    #[test]
-    fn a_process_about_to_start_has_its_program_and_script_fetched_before_it_reads() {
-        // python3 (chunk 3), run by the loader at chunk 4, loads libz (chunk 7).
+    /// The image of [`image`] with a program at chunk 3, `python3`, run by glibc's
+    /// loader at chunk 4, which loads libz (chunk 7); the C library's files python's
+    /// start reads (chunks 12-15: the loader's cache, C.UTF-8's `LC_CTYPE`, the
+    /// conversions' cache, the time zone); the modules it imports first (16-19:
+    /// encodings, whose own import aliases is in 17, utf_8 and sitecustomize).
+    fn python_image() -> (Vec<Vec<u8>>, PyTree) {
         let (mut chunks, mut tree) = image();
         chunks[3] =
             program_chunks(3, &["libz.so.1"], 1, Some("/lib64/ld-linux-x86-64.so.2")).remove(0);
+        chunks.extend((12..20).map(|i| chunk(i, CHUNK as usize)));
+        let module = |name: &str, imports: &[(&str, u32, Option<&[&str]>)]| {
+            pyc((3, 11), &format!("{STD}/{name}.py"), imports, 0)
+        };
+        let encodings = module("encodings/__init__", &[("", 1, Some(&["aliases"]))]);
+        let utf_8 = module("encodings/utf_8", &[]);
+        let aliases = module("encodings/aliases", &[]);
+        for (data, index) in [(&encodings, 16), (&aliases, 17), (&utf_8, 18)] {
+            chunks[index][..data.len()].copy_from_slice(data);
+        }
+        let pycache = |p: &str| format!("{STD}/encodings/__pycache__/{p}.cpython-311.pyc");
+        let mut paths: Vec<String> = tree.dirs.files();
         for (path, index) in [
-            ("/usr/bin/python3", 3),
-            ("/lib64/ld-linux-x86-64.so.2", 4),
-            ("/lib/x86_64-linux-gnu/libz.so.1", 7),
+            ("/usr/bin/python3".to_string(), 3),
+            ("/lib64/ld-linux-x86-64.so.2".into(), 4),
+            ("/lib/x86_64-linux-gnu/libz.so.1".into(), 7),
+            ("/etc/ld.so.cache".into(), 12),
+            ("/usr/lib/locale/C.utf8/LC_CTYPE".into(), 13),
+            (
+                "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache".into(),
+                14,
+            ),
+            ("/etc/localtime".into(), 15),
+            (pycache("__init__"), 16),
+            (pycache("aliases"), 17),
+            (pycache("utf_8"), 18),
+            (format!("{STD}/sitecustomize.py"), 19),
         ] {
             let l = Located {
                 blob: 0,
                 index,
                 skip: 0,
             };
-            tree.files.insert(path.into(), l);
+            tree.files.insert(path.clone(), l);
+            paths.push(path);
         }
+        for source in ["__init__", "aliases", "utf_8"] {
+            paths.push(format!("{STD}/encodings/{source}.py"));
+        }
+        tree.dirs = Tree::of(&paths.iter().map(String::as_str).collect::<Vec<_>>());
+        (chunks, tree)
+    }
+
+    /// The chunks asked of the source (each alone), in order of index.
+    fn chunks_asked(s: &Setup) -> Vec<usize> {
+        let c = u64::from(CHUNK);
+        let asked = s.fake.asked.lock().unwrap();
+        let mut chunks: Vec<usize> = asked.iter().map(|&(at, _)| (at / c) as usize).collect();
+        chunks.sort();
+        chunks
+    }
+
+    #[test]
+    fn a_process_about_to_start_has_its_program_script_and_start_up_files_fetched_before_it_reads()
+    {
+        let (chunks, tree) = python_image();
         let cfg = FetchConfig {
             min_fetch: CHUNK.into(),
             ..FetchConfig::default()
@@ -561,38 +644,76 @@ mod tests {
         let s = setup_chunks(chunks, Fake::default(), cfg);
         s.fetcher.set_files(Arc::new(tree));
         let args = ["python3", "main.py", "-u", "/absent"].map(String::from);
-        s.fetcher.will_run(Process {
-            args: args.to_vec(),
-            path: Some("/usr/local/bin:/usr/bin".into()),
-            cwd: "/app".into(),
-        });
-        let all = [1, 2, 3, 4, 5, 7, 8, 9, 10, 11];
+        let env = ["PATH=/usr/local/bin:/usr/bin", "HOME=/root", "SECRET=x"].map(String::from);
+        let process = Process::new(args.to_vec(), &env, "/app".into());
+        // Only the variables that say where files are reach the fetcher.
+        assert_eq!(process.env, ["PATH=/usr/local/bin:/usr/bin"]);
+        s.fetcher.will_run(process);
+        let all: Vec<usize> = (1..20).filter(|&i| i != 6).collect();
         settle(&s, &all);
-        // Each alone, once, before any read: the program, its loader and library,
-        // the script, its imports and the module beside it.
+        // Each alone, once, before any read: the program, its loader, the loader's
+        // cache and the library; the script, its imports and the module beside it;
+        // python's C library files and first modules.
         let c = u64::from(CHUNK);
         let mut asked = s.fake.asked.lock().unwrap().clone();
         asked.sort();
-        assert_eq!(asked, all.map(|i| (i as u64 * c, c)));
+        assert_eq!(
+            asked,
+            all.iter().map(|&i| (i as u64 * c, c)).collect::<Vec<_>>()
+        );
         let counters = s.fetcher.counters();
-        assert_eq!(counters.process_files.load(Relaxed), 2);
-        assert_eq!(counters.libraries.load(Relaxed), 2);
-        assert_eq!(counters.modules.load(Relaxed), 6);
+        assert_eq!(counters.process_files.load(Relaxed), 5);
+        assert_eq!(counters.libraries.load(Relaxed), 3);
+        assert_eq!(counters.modules.load(Relaxed), 10);
         // The process's reads are all hits (backwards: reads in order would be a
         // stream, which reads ahead).
-        for i in all.into_iter().rev() {
+        for &i in all.iter().rev() {
             assert_eq!(read(&s, i), s.chunks[i]);
         }
         assert_eq!(counters.misses.load(Relaxed), 0);
         assert_eq!(s.fake.requests(), all.len());
+
+        // Another program is not python: none of python's start-up files.
+        let (chunks, mut tree) = python_image();
+        let sh = tree.files["/usr/bin/python3"];
+        tree.files.insert("/bin/sh".into(), sh);
+        let s = setup_chunks(chunks, Fake::default(), FetchConfig::default());
+        s.fetcher.set_files(Arc::new(tree));
+        let args = ["sh", "-c", "true"].map(String::from).to_vec();
+        let env = ["PATH=/bin".to_string()];
+        s.fetcher
+            .will_run(Process::new(args.clone(), &env, "/".into()));
+        settle(&s, &[3, 4, 7, 12]);
+        assert_eq!(chunks_asked(&s), [3, 4, 7, 12]);
+
+        // A script run as the program (chunk 0): its interpreter, found on the PATH
+        // as `env` finds it, and python's start-up with it; the script's imports.
+        let (mut chunks, mut tree) = python_image();
+        let script = b"#!/usr/bin/env python3\nimport json\n";
+        chunks[0][..script.len()].copy_from_slice(script);
+        chunks[0][script.len()] = 0;
+        let l = Located {
+            blob: 0,
+            index: 0,
+            skip: 0,
+        };
+        tree.files.insert("/usr/local/bin/tool".into(), l);
+        let s = setup_chunks(chunks, Fake::default(), FetchConfig::default());
+        s.fetcher.set_files(Arc::new(tree));
+        let args = ["tool", "serve"].map(String::from).to_vec();
+        let env = ["PATH=/usr/local/bin:/usr/bin".to_string()];
+        s.fetcher
+            .will_run(Process::new(args.clone(), &env, "/".into()));
+        let all = [0, 3, 4, 5, 7, 9, 12, 13, 14, 15, 16, 17, 18, 19];
+        settle(&s, &all);
+        assert_eq!(chunks_asked(&s), all);
+        assert_eq!(s.fetcher.counters().process_files.load(Relaxed), 5);
+
         // No tree, or no program: nothing.
         let (chunks, _) = image();
         let s = setup_chunks(chunks, Fake::default(), FetchConfig::default());
-        s.fetcher.will_run(Process {
-            args: args.to_vec(),
-            path: None,
-            cwd: "/app".into(),
-        });
+        s.fetcher
+            .will_run(Process::new(args.to_vec(), &[], "/app".into()));
         settle(&s, &[]);
         assert_eq!(s.fake.requests(), 0);
         let s = mounted();

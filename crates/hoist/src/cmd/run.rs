@@ -238,15 +238,7 @@ fn launch(cx: &Context, registry: &RegistryArgs, l: Launch) -> anyhow::Result<i3
     // before the kernel reads the program). After the user's lookup, whose reads of
     // /etc would share the link with them. A recording leaves the reads as they come.
     if l.record.is_none() {
-        let process = hoist_daemon::api::Process {
-            args: args.clone(),
-            path: env
-                .vars
-                .iter()
-                .find_map(|e| e.strip_prefix("PATH="))
-                .map(str::to_owned),
-            cwd: cwd.clone(),
-        };
+        let process = hoist_daemon::api::Process::new(args.clone(), &env.vars, cwd.clone());
         // Only a head start: the container runs the same without it (a daemon being
         // restarted, or one too old to know the request).
         if let Err(e) = client.will_run(&image_mp, process) {
