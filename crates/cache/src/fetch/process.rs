@@ -23,8 +23,10 @@
 //!
 //! What it costs: the first chunk of a file an argument names and the process never
 //! reads, and of a start-up file a python that is not CPython on glibc (or one told
-//! otherwise by its options, such as `-I` or `-S`) does not read. A mount with no process given (`hoist mount`, the containerd snapshotter,
-//! which does not see the container's command) fetches nothing ahead of its reads.
+//! otherwise by its options, such as `-I` or `-S`) does not read. A mount with no
+//! process given (`hoist mount`, the containerd snapshotter, which does not see the
+//! container's command) fetches nothing ahead of its reads but what a program's header
+//! names.
 //!
 //! [`Fetcher::will_run`]: crate::Fetcher::will_run
 
@@ -83,6 +85,14 @@ impl Process {
             .cloned()
             .collect();
         Process { args, env, cwd }
+    }
+
+    /// Its working directory: `/` if the one given is not absolute.
+    fn dir(&self) -> &str {
+        match self.cwd.starts_with('/') {
+            true => &self.cwd,
+            false => "/",
+        }
     }
 
     /// The value of variable `name` (the first one given, as `getenv` finds).
@@ -154,11 +164,7 @@ impl Inner {
             return;
         };
         let t0 = std::time::Instant::now();
-        let cwd = if process.cwd.starts_with('/') {
-            process.cwd.as_str()
-        } else {
-            "/"
-        };
+        let cwd = process.dir();
         let mut asked = Vec::new();
         let program = program_paths(&process.args[0], process.var("PATH"), cwd)
             .into_iter()
@@ -284,7 +290,7 @@ impl Inner {
     /// The program of `process` is a file whose first bytes are `head`: if it is a
     /// script, its interpreter is fetched (python's start-up with it).
     pub(super) fn script_runs(&self, files: &dyn Files, head: &[u8], process: &Process) {
-        let found = shebang(head, process.var("PATH"), &process.cwd)
+        let found = shebang(head, process.var("PATH"), process.dir())
             .into_iter()
             .find_map(|p| files.first_chunk(&p).map(|c| (p, c)));
         let Some((path, (blob, index))) = found else {
@@ -299,7 +305,7 @@ impl Inner {
         }
         tracing::debug!(
             "the program {:?} is a script run by {path}: fetching {asked:?}",
-            process.args[0]
+            process.args.first()
         );
     }
 
