@@ -639,6 +639,51 @@ pub fn ctype_locales<'a>(var: impl Fn(&str) -> Option<&'a str>) -> Vec<String> {
     out
 }
 
+/// The site directories of python `v` that `site` adds to the search path and reads
+/// the `.pth` files of, as the python image (`/usr/local`), Debian and Fedora lay them
+/// out, in the order of the search path.
+fn site_dirs((major, minor): (u8, u8)) -> [String; 5] {
+    let py = format!("python{major}.{minor}");
+    [
+        format!("/usr/local/lib/{py}/site-packages"),
+        format!("/usr/local/lib/{py}/dist-packages"),
+        format!("/usr/lib/python{major}/dist-packages"),
+        format!("/usr/lib64/{py}/site-packages"),
+        format!("/usr/lib/{py}/site-packages"),
+    ]
+}
+
+/// The most `.pth` files taken (a lookup each).
+pub const MAX_PTH: usize = 32;
+
+/// The path configuration files (`*.pth`) `site` reads at every start of python, for
+/// the newest of `versions` that has a site directory: each directory's in name
+/// order, at most [`MAX_PTH`] in all. (A `.pth` line that starts with `import` is run,
+/// and what it imports is not looked for.)
+pub fn path_files(versions: &[(u8, u8)], dirs: &dyn Dirs) -> Vec<String> {
+    for &v in versions {
+        let mut found = false;
+        let mut out = Vec::new();
+        for dir in site_dirs(v) {
+            let Some(names) = dirs.list(&dir) else {
+                continue;
+            };
+            found = true;
+            out.extend(
+                names
+                    .iter()
+                    .filter(|n| n.ends_with(".pth") && !n.starts_with('.'))
+                    .map(|n| join(&dir, n)),
+            );
+        }
+        if found {
+            out.truncate(MAX_PTH);
+            return out;
+        }
+    }
+    Vec::new()
+}
+
 /// Who imports: where its source is, and which python runs it.
 #[derive(Debug, Clone, Copy)]
 pub struct Importer<'a> {
@@ -765,12 +810,9 @@ fn roots(importer: &Importer, (major, minor): (u8, u8), dirs: &dyn Dirs) -> Vec<
         format!("/usr/local/lib/{py}/lib-dynload"),
         format!("/usr/lib/{py}"),
         format!("/usr/lib/{py}/lib-dynload"),
-        format!("/usr/local/lib/{py}/site-packages"),
-        format!("/usr/local/lib/{py}/dist-packages"),
-        format!("/usr/lib/python{major}/dist-packages"),
-        format!("/usr/lib/{py}/site-packages"),
     ]
     .into_iter()
+    .chain(site_dirs((major, minor)))
     .chain(own)
     {
         if !roots.contains(&r) && dirs.list(&r).is_some() {
@@ -1406,6 +1448,41 @@ for p in sorted(glob.glob(std + "/__pycache__/*.cpython-*.pyc") + glob.glob(std 
                 "/usr/lib/python3.11/sitecustomize.py",
             ]
         );
+    }
+
+    #[test]
+    fn the_path_files_site_reads() {
+        let tree = std_tree(&[
+            "/usr/local/lib/python3.11/site-packages/distutils-precedence.pth",
+            "/usr/local/lib/python3.11/site-packages/a.pth",
+            "/usr/local/lib/python3.11/site-packages/.hidden.pth",
+            "/usr/local/lib/python3.11/site-packages/pkg/__init__.py",
+            "/usr/lib/python3/dist-packages/z.pth",
+            "/usr/lib/python3.10/site-packages/old.pth",
+        ]);
+        assert_eq!(
+            path_files(&[(3, 11), (3, 10)], &tree),
+            [
+                "/usr/local/lib/python3.11/site-packages/a.pth",
+                "/usr/local/lib/python3.11/site-packages/distutils-precedence.pth",
+                "/usr/lib/python3/dist-packages/z.pth",
+            ]
+        );
+        // The newest version with a site directory (Debian's python3 one is every
+        // version's); none at all: nothing.
+        assert_eq!(
+            path_files(&[(3, 10)], &tree),
+            [
+                "/usr/lib/python3/dist-packages/z.pth",
+                "/usr/lib/python3.10/site-packages/old.pth"
+            ]
+        );
+        assert!(path_files(&[(3, 12)], &std_tree(&[])).is_empty());
+        let many: Vec<String> = (0..100)
+            .map(|k| format!("/usr/lib/python3.11/site-packages/p{k:03}.pth"))
+            .collect();
+        let tree = Tree::of(&many.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(path_files(&[(3, 11)], &tree).len(), MAX_PTH);
     }
 
     #[test]

@@ -317,7 +317,8 @@ impl Inner {
     }
 
     /// The interpreter is about to start: fetches the modules its initialization
-    /// imports ([`python::startup_imports`]); the paths asked for.
+    /// imports ([`python::startup_imports`]) and the path configuration files `site`
+    /// reads ([`python::path_files`]); the paths asked for.
     pub(super) fn fetch_startup_modules(&self, files: &dyn Files) -> Vec<String> {
         let dirs = Listing {
             files,
@@ -329,7 +330,8 @@ impl Inner {
             source: None,
             versions: &versions,
         };
-        let found = python::resolve(&interpreter, &python::startup_imports(), &dirs);
+        let mut found = python::resolve(&interpreter, &python::startup_imports(), &dirs);
+        found.extend(python::path_files(&versions, &dirs));
         self.fetch_modules(files, &found)
     }
 
@@ -576,12 +578,13 @@ mod tests {
     /// loader at chunk 4, which loads libz (chunk 7); the C library's files python's
     /// start reads (chunks 12-15: the loader's cache, C.UTF-8's `LC_CTYPE`, the
     /// conversions' cache, the time zone); the modules it imports first (16-19:
-    /// encodings, whose own import aliases is in 17, utf_8 and sitecustomize).
+    /// encodings, whose own import aliases is in 17, utf_8 and sitecustomize) and a
+    /// path configuration file (20).
     fn python_image() -> (Vec<Vec<u8>>, PyTree) {
         let (mut chunks, mut tree) = image();
         chunks[3] =
             program_chunks(3, &["libz.so.1"], 1, Some("/lib64/ld-linux-x86-64.so.2")).remove(0);
-        chunks.extend((12..20).map(|i| chunk(i, CHUNK as usize)));
+        chunks.extend((12..21).map(|i| chunk(i, CHUNK as usize)));
         let module = |name: &str, imports: &[(&str, u32, Option<&[&str]>)]| {
             pyc((3, 11), &format!("{STD}/{name}.py"), imports, 0)
         };
@@ -608,6 +611,7 @@ mod tests {
             (pycache("aliases"), 17),
             (pycache("utf_8"), 18),
             (format!("{STD}/sitecustomize.py"), 19),
+            ("/usr/lib/python3/dist-packages/setuptools.pth".into(), 20),
         ] {
             let l = Located {
                 blob: 0,
@@ -649,11 +653,11 @@ mod tests {
         // Only the variables that say where files are reach the fetcher.
         assert_eq!(process.env, ["PATH=/usr/local/bin:/usr/bin"]);
         s.fetcher.will_run(process);
-        let all: Vec<usize> = (1..20).filter(|&i| i != 6).collect();
+        let all: Vec<usize> = (1..21).filter(|&i| i != 6).collect();
         settle(&s, &all);
         // Each alone, once, before any read: the program, its loader, the loader's
         // cache and the library; the script, its imports and the module beside it;
-        // python's C library files and first modules.
+        // python's C library files, first modules and path configuration file.
         let c = u64::from(CHUNK);
         let mut asked = s.fake.asked.lock().unwrap().clone();
         asked.sort();
@@ -664,7 +668,7 @@ mod tests {
         let counters = s.fetcher.counters();
         assert_eq!(counters.process_files.load(Relaxed), 5);
         assert_eq!(counters.libraries.load(Relaxed), 3);
-        assert_eq!(counters.modules.load(Relaxed), 10);
+        assert_eq!(counters.modules.load(Relaxed), 11);
         // The process's reads are all hits (backwards: reads in order would be a
         // stream, which reads ahead).
         for &i in all.iter().rev() {
@@ -704,7 +708,7 @@ mod tests {
         let env = ["PATH=/usr/local/bin:/usr/bin".to_string()];
         s.fetcher
             .will_run(Process::new(args.clone(), &env, "/".into()));
-        let all = [0, 3, 4, 5, 7, 9, 12, 13, 14, 15, 16, 17, 18, 19];
+        let all = [0, 3, 4, 5, 7, 9, 12, 13, 14, 15, 16, 17, 18, 19, 20];
         settle(&s, &all);
         assert_eq!(chunks_asked(&s), all);
         assert_eq!(s.fetcher.counters().process_files.load(Relaxed), 5);
