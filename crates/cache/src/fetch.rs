@@ -845,16 +845,12 @@ impl Inner {
     /// unused, cached or being fetched, counting it in `counter`; whether it asked. For
     /// files a chunk just read names (a program's libraries, a module's imports): the
     /// chunk is the file's start, and hints in turn (a program's header says what else
-    /// it maps and loads). A chunk a start-up trace foresees is left to the trace,
-    /// which knows when it is read.
+    /// it maps and loads).
     fn fetch_named(&self, blob: usize, index: usize, counter: &AtomicU64) -> bool {
         let Some(e) = self.blobs.get(blob).and_then(|b| b.entries.get(index)) else {
             return false;
         };
-        if !self.blobs[blob].is_used(index)
-            || self.store.contains(&e.digest)
-            || lock(&self.foreseen).contains(&(blob, index))
-        {
+        if !self.blobs[blob].is_used(index) || self.store.contains(&e.digest) {
             return false;
         }
         let Claim::Mine(slot) = self.inflight.claim(&e.digest) else {

@@ -713,18 +713,18 @@ mod tests {
         assert_eq!(chunks_asked(&s), all);
         assert_eq!(s.fetcher.counters().process_files.load(Relaxed), 5);
 
-        // A start-up trace foresees every chunk but the last one the process's fetch
-        // asks for (the path configuration file): it knows their order, and nothing
-        // else is fetched by name.
+        // A start-up trace foresees the program's chunk: it knows what the process
+        // reads and when, and nothing is fetched by name.
         let (chunks, tree) = python_image();
         let s = setup_chunks(chunks, Fake::default(), FetchConfig::default());
         s.fetcher.set_files(Arc::new(tree));
-        s.fetcher.foresee((0..20).map(|i| (0, i)));
+        s.fetcher.foresee([(0, 3)]);
         let args = ["python3", "main.py"].map(String::from).to_vec();
         s.fetcher
-            .will_run(Process::new(args.clone(), &env, "/app".into()));
-        settle(&s, &[20]);
-        assert_eq!(chunks_asked(&s), [20]);
+            .inner
+            .start_process(&Process::new(args.clone(), &env, "/app".into()));
+        settle(&s, &[]);
+        assert_eq!(s.fake.requests(), 0);
         assert_eq!(s.fetcher.counters().process_files.load(Relaxed), 0);
 
         // No tree, or no program: nothing.

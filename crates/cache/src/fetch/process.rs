@@ -159,7 +159,7 @@ impl Inner {
         }
     }
 
-    fn start_process(&self, process: &Process) {
+    pub(super) fn start_process(&self, process: &Process) {
         let Some(files) = self.libraries.files().cloned() else {
             return;
         };
@@ -171,6 +171,14 @@ impl Inner {
             .find_map(|p| files.first_chunk(&p).map(|c| (p, c)));
         let mut python = false;
         if let Some((path, (blob, index))) = program {
+            // A trace of this process's start knows what it reads, and when.
+            if super::lock(&self.foreseen).contains(&(blob, index)) {
+                tracing::debug!(
+                    "the process {:?} is about to start: its trace fetches its files",
+                    process.args
+                );
+                return;
+            }
             // A script run as the program is read as a module too, and its `#!` line.
             if let Some(l) = files.locate(&path) {
                 let program = Some(Arc::new(process.clone()));
