@@ -713,8 +713,9 @@ mod tests {
         assert_eq!(chunks_asked(&s), all);
         assert_eq!(s.fetcher.counters().process_files.load(Relaxed), 5);
 
-        // A start-up trace foresees the program's chunk: it knows what the process
-        // reads and when, and nothing is fetched by name.
+        // A start-up trace foresees the program's chunk: it has the runtime's files,
+        // in their order, and its loader and libraries. The program and the script
+        // are fetched by name all the same (they come sooner so).
         let (chunks, tree) = python_image();
         let s = setup_chunks(chunks, Fake::default(), FetchConfig::default());
         s.fetcher.set_files(Arc::new(tree));
@@ -723,9 +724,10 @@ mod tests {
         s.fetcher
             .inner
             .start_process(&Process::new(args.clone(), &env, "/app".into()));
-        settle(&s, &[]);
-        assert_eq!(s.fake.requests(), 0);
-        assert_eq!(s.fetcher.counters().process_files.load(Relaxed), 0);
+        let want = [1, 2, 3, 5, 8, 9, 10, 11];
+        settle(&s, &want);
+        assert_eq!(chunks_asked(&s), want);
+        assert_eq!(s.fetcher.counters().process_files.load(Relaxed), 2);
 
         // No tree, or no program: nothing.
         let (chunks, _) = image();

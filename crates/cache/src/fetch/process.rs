@@ -171,20 +171,13 @@ impl Inner {
             .find_map(|p| files.first_chunk(&p).map(|c| (p, c)));
         let mut python = false;
         if let Some((path, (blob, index))) = program {
-            // A trace of this process's start knows what it reads, and when.
-            if super::lock(&self.foreseen).contains(&(blob, index)) {
-                tracing::debug!(
-                    "the process {:?} is about to start: its trace fetches its files",
-                    process.args
-                );
-                return;
-            }
             // A script run as the program is read as a module too, and its `#!` line.
             if let Some(l) = files.locate(&path) {
                 let program = Some(Arc::new(process.clone()));
                 self.watch_module(Module::script(l, path.clone(), program));
             }
-            python = crate::python::is_interpreter(&path);
+            // A start-up trace of the program has the runtime's files, in their order.
+            python = crate::python::is_interpreter(&path) && !self.foresees(blob, index);
             if self.fetch_named(blob, index, &self.counters.process_files) {
                 asked.push(path);
             }
@@ -308,13 +301,18 @@ impl Inner {
         if self.fetch_named(blob, index, &self.counters.process_files) {
             asked.push(path.clone());
         }
-        if crate::python::is_interpreter(&path) {
+        if crate::python::is_interpreter(&path) && !self.foresees(blob, index) {
             asked.extend(self.python_starts(files, process));
         }
         tracing::debug!(
             "the program {:?} is a script run by {path}: fetching {asked:?}",
             process.args.first()
         );
+    }
+
+    /// Whether a start-up trace fetches chunk `index` of blob `blob`.
+    fn foresees(&self, blob: usize, index: usize) -> bool {
+        super::lock(&self.foreseen).contains(&(blob, index))
     }
 
     /// CPython is about to start: fetches what its initialization reads before the
