@@ -19,7 +19,8 @@
 //!   any code of the command line's, which nothing read so far names: the C library's
 //!   locale, conversions' cache and time zone ([`crate::glibc`], found from the
 //!   process's environment, [`Process::ENV`]), and the modules it imports first
-//!   ([`crate::python::startup_imports`]).
+//!   ([`crate::python::startup_imports`]); left to a start-up trace that has the
+//!   program, which has them in their order.
 //!
 //! What it costs: the first chunk of a file an argument names and the process never
 //! reads, and of a start-up file a python that is not CPython on glibc (or one told
