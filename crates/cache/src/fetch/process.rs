@@ -160,6 +160,8 @@ impl Inner {
         }
     }
 
+    /// Fetches what `process`'s start reads first (see the module's docs), on the
+    /// caller's thread.
     pub(super) fn start_process(&self, process: &Process) {
         let Some(files) = self.libraries.files().cloned() else {
             return;
@@ -321,7 +323,8 @@ impl Inner {
     /// with the link idle when fetched as it asks (seven of them for python 3.11:
     /// 0.2-0.3 s at 20 ms): the C library's files ([`python_c_library_files`]), then
     /// the modules it imports first ([`crate::python::startup_imports`]), whose own
-    /// imports follow. The paths fetched.
+    /// imports follow, and the path configuration files `site` reads. The paths
+    /// fetched.
     fn python_starts(&self, files: &dyn Files, process: &Process) -> Vec<String> {
         let mut asked = Vec::new();
         for path in python_c_library_files(files, process) {
