@@ -863,7 +863,7 @@ impl Inflight {
         t.insert(*d, now);
     }
 
-    /// Whether a read of the chunk timed out within [`TIMEOUT_MEMORY`].
+    /// Whether a read of the chunk timed out within the last `TIMEOUT_MEMORY` (2 s).
     pub fn timed_out_lately(&self, d: &ChunkDigest) -> bool {
         let t = self.timed_out.lock().unwrap_or_else(|e| e.into_inner());
         t.get(d).is_some_and(|at| at.elapsed() < TIMEOUT_MEMORY)
