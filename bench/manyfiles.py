@@ -37,7 +37,8 @@ blob's bytes per inode (inodes from `hoist inspect --json`: every kind, after th
 are merged).
 
 The link, as bench/coldstart.py builds it (its functions are used): a network namespace
-with Debian's docker-registry, tbf on both ends of the veth at --rate-mbit, and its TCP
+with Debian's docker-registry, tbf on both ends of the veth at --rate-mbit (TCP over it
+with --congestion, cubic by default: see bench/coldstart.py), and its TCP
 relay adding --rtt-ms on 127.0.0.1:PORT; link bytes are the rx + tx deltas of the host
 end of the veth (Ethernet frames). Pushed over the unshaped link before shaping: the
 converted image as many:N-hoist (`hoist convert` of the source again, with the home of
@@ -833,6 +834,8 @@ def main():
     ap.add_argument("--rate-mbit", type=float, default=100, help="link rate, each direction")
     ap.add_argument("--rtt-ms", type=float, default=20, help="round-trip time the relay adds")
     ap.add_argument("--queue-ms", type=float, help="tbf queue, in ms of the rate (default: the RTT, min 5)")
+    ap.add_argument("--congestion", default=coldstart.CONGESTION,
+                    help="TCP congestion control over the link, or default (the kernel's; default: %(default)s)")
     ap.add_argument("--hoist", default=str(HOIST), help="the hoist binary (default: %(default)s)")
     ap.add_argument("--fixtures", help=images.HELP)
     ap.add_argument("--tag", default=BASE_TAG, help="the base image's tag in --fixtures")
@@ -949,7 +952,7 @@ def main():
                 source_error = str(e)
                 print(f"  error: {e}", flush=True)
 
-        link["tbf"] = coldstart.shape(args.rate_mbit, queue_ms)
+        link["tbf"] = coldstart.shape(args.rate_mbit, queue_ms, args.congestion)
         _, port, limit = coldstart.start_relay(work, args.rtt_ms, args.rate_mbit)
         ctx["port"] = port
         if blobs:
