@@ -43,6 +43,17 @@ pub const SKIP: usize = 2;
 /// Accesses that must continue a stream before it fetches ahead: a few files read in
 /// order (a package's modules) are not yet a walk.
 pub const CONFIRM: u32 = 3;
+/// Accesses that must continue a stream of adjacent chunks of the full chunk size (one
+/// large file read from chunk to chunk) before it fetches ahead. Two chunks of one
+/// file read one after the other are a sequential reader already, and it reads ahead
+/// no further than the file's end: EROFS reads a file through its blob device one
+/// request at a time, and python's 8 MiB `data.bin` waited a round trip for each of
+/// its first three chunks before its stream was confirmed.
+pub const CONFIRM_LARGE: u32 = 1;
+/// The smallest chunk size for [`CONFIRM_LARGE`]: twice the default frame size, so
+/// that frames of small files (which a blob without large files has as its largest
+/// chunks, some of them of the same size) are never taken for a large file.
+pub const LARGE: u32 = 512 << 10;
 /// Streams tracked at once (readers in parallel, each on its own stream).
 pub const STREAMS: usize = 16;
 
@@ -57,11 +68,21 @@ struct Stream {
     window: u64,
     /// Accesses that continued it.
     hits: u32,
+    /// Whether every chunk it has read is of the full chunk size and follows the one
+    /// before (one large file, read in order).
+    large: bool,
     /// Whether it has gone past the end of a file (a chunk smaller than the chunk
     /// size): a walker, whose readahead runs across files.
     walker: bool,
     /// When it was last used (a counter), to replace the least recently used.
     used: u64,
+}
+
+impl Stream {
+    /// Whether it reads ahead of its reader: enough accesses have continued it.
+    fn confirmed(&self) -> bool {
+        self.hits >= if self.large { CONFIRM_LARGE } else { CONFIRM }
+    }
 }
 
 /// What an access should fetch.
@@ -107,7 +128,7 @@ impl Streams {
     pub fn walked(&self, blob: usize) -> bool {
         self.streams
             .iter()
-            .any(|s| s.blob == blob && s.walker && s.hits >= CONFIRM)
+            .any(|s| s.blob == blob && s.walker && s.confirmed())
     }
 
     /// The full chunk size of blob `blob` (its largest chunk), found once.
@@ -177,6 +198,7 @@ impl Streams {
                 ahead: end_of(index),
                 window: self.min_fetch,
                 hits: 0,
+                large: full >= LARGE && e.uncompressed_size == full,
                 walker: false,
                 used: clock,
             };
@@ -197,19 +219,21 @@ impl Streams {
             return Plan {
                 demand: s.window.min(self.max_window),
                 ahead: None,
-                confirmed: s.hits >= CONFIRM,
+                confirmed: s.confirmed(),
             };
         }
         if (s.last..index).any(ends_file) {
             s.walker = true;
         }
+        s.large &= index == s.last + 1 && e.uncompressed_size == full;
         s.last = index;
         s.hits += 1;
         s.window = (s.window * 2).min(self.max_window);
+        let confirmed = s.confirmed();
         let mut plan = Plan {
             demand: s.window,
             ahead: None,
-            confirmed: s.hits >= CONFIRM,
+            confirmed,
         };
         // Top the window up once the reader is past half of what was asked ahead.
         let end = end_of(index);
@@ -220,7 +244,7 @@ impl Streams {
         // next one: a reader of a file of 1 MiB chunks (EROFS through a blob device,
         // one request at a time) got nothing ahead until its window had grown to 4 MiB.
         let window = s.window.max(3 * u64::from(e.compressed_size));
-        if s.hits >= CONFIRM && s.ahead < at + window / 2 {
+        if confirmed && s.ahead < at + window / 2 {
             let mut to = at + window;
             if !s.walker {
                 // No further than the end of the file being read.
@@ -398,16 +422,54 @@ mod tests {
     }
 
     #[test]
-    fn a_reader_of_large_chunks_gets_the_next_one_once_confirmed() {
+    fn a_reader_of_large_chunks_gets_the_next_ones_from_its_second_chunk() {
         let t = table(64, 1 << 20);
         let mut s = Streams::new(64 << 10, 8 << 20);
-        let plans: Vec<Plan> = (0..=CONFIRM as usize)
-            .map(|i| s.access(0, i, &t, &|_| true))
-            .collect();
-        let next = u64::from(CONFIRM + 1) << 20;
-        match plans[CONFIRM as usize].ahead {
-            Some((from, to)) => assert!(from <= next && to > next, "{from}..{to}"),
-            None => panic!("nothing ahead: {plans:?}"),
+        let first = s.access(0, 0, &t, &|_| true);
+        assert_eq!(
+            first.ahead, None,
+            "one chunk is not yet a sequential reader"
+        );
+        // The second adjacent chunk: the next two are asked for, and a reader going on
+        // through the file always has the next chunk asked for before it reads it.
+        let mut asked_to = 0;
+        for i in 1..32 {
+            let p = s.access(0, i, &t, &|_| true);
+            assert!(p.confirmed, "chunk {i}");
+            if let Some((from, to)) = p.ahead {
+                assert!(from >= asked_to, "chunk {i}: {from}..{to} after {asked_to}");
+                asked_to = to;
+            }
+            let next = (i as u64 + 2) << 20;
+            assert!(asked_to >= next, "chunk {i}: only {asked_to} asked");
+        }
+        // Large chunks read with a gap between them (a file read here and there), a
+        // file's chunk after a small one, or frames of small files as large as the
+        // largest chunk of a blob that has no large file, wait for CONFIRM accesses as
+        // any stream.
+        let mut sizes = vec![1 << 20; 8];
+        sizes.push(4 << 10);
+        sizes.extend([1 << 20; 8]);
+        let t = sized(&sizes);
+        let frames = table(64, 256 << 10);
+        for (t, reads) in [
+            (&t, [0, 2, 4, 6]),
+            (&t, [8, 9, 10, 11]),
+            (&frames, [0, 1, 2, 3]),
+        ] {
+            let mut s = Streams::new(64 << 10, 8 << 20);
+            let plans: Vec<Plan> = reads
+                .iter()
+                .map(|&i| s.access(0, i, t, &|_| true))
+                .collect();
+            assert!(
+                plans[..CONFIRM as usize].iter().all(|p| p.ahead.is_none()),
+                "{reads:?}: {plans:?}"
+            );
+            assert!(
+                plans[CONFIRM as usize].ahead.is_some(),
+                "{reads:?}: {plans:?}"
+            );
         }
     }
 
@@ -461,8 +523,11 @@ mod tests {
 
     #[test]
     fn a_few_files_read_in_order_are_not_yet_a_walk() {
-        // A package's modules: CONFIRM accesses in order fetch nothing ahead.
-        let t = table(1000, 4 << 10);
+        // A package's modules (small chunks in a blob that has large files too):
+        // CONFIRM accesses in order fetch nothing ahead.
+        let mut sizes = vec![1 << 20];
+        sizes.extend([8 << 10; 1000]);
+        let t = sized(&sizes);
         let mut s = Streams::new(64 << 10, 8 << 20);
         let plans: Vec<Plan> = (0..=CONFIRM as usize)
             .map(|k| s.access(0, 10 + k, &t, &|_| true))
