@@ -25,8 +25,8 @@ the ~11,600 packets to the client dropped per run, and small answers whose packe
 lost came 0.2-0.8 s late (TCP's retransmission timeout is at least 0.2 s), where a full
 pull (a few connections) lost 0.1-2%. With cubic both lose under 5% (lazy: 25-1,441
 packets; full pull: 29-198 of 53,000), closer to what a real link with a bandwidth-delay
-product of buffer drops. Each run records the packets tbf dropped. tc netem is not available, so the delay comes from a
-TCP relay (this script in its hidden --relay mode, an asyncio process) on 127.0.0.1:PORT
+product of buffer drops. Each run records the packets tbf dropped. tc netem is not
+available, so the delay comes from a TCP relay (this script in its hidden --relay mode, an asyncio process) on 127.0.0.1:PORT
 in front of the registry: each direction stamps every buffer it reads with now + RTT/2 and
 writes it at that time, so latency is added without limiting throughput (a direction stops
 reading only when max(4 MiB, 4 RTT of the rate) is queued in it). A connection's first
@@ -407,28 +407,28 @@ def setup_network():
 CONGESTION = "cubic"
 
 
-def congestion_controls():
-    """The TCP congestion controls the kernel offers, and its default."""
+def congestion_control(name):
+    """The TCP congestion control --congestion names (`default`: the kernel's); exits, before
+    anything is set up, if the kernel does not offer it."""
     base = Path("/proc/sys/net/ipv4")
-    return ((base / "tcp_available_congestion_control").read_text().split(),
-            (base / "tcp_congestion_control").read_text().strip())
+    if name == "default":
+        return (base / "tcp_congestion_control").read_text().strip()
+    available = (base / "tcp_available_congestion_control").read_text().split()
+    if name not in available:
+        sys.exit(f"--congestion {name}: the kernel offers {', '.join(available)} (or default)")
+    return name
 
 
 def shape(rate_mbit, queue_ms, congestion=CONGESTION):
     """tbf on both ends of the veth (hb0 shapes host -> registry, hb1 registry -> host), and
-    the congestion control of the TCP connections over it, on both ends' routes (`default`:
-    the kernel's)."""
+    `congestion` (see congestion_control) for the TCP connections over it, on both ends'
+    routes."""
     rate = rate_mbit * 1e6 / 8  # bytes/s
     burst = max(64 * 1024, int(rate * 0.001))
     limit = int(rate * queue_ms / 1000) + burst
     spec = ["tbf", "rate", f"{int(rate_mbit * 1e6)}bit", "burst", str(burst), "limit", str(limit)]
     sh(["tc", "qdisc", "replace", "dev", HOST_IF, "root", *spec])
     sh(["ip", "netns", "exec", NETNS, "tc", "qdisc", "replace", "dev", NS_IF, "root", *spec])
-    available, default = congestion_controls()
-    if congestion == "default":
-        congestion = default
-    elif congestion not in available:
-        sys.exit(f"--congestion {congestion}: the kernel offers {', '.join(available)} (or default)")
     subnet = HOST_IP.rsplit(".", 1)[0] + ".0/24"
     for pre, dev, src in (([], HOST_IF, HOST_IP), (["ip", "netns", "exec", NETNS], NS_IF, NS_IP)):
         sh(pre + ["ip", "route", "replace", subnet, "dev", dev, "proto", "kernel", "scope", "link",
@@ -999,6 +999,7 @@ def main():
             sys.exit(f"unknown method {m} (choose from {', '.join(METHODS)})")
     given = dict(t.split("=", 1) for t in args.trace)
     queue_ms = args.queue_ms if args.queue_ms is not None else max(args.rtt_ms, 5)
+    args.congestion = congestion_control(args.congestion)
     fixtures, scratch = Path(args.fixtures).resolve(), Path(args.scratch)
     if os.geteuid() != 0:
         sys.exit("bench/coldstart.py must run as root (namespaces, tc, runc, mounts, drop_caches)")

@@ -894,6 +894,7 @@ def main():
     if not HOIST.exists():
         sys.exit(f"{HOIST} does not exist (cargo build --release -p hoist, or --hoist PATH)")
     queue_ms = args.queue_ms if args.queue_ms is not None else max(args.rtt_ms, 5)
+    args.congestion = coldstart.congestion_control(args.congestion)
     full_pull = "full-pull" in methods
     rows = [(n, "hoist", mode) for n in files for mode in modes if "hoist" in methods]
     if full_pull:
