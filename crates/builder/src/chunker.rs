@@ -19,6 +19,11 @@
 //! decides exactly as a full one). A whole frame is deduplicated by its digest: a frame
 //! already stored is not stored again, and its files are pointed at the stored copy when
 //! the layer ends ([`Chunker::take_remaps`]).
+//!
+//! Given a start-up trace's chunks ([`Chunker::lay_out_first`]), a blob's compressed chunks
+//! are spooled to a local file, and when the layer ends they are written out with the
+//! trace's first ([`crate::layout`]); the files are pointed at the chunks' new places
+//! through the same remaps.
 
 use crate::{BuildError, ChunkSink};
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -27,9 +32,12 @@ use hoist_format::chunk::{BlobTrailer, ChunkEntry, ChunkTable, Compressor};
 use hoist_format::erofs::ondisk::BLOCK_SIZE;
 use hoist_format::meta::BlobInfo;
 use hoist_format::tree::ChunkRef;
-use hoist_oci::{BlobWriter, Digest};
+use hoist_oci::{BlobWriter, Digest, HashingReader};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::fs::File;
+use std::io::{Seek, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::thread::JoinHandle;
 
 /// Where a stored chunk lives: provisional blob index and block address.
@@ -83,8 +91,9 @@ struct Encoded {
     stored: Vec<u8>,
 }
 
-/// What the writer thread hands back: the open blob, its table, its chunk area size.
-type Written = (Box<dyn BlobWriter>, ChunkTable, u64);
+/// What the writer thread hands back: the open blob, its table, its chunk area size,
+/// and the spool that holds the chunk area instead of the blob, if any.
+type Written = (Box<dyn BlobWriter>, ChunkTable, u64, Option<File>);
 
 /// A blob being filled.
 struct Pipeline {
@@ -117,7 +126,8 @@ impl Frame {
 
 /// Block range `[start, start + blocks)` of device `device` (provisional, 1-based)
 /// that files were pointed at before its frame turned out to be stored already at
-/// `to_blkaddr` of device `to_device`.
+/// `to_blkaddr` of device `to_device`, or before its chunk moved there when its blob
+/// was laid out in a trace's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Remap {
     /// Provisional device id of the frame's blob.
@@ -139,6 +149,10 @@ pub struct FinishedBlob {
     pub info: BlobInfo,
     /// Its OCI digest.
     pub digest: Digest,
+    /// For a blob laid out in a trace's order: the blob it would have been in layer
+    /// order (not written; its digest computed), which the trace's metadata chunks may
+    /// have been recorded on ([`crate::layout`]).
+    pub unordered: Option<(BlobInfo, Digest)>,
 }
 
 /// The dedup map and the blob currently being written.
@@ -155,6 +169,13 @@ pub struct Chunker {
     dict_blobs: u16,
     current: Option<Pipeline>,
     remaps: Vec<Remap>,
+    /// The rank of each chunk a start-up trace reads, by digest: stored first in its
+    /// blob ([`Chunker::lay_out_first`]).
+    order: HashMap<[u8; 32], u64>,
+    /// Where blobs are spooled while `order` is not empty.
+    spool_dir: PathBuf,
+    /// Chunks stored at the head of their blob since the last [`Chunker::take_stats`].
+    laid_out: u64,
     /// Counters since the last [`Chunker::take_stats`].
     pub stats: ChunkStats,
 }
@@ -174,8 +195,31 @@ impl Chunker {
             dict_blobs: 0,
             current: None,
             remaps: Vec::new(),
+            order: HashMap::new(),
+            spool_dir: std::env::temp_dir(),
+            laid_out: 0,
             stats: ChunkStats::default(),
         }
+    }
+
+    /// Stores the chunks of `digests` (a start-up trace's, in its order) first in each
+    /// blob that holds them, in that order ([`crate::layout`]). The blobs written from
+    /// then on are spooled in `spool_dir` until their layer ends.
+    pub fn lay_out_first(
+        &mut self,
+        digests: impl IntoIterator<Item = [u8; 32]>,
+        spool_dir: PathBuf,
+    ) {
+        for d in digests {
+            let next = self.order.len() as u64;
+            self.order.entry(d).or_insert(next);
+        }
+        self.spool_dir = spool_dir;
+    }
+
+    /// Chunks stored at the head of their blob, in a trace's order, since the last call.
+    pub fn take_laid_out(&mut self) -> u64 {
+        std::mem::take(&mut self.laid_out)
     }
 
     /// The frames found stored already since the last call, whose files must be pointed
@@ -227,7 +271,8 @@ impl Chunker {
             })
             .collect();
         drop(etx);
-        let writer = std::thread::spawn(move || write_blob(out, erx));
+        let spool = (!self.order.is_empty()).then(|| self.spool_dir.clone());
+        let writer = std::thread::spawn(move || write_blob(out, spool, erx));
         self.layer_files.clear();
         self.current = Some(Pipeline {
             blob,
@@ -262,7 +307,7 @@ impl Chunker {
                 first_err.get_or_insert(e);
             }
         }
-        let (mut out, table, data_size) = p
+        let (mut out, mut table, data_size, spool) = p
             .writer
             .join()
             .map_err(|_| BuildError::Invalid("the blob writer thread panicked".into()))??;
@@ -272,7 +317,44 @@ impl Chunker {
         if table.entries.is_empty() {
             return Ok(None);
         }
-        let uncompressed_size = p.next_uoffset;
+        let mut uncompressed_size = p.next_uoffset;
+        let mut unordered = None;
+        if let Some(spool) = spool {
+            let plan = crate::layout::plan(&table.entries, &self.order)?;
+            if plan.is_some() {
+                let info = BlobInfo {
+                    digest: [0; 32],
+                    compressed_size: 0,
+                    data_size,
+                    uncompressed_size,
+                    chunks: table.clone(),
+                };
+                unordered = Some(self.digest_spooled(&spool, info)?);
+            }
+            let order: Vec<usize> = match &plan {
+                Some(plan) => plan.order.clone(),
+                None => (0..table.entries.len()).collect(),
+            };
+            copy_chunks(
+                &spool,
+                &self.spool_dir,
+                &table.entries,
+                &order,
+                out.as_mut(),
+            )?;
+            if let Some(plan) = plan {
+                self.laid_out += plan
+                    .entries
+                    .iter()
+                    .take_while(|e| self.order.contains_key(&e.digest))
+                    .count() as u64;
+                self.moved(p.blob, &plan.moves);
+                uncompressed_size = plan.uncompressed_size;
+                table = ChunkTable {
+                    entries: plan.entries,
+                };
+            }
+        }
         let table_bytes = table.to_bytes();
         let trailer = BlobTrailer {
             chunk_count: table.entries.len() as u64,
@@ -292,7 +374,45 @@ impl Chunker {
                 chunks: table,
             },
             digest,
+            unordered,
         }))
+    }
+
+    /// The blob `info` describes (its chunks in `spool`, its table and trailer after
+    /// them), digested and sized without being written.
+    fn digest_spooled(
+        &self,
+        spool: &File,
+        mut info: BlobInfo,
+    ) -> Result<(BlobInfo, Digest), BuildError> {
+        let mut tail = info.chunks.to_bytes();
+        tail.extend_from_slice(
+            &BlobTrailer {
+                chunk_count: info.chunks.entries.len() as u64,
+                table_offset: info.data_size,
+                uncompressed_size: info.uncompressed_size,
+            }
+            .to_bytes(),
+        );
+        let mut data = spool;
+        let read = data
+            .seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| {
+                let mut h = HashingReader::new(std::io::Read::chain(
+                    std::io::Read::take(data, info.data_size),
+                    &tail[..],
+                ));
+                let n = std::io::copy(&mut h, &mut std::io::sink())?;
+                Ok((h.digest(), n))
+            })
+            .map_err(|source| BuildError::Spool {
+                dir: self.spool_dir.display().to_string(),
+                source,
+            })?;
+        let (digest, size) = read;
+        info.digest = digest.bytes();
+        info.compressed_size = size;
+        Ok((info, digest))
     }
 
     /// Stops the current blob without committing it: its temporary file is deleted.
@@ -305,6 +425,35 @@ impl Chunker {
             // Dropping the uncommitted writer removes its temporary file.
             let _ = p.writer.join();
         }
+    }
+
+    /// The chunks of blob `blob` moved (`(old first block, blocks, new first block)`):
+    /// the dedup map and the frames' remaps point at their new places, and the files
+    /// pointed at their old ones are remapped.
+    fn moved(&mut self, blob: u16, moves: &[(u32, u32, u32)]) {
+        let to: HashMap<u32, u32> = moves.iter().map(|&(old, _, new)| (old, new)).collect();
+        for loc in self.dedup.values_mut().filter(|l| l.blob == blob) {
+            if let Some(&new) = to.get(&loc.blkaddr) {
+                loc.blkaddr = new;
+            }
+        }
+        for r in self.remaps.iter_mut().filter(|r| r.to_device == blob + 1) {
+            if let Some(&new) = to.get(&r.to_blkaddr) {
+                r.to_blkaddr = new;
+            }
+        }
+        // Small files are found in the layer's frames while it is converted only.
+        self.layer_files.clear();
+        // A file points into a chunk, or into the place of a frame stored elsewhere
+        // (remapped above): never both, so one pass of remaps serves both.
+        self.remaps
+            .extend(moves.iter().map(|&(start, blocks, to_blkaddr)| Remap {
+                device: blob + 1,
+                start,
+                blocks,
+                to_device: blob + 1,
+                to_blkaddr,
+            }));
     }
 
     /// Returns and resets the counters.
@@ -590,10 +739,25 @@ fn encode_worker(
     Ok(())
 }
 
+/// Writes the compressed chunks in order to `out`, or to a spool in `spool_dir` if given.
 fn write_blob(
     mut out: Box<dyn BlobWriter>,
+    spool_dir: Option<PathBuf>,
     rx: Receiver<Result<Encoded, BuildError>>,
 ) -> Result<Written, BuildError> {
+    let dir = spool_dir
+        .as_ref()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    let mut spool = match spool_dir {
+        Some(dir) => Some(
+            tempfile::tempfile_in(&dir).map_err(|source| BuildError::Spool {
+                dir: dir.display().to_string(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
     let mut pending: BTreeMap<u64, Encoded> = BTreeMap::new();
     let mut next = 0u64;
     let mut offset = 0u64;
@@ -602,7 +766,15 @@ fn write_blob(
         let enc = res?;
         pending.insert(enc.seq, enc);
         while let Some(enc) = pending.remove(&next) {
-            out.write_all(&enc.stored).map_err(BuildError::write)?;
+            match spool.as_mut() {
+                Some(f) => f
+                    .write_all(&enc.stored)
+                    .map_err(|source| BuildError::Spool {
+                        dir: dir.clone(),
+                        source,
+                    }),
+                None => out.write_all(&enc.stored).map_err(BuildError::write),
+            }?;
             table.entries.push(ChunkEntry {
                 uncompressed_offset: enc.uoffset,
                 compressed_offset: offset,
@@ -620,271 +792,32 @@ fn write_blob(
             "compression pipeline lost a chunk".into(),
         ));
     }
-    Ok((out, table, offset))
+    Ok((out, table, offset, spool))
+}
+
+/// Copies the compressed chunks `entries` of a spooled blob (in `dir`) to `out`, in
+/// `order`.
+fn copy_chunks(
+    spool: &File,
+    dir: &std::path::Path,
+    entries: &[ChunkEntry],
+    order: &[usize],
+    out: &mut dyn BlobWriter,
+) -> Result<(), BuildError> {
+    let mut buf = Vec::new();
+    for &i in order {
+        let e = &entries[i];
+        buf.resize(e.compressed_size as usize, 0);
+        spool
+            .read_exact_at(&mut buf, e.compressed_offset)
+            .map_err(|source| BuildError::Spool {
+                dir: dir.display().to_string(),
+                source,
+            })?;
+        out.write_all(&buf).map_err(BuildError::write)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use hoist_format::tree::{Metadata, Node, NodeKind, Tree};
-    use std::sync::{Arc, Mutex};
-
-    /// A blob kept in memory, shared with the test.
-    struct MemBlob(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for MemBlob {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl BlobWriter for MemBlob {
-        fn commit(self: Box<Self>) -> Result<(Digest, u64), hoist_oci::OciError> {
-            let len = self.0.lock().unwrap().len() as u64;
-            Ok((Digest::from_sha256([7; 32]), len))
-        }
-    }
-
-    const FRAME: u64 = 64 << 10;
-
-    fn chunker() -> Chunker {
-        Chunker::new(Compressor::Zstd, 2, FRAME)
-    }
-
-    fn start(c: &mut Chunker, blob: u16) -> Arc<Mutex<Vec<u8>>> {
-        let bytes = Arc::new(Mutex::new(Vec::new()));
-        c.start_blob(blob, Box::new(MemBlob(bytes.clone())));
-        bytes
-    }
-
-    /// A small file's distinct content.
-    fn file(n: u8, len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|i| n.wrapping_add((i % 251) as u8) | 1)
-            .collect()
-    }
-
-    /// The `len` bytes at `c` in a finished blob, decoded and verified.
-    fn read(blob: &FinishedBlob, bytes: &[u8], c: ChunkRef, len: usize) -> Vec<u8> {
-        let ChunkRef::Mapped { blkaddr, .. } = c else {
-            panic!("a hole: {c:?}")
-        };
-        let offset = u64::from(blkaddr) * BLOCK_SIZE;
-        let e = blob
-            .info
-            .chunks
-            .entries
-            .iter()
-            .find(|e| {
-                e.uncompressed_offset <= offset
-                    && offset < e.uncompressed_offset + u64::from(e.uncompressed_size)
-            })
-            .expect("a chunk holds the reference");
-        let start = e.compressed_offset as usize;
-        let stored = &bytes[start..start + e.compressed_size as usize];
-        let data = hoist_codec::decode_verified(e, stored).unwrap();
-        let skip = (offset - e.uncompressed_offset) as usize;
-        data[skip..skip + len].to_vec()
-    }
-
-    #[test]
-    fn small_files_share_frames_at_block_boundaries_and_read_back() {
-        let mut c = chunker();
-        assert_eq!(c.small_file_limit(), FRAME / 8);
-        let bytes = start(&mut c, 0);
-        // 20 files of 5000 bytes take 2 blocks each: 8 fit a 64 KiB frame.
-        let files: Vec<Vec<u8>> = (0..20).map(|n| file(n, 5000)).collect();
-        let refs: Vec<ChunkRef> = files
-            .iter()
-            .map(|f| c.put_small(f.clone()).unwrap())
-            .collect();
-        let blob = c.finish_blob().unwrap().unwrap();
-        assert_eq!(
-            blob.info.chunks.entries.len(),
-            3,
-            "3 frames: 8 + 8 + 4 files"
-        );
-        let blk = |r: &ChunkRef| match r {
-            ChunkRef::Mapped { device: 1, blkaddr } => *blkaddr,
-            other => panic!("{other:?}"),
-        };
-        let addrs: Vec<u32> = refs.iter().map(blk).collect();
-        assert_eq!(
-            addrs[..3],
-            [0, 2, 4],
-            "each file at the next block boundary"
-        );
-        assert_eq!(addrs[8], 16, "the second frame starts after the first");
-        let bytes = bytes.lock().unwrap();
-        for (f, r) in files.iter().zip(&refs) {
-            assert_eq!(&read(&blob, &bytes, *r, f.len()), f);
-        }
-        let stats = c.take_stats();
-        assert_eq!((stats.small_files, stats.frames), (20, 3));
-        assert_eq!(stats.stored_bytes, 20 * 5000);
-    }
-
-    #[test]
-    fn a_small_file_met_again_is_not_stored_again() {
-        let mut c = chunker();
-        start(&mut c, 0);
-        let a = c.put_small(file(1, 100)).unwrap();
-        let same_frame = c.put_small(file(1, 100)).unwrap();
-        assert_eq!(a, same_frame, "a duplicate in the open frame");
-        c.put_small(file(2, 100)).unwrap();
-        // A large chunk closes the frame; then the file is found in the dedup map.
-        c.put(file(3, 200_000)).unwrap();
-        let later = c.put_small(file(1, 100)).unwrap();
-        assert_eq!(a, later, "a duplicate of a sealed frame's file");
-        // A lower layer's small files are known by their frames, not one by one (a
-        // conversion restored from the cache above that layer knows no more).
-        c.finish_blob().unwrap().unwrap();
-        start(&mut c, 1);
-        let next_layer = c.put_small(file(1, 100)).unwrap();
-        assert!(matches!(next_layer, ChunkRef::Mapped { device: 2, .. }));
-        assert_eq!(c.take_stats().dedup_chunks, 2);
-        assert_eq!(
-            c.finish_blob().unwrap().unwrap().info.chunks.entries.len(),
-            1
-        );
-    }
-
-    #[test]
-    fn a_large_chunk_closes_the_frame_before_it_so_offsets_increase() {
-        let mut c = chunker();
-        let bytes = start(&mut c, 0);
-        let small = c.put_small(file(1, 3000)).unwrap();
-        let large = c.put(file(2, 100_000)).unwrap();
-        let small2 = c.put_small(file(3, 3000)).unwrap();
-        let blob = c.finish_blob().unwrap().unwrap();
-        let offsets: Vec<u64> = blob
-            .info
-            .chunks
-            .entries
-            .iter()
-            .map(|e| e.uncompressed_offset)
-            .collect();
-        assert_eq!(offsets, [0, 4096, 4096 + 102_400]);
-        let bytes = bytes.lock().unwrap();
-        assert_eq!(read(&blob, &bytes, small, 3000), file(1, 3000));
-        assert_eq!(read(&blob, &bytes, large, 100_000), file(2, 100_000));
-        assert_eq!(read(&blob, &bytes, small2, 3000), file(3, 3000));
-    }
-
-    /// A tree of one file node per small file, stored through `c`.
-    fn tree_of(files: &[Vec<u8>], c: &mut Chunker) -> Tree {
-        let mut tree = Tree::new(Metadata::default());
-        for f in files {
-            let chunks = vec![c.put_small(f.clone()).unwrap()];
-            let size = f.len() as u64;
-            tree.add(Node {
-                meta: Metadata::default(),
-                kind: NodeKind::File { size, chunks },
-            });
-        }
-        tree
-    }
-
-    /// The chunk reference of each file node of a [`tree_of`].
-    fn refs_of(tree: &Tree) -> Vec<ChunkRef> {
-        tree.nodes[1..]
-            .iter()
-            .map(|n| match &n.kind {
-                NodeKind::File { chunks, .. } => chunks[0],
-                other => panic!("{other:?}"),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_frame_stored_before_is_reused_and_its_files_remapped() {
-        let mut c = chunker();
-        let files: Vec<Vec<u8>> = (0..3).map(|n| file(n, 3000)).collect();
-        start(&mut c, 0);
-        let first: Vec<ChunkRef> = files
-            .iter()
-            .map(|f| c.put_small(f.clone()).unwrap())
-            .collect();
-        c.finish_blob().unwrap().unwrap();
-        assert!(c.take_remaps().is_empty());
-
-        // The next layer holds the same three files: their frame is found stored.
-        start(&mut c, 1);
-        let mut tree = tree_of(&files, &mut c);
-        assert!(c.finish_blob().unwrap().is_none(), "nothing new to store");
-        let remaps = c.take_remaps();
-        assert_eq!(remaps.len(), 1);
-        apply_remaps(&mut tree, &remaps);
-        assert_eq!(refs_of(&tree), first, "pointed at the lower layer's frame");
-
-        // The same through a dictionary, checked to the end: the files are pointed at
-        // the dictionary's copy.
-        let mut d = chunker();
-        start(&mut d, 0);
-        let dict_refs: Vec<ChunkRef> = files
-            .iter()
-            .map(|f| d.put_small(f.clone()).unwrap())
-            .collect();
-        let dict_blob = d.finish_blob().unwrap().unwrap();
-        let mut c = chunker();
-        c.add_dict_blob(&dict_blob.info).unwrap();
-        start(&mut c, 1);
-        let mut tree = tree_of(&files, &mut c);
-        assert!(refs_of(&tree)
-            .iter()
-            .all(|r| matches!(r, ChunkRef::Mapped { device: 2, .. })));
-        assert!(c.finish_blob().unwrap().is_none(), "nothing new to store");
-        let remaps = c.take_remaps();
-        assert_eq!(remaps.len(), 1);
-        apply_remaps(&mut tree, &remaps);
-        assert_eq!(refs_of(&tree), dict_refs, "device 1 is the dictionary blob");
-        let stats = c.take_stats();
-        assert_eq!((stats.dedup_frames, stats.stored_bytes), (1, 0));
-        assert_eq!(stats.dict_bytes, 3 * 3000);
-    }
-
-    #[test]
-    fn frames_line_up_again_after_a_file_added_in_front() {
-        let files: Vec<Vec<u8>> = (0..200u32)
-            .map(|n| format!("file {n}: {}", "x".repeat(n as usize % 50)).into_bytes())
-            .collect();
-        let mut c = chunker();
-        start(&mut c, 0);
-        for f in &files {
-            c.put_small(f.clone()).unwrap();
-        }
-        c.finish_blob().unwrap().unwrap();
-        let first = c.take_stats();
-        // The same files after a new one: the frames before the first content-defined
-        // boundary differ, those after it are found stored.
-        start(&mut c, 1);
-        c.put_small(b"a new file".to_vec()).unwrap();
-        for f in &files {
-            c.put_small(f.clone()).unwrap();
-        }
-        c.finish_blob().unwrap().unwrap();
-        let second = c.take_stats();
-        assert!(second.dedup_frames > 0, "{second:?}");
-        assert!(
-            second.frames * 2 < first.frames,
-            "{} of {} frames stored again",
-            second.frames,
-            first.frames
-        );
-    }
-
-    #[test]
-    fn without_frames_small_files_are_chunks_of_their_own() {
-        let mut c = Chunker::new(Compressor::Zstd, 1, 0);
-        assert_eq!(c.small_file_limit(), 0);
-        start(&mut c, 0);
-        c.put(file(1, 100)).unwrap();
-        c.put(file(2, 100)).unwrap();
-        let blob = c.finish_blob().unwrap().unwrap();
-        assert_eq!(blob.info.chunks.entries.len(), 2);
-    }
-}
+mod tests;

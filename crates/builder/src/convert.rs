@@ -13,6 +13,7 @@ use hoist_format::tree::{ChunkRef, Metadata, NodeKind, Tree};
 use hoist_oci::{
     descriptor, media, Digest, HashingReader, ImageSink, ImageSource, MAX_CONFIG_SIZE,
 };
+use hoist_reader::trace::Trace;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
@@ -38,9 +39,11 @@ pub struct ConvertOptions {
     pub spool_dir: Option<PathBuf>,
     /// The conversion cache that makes conversions incremental; `None` disables it.
     pub cache: Option<ConvertCache>,
-    /// A start-up trace (JSON, checked by the caller) to store in the image as a layer of
-    /// media type `application/vnd.oci.image.layer.hoist.trace.v1+json`, after the metadata blob.
-    pub trace: Option<Vec<u8>>,
+    /// A start-up trace to store in the image as a layer of media type
+    /// `application/vnd.oci.image.layer.hoist.trace.v1+json`, after the metadata blob.
+    /// Each data blob stores the chunks it names first, in its order
+    /// ([`crate::layout`]), and the trace stored is pointed at their places.
+    pub trace: Option<Trace>,
 }
 
 /// The default frame size (256 KiB): a frame holds at least 8 small files (up to 32 KiB
@@ -94,6 +97,9 @@ pub struct LayerReport {
     /// Whether this conversion took it from the conversion cache instead of converting it.
     #[serde(default)]
     pub reused: bool,
+    /// Chunks of the start-up trace stored first in its blob, in the trace's order.
+    #[serde(default)]
+    pub trace_first: u64,
 }
 
 /// What a conversion produced.
@@ -240,7 +246,22 @@ pub fn convert(
         }
     }
     let dict_count = provisional.len();
-    let options_key = format!("{};dict={dict_key}", opts.annotation());
+    let lead = opts
+        .trace
+        .as_ref()
+        .map(crate::layout::trace_digests)
+        .unwrap_or_default();
+    let options_key = format!(
+        "{};dict={dict_key}{}",
+        opts.annotation(),
+        crate::layout::cache_key(&lead)
+    );
+    if !lead.is_empty() {
+        let dir = opts.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+        chunker.lay_out_first(lead, dir);
+    }
+    // Per provisional blob laid out in the trace's order: the blob in layer order.
+    let mut unordered: HashMap<usize, (BlobInfo, Digest)> = HashMap::new();
     let digests: Vec<&Digest> = layers.iter().map(|l| &l.digest).collect();
 
     let mut tree = Tree::new(Metadata {
@@ -366,6 +387,7 @@ pub fn convert(
                     .as_ref()
                     .map(|f| (f.digest.to_string(), f.info.compressed_size)),
                 reused: false,
+                trace_first: chunker.take_laid_out(),
             };
             if let Some(cache) = &opts.cache {
                 cached.push(CachedLayer {
@@ -382,6 +404,9 @@ pub fn convert(
                 });
             }
             reports.push(report);
+            if let Some(u) = finished.as_ref().and_then(|f| f.unordered.clone()) {
+                unordered.insert(provisional.len(), u);
+            }
             provisional.push(finished.map(|f| (f.info, f.digest)));
         }
         Ok(())
@@ -391,6 +416,8 @@ pub fn convert(
     let reachable = reachable_devices(&tree);
     let mut remap: HashMap<u16, u16> = HashMap::new();
     let mut final_blobs: Vec<(BlobInfo, Digest, bool)> = Vec::new();
+    // The final blobs laid out in the trace's order: (device id, the blob in layer order).
+    let mut laid_out: Vec<(u16, (BlobInfo, Digest))> = Vec::new();
     for (i, entry) in provisional.into_iter().enumerate() {
         let Some((info, digest)) = entry else {
             continue;
@@ -402,6 +429,9 @@ pub fn convert(
         }
         final_blobs.push((info, digest, is_dict));
         remap.insert(provisional_id, final_blobs.len() as u16);
+        if let Some(u) = unordered.remove(&i) {
+            laid_out.push((final_blobs.len() as u16, u));
+        }
     }
     for node in &mut tree.nodes {
         if let NodeKind::File { chunks, .. } = &mut node.kind {
@@ -413,23 +443,12 @@ pub fn convert(
             }
         }
     }
-    let devices = final_blobs
+    let blobs: Vec<(BlobInfo, Digest)> = final_blobs
         .iter()
-        .map(|(info, digest, _)| {
-            let mut tag = [0u8; 64];
-            tag.copy_from_slice(digest.hex().as_bytes());
-            let blocks =
-                u32::try_from(info.uncompressed_size / hoist_format::erofs::ondisk::BLOCK_SIZE)
-                    .map_err(|_| BuildError::Invalid("a blob over 16 TiB".into()))?;
-            Ok(Device { tag, blocks })
-        })
-        .collect::<Result<Vec<_>, BuildError>>()?;
-    let image = erofs::write_image(&tree, &devices, &erofs::WriteOptions { chunk_bits })?;
-    let infos: Vec<BlobInfo> = final_blobs.iter().map(|(i, _, _)| i.clone()).collect();
-    let used = referenced_chunks(&tree, &infos)?;
-    let meta_bytes = meta::assemble(image, chunk_bits, &infos, &used)?;
-    let meta_blob = hoist_codec::encode_blob(&meta_bytes, meta::META_CHUNK_SIZE, opts.compressor)
-        .map_err(|e| BuildError::Invalid(format!("compressing the metadata: {e}")))?;
+        .map(|(i, d, _)| (i.clone(), d.clone()))
+        .collect();
+    let (meta_bytes, meta_blob) = build_meta(&tree, &blobs, chunk_bits, opts.compressor)?;
+    let infos: Vec<BlobInfo> = blobs.into_iter().map(|(i, _)| i).collect();
     let meta_chunks = meta_bytes.len().div_ceil(meta::META_CHUNK_SIZE);
     let meta_table = hoist_codec::table_digest(&meta_blob, meta_chunks)
         .ok_or_else(|| BuildError::Invalid("the metadata blob has no chunk table".into()))?;
@@ -486,7 +505,15 @@ pub fn convert(
     }));
     let mut trace_bytes = 0;
     if let Some(trace) = &opts.trace {
-        let (digest, size) = write_blob(dst, trace)?;
+        let mut trace = trace.clone();
+        trace.retarget(&infos);
+        if !laid_out.is_empty() && !trace.meta_digest.is_empty() {
+            let before = meta_in_layer_order(&tree, &final_blobs, laid_out, chunk_bits, opts)?;
+            if before.0 == trace.meta_digest && before.1 == meta_bytes.len() {
+                trace.meta_digest = meta_desc.0.to_string();
+            }
+        }
+        let (digest, size) = write_blob(dst, &trace.to_json())?;
         trace_bytes = size;
         layer_descs.push(json!({
             "mediaType": media::HOIST_TRACE,
@@ -535,6 +562,66 @@ pub fn convert(
         bytes_in: total,
         bytes_out,
     })
+}
+
+/// The digest of the metadata blob, and the size of the metadata, that a
+/// conversion would have written with every blob in layer order: `tree` and `blobs`
+/// with the blobs of `laid_out` (device id, the blob in layer order) put back. A trace
+/// whose metadata chunks were recorded on that metadata names the same pieces of the
+/// new one ([`crate::layout`]).
+fn meta_in_layer_order(
+    tree: &Tree,
+    blobs: &[(BlobInfo, Digest, bool)],
+    laid_out: Vec<(u16, (BlobInfo, Digest))>,
+    chunk_bits: u8,
+    opts: &ConvertOptions,
+) -> Result<(String, usize), BuildError> {
+    let mut tree = tree.clone();
+    let mut blobs: Vec<(BlobInfo, Digest)> = blobs
+        .iter()
+        .map(|(i, d, _)| (i.clone(), d.clone()))
+        .collect();
+    let mut back = Vec::new();
+    for (device, before) in laid_out {
+        let at = usize::from(device) - 1;
+        back.extend(crate::layout::back_to_layer_order(
+            device,
+            &blobs[at].0,
+            &before.0,
+        ));
+        blobs[at] = before;
+    }
+    crate::chunker::apply_remaps(&mut tree, &back);
+    let (bytes, blob) = build_meta(&tree, &blobs, chunk_bits, opts.compressor)?;
+    Ok((Digest::of(&blob).to_string(), bytes.len()))
+}
+
+/// The metadata of `tree` whose data blobs are `blobs` (device 1 first): its bytes,
+/// and the metadata blob that stores them.
+fn build_meta(
+    tree: &Tree,
+    blobs: &[(BlobInfo, Digest)],
+    chunk_bits: u8,
+    compressor: Compressor,
+) -> Result<(Vec<u8>, Vec<u8>), BuildError> {
+    let devices = blobs
+        .iter()
+        .map(|(info, digest)| {
+            let mut tag = [0u8; 64];
+            tag.copy_from_slice(digest.hex().as_bytes());
+            let blocks =
+                u32::try_from(info.uncompressed_size / hoist_format::erofs::ondisk::BLOCK_SIZE)
+                    .map_err(|_| BuildError::Invalid("a blob over 16 TiB".into()))?;
+            Ok(Device { tag, blocks })
+        })
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    let image = erofs::write_image(tree, &devices, &erofs::WriteOptions { chunk_bits })?;
+    let infos: Vec<BlobInfo> = blobs.iter().map(|(i, _)| i.clone()).collect();
+    let used = referenced_chunks(tree, &infos)?;
+    let meta_bytes = meta::assemble(image, chunk_bits, &infos, &used)?;
+    let meta_blob = hoist_codec::encode_blob(&meta_bytes, meta::META_CHUNK_SIZE, compressor)
+        .map_err(|e| BuildError::Invalid(format!("compressing the metadata: {e}")))?;
+    Ok((meta_bytes, meta_blob))
 }
 
 /// The config's `rootfs.diff_ids`: one sha256 digest per layer, as the OCI image spec

@@ -10,6 +10,9 @@
 //! The main design choice: placement is decided in stream order on the reading thread
 //! (so output is byte-for-byte deterministic), while compression runs on all cores.
 //!
+//! Given a start-up trace, each blob stores the chunks the trace reads first, in its
+//! order ([`layout`]), so that fetching them takes a few long reads.
+//!
 //! Layers are downloaded ahead of the converter (`spool`), and the state after each layer
 //! is cached ([`cache`]) so that converting an image whose lower layers were converted
 //! before starts above them, with byte-identical output.
@@ -20,6 +23,7 @@ pub mod chunker;
 pub mod convert;
 pub mod dict;
 mod layer;
+pub mod layout;
 mod spool;
 
 pub use cache::ConvertCache;
@@ -76,6 +80,16 @@ pub enum BuildError {
     /// Writing a blob failed.
     #[error("writing a blob: {0}")]
     Write(#[source] std::io::Error),
+    /// A blob laid out in a trace's order is spooled before it is written; the spool
+    /// failed (the directory must be writable and have room for the layer's blob).
+    #[error("spooling a blob in {dir}: {source}")]
+    Spool {
+        /// The spool directory.
+        dir: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The source image or the options are not usable.
     #[error("{0}")]
     Invalid(String),

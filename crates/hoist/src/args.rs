@@ -470,7 +470,9 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub json: bool,
     /// Store this start-up trace (written by `hoist record`) in the image: mounts fetch
-    /// its chunks first, in order. It is kept as a layer of media type
+    /// its chunks first, in order. Each data blob stores the chunks the trace reads
+    /// first, in its order, so that a mount fetches them in a few long reads. The trace
+    /// is kept as a layer of media type
     /// application/vnd.oci.image.layer.hoist.trace.v1+json after the metadata blob.
     #[arg(long, value_name = "FILE", conflicts_with = "prefetch_files")]
     pub prefetch_trace: Option<PathBuf>,

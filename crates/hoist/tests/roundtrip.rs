@@ -301,3 +301,116 @@ fn conversion_is_deterministic() {
         "different options give a different image"
     );
 }
+
+/// The manifest of the one image in the OCI layout of `image` (`oci:DIR:TAG`), and a
+/// reader of that layout's blobs by digest.
+fn layout_manifest(image: &str) -> (serde_json::Value, impl Fn(&str) -> Vec<u8>) {
+    let dir = image.trim_start_matches("oci:").rsplit_once(':').unwrap().0;
+    let index = std::fs::read(format!("{dir}/index.json")).unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    let dir = dir.to_string();
+    let blob = move |digest: &str| {
+        let hex = digest.trim_start_matches("sha256:");
+        std::fs::read(format!("{dir}/blobs/sha256/{hex}")).unwrap()
+    };
+    let manifest = blob(index["manifests"][0]["digest"].as_str().unwrap());
+    (serde_json::from_slice(&manifest).unwrap(), blob)
+}
+
+/// The chunk tables of the data blobs of `image`, in the manifest's order.
+fn blob_tables(image: &str) -> Vec<hoist_format::chunk::ChunkTable> {
+    let (manifest, blob) = layout_manifest(image);
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == hoist_oci::media::HOIST_BLOB)
+        .map(|l| {
+            let bytes = blob(l["digest"].as_str().unwrap());
+            let size = bytes.len() as u64;
+            let trailer = &bytes[bytes.len() - hoist_format::chunk::BLOB_TRAILER_SIZE..];
+            let t = hoist_format::chunk::BlobTrailer::parse(trailer, size).unwrap();
+            let tail = &bytes[t.table_offset as usize..];
+            hoist_format::chunk::parse_blob_tail(tail, size).unwrap().1
+        })
+        .collect()
+}
+
+/// The layout a start-up trace gives (the chunks it names first in each blob, in its
+/// order) moves chunks, never what the files hold: for every fixture image, a trace
+/// naming every chunk in reverse order gives blobs whose chunks are in that order, a
+/// stored trace that names their new places, and the same tree as umoci's.
+#[test]
+fn blobs_laid_out_in_a_traces_order_lead_with_its_chunks_and_unpack_the_same() {
+    if !can_unpack() {
+        return;
+    }
+    let layout = fixtures();
+    for tag in tags(&layout) {
+        let plain = convert(&layout, &tag, &format!("lo-{tag}-plain"), &[]);
+        let before = blob_tables(&plain);
+        let chunks: Vec<serde_json::Value> = before
+            .iter()
+            .enumerate()
+            .rev()
+            .flat_map(|(b, t)| {
+                t.entries.iter().enumerate().rev().map(move |(i, e)| {
+                    let digest: String = e.digest.iter().map(|x| format!("{x:02x}")).collect();
+                    serde_json::json!({ "blob": b, "index": i, "digest": digest })
+                })
+            })
+            .collect();
+        let total = chunks.len() as u64;
+        let trace = scratch().join(format!("lo-{tag}-trace.json"));
+        let body = serde_json::json!({ "version": 1, "chunks": chunks });
+        std::fs::write(&trace, body.to_string()).unwrap();
+        let laid = format!(
+            "oci:{}:{tag}",
+            scratch().join(format!("lo-{tag}-laid")).display()
+        );
+        let src = format!("oci:{}:{tag}", layout.display());
+        let t = trace.display().to_string();
+        let out = hoist_ok(&["convert", &src, &laid, "--prefetch-trace", &t, "--json"]);
+        let first = layers_sum(&out, "trace_first");
+        // Each blob's chunks, reversed (a blob whose only chunk leads already does not
+        // count as laid out).
+        let after = blob_tables(&laid);
+        assert_eq!(after.len(), before.len(), "{tag}");
+        let mut moved = 0;
+        for (b, (t0, t1)) in before.iter().zip(&after).enumerate() {
+            let want: Vec<[u8; 32]> = t0.entries.iter().rev().map(|e| e.digest).collect();
+            let got: Vec<[u8; 32]> = t1.entries.iter().map(|e| e.digest).collect();
+            assert_eq!(got, want, "{tag}: blob {b} is not in the trace's order");
+            if t0.entries.len() > 1 {
+                moved += t0.entries.len() as u64;
+            }
+        }
+        assert_eq!(first, moved, "{tag}: {out}");
+        assert!(moved > 0 || total < 2, "{tag}: nothing to lay out");
+        // The stored trace names the chunks' places in this image.
+        let (manifest, blob) = layout_manifest(&laid);
+        let layer = manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["mediaType"] == hoist_oci::media::HOIST_TRACE)
+            .expect("a trace layer");
+        let stored: serde_json::Value =
+            serde_json::from_slice(&blob(layer["digest"].as_str().unwrap())).unwrap();
+        let stored = stored["chunks"].as_array().unwrap();
+        assert_eq!(stored.len() as u64, total);
+        for c in stored {
+            let (b, i) = (c["blob"].as_u64().unwrap(), c["index"].as_u64().unwrap());
+            let e = &after[b as usize].entries[i as usize];
+            let digest: String = e.digest.iter().map(|x| format!("{x:02x}")).collect();
+            assert_eq!(c["digest"], digest.as_str(), "{tag}: {c}");
+            assert_eq!(c["offset"], e.compressed_offset, "{tag}: {c}");
+        }
+        let out = hoist_ok(&["check", &laid]);
+        assert!(out.contains(": ok"), "{out}");
+        let dir = scratch().join(format!("unpack-lo-{tag}"));
+        hoist_ok(&["unpack", &laid, dir.to_str().unwrap()]);
+        assert_same_tree(&layout, &tag, &dir, "hoist unpack (trace order)");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

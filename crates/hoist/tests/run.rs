@@ -426,6 +426,7 @@ fn a_trace_records_the_metadata_it_read_and_a_mount_fetches_it_first() {
     // The run image plus a layer of 20,000 small files: metadata of many chunks.
     let s = scratch().join("trace-meta");
     std::fs::create_dir_all(&s).unwrap();
+    let s_dir = s.clone();
     let bundle = s.join("bundle");
     let cfg = format!("{}:cfg", oci.display());
     let many = format!("{}:many", oci.display());
@@ -469,12 +470,12 @@ fn a_trace_records_the_metadata_it_read_and_a_mount_fetches_it_first() {
 
     // Each mount from an empty cache: the metadata its read fetches, without the trace
     // and with it (once the trace's metadata chunks are in).
-    let read_fetches = |name: &str, extra: &[&str]| -> (u64, Value) {
+    let read_fetches = |name: &str, img: &str, extra: &[&str]| -> (u64, Value) {
         let home = Home::new(name);
         let mp = home.0.join("mnt");
         std::fs::create_dir_all(&mp).unwrap();
         let mps = mp.display().to_string();
-        let (code, _, err) = home.run(&[&["mount"][..], &lazy, extra, &[&img, &mps]].concat());
+        let (code, _, err) = home.run(&[&["mount"][..], &lazy, extra, &[img, &mps]].concat());
         assert_eq!(code, 0, "{err}");
         let stat = || {
             let (code, out, err) = home.run(&["stat", "--json", &mps]);
@@ -494,12 +495,12 @@ fn a_trace_records_the_metadata_it_read_and_a_mount_fetches_it_first() {
         assert_eq!(code, 0, "{err}");
         (s["meta_bytes"].as_u64().unwrap() - before, s)
     };
-    let (without, _) = read_fetches("trace-meta-without", &["--prefetch", "none"]);
+    let (without, _) = read_fetches("trace-meta-without", &img, &["--prefetch", "none"]);
     assert!(
         without > 0,
         "the read fetched no metadata without the trace"
     );
-    let (with, s) = read_fetches("trace-meta-with", &["--prefetch-trace", &t]);
+    let (with, s) = read_fetches("trace-meta-with", &img, &["--prefetch-trace", &t]);
     assert_eq!(
         s["prefetch"]["trace_meta_chunks"].as_u64(),
         Some(meta_chunks.len() as u64),
@@ -516,6 +517,28 @@ fn a_trace_records_the_metadata_it_read_and_a_mount_fetches_it_first() {
         s["meta_bytes"].as_u64().unwrap() < s["meta_layer_bytes"].as_u64().unwrap() / 2,
         "a mount with the trace fetched most of the metadata: {s}"
     );
+
+    // Stored in the image, whose blobs then hold the trace's chunks first: the chunks
+    // moved, the metadata's blocks did not, and the stored trace names the new
+    // metadata layer, so its metadata chunks are fetched first there too.
+    let traced = format!("oci:{}:many", s_dir.join("traced").display());
+    let out = hoist_ok(&[
+        "convert",
+        &format!("oci:{many}"),
+        &traced,
+        "--prefetch-trace",
+        &t,
+        "--json",
+    ]);
+    let first = layers_sum(&out, "trace_first");
+    assert!(first > 0, "no chunk of the trace was laid out first: {out}");
+    let (with, s) = read_fetches("trace-meta-traced", &traced, &[]);
+    assert_eq!(
+        s["prefetch"]["trace_meta_chunks"].as_u64(),
+        Some(meta_chunks.len() as u64),
+        "{s}"
+    );
+    assert_eq!(with, 0, "the traced image's read fetched metadata: {s}");
 }
 
 #[test]

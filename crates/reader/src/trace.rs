@@ -49,6 +49,13 @@ pub struct TraceChunk {
     pub file_offset: u64,
 }
 
+impl TraceChunk {
+    /// Its digest, if it is 64 hex digits.
+    pub fn digest_bytes(&self) -> Option<[u8; 32]> {
+        parse_hex32(&self.digest)
+    }
+}
+
 /// A start-up trace.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trace {
@@ -157,6 +164,32 @@ impl Trace {
             true => &self.meta_chunks,
             false => &[],
         }
+    }
+
+    /// Points its chunk entries at their places in an image whose data blobs are
+    /// `blobs` (in the image's order): each entry whose digest one of them holds gets
+    /// that blob, index, offset and size, so that the trace resolves on that image by
+    /// position (a conversion that stores the trace moves chunks: [`Trace`] entries of
+    /// the image they were recorded on name other places). The others are left as
+    /// they are. Returns how many were found.
+    pub fn retarget(&mut self, blobs: &[hoist_format::meta::BlobInfo]) -> usize {
+        let mut at: HashMap<[u8; 32], (usize, usize)> = HashMap::new();
+        for (b, blob) in blobs.iter().enumerate() {
+            for (i, e) in blob.chunks.entries.iter().enumerate() {
+                at.entry(e.digest).or_insert((b, i));
+            }
+        }
+        let mut found = 0;
+        for c in &mut self.chunks {
+            let Some(&(b, i)) = c.digest_bytes().and_then(|d| at.get(&d)) else {
+                continue;
+            };
+            let e = &blobs[b].chunks.entries[i];
+            (c.blob, c.index) = (b, i);
+            (c.offset, c.size) = (e.compressed_offset, u64::from(e.compressed_size));
+            found += 1;
+        }
+        found
     }
 
     /// Compressed bytes of its distinct chunks.
@@ -379,6 +412,56 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retarget_points_the_chunks_it_finds_at_their_places_and_leaves_the_rest() {
+        use hoist_format::chunk::{ChunkEntry, ChunkTable, Compressor};
+        use hoist_format::meta::BlobInfo;
+        let entry = |d: u8, c: u64| ChunkEntry {
+            uncompressed_offset: c * 4096,
+            compressed_offset: c * 100,
+            uncompressed_size: 4096,
+            compressed_size: 100,
+            compressor: Compressor::Zstd,
+            digest: [d; 32],
+        };
+        let blob = |entries: Vec<ChunkEntry>| BlobInfo {
+            digest: [0; 32],
+            compressed_size: 0,
+            data_size: 0,
+            uncompressed_size: 0,
+            chunks: ChunkTable { entries },
+        };
+        let blobs = [
+            blob(vec![entry(1, 0), entry(2, 1)]),
+            blob(vec![entry(3, 0), entry(4, 1)]),
+        ];
+        let chunk = |d: &str| TraceChunk {
+            blob: 7,
+            index: 9,
+            digest: d.to_string(),
+            offset: 1,
+            size: 2,
+            file: None,
+            file_offset: 0,
+        };
+        let mut t = Trace {
+            version: TRACE_VERSION,
+            chunks: vec![
+                chunk(&"04".repeat(32)),
+                chunk(&"05".repeat(32)),
+                chunk("xyz"),
+            ],
+            ..Trace::default()
+        };
+        assert_eq!(t.retarget(&blobs), 1);
+        let at: Vec<(usize, usize, u64, u64)> = t
+            .chunks
+            .iter()
+            .map(|c| (c.blob, c.index, c.offset, c.size))
+            .collect();
+        assert_eq!(at, [(1, 1, 100, 100), (7, 9, 1, 2), (7, 9, 1, 2)]);
+    }
 
     #[test]
     fn parse_round_trips_and_bounds() {

@@ -75,8 +75,7 @@ pub fn run(cx: &Context, a: &ConvertArgs) -> anyhow::Result<()> {
         // Spool under HOIST_HOME when it can be created, else in the temporary directory.
         spool_dir: std::fs::create_dir_all(&spool).is_ok().then_some(spool),
         cache,
-        trace: super::trace_arg(a.prefetch_trace.as_deref(), a.prefetch_files.as_deref())?
-            .map(|t| t.to_json()),
+        trace: super::trace_arg(a.prefetch_trace.as_deref(), a.prefetch_files.as_deref())?,
         ..ConvertOptions::default()
     };
     // Draws only on a terminal (indicatif hides itself otherwise).
@@ -191,13 +190,19 @@ fn summary(src: &str, dst: &str, r: &ConvertReport, secs: f64) -> String {
     } else {
         String::new()
     };
+    let first: u64 = r.layers.iter().map(|l| l.trace_first).sum();
+    let trace_note = if first > 0 {
+        format!(", {first} chunks of the trace stored first")
+    } else {
+        String::new()
+    };
     let reused = if r.reused_layers > 0 {
         format!(" ({} reused from the conversion cache)", r.reused_layers)
     } else {
         String::new()
     };
     format!(
-        "{src} -> {dst}: {} layers{reused}, {} in, {} out (meta {}), dedup saved {}{dict_note}, holes {}{frames_note}, {secs:.2} s, manifest {}",
+        "{src} -> {dst}: {} layers{reused}, {} in, {} out (meta {}), dedup saved {}{dict_note}, holes {}{frames_note}{trace_note}, {secs:.2} s, manifest {}",
         r.layers.len(),
         human(r.bytes_in),
         human(r.bytes_out),

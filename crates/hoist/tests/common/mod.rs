@@ -356,3 +356,14 @@ pub fn loops_under(dir: &Path) -> Vec<String> {
         })
         .collect()
 }
+
+/// The sum of field `field` over the layers of a `hoist convert --json` report.
+pub fn layers_sum(report: &str, field: &str) -> u64 {
+    let report: serde_json::Value = serde_json::from_str(report).unwrap();
+    report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l[field].as_u64().unwrap())
+        .sum()
+}
