@@ -29,7 +29,8 @@ pub const MAX_TRACE_ENTRIES: usize = 1 << 20;
 /// One chunk the workload read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceChunk {
-    /// Blob index (0-based) in the image it was recorded on.
+    /// Blob index (0-based) in the image it was recorded on (in a trace an image
+    /// stores, in that image: [`Trace::retarget`]).
     pub blob: usize,
     /// Chunk index in that blob.
     pub index: usize,
