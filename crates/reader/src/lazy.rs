@@ -344,7 +344,7 @@ impl ChunkedMeta {
 
     /// Fetches the chunks of `wanted` (a start-up trace's) that are neither in memory
     /// nor in the cache: neighbours joined into one ranged read, up to
-    /// [`PREFETCH_STREAMS`] reads in flight. Indices past the end are ignored. A range
+    /// `PREFETCH_STREAMS` (4) reads in flight. Indices past the end are ignored. A range
     /// whose first chunk a read is fetching already is left to the reads. Returns how
     /// many chunks were missing (the ranges it set out to fetch).
     pub fn prefetch(&self, wanted: &[usize]) -> io::Result<usize> {

@@ -1,7 +1,7 @@
 //! Start-up traces: which chunks (and files) a workload read, in order.
 //!
 //! `hoist record` writes a trace; `hoist convert --prefetch-trace` stores it in the image as
-//! a blob of media type [`media::HOIST_TRACE`] listed among the manifest's layers (after the
+//! a blob of media type [`hoist_oci::media::HOIST_TRACE`] listed among the manifest's layers (after the
 //! metadata blob), so it travels with the image through any registry and is pinned by the
 //! manifest's digest; a mount fetches it next to the metadata. A layer rather than an
 //! annotation, because a read-most trace holds thousands of entries and manifests are
