@@ -27,7 +27,9 @@ use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"HOISTSNP";
 /// 2: layer reports carry the layer's `diff_id`.
-pub(crate) const VERSION: u32 = 2;
+/// 3: layer reports count the trace's chunks stored first; a layer laid out in a
+/// trace's order keeps its blob in layer order too.
+pub(crate) const VERSION: u32 = 3;
 
 /// Opens an image reference (as recorded in a snapshot) for reading.
 pub type Opener = Arc<dyn Fn(&str) -> Result<Box<dyn ImageSource>, OciError> + Send + Sync>;
@@ -96,6 +98,9 @@ impl CachedBlob {
 pub(crate) struct CachedLayer {
     pub report: LayerReport,
     pub blob: Option<CachedBlob>,
+    /// For a blob laid out in a trace's order: the blob in layer order (never written;
+    /// [`crate::chunker::FinishedBlob::unordered`]).
+    pub unordered: Option<CachedBlob>,
 }
 
 /// The state of a conversion after some layers.

@@ -282,6 +282,9 @@ pub fn convert(
                     }
                     None => None,
                 };
+                if let Some(u) = &layer.unordered {
+                    unordered.insert(provisional.len(), (u.info()?, u.oci_digest()));
+                }
                 provisional.push(entry);
                 let mut report = layer.report.clone();
                 report.reused = true;
@@ -395,6 +398,10 @@ pub fn convert(
                     blob: finished
                         .as_ref()
                         .map(|f| CachedBlob::new(&f.info, dst.describe())),
+                    unordered: finished
+                        .as_ref()
+                        .and_then(|f| f.unordered.as_ref())
+                        .map(|(info, _)| CachedBlob::new(info, String::new())),
                 });
                 cache.store(&SnapshotRef {
                     version: crate::cache::VERSION,

@@ -302,21 +302,6 @@ fn conversion_is_deterministic() {
     );
 }
 
-/// The manifest of the one image in the OCI layout of `image` (`oci:DIR:TAG`), and a
-/// reader of that layout's blobs by digest.
-fn layout_manifest(image: &str) -> (serde_json::Value, impl Fn(&str) -> Vec<u8>) {
-    let dir = image.trim_start_matches("oci:").rsplit_once(':').unwrap().0;
-    let index = std::fs::read(format!("{dir}/index.json")).unwrap();
-    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
-    let dir = dir.to_string();
-    let blob = move |digest: &str| {
-        let hex = digest.trim_start_matches("sha256:");
-        std::fs::read(format!("{dir}/blobs/sha256/{hex}")).unwrap()
-    };
-    let manifest = blob(index["manifests"][0]["digest"].as_str().unwrap());
-    (serde_json::from_slice(&manifest).unwrap(), blob)
-}
-
 /// The chunk tables of the data blobs of `image`, in the manifest's order.
 fn blob_tables(image: &str) -> Vec<hoist_format::chunk::ChunkTable> {
     let (manifest, blob) = layout_manifest(image);

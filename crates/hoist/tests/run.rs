@@ -539,6 +539,37 @@ fn a_trace_records_the_metadata_it_read_and_a_mount_fetches_it_first() {
         "{s}"
     );
     assert_eq!(with, 0, "the traced image's read fetched metadata: {s}");
+
+    // Converted again from the conversion cache (every layer reused, so no blob is laid
+    // out again), the stored trace still names the new metadata layer.
+    let again = format!("oci:{}:many", s_dir.join("traced-again").display());
+    let out = hoist_ok(&[
+        "convert",
+        &format!("oci:{many}"),
+        &again,
+        "--prefetch-trace",
+        &t,
+        "--json",
+    ]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let layers = report["layers"].as_array().unwrap().len() as u64;
+    assert_eq!(report["reused_layers"].as_u64(), Some(layers), "{out}");
+    let (manifest, blob) = layout_manifest(&again);
+    let layer = |media: &str| {
+        let l = manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["mediaType"] == media);
+        l.expect(media)["digest"].as_str().unwrap().to_string()
+    };
+    let stored: Value =
+        serde_json::from_slice(&blob(&layer(hoist_oci::media::HOIST_TRACE))).unwrap();
+    assert_eq!(
+        stored["meta_digest"],
+        layer(hoist_oci::media::HOIST_META).as_str()
+    );
+    assert_eq!(stored["meta_chunks"], rec["meta_chunks"]);
 }
 
 #[test]
