@@ -521,15 +521,13 @@ fn a_trace_records_the_metadata_it_read_and_a_mount_fetches_it_first() {
     // Stored in the image, whose blobs then hold the trace's chunks first: the chunks
     // moved, the metadata's blocks did not, and the stored trace names the new
     // metadata layer, so its metadata chunks are fetched first there too.
-    let traced = format!("oci:{}:many", s_dir.join("traced").display());
-    let out = hoist_ok(&[
-        "convert",
-        &format!("oci:{many}"),
-        &traced,
-        "--prefetch-trace",
-        &t,
-        "--json",
-    ]);
+    let convert_traced = |name: &str| {
+        let image = format!("oci:{}:many", s_dir.join(name).display());
+        let src = format!("oci:{many}");
+        let out = hoist_ok(&["convert", &src, &image, "--prefetch-trace", &t, "--json"]);
+        (image, out)
+    };
+    let (traced, out) = convert_traced("traced");
     let first = layers_sum(&out, "trace_first");
     assert!(first > 0, "no chunk of the trace was laid out first: {out}");
     let (with, s) = read_fetches("trace-meta-traced", &traced, &[]);
@@ -542,15 +540,7 @@ fn a_trace_records_the_metadata_it_read_and_a_mount_fetches_it_first() {
 
     // Converted again from the conversion cache (every layer reused, so no blob is laid
     // out again), the stored trace still names the new metadata layer.
-    let again = format!("oci:{}:many", s_dir.join("traced-again").display());
-    let out = hoist_ok(&[
-        "convert",
-        &format!("oci:{many}"),
-        &again,
-        "--prefetch-trace",
-        &t,
-        "--json",
-    ]);
+    let (again, out) = convert_traced("traced-again");
     let report: Value = serde_json::from_str(&out).unwrap();
     let layers = report["layers"].as_array().unwrap().len() as u64;
     assert_eq!(report["reused_layers"].as_u64(), Some(layers), "{out}");
