@@ -4,9 +4,8 @@
 //! lie scattered through it: python's start-up reads 56 chunks in 31 runs of three
 //! blobs, and its trace was fetched in about 50 ranged reads. Every read has a price
 //! apart from its bytes: a round trip, and the registry's own work (docker-registry 2.8
-//! spends 3.2-3.5 ms of CPU on any read up to 1 MiB, measured with 4 KiB to 16 MiB
-//! reads of a 32 MiB blob; a registry behind a CDN or object store adds its time to
-//! first byte). So a conversion given a trace (`hoist convert --prefetch-trace`) puts
+//! spends 3.2-4.0 ms of CPU on any read up to 1 MiB, as `bench/range_reads.py`
+//! measures; a registry behind a CDN or object store adds its time to first byte). So a conversion given a trace (`hoist convert --prefetch-trace`) puts
 //! the chunks the trace reads first in each blob, in trace order, ahead of the rest in
 //! layer order: the trace's fetch becomes a few long reads, one stream per blob
 //! (as eStargz puts its prioritized files first in a layer).
